@@ -1,0 +1,413 @@
+"""The one configuration schema of mocolab: pydantic models, YAML loading and ``--set`` overrides.
+
+Every rule that can be checked before compute is spent lives here, so that ``mocolab pretrain``,
+``mocolab sweep`` (per trial) and the evaluations refuse a bad config with a message naming the
+field and the fix. Paths and the tracking URI are made absolute at load (Ray Tune gives each trial
+its own working directory).
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import time
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+ARCHS = ("small_cnn", "resnet18", "resnet34", "resnet50")
+NAMED_POLICIES = ("moco_v1", "moco_v2", "none")
+
+
+class ConfigError(ValueError):
+    """A config that cannot run; the message names the field and how to fix it."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class MocoConfig(_Section):
+    version: Literal["v1", "v2"] = "v2"
+    mechanism: Literal["moco", "end_to_end", "memory_bank"] = "moco"
+    dim: int = Field(128, gt=0)
+    queue_size: int = Field(65536, gt=0, description="K: negatives in the queue (moco) or drawn per step (memory_bank)")
+    momentum: float = 0.999
+    temperature: float = 0.2
+    mlp: Optional[bool] = Field(None, description="MLP head; default: true for v2, false for v1")
+    symmetric: bool = False
+    bank_momentum: float = Field(0.5, description="memory_bank: InstDisc update momentum of the stored keys")
+
+    @field_validator("momentum")
+    @classmethod
+    def _momentum_range(cls, v: float) -> float:
+        if not 0.0 <= v <= 1.0:
+            raise ValueError(f"moco.momentum={v} is outside [0, 1]; the paper uses 0.999 (0.99 for CIFAR)")
+        return v
+
+    @field_validator("temperature")
+    @classmethod
+    def _temperature_positive(cls, v: float) -> float:
+        if v <= 0:
+            raise ValueError(f"moco.temperature={v} must be > 0; the paper uses 0.07 (v1) or 0.2 (v2)")
+        return v
+
+    @field_validator("bank_momentum")
+    @classmethod
+    def _bank_momentum_range(cls, v: float) -> float:
+        if not 0.0 <= v < 1.0:
+            raise ValueError(f"moco.bank_momentum={v} is outside [0, 1); InstDisc uses 0.5")
+        return v
+
+    @property
+    def use_mlp(self) -> bool:
+        return self.version == "v2" if self.mlp is None else self.mlp
+
+
+class ModelConfig(_Section):
+    arch: Literal["small_cnn", "resnet18", "resnet34", "resnet50"] = "resnet18"
+    cifar_stem: bool = False
+    bn: Literal["shuffle", "split", "sync", "plain"] = "shuffle"
+    bn_splits: int = Field(8, ge=1)
+    channels_last: Optional[bool] = Field(None, description="default: true on GPU, false on CPU")
+    compile: bool = False
+
+
+class DigitsConfig(_Section):
+    """The made task built from scikit-learn's bundled 8x8 digits (the offline default)."""
+
+    canvas: int = Field(24, ge=8, description="side of the black canvas the digit is placed on")
+    min_scale: float = Field(1.0, gt=0)
+    max_scale: float = Field(2.5, gt=0)
+    copies: int = Field(2, ge=1, description="random placements of each training digit")
+    test_fraction: float = Field(0.25, gt=0, lt=1)
+    seed: int = 0
+
+
+class DataConfig(_Section):
+    dataset: Literal["digits", "imagefolder", "cifar10"] = "digits"
+    root: Optional[Path] = None
+    train_split: str = "train"
+    test_split: str = "test"
+    augment: Union[str, list[dict[str, Any]]] = "moco_v2"
+    image_size: int = Field(32, ge=8)
+    loader_workers: Union[int, Literal["auto"]] = "auto"
+    on_corrupt: Literal["fail", "skip"] = "fail"
+    limit_train: Optional[int] = Field(None, gt=0, description="use only the first N training images")
+    limit_test: Optional[int] = Field(None, gt=0)
+    digits: DigitsConfig = Field(default_factory=DigitsConfig)
+
+
+class TrainConfig(_Section):
+    epochs: int = Field(200, ge=1)
+    batch_size: int = Field(256, ge=2, description="per worker")
+    lr: float = Field(0.03, gt=0)
+    schedule: Literal["cosine", "step"] = "cosine"
+    lr_milestones: list[int] = Field(default_factory=lambda: [120, 160], description="step schedule: epochs")
+    lr_decay: float = Field(0.1, gt=0, le=1)
+    warmup_epochs: int = Field(0, ge=0)
+    sgd_momentum: float = Field(0.9, ge=0, lt=1)
+    weight_decay: float = Field(1e-4, ge=0)
+    seed: int = 0
+    amp: bool = False
+    deterministic: bool = False
+    checkpoint_every: int = Field(1, ge=1, description="epochs between checkpoints")
+    keep_checkpoints: int = Field(2, ge=1)
+    knn_every: int = Field(1, ge=0, description="epochs between kNN monitor evaluations; 0 disables it")
+    knn_k: int = Field(200, ge=1)
+    knn_t: float = Field(0.1, gt=0)
+    max_failures: int = Field(0, ge=0, description="Ray Train FailureConfig retries of a failed worker group")
+
+
+class ScalingConfig(_Section):
+    num_workers: int = Field(1, ge=1)
+    use_gpu: bool = False
+    cpus_per_worker: float = Field(1, gt=0)
+    storage_path: str = Field("ray_results", description="local dir, NFS or s3:// URI for Ray checkpoints")
+
+
+class TrackingConfig(_Section):
+    experiment: str = "mocolab"
+    run_name: Optional[str] = None
+    tracking_uri: Optional[str] = Field(None, description="default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db")
+
+
+class LinclsConfig(_Section):
+    """The paper's linear-classification protocol on frozen features."""
+
+    dataset: Optional[DataConfig] = Field(None, description="default: the pretraining run's data section")
+    epochs: int = Field(100, ge=1)
+    batch_size: int = Field(256, ge=1, description="per worker")
+    lr: float = Field(30.0, gt=0)
+    momentum: float = Field(0.9, ge=0, lt=1)
+    weight_decay: float = Field(0.0, ge=0)
+    milestones: list[float] = Field(default_factory=lambda: [0.6, 0.8], description="fractions of the epochs")
+    fast: bool = Field(False, description="train on features extracted once (no augmentation)")
+    num_workers: int = Field(1, ge=1)
+    seed: int = 0
+
+    @field_validator("milestones")
+    @classmethod
+    def _fractions(cls, v: list[float]) -> list[float]:
+        if any(not 0 < m < 1 for m in v) or v != sorted(v):
+            raise ValueError(f"eval.lincls.milestones={v} must be increasing fractions of the epochs in (0, 1)")
+        return v
+
+
+class DetectionDataConfig(_Section):
+    format: Literal["voc", "coco"] = "voc"
+    root: Optional[Path] = Field(None, description="VOC root (JPEGImages/, Annotations/, ImageSets/) or COCO image dir")
+    train_split: str = "train"
+    val_split: str = "val"
+    train_json: Optional[Path] = None
+    val_json: Optional[Path] = None
+    classes: Optional[list[str]] = Field(None, description="VOC class names; default: labels.txt or from the XML")
+    made_digits: bool = Field(False, description="make a VOC set of digits on canvases (no download)")
+
+
+class DetectionConfig(_Section):
+    data: DetectionDataConfig = Field(default_factory=DetectionDataConfig)
+    fpn: bool = True
+    bn: Literal["frozen", "train", "sync"] = "frozen"
+    min_size: int = Field(480, ge=32)
+    max_size: int = Field(800, ge=32)
+    iterations: int = Field(24000, ge=1)
+    batch_size: int = Field(2, ge=1, description="images per worker")
+    lr: float = Field(0.02, gt=0)
+    momentum: float = Field(0.9, ge=0, lt=1)
+    weight_decay: float = Field(1e-4, ge=0)
+    milestones: list[float] = Field(default_factory=lambda: [0.75, 0.92])
+    trainable_layers: int = Field(5, ge=0, le=5)
+    num_workers: int = Field(1, ge=1)
+    seed: int = 0
+
+
+class EvalConfig(_Section):
+    lincls: Optional[LinclsConfig] = None
+    detection: Optional[DetectionConfig] = None
+
+
+class Config(_Section):
+    """A pretraining run: everything ``mocolab pretrain`` needs."""
+
+    moco: MocoConfig = Field(default_factory=MocoConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    scaling: ScalingConfig = Field(default_factory=ScalingConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+
+    @model_validator(mode="after")
+    def _cross_field_rules(self) -> "Config":
+        check_run_rules(self)
+        return self
+
+    @property
+    def global_batch(self) -> int:
+        return self.train.batch_size * self.scaling.num_workers
+
+    def flat(self) -> dict[str, Any]:
+        """The config as dotted keys (``moco.temperature``): MLflow params and sweep axes use these."""
+        return flatten(self.model_dump(mode="json"))
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+def check_run_rules(cfg: Config) -> None:
+    """Rules that involve several fields; raise ValueError naming the field and the fix."""
+    moco, train, scaling, model, data = cfg.moco, cfg.train, cfg.scaling, cfg.model, cfg.data
+    if moco.mechanism == "moco" and moco.queue_size % cfg.global_batch:
+        raise ValueError(
+            f"moco.queue_size={moco.queue_size} is not a multiple of the global batch "
+            f"{cfg.global_batch} (train.batch_size={train.batch_size} x scaling.num_workers={scaling.num_workers}); "
+            f"use e.g. {max(1, moco.queue_size // cfg.global_batch) * cfg.global_batch}"
+        )
+    if model.bn == "shuffle" and scaling.num_workers < 2:
+        raise ValueError(
+            "model.bn=shuffle needs scaling.num_workers >= 2 (keys are shuffled across workers); "
+            "with one worker use model.bn=split, which emulates it with SplitBatchNorm"
+        )
+    if model.bn == "split" and train.batch_size % model.bn_splits:
+        raise ValueError(
+            f"model.bn_splits={model.bn_splits} must divide train.batch_size={train.batch_size} "
+            "(each split normalises its own sub-batch)"
+        )
+    if model.bn == "sync" and not scaling.use_gpu:
+        raise ValueError(
+            "model.bn=sync uses torch.nn.SyncBatchNorm, which runs only on CUDA; set scaling.use_gpu=true "
+            "or choose model.bn=shuffle|split|plain on CPU"
+        )
+    if train.amp and not scaling.use_gpu:
+        raise ValueError("train.amp=true needs scaling.use_gpu=true (bf16 autocast on GPU); CPU runs fp32")
+    if model.arch == "small_cnn" and model.cifar_stem:
+        raise ValueError("model.cifar_stem applies to ResNets only; set it false for model.arch=small_cnn")
+    if data.dataset in ("imagefolder", "cifar10"):
+        if data.root is None:
+            raise ValueError(f"data.root is required for data.dataset={data.dataset}; give the dataset folder")
+        if not data.root.is_dir():
+            raise ValueError(f"data.root={data.root} does not exist or is not a folder; fix the path")
+        if data.dataset == "imagefolder":
+            for key in ("train_split", "test_split"):
+                split = data.root / getattr(data, key)
+                if not split.is_dir():
+                    raise ValueError(
+                        f"data.{key}: {split} is not a folder; set data.{key} to the split folder's name "
+                        "(train/val for ImageNet, train/test for the shared CIFAR-10 subset)"
+                    )
+    if train.schedule == "step" and any(b <= a for a, b in zip(train.lr_milestones, train.lr_milestones[1:])):
+        raise ValueError(f"train.lr_milestones={train.lr_milestones} must be increasing epochs")
+    if moco.mechanism == "memory_bank" and moco.queue_size > 10_000_000:
+        raise ValueError(f"moco.queue_size={moco.queue_size}: memory_bank draws K negatives per step; use K <= bank size")
+    _check_augment(data)
+
+
+def _check_augment(data: DataConfig) -> None:
+    from mocolab.data.augment import check_policy  # albumentations is heavy: import only when validating
+
+    check_policy(data.augment, data.image_size)
+
+
+def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested dict -> ``{"a.b": value}``; lists stay values."""
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        dotted = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            out.update(flatten(value, dotted + "."))
+        else:
+            out[dotted] = value
+    return out
+
+
+def set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    """Set ``tree["a"]["b"] = value`` for ``dotted="a.b"``, creating sections as needed."""
+    *parents, leaf = dotted.split(".")
+    node = tree
+    for part in parents:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"--set {dotted}: '{part}' is a value, not a section")
+        node = child
+    node[leaf] = value
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """``"moco.temperature=0.2"`` -> ``("moco.temperature", 0.2)``; the value is parsed as YAML."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"--set {text!r}: expected KEY=VALUE, e.g. --set moco.temperature=0.2")
+    return key.strip(), yaml.safe_load(raw) if raw.strip() else None
+
+
+def new_run_name(prefix: str = "moco") -> str:
+    """A fresh unique run name: ``moco-20261127-193000-a1b2``."""
+    return f"{prefix}-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}"
+
+
+def default_tracking_uri() -> str:
+    return os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///mlflow.db"
+
+
+def absolute_tracking_uri(uri: str, base: Path) -> str:
+    """Make a relative ``sqlite:///x.db`` absolute against ``base``; other URIs are returned unchanged."""
+    prefix = "sqlite:///"
+    if uri.startswith(prefix) and not uri.startswith(prefix + "/"):
+        return prefix + str((base / uri[len(prefix):]).resolve())
+    return uri
+
+
+def _absolute(path: Any, base: Path) -> Any:
+    if path in (None, ""):
+        return path
+    text = str(path)
+    if "://" in text:
+        return text
+    p = Path(os.path.expanduser(text))
+    return str(p if p.is_absolute() else (base / p).resolve())
+
+
+def _resolve_paths(raw: dict[str, Any], base: Path) -> None:
+    """Make the config's paths absolute against ``base`` (in place, on the raw dict)."""
+    data = raw.get("data") or {}
+    if isinstance(data, dict) and "root" in data:
+        data["root"] = _absolute(data["root"], base)
+    scaling = raw.get("scaling") or {}
+    if isinstance(scaling, dict) and "storage_path" in scaling:
+        scaling["storage_path"] = _absolute(scaling["storage_path"], base)
+    ev = raw.get("eval") or {}
+    if isinstance(ev, dict):
+        lin = ev.get("lincls") or {}
+        if isinstance(lin, dict) and isinstance(lin.get("dataset"), dict) and "root" in lin["dataset"]:
+            lin["dataset"]["root"] = _absolute(lin["dataset"]["root"], base)
+        det = ev.get("detection") or {}
+        if isinstance(det, dict) and isinstance(det.get("data"), dict):
+            for key in ("root", "train_json", "val_json"):
+                if key in det["data"]:
+                    det["data"][key] = _absolute(det["data"][key], base)
+
+
+def format_validation_error(err: ValidationError) -> str:
+    """One line per problem: ``moco.temperature: ... (fix)``."""
+    lines = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"])
+        msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "extra_forbidden":
+            msg = f"unknown key '{loc}'; remove it or check its spelling against experiments/ and the README"
+        elif e["type"] == "literal_error":
+            msg = f"{loc}: {msg} (got {e.get('input')!r})"
+        elif loc and not msg.startswith(loc.split(".")[-1]) and loc not in msg:
+            msg = f"{loc}: {msg} (got {e.get('input')!r})"
+        lines.append(msg)
+    return "invalid config:\n  " + "\n  ".join(lines)
+
+
+def build_config(raw: dict[str, Any], base: Optional[Path] = None) -> Config:
+    """Validate a raw dict into a Config: paths absolute against ``base`` (default: cwd),
+    a fresh run name if none is given, the tracking URI resolved. Raises ConfigError."""
+    base = Path.cwd() if base is None else base
+    raw = yaml.safe_load(yaml.safe_dump(raw))  # deep copy with plain types
+    _resolve_paths(raw, base)
+    try:
+        cfg = Config.model_validate(raw)
+    except ValidationError as err:
+        raise ConfigError(format_validation_error(err)) from None
+    if not cfg.tracking.run_name:
+        cfg.tracking.run_name = new_run_name()
+    cfg.tracking.tracking_uri = absolute_tracking_uri(cfg.tracking.tracking_uri or default_tracking_uri(), base)
+    return cfg
+
+
+def read_yaml(path: Union[str, Path]) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path} is not valid YAML: {err}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path} must hold a mapping of sections (moco:, model:, data:, ...)")
+    return raw
+
+
+def load_config(path: Optional[Union[str, Path]] = None, overrides: tuple[str, ...] | list[str] = ()) -> Config:
+    """Load a YAML config (or the defaults), apply ``--set KEY=VALUE`` overrides, validate.
+
+    Relative paths in the file and in overrides resolve against the current directory."""
+    raw = read_yaml(path) if path is not None else {}
+    for text in overrides:
+        key, value = parse_override(text)
+        set_dotted(raw, key, value)
+    return build_config(raw)
