@@ -1,0 +1,35 @@
+"""Shared test fixtures: one local Ray instance per session and a throw-away MLflow store per test."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """A fresh local Ray instance with 2 CPUs, shared by every test of the session."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=True)
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture
+def mlflow_uri(tmp_path, monkeypatch):
+    """A sqlite MLflow store under the test's tmp dir, set as ``MLFLOW_TRACKING_URI``.
+
+    The test also runs in ``tmp_path`` so that MLflow's default artifact root (``./mlruns``) and
+    relative paths stay out of the repository."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.chdir(tmp_path)
+    return uri
