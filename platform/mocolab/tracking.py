@@ -1,0 +1,252 @@
+"""MLflow at the edge: run names, tags, run linking, resume into the same run, artifacts.
+
+Everything that knows an MLflow name lives here, so pretraining, evaluations, sweeps and the
+analysis agree on them (see platform/ARCHITECTURE.md).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+from mlflow import MlflowClient
+from mlflow.entities import Metric, Param, Run
+
+from mocolab.config import Config, ConfigError
+
+STAGE_TAG = "mocolab.stage"
+PRETRAIN_RUN_TAG = "mocolab.pretrain_run_id"
+INIT_TAG = "mocolab.init"
+SWEEP_TAG = "mocolab.sweep"
+GIT_COMMIT_TAG = "mocolab.git_commit"
+PARENT_RUN_TAG = "mlflow.parentRunId"
+CONFIG_ARTIFACT = "config.yaml"
+BACKBONE_ARTIFACT = "backbone.pt"
+
+MAX_PARAM_CHARS = 6000
+_SECRET_ENV = re.compile(r"(KEY|SECRET|TOKEN|PASSWORD)$")
+_URI_CREDENTIALS = re.compile(r"(?<=://)[^/@\s]+@")
+
+
+class RunFinishedError(ConfigError):
+    """A run of this name already finished: resuming it would mix two runs."""
+
+
+def redact(value: str) -> str:
+    """Remove credentials from a value before it is logged: ``user:pw@`` in URIs and the values
+    of environment variables named ``*KEY``, ``*SECRET``, ``*TOKEN``, ``*PASSWORD``."""
+    value = _URI_CREDENTIALS.sub("***@", value)
+    for name, secret in os.environ.items():
+        if _SECRET_ENV.search(name.upper()) and len(secret) >= 4 and secret in value:
+            value = value.replace(secret, "***")
+    return value
+
+
+def check_reachable(uri: str, timeout_s: float = 5.0) -> None:
+    """Fail fast, naming the URI, when the tracking store cannot be used."""
+    if uri.startswith(("http://", "https://")):
+        try:
+            with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout_s) as resp:
+                if resp.status != 200:
+                    raise OSError(f"HTTP {resp.status}")
+        except (OSError, urllib.error.URLError) as err:
+            raise ConfigError(
+                f"MLflow tracking server {uri} is unreachable ({err}); start it or set "
+                "tracking.tracking_uri / MLFLOW_TRACKING_URI to a reachable server or sqlite:///PATH"
+            ) from None
+    elif uri.startswith("sqlite:///"):
+        folder = Path(uri[len("sqlite:///"):]).parent
+        if not folder.is_dir() or not os.access(folder, os.W_OK):
+            raise ConfigError(
+                f"MLflow store {uri}: folder {folder} does not exist or is not writable; "
+                "fix tracking.tracking_uri or MLFLOW_TRACKING_URI"
+            )
+
+
+def client_for(uri: str) -> MlflowClient:
+    """An MlflowClient on ``uri`` after checking it is reachable."""
+    check_reachable(uri)
+    return MlflowClient(tracking_uri=uri)
+
+
+def experiment_id(client: MlflowClient, name: str) -> str:
+    """The id of experiment ``name``, created if missing."""
+    exp = client.get_experiment_by_name(name)
+    return exp.experiment_id if exp is not None else client.create_experiment(name)
+
+
+def find_run(client: MlflowClient, experiment: str, run_name: str) -> Optional[Run]:
+    """The newest run called ``run_name`` in ``experiment``, or None."""
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        return None
+    escaped = run_name.replace("'", "\\'")
+    runs = client.search_runs(
+        [exp.experiment_id],
+        filter_string=f"attributes.run_name = '{escaped}'",
+        order_by=["attributes.start_time DESC"],
+        max_results=1,
+    )
+    return runs[0] if runs else None
+
+
+def git_commit() -> Optional[str]:
+    """The commit of the checkout mocolab runs from, if it is a git checkout."""
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True, timeout=5
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None
+
+
+def params_of(cfg: Config) -> dict[str, str]:
+    """The flattened config as MLflow params: dotted keys, stringified, credentials removed."""
+    flat = cfg.flat()
+    flat.pop("tracking.tracking_uri", None)
+    return {k: redact(str(v))[:MAX_PARAM_CHARS] for k, v in flat.items()}
+
+
+def log_params(client: MlflowClient, run_id: str, params: dict[str, str]) -> None:
+    """Log params in batches (MLflow caps a batch at 100 params)."""
+    items = [Param(k, v) for k, v in params.items()]
+    for i in range(0, len(items), 100):
+        client.log_batch(run_id, params=items[i : i + 100])
+
+
+def log_metrics(client: MlflowClient, run_id: str, metrics: dict[str, float], step: int) -> None:
+    """Log numeric metrics at ``step`` in one call; None values are skipped."""
+    now = int(time.time() * 1000)
+    batch = [Metric(k, float(v), now, step) for k, v in metrics.items() if v is not None]
+    if batch:
+        client.log_batch(run_id, metrics=batch)
+
+
+def log_config_artifact(client: MlflowClient, run_id: str, cfg: Config) -> None:
+    """Store the resolved config as ``config.yaml`` at the root of the run's artifacts."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / CONFIG_ARTIFACT
+        data = cfg.model_dump(mode="json")
+        data["tracking"]["tracking_uri"] = redact(data["tracking"]["tracking_uri"] or "")
+        path.write_text(yaml.safe_dump(data, sort_keys=False))
+        client.log_artifact(run_id, str(path))
+
+
+def start_pretrain_run(
+    cfg: Config, parent_run_id: Optional[str] = None, extra_tags: Optional[dict[str, str]] = None
+) -> tuple[str, bool]:
+    """Create the pretraining run named ``tracking.run_name``, or resume it if it exists unfinished.
+
+    Returns ``(run_id, resumed)``. A FINISHED run of that name is refused (RunFinishedError)."""
+    client = client_for(cfg.tracking.tracking_uri)
+    name = cfg.tracking.run_name
+    existing = find_run(client, cfg.tracking.experiment, name)
+    if existing is not None:
+        if existing.info.status == "FINISHED":
+            raise RunFinishedError(
+                f"run '{name}' in experiment '{cfg.tracking.experiment}' already finished "
+                f"(MLflow run {existing.info.run_id}); start a new run by omitting tracking.run_name "
+                "or with --set tracking.run_name=<new name>"
+            )
+        client.update_run(existing.info.run_id, status="RUNNING")
+        return existing.info.run_id, True
+    tags = {STAGE_TAG: "pretrain", **(extra_tags or {})}
+    commit = git_commit()
+    if commit:
+        tags[GIT_COMMIT_TAG] = commit
+    if parent_run_id:
+        tags[PARENT_RUN_TAG] = parent_run_id
+    run = client.create_run(experiment_id(client, cfg.tracking.experiment), run_name=name, tags=tags)
+    run_id = run.info.run_id
+    log_params(client, run_id, params_of(cfg))
+    log_config_artifact(client, run_id, cfg)
+    return run_id, False
+
+
+def start_eval_run(
+    cfg: Config,
+    stage: str,
+    params: dict[str, Any],
+    pretrain_run_id: Optional[str] = None,
+    init: str = "pretrain",
+    run_name: Optional[str] = None,
+    extra_tags: Optional[dict[str, str]] = None,
+) -> str:
+    """Create an evaluation run (``stage`` = lincls|detection), linked to its pretraining run by tag."""
+    client = client_for(cfg.tracking.tracking_uri)
+    tags = {STAGE_TAG: stage, INIT_TAG: init, **(extra_tags or {})}
+    if pretrain_run_id:
+        tags[PRETRAIN_RUN_TAG] = pretrain_run_id
+    commit = git_commit()
+    if commit:
+        tags[GIT_COMMIT_TAG] = commit
+    run = client.create_run(
+        experiment_id(client, cfg.tracking.experiment),
+        run_name=run_name or f"{stage}-{cfg.tracking.run_name}",
+        tags=tags,
+    )
+    log_params(client, run.info.run_id, {k: redact(str(v))[:MAX_PARAM_CHARS] for k, v in params.items()})
+    return run.info.run_id
+
+
+def record_downstream(
+    uri: str, pretrain_run_id: str, metrics: dict[str, float], source_run_id: str, stage: str
+) -> None:
+    """Copy an evaluation's headline metrics onto its pretraining run, tagging where they came from."""
+    client = client_for(uri)
+    log_metrics(client, pretrain_run_id, metrics, step=0)
+    client.set_tag(pretrain_run_id, f"mocolab.{stage}_run_id", source_run_id)
+
+
+def end_run(uri: str, run_id: str, status: str = "FINISHED") -> None:
+    """Mark a run FINISHED, FAILED or KILLED."""
+    MlflowClient(tracking_uri=uri).set_terminated(run_id, status=status)
+
+
+def log_file(uri: str, run_id: str, path: Path, artifact_path: Optional[str] = None) -> None:
+    MlflowClient(tracking_uri=uri).log_artifact(run_id, str(path), artifact_path)
+
+
+def load_pretrain_artifacts(uri: str, run_id: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``(config as a dict, backbone state_dict)`` of a pretraining run (``--pretrain-run ID``)."""
+    import torch
+
+    client = client_for(uri)
+    try:
+        run = client.get_run(run_id)
+    except Exception as err:  # mlflow raises its own RestException/MlflowException types
+        raise ConfigError(f"--pretrain-run {run_id}: no such MLflow run in {uri} ({err})") from None
+    if run.data.tags.get(STAGE_TAG) not in ("pretrain", None):
+        raise ConfigError(f"--pretrain-run {run_id} is a '{run.data.tags.get(STAGE_TAG)}' run, not a pretraining run")
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            cfg_path = client.download_artifacts(run_id, CONFIG_ARTIFACT, tmp)
+            weights_path = client.download_artifacts(run_id, BACKBONE_ARTIFACT, tmp)
+        except Exception as err:
+            raise ConfigError(
+                f"--pretrain-run {run_id} has no {CONFIG_ARTIFACT}/{BACKBONE_ARTIFACT} artifacts "
+                f"(did it finish?): {err}"
+            ) from None
+        config = yaml.safe_load(Path(cfg_path).read_text())
+        state = torch.load(weights_path, map_location="cpu", weights_only=True)
+    return config, state
+
+
+def child_runs(uri: str, experiment: str, parent_run_id: str) -> list[Run]:
+    """Runs whose ``mlflow.parentRunId`` is ``parent_run_id``."""
+    client = MlflowClient(tracking_uri=uri)
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        return []
+    return list(
+        client.search_runs([exp.experiment_id], filter_string=f"tags.`{PARENT_RUN_TAG}` = '{parent_run_id}'")
+    )
