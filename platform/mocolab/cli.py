@@ -23,7 +23,7 @@ SUBCOMMANDS = {
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="mocolab", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="mocolab", description="MoCo pretraining, sweeps and analysis on Ray + MLflow")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (module, help_text) in SUBCOMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)

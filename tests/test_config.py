@@ -1,0 +1,167 @@
+"""Config validation: one test per rule, each checking that the message names the field and the fix."""
+
+from pathlib import Path
+
+import pytest
+
+from mocolab.config import ConfigError, build_config, load_config, parse_override
+
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+CIFAR = SHARED / "cifar10-subset"
+
+
+def refused(raw: dict, *fragments: str) -> str:
+    with pytest.raises(ConfigError) as err:
+        build_config(raw)
+    message = str(err.value)
+    for fragment in fragments:
+        assert fragment in message, f"{fragment!r} not in {message!r}"
+    return message
+
+
+def test_defaults_are_valid_and_get_a_run_name():
+    cfg = build_config({})
+    assert cfg.tracking.run_name.startswith("moco-")
+    assert build_config({}).tracking.run_name != cfg.tracking.run_name
+    assert cfg.moco.use_mlp is True  # v2 default
+    assert build_config({"moco": {"version": "v1"}}).moco.use_mlp is False
+
+
+def test_unknown_key_is_named():
+    refused({"moco": {"temprature": 0.2}}, "moco.temprature", "unknown key")
+    refused({"optimizer": {}}, "optimizer", "unknown key")
+
+
+@pytest.mark.parametrize("t", [0, -0.1])
+def test_temperature_must_be_positive(t):
+    refused({"moco": {"temperature": t}}, "moco.temperature", "> 0")
+
+
+@pytest.mark.parametrize("m", [-0.1, 1.5])
+def test_momentum_in_unit_interval(m):
+    refused({"moco": {"momentum": m}}, "moco.momentum", "[0, 1]")
+
+
+def test_queue_size_multiple_of_global_batch():
+    msg = refused(
+        {"moco": {"queue_size": 1000}, "train": {"batch_size": 64}, "scaling": {"num_workers": 2}},
+        "moco.queue_size=1000",
+        "global batch 128",
+    )
+    assert "use e.g. 896" in msg
+    build_config({"moco": {"queue_size": 1024}, "train": {"batch_size": 64}, "scaling": {"num_workers": 2}})
+
+
+def test_queue_multiple_rule_is_only_for_the_queue_mechanism():
+    build_config({"moco": {"mechanism": "end_to_end", "queue_size": 1000}, "train": {"batch_size": 64}})
+
+
+def test_missing_data_root():
+    refused({"data": {"dataset": "imagefolder"}}, "data.root is required")
+    refused({"data": {"dataset": "cifar10", "root": "/no/such/dir"}}, "data.root=/no/such/dir", "does not exist")
+
+
+def test_imagefolder_split_folders_checked(tmp_path):
+    (tmp_path / "train").mkdir()
+    refused({"data": {"dataset": "imagefolder", "root": str(tmp_path)}}, "data.test_split", "not a folder")
+
+
+@pytest.mark.skipif(not CIFAR.is_dir(), reason="needs ../shared/data")
+def test_imagefolder_on_shared_cifar_subset():
+    cfg = build_config({"data": {"dataset": "imagefolder", "root": str(CIFAR)}})
+    assert cfg.data.root == CIFAR
+
+
+def test_unknown_augmentation_op():
+    refused({"data": {"augment": [{"op": "NoSuchTransform"}]}}, "data.augment", "NoSuchTransform")
+    refused({"data": {"augment": "moco_v9"}}, "data.augment", "moco_v9")
+
+
+def test_shuffle_bn_needs_two_workers():
+    refused({"model": {"bn": "shuffle"}, "scaling": {"num_workers": 1}}, "model.bn=shuffle", "model.bn=split")
+
+
+def test_bn_splits_divide_batch():
+    refused(
+        {"model": {"bn": "split", "bn_splits": 3}, "train": {"batch_size": 64}, "moco": {"queue_size": 4096}},
+        "model.bn_splits=3",
+        "train.batch_size=64",
+    )
+
+
+def test_sync_bn_refused_on_cpu():
+    refused({"model": {"bn": "sync"}}, "model.bn=sync", "CUDA")
+    build_config({"model": {"bn": "sync"}, "scaling": {"use_gpu": True}})
+
+
+def test_amp_refused_on_cpu():
+    refused({"train": {"amp": True}}, "train.amp", "use_gpu")
+
+
+def test_cifar_stem_only_for_resnets():
+    refused({"model": {"arch": "small_cnn", "cifar_stem": True}}, "model.cifar_stem")
+
+
+def test_literal_values_listed():
+    refused({"model": {"arch": "vgg16"}}, "model.arch", "resnet18")
+    refused({"model": {"bn": "group"}}, "model.bn", "shuffle")
+
+
+def test_step_milestones_increasing():
+    refused({"train": {"schedule": "step", "lr_milestones": [160, 120]}}, "train.lr_milestones")
+
+
+def test_lincls_milestones_are_fractions():
+    refused({"eval": {"lincls": {"milestones": [60, 80]}}}, "eval.lincls.milestones")
+
+
+def test_bank_momentum_range():
+    refused({"moco": {"bank_momentum": 1.0}}, "moco.bank_momentum")
+
+
+def test_overrides_are_parsed_as_yaml_and_validated(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("moco:\n  temperature: 0.07\n")
+    cfg = load_config(path, ["moco.temperature=0.2", "train.lr_milestones=[10, 20]", "model.mlp=false"])
+    assert cfg.moco.temperature == 0.2 and cfg.train.lr_milestones == [10, 20] and cfg.moco.mlp is False
+    with pytest.raises(ConfigError, match="moco.temperature"):
+        load_config(path, ["moco.temperature=-1"])
+    with pytest.raises(ConfigError, match="KEY=VALUE"):
+        parse_override("moco.temperature")
+
+
+def test_config_file_errors(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "missing.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("- just\n- a list\n")
+    with pytest.raises(ConfigError, match="mapping"):
+        load_config(bad)
+
+
+def test_paths_and_sqlite_uri_made_absolute(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    (tmp_path / "data" / "train").mkdir(parents=True)
+    (tmp_path / "data" / "test").mkdir()
+    cfg = build_config({"data": {"dataset": "imagefolder", "root": "data"}, "scaling": {"storage_path": "runs"}})
+    assert cfg.data.root == tmp_path / "data"
+    assert cfg.scaling.storage_path == str(tmp_path / "runs")
+    assert cfg.tracking.tracking_uri == f"sqlite:///{tmp_path / 'mlflow.db'}"
+    s3 = build_config({"scaling": {"storage_path": "s3://bucket/runs"}})
+    assert s3.scaling.storage_path == "s3://bucket/runs"
+
+
+def test_tracking_uri_from_environment(monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5999")
+    assert build_config({}).tracking.tracking_uri == "http://127.0.0.1:5999"
+
+
+def test_flat_params_use_dotted_keys():
+    flat = build_config({}).flat()
+    for key in ("moco.version", "moco.dim", "moco.queue_size", "moco.momentum", "moco.temperature", "moco.mlp",
+                "model.arch", "model.cifar_stem", "model.bn", "model.bn_splits", "data.dataset", "data.root",
+                "data.augment", "data.image_size", "train.epochs", "train.batch_size", "train.lr",
+                "train.schedule", "train.weight_decay", "train.seed", "train.amp", "scaling.num_workers",
+                "scaling.use_gpu", "tracking.experiment", "tracking.run_name"):
+        assert key in flat, key
