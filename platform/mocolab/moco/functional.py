@@ -1,0 +1,104 @@
+"""The pure math of a MoCo step: InfoNCE logits and loss, momentum update, queue FIFO, permutations.
+
+No Ray and no ``torch.distributed`` here: every function works on plain tensors and is unit-tested alone.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Optional, Union
+
+import torch
+import torch.nn.functional as F
+
+Negatives = Union[torch.Tensor, Sequence[torch.Tensor]]
+
+
+def infonce_logits(
+    q: torch.Tensor, k: torch.Tensor, negatives: Negatives, temperature: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """InfoNCE logits ``[B, 1 + K]`` with the positive ``q_i . k_i`` at column 0, and labels (zeros, long).
+
+    ``q``, ``k``: ``[B, dim]`` (normalised); ``negatives``: ``[K, dim]``, or a sequence of row blocks that
+    together are the ``K`` negatives (lets a queue be read in pieces without copying it).
+    The temperature is applied to ``q`` once instead of to the ``[B, 1 + K]`` logits.
+    """
+    blocks = [negatives] if isinstance(negatives, torch.Tensor) else list(negatives)
+    q_scaled = q / temperature
+    positive = (q_scaled * k).sum(dim=1, keepdim=True)
+    logits = torch.cat([positive] + [q_scaled @ block.T for block in blocks], dim=1)
+    return logits, torch.zeros(q.shape[0], dtype=torch.long, device=q.device)
+
+
+def in_batch_logits(
+    q: torch.Tensor, keys: torch.Tensor, positive_index: torch.Tensor, temperature: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits ``[B, N]`` of queries against all ``N`` keys of a batch, reordered so that each query's own
+    key (row ``positive_index[i]`` of ``keys``) is column 0 and the other ``N - 1`` keys follow in order.
+
+    The end-to-end mechanism: the dictionary is the (global) batch of keys.
+    """
+    all_logits = (q / temperature) @ keys.T
+    n = keys.shape[0]
+    others = torch.arange(n - 1, device=q.device).expand(q.shape[0], n - 1)
+    others = others + (others >= positive_index[:, None]).long()  # skip the positive's column
+    order = torch.cat([positive_index[:, None], others], dim=1)
+    return all_logits.gather(1, order), torch.zeros(q.shape[0], dtype=torch.long, device=q.device)
+
+
+def infonce_loss(logits: torch.Tensor, labels: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Cross-entropy of the logits with the positive at column 0 (labels default to zeros)."""
+    if labels is None:
+        labels = torch.zeros(logits.shape[0], dtype=torch.long, device=logits.device)
+    return F.cross_entropy(logits, labels)
+
+
+@torch.no_grad()
+def momentum_update_(target_params: Sequence[torch.Tensor], source_params: Sequence[torch.Tensor], m: float) -> None:
+    """``target = m * target + (1 - m) * source`` for every pair, in place, as one fused foreach op.
+
+    Build the two lists once (e.g. ``list(module.parameters())``) and pass them every step.
+    ``m = 0`` copies the source exactly, ``m = 1`` keeps the target exactly.
+    """
+    if len(target_params) != len(source_params):
+        raise ValueError(f"momentum_update_: {len(target_params)} target vs {len(source_params)} source tensors")
+    torch._foreach_lerp_(target_params, source_params, 1.0 - m)
+
+
+@torch.no_grad()
+def enqueue_(queue: torch.Tensor, ptr: int, keys: torch.Tensor) -> int:
+    """Write ``keys [n, dim]`` into rows ``ptr .. ptr + n`` of ``queue [K, dim]`` in place (FIFO: these rows
+    hold the oldest keys) and return the next pointer, which wraps to 0 at the end.
+
+    ``K`` must be a multiple of ``n`` and ``ptr`` a multiple of ``n``, so a batch never straddles the end.
+    """
+    capacity, n = queue.shape[0], keys.shape[0]
+    if keys.shape[1:] != queue.shape[1:]:
+        raise ValueError(f"enqueue_: keys of shape {tuple(keys.shape)} do not fit a queue of shape {tuple(queue.shape)}")
+    if capacity % n or ptr % n or not 0 <= ptr < capacity:
+        raise ValueError(
+            f"enqueue_: queue size {capacity} must be a multiple of the key batch {n} (moco.queue_size vs the "
+            f"global batch) and ptr={ptr} a multiple of it below the size"
+        )
+    queue[ptr : ptr + n] = keys
+    return (ptr + n) % capacity
+
+
+@torch.no_grad()
+def memory_bank_update_(bank: torch.Tensor, index: torch.Tensor, keys: torch.Tensor, momentum: float) -> None:
+    """InstDisc's memory update, in place: rows ``index`` of ``bank [N, dim]`` become
+    ``normalize(momentum * bank[index] + (1 - momentum) * keys)``; no other row changes."""
+    mixed = bank.index_select(0, index).mul_(momentum).add_(keys.to(bank.dtype), alpha=1.0 - momentum)
+    bank.index_copy_(0, index, F.normalize(mixed, dim=1))
+
+
+def shuffle_permutation(n: int, generator: Optional[torch.Generator] = None, device=None) -> torch.Tensor:
+    """A uniformly random permutation of ``range(n)`` (long), from ``generator`` if given."""
+    if generator is not None:
+        return torch.randperm(n, generator=generator, device=generator.device).to(device or generator.device)
+    return torch.randperm(n, device=device)
+
+
+def inverse_permutation(perm: torch.Tensor) -> torch.Tensor:
+    """The permutation ``inv`` with ``x[perm][inv] == x``."""
+    return torch.argsort(perm)
