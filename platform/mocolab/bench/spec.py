@@ -1,0 +1,129 @@
+"""What one benchmarked step is: arch, sizes, MoCo hyper-parameters, precision, device. Plain values only.
+
+``StepSpec`` is built from a validated ``Config`` by the ``mocolab bench`` command, or directly from
+arguments by ``platform/benchmarks/step_bench.py`` on machines that have torch but not pydantic
+(the GPU check). ``model_config()`` hands ``MoCo`` a light stand-in carrying exactly the settings it reads,
+so this module and the step benchmark import nothing but torch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from types import SimpleNamespace
+from typing import Any, Literal, Optional
+
+Precision = Literal["fp32", "bf16"]
+PRECISIONS = ("fp32", "bf16")
+
+
+@dataclass(frozen=True)
+class StepSpec:
+    """One MoCo training step on one worker (the ``moco`` mechanism: queue of ``queue_size`` keys)."""
+
+    arch: str = "small_cnn"
+    image_size: int = 32
+    batch_size: int = 32
+    cifar_stem: bool = False
+    bn: str = "split"
+    bn_splits: int = 1
+    dim: int = 128
+    queue_size: int = 4096
+    momentum: float = 0.999
+    temperature: float = 0.2
+    mlp: bool = True
+    lr: float = 0.03
+    sgd_momentum: float = 0.9
+    weight_decay: float = 1e-4
+    precision: Precision = "fp32"
+    channels_last: bool = False
+    compile: bool = False
+    device: str = "cpu"
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision={self.precision!r} is not one of {', '.join(PRECISIONS)}")
+        if self.queue_size % self.batch_size:
+            raise ValueError(
+                f"queue_size={self.queue_size} must be a multiple of batch_size={self.batch_size} "
+                "(moco.queue_size vs train.batch_size)"
+            )
+        if self.bn == "split" and self.batch_size % self.bn_splits:
+            raise ValueError(f"bn_splits={self.bn_splits} must divide batch_size={self.batch_size}")
+
+    @property
+    def label(self) -> str:
+        """Short human name: ``resnet50@224 b64 bf16+cl``."""
+        stem = "-cifar" if self.cifar_stem else ""
+        extras = ("+cl" if self.channels_last else "") + ("+compile" if self.compile else "")
+        return f"{self.arch}{stem}@{self.image_size} b{self.batch_size} {self.precision}{extras}"
+
+    def replace(self, **changes: Any) -> "StepSpec":
+        return dataclasses.replace(self, **changes)
+
+    def model_config(self) -> SimpleNamespace:
+        """The settings ``mocolab.moco.model.MoCo`` reads from a Config, as plain attributes (one worker)."""
+        return SimpleNamespace(
+            moco=SimpleNamespace(
+                mechanism="moco",
+                version="v2" if self.mlp else "v1",
+                use_mlp=self.mlp,
+                dim=self.dim,
+                queue_size=self.queue_size,
+                momentum=self.momentum,
+                temperature=self.temperature,
+                symmetric=False,
+                bank_momentum=0.5,
+            ),
+            model=SimpleNamespace(
+                arch=self.arch,
+                cifar_stem=self.cifar_stem,
+                bn=self.bn,
+                bn_splits=self.bn_splits,
+                channels_last=self.channels_last,
+                compile=self.compile,
+            ),
+            scaling=SimpleNamespace(use_gpu=self.device.startswith("cuda"), num_workers=1),
+            global_batch=self.batch_size,
+        )
+
+
+def spec_from_config(cfg, device: str, precision: Optional[str] = None) -> StepSpec:
+    """The step one worker of ``cfg`` runs, on ``device``. ``precision`` defaults to bf16 on CUDA and fp32 on
+    CPU (``train.amp`` forces bf16). Shuffle-BN across workers is emulated on one process the way the
+    paper's single-machine demo does it: the key batch is shuffled and normalised as one BN batch
+    (``bn=split`` with one split). Raises ValueError for settings the step benchmark does not cover."""
+    if cfg.moco.mechanism != "moco" or cfg.moco.symmetric:
+        raise ValueError(
+            f"the step benchmark covers moco.mechanism=moco with moco.symmetric=false (the reference loop's "
+            f"algorithm); got mechanism={cfg.moco.mechanism}, symmetric={cfg.moco.symmetric}"
+        )
+    cuda = device.startswith("cuda")
+    if precision is None:
+        precision = "bf16" if cuda or cfg.train.amp else "fp32"
+    if precision == "bf16" and not cuda:
+        raise ValueError("precision bf16 is for CUDA devices (autocast on GPU); use fp32 with --device cpu")
+    bn, splits = {"split": ("split", cfg.model.bn_splits), "plain": ("plain", 1)}.get(cfg.model.bn, ("split", 1))
+    channels_last = cuda if cfg.model.channels_last is None else cfg.model.channels_last
+    return StepSpec(
+        arch=cfg.model.arch,
+        image_size=cfg.data.image_size,
+        batch_size=cfg.train.batch_size,
+        cifar_stem=cfg.model.cifar_stem,
+        bn=bn,
+        bn_splits=splits,
+        dim=cfg.moco.dim,
+        queue_size=cfg.moco.queue_size,
+        momentum=cfg.moco.momentum,
+        temperature=cfg.moco.temperature,
+        mlp=cfg.moco.use_mlp,
+        lr=cfg.train.lr,
+        sgd_momentum=cfg.train.sgd_momentum,
+        weight_decay=cfg.train.weight_decay,
+        precision=precision,
+        channels_last=channels_last,
+        compile=cfg.model.compile,
+        device=device,
+        seed=cfg.train.seed,
+    )

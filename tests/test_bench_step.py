@@ -1,0 +1,77 @@
+"""The benchmark's reference loop does the same math as mocolab's step; timing helpers; spec checks."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mocolab.bench.reference import ReferenceMoCo
+from mocolab.bench.spec import StepSpec
+from mocolab.bench.step import REFERENCE, build_model, compare_steps, make_optimizer, synthetic_batch
+from mocolab.bench.timing import interleaved_throughput
+
+TINY = StepSpec(arch="small_cnn", image_size=12, batch_size=8, bn="split", bn_splits=2, dim=16, queue_size=32,
+                momentum=0.9, temperature=0.2)
+
+
+@pytest.mark.parametrize("spec", [TINY, TINY.replace(bn="plain", mlp=False)], ids=["split-bn-mlp", "plain-bn-linear"])
+def test_reference_loop_computes_mocolabs_loss_queue_and_weights_over_three_steps(spec):
+    torch.set_num_threads(1)
+    model = build_model(spec)
+    reference = ReferenceMoCo(model.encoder_q, model.dictionary.queue, spec.momentum, spec.temperature)
+    opt_m = make_optimizer(model, spec)
+    opt_r = torch.optim.SGD(reference.encoder_q.parameters(), lr=spec.lr, momentum=spec.sgd_momentum,
+                            weight_decay=spec.weight_decay)
+    im_q, im_k, index = synthetic_batch(spec)
+    for step in range(3):
+        torch.manual_seed(100 + step)  # the same shuffle permutation for both
+        loss_m = model(im_q, im_k, index).loss
+        torch.manual_seed(100 + step)
+        loss_r = reference(im_q, im_k)
+        torch.testing.assert_close(loss_m, loss_r, rtol=1e-5, atol=1e-5)
+        for opt, loss in ((opt_m, loss_m), (opt_r, loss_r)):
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    torch.testing.assert_close(model.dictionary.queue, reference.queue.T, rtol=1e-5, atol=1e-6)
+    assert model.dictionary._ptr == reference.ptr == 24
+    for p_m, p_r in zip(model.encoder_k.parameters(), reference.encoder_k.parameters(), strict=True):
+        torch.testing.assert_close(p_m, p_r, rtol=1e-5, atol=1e-6)
+
+
+def test_reference_loop_differs_when_the_shuffle_does_with_split_bn():
+    """The check above can fail: split-BN statistics depend on the key shuffle."""
+    model = build_model(TINY)
+    reference = ReferenceMoCo(model.encoder_q, model.dictionary.queue, TINY.momentum, TINY.temperature)
+    im_q, im_k, index = synthetic_batch(TINY)
+    torch.manual_seed(1)
+    loss_m = model(im_q, im_k, index).loss
+    loss_r = reference(im_q, im_k, perm=torch.arange(TINY.batch_size))
+    assert not torch.allclose(loss_m, loss_r)
+
+
+def test_compare_steps_reports_every_contender_and_the_ratio():
+    torch.set_num_threads(1)
+    result = compare_steps({"mocolab": TINY}, steps=2, repeats=2, warmup=1)
+    assert set(result.img_s) == {"mocolab", REFERENCE}
+    assert all(v > 0 for v in result.img_s.values())
+    assert result.ratio("mocolab") == pytest.approx(result.img_s["mocolab"] / result.img_s[REFERENCE])
+
+
+def test_interleaved_throughput_alternates_order_and_counts_images():
+    calls: list[str] = []
+    rates = interleaved_throughput(
+        {"a": lambda: calls.append("a"), "b": lambda: calls.append("b")},
+        images_per_step=4, steps=2, repeats=3, warmup=1, device=torch.device("cpu"),
+    )
+    assert calls == ["a", "b"] + ["a", "a", "b", "b"] + ["b", "b", "a", "a"] + ["a", "a", "b", "b"]
+    assert set(rates) == {"a", "b"} and all(r > 0 for r in rates.values())
+    with pytest.raises(ValueError, match="repeats"):
+        interleaved_throughput({"a": lambda: None}, 1, steps=1, repeats=0, warmup=0, device=torch.device("cpu"))
+
+
+def test_step_spec_refuses_sizes_the_queue_cannot_hold():
+    with pytest.raises(ValueError, match="queue_size=100 must be a multiple of batch_size=8"):
+        TINY.replace(queue_size=100)
+    with pytest.raises(ValueError, match="precision"):
+        TINY.replace(precision="fp16")
