@@ -233,6 +233,12 @@ def check_run_rules(cfg: Config) -> None:
             f"{cfg.global_batch} (train.batch_size={train.batch_size} x scaling.num_workers={scaling.num_workers}); "
             f"use e.g. {max(1, moco.queue_size // cfg.global_batch) * cfg.global_batch}"
         )
+    if moco.mechanism == "moco" and moco.symmetric and moco.queue_size % (2 * cfg.global_batch):
+        raise ValueError(
+            f"moco.queue_size={moco.queue_size} is not a multiple of twice the global batch {2 * cfg.global_batch}: "
+            "with moco.symmetric the keys of both crops enter the queue each step; "
+            f"use e.g. {max(1, moco.queue_size // (2 * cfg.global_batch)) * 2 * cfg.global_batch}"
+        )
     if model.bn == "shuffle" and scaling.num_workers < 2:
         raise ValueError(
             "model.bn=shuffle needs scaling.num_workers >= 2 (keys are shuffled across workers); "
