@@ -1,0 +1,141 @@
+"""The MoCo module on one worker (mocolab.moco.model)."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+import torchvision
+
+from mocolab.config import build_config
+from mocolab.moco.model import MoCo, MocoOutput
+
+BATCH, SIZE = 4, 16
+
+
+def _cfg(mechanism="moco", bn="split", arch="small_cnn", workers=1, **moco):
+    moco = {"mechanism": mechanism, "dim": 8, **({} if mechanism == "end_to_end" else {"queue_size": 16}), **moco}
+    return build_config(
+        {
+            "moco": moco,
+            "model": {"arch": arch, "bn": bn, "bn_splits": 2},
+            "train": {"batch_size": BATCH},
+            "scaling": {"num_workers": workers},
+        }
+    )
+
+
+def _batch(seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    im_q = torch.randn(BATCH, 3, SIZE, SIZE, generator=generator)
+    im_k = torch.randn(BATCH, 3, SIZE, SIZE, generator=generator)
+    return im_q, im_k, torch.tensor([3, 0, 5, 9])
+
+
+def _model(cfg, n=20):
+    torch.manual_seed(0)
+    return MoCo(cfg, n).train()
+
+
+@pytest.mark.parametrize(
+    "mechanism, width", [("moco", 1 + 16), ("end_to_end", BATCH), ("memory_bank", 1 + 16)]
+)
+def test_one_training_step_per_mechanism(mechanism, width):
+    model = _model(_cfg(mechanism))
+    out = model(*_batch())
+    assert isinstance(out, MocoOutput)
+    assert out.logits.shape == (BATCH, width) and out.labels.tolist() == [0] * BATCH
+    assert torch.allclose(out.loss, F.cross_entropy(out.logits, out.labels))
+    out.loss.backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.encoder_q.parameters())
+
+
+@pytest.mark.parametrize("mechanism, keys_have_grad", [("moco", False), ("end_to_end", True), ("memory_bank", False)])
+def test_gradient_reaches_the_keys_only_for_end_to_end(mechanism, keys_have_grad, monkeypatch):
+    model = _model(_cfg(mechanism))
+    seen = []
+    forward = model.dictionary.forward
+
+    def recording(queries, keys, index, temperature):
+        seen.extend(k.requires_grad for k in keys)
+        return forward(queries, keys, index, temperature)
+
+    monkeypatch.setattr(model.dictionary, "forward", recording)
+    model(*_batch())
+    assert seen == [keys_have_grad]
+
+
+def test_key_encoder_is_frozen_and_moved_only_by_momentum():
+    model = _model(_cfg(momentum=0.5))
+    assert not any(p.requires_grad for p in model.encoder_k.parameters())
+    q_before = [p.detach().clone() for p in model.encoder_q.parameters()]
+    k_before = [p.detach().clone() for p in model.encoder_k.parameters()]
+    with torch.no_grad():  # make the encoders differ
+        for p in model.encoder_q.parameters():
+            p.add_(1.0)
+    model(*_batch()).loss.backward()
+    for p_k, k0, q0 in zip(model.encoder_k.parameters(), k_before, q_before):
+        assert torch.allclose(p_k, 0.5 * k0 + 0.5 * (q0 + 1.0), atol=1e-6)
+        assert p_k.grad is None
+
+
+def test_queue_receives_the_step_keys_and_the_pointer_moves():
+    model = _model(_cfg())
+    model(*_batch())
+    assert int(model.dictionary.queue_ptr) == BATCH
+    assert torch.allclose(model.dictionary.queue[:BATCH].norm(dim=1), torch.ones(BATCH), atol=1e-5)
+
+
+def test_memory_bank_rows_of_the_step_change():
+    model = _model(_cfg("memory_bank"))
+    before = model.dictionary.bank.clone()
+    model(*_batch())
+    changed = (model.dictionary.bank != before).any(dim=1).nonzero().flatten().tolist()
+    assert changed == [0, 3, 5, 9]
+
+
+def test_symmetric_loss_averages_both_directions():
+    torch.manual_seed(0)
+    model = MoCo(_cfg(bn="plain", momentum=0.0, symmetric=True), 20).eval()  # eval: BN per sample
+    im_q, im_k, index = _batch()
+    out = model(im_q, im_k, index)
+    assert out.logits.shape == (2 * BATCH, 1 + 16)
+    with torch.no_grad():
+        z_q, z_k = model.encoder_q(im_q), model.encoder_q(im_k)  # m = 0: key encoder = query encoder
+    positive = (z_q * z_k).sum(1) / 0.2
+    assert torch.allclose(out.logits[:BATCH, 0], positive, atol=1e-5)  # q1 . k2
+    assert torch.allclose(out.logits[BATCH:, 0], positive, atol=1e-5)  # q2 . k1
+    halves = [F.cross_entropy(out.logits[s], out.labels[s]) for s in (slice(0, BATCH), slice(BATCH, None))]
+    assert torch.allclose(out.loss, (halves[0] + halves[1]) / 2)
+    assert int(model.dictionary.queue_ptr) == 2 * BATCH
+
+
+def test_shuffle_bn_on_one_worker_is_refused_with_a_clear_error():
+    model = _model(_cfg(bn="shuffle", workers=2))  # config allows it: it is meant for 2 workers
+    with pytest.raises(RuntimeError, match="model.bn=shuffle .* one worker"):
+        model(*_batch())
+
+
+def test_state_dict_round_trip_keeps_queue_pointer_and_momentum_lists():
+    source = _model(_cfg())
+    source(*_batch())
+    restored = _model(_cfg())
+    restored.load_state_dict(source.state_dict(), assign=True)
+    im_q, im_k, index = _batch(1)
+    restored(im_q, im_k, index)
+    assert int(restored.dictionary.queue_ptr) == 2 * BATCH
+    assert restored._momentum_target[0] is next(restored.encoder_k.parameters())
+    keys = set(source.state_dict())
+    assert {"dictionary.queue", "dictionary.queue_ptr", "encoder_k.head.0.weight", "encoder_q.head.2.bias"} <= keys
+
+
+def test_backbone_state_dict_loads_into_torchvision():
+    model = _model(_cfg(arch="resnet18"))
+    result = torchvision.models.resnet18().load_state_dict(model.backbone_state_dict(), strict=False)
+    assert sorted(result.missing_keys) == ["fc.bias", "fc.weight"] and not result.unexpected_keys
+
+
+def test_channels_last_step():
+    cfg = _cfg()
+    cfg.model.channels_last = True
+    out = _model(cfg)(*_batch())
+    out.loss.backward()
+    assert torch.isfinite(out.loss)
