@@ -17,9 +17,15 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.profiler import record_function
 
 from mocolab.moco.distributed import gather_all, gather_all_with_grad, rank
 from mocolab.moco.functional import enqueue_, in_batch_logits, infonce_logits, memory_bank_update_
+
+
+# torch.profiler ranges of the step's phases done here (``mocolab bench`` breaks the step down by them).
+QUEUE_UPDATE_RANGE = "mocolab.queue_update"
+LOSS_RANGE = "mocolab.loss"
 
 
 def _zeros_labels(rows: int, like: torch.Tensor) -> torch.Tensor:
@@ -52,13 +58,15 @@ class QueueDictionary(nn.Module):
     def forward(
         self, queries: Sequence[torch.Tensor], keys: Sequence[torch.Tensor], index: torch.Tensor, temperature: float
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        fresh = torch.cat([gather_all(k) for k in keys])
-        start, count = self._ptr, fresh.shape[0]
-        evicted = self.queue[start : start + count].clone()
-        self._ptr = enqueue_(self.queue, start, fresh)
-        self.queue_ptr.fill_(self._ptr)
-        negatives = (self.queue[:start], evicted, self.queue[start + count :])
-        logits = torch.cat([infonce_logits(q, k, negatives, temperature)[0] for q, k in zip(queries, keys)])
+        with record_function(QUEUE_UPDATE_RANGE):
+            fresh = torch.cat([gather_all(k) for k in keys])
+            start, count = self._ptr, fresh.shape[0]
+            evicted = self.queue[start : start + count].clone()
+            self._ptr = enqueue_(self.queue, start, fresh)
+            self.queue_ptr.fill_(self._ptr)
+        with record_function(LOSS_RANGE):
+            negatives = (self.queue[:start], evicted, self.queue[start + count :])
+            logits = torch.cat([infonce_logits(q, k, negatives, temperature)[0] for q, k in zip(queries, keys)])
         return logits, _zeros_labels(logits.shape[0], logits)
 
 
