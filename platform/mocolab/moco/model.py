@@ -8,11 +8,22 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.profiler import record_function
 
 from mocolab.moco.backbones import backbone_state_dict, build_backbone, resolve_channels_last
-from mocolab.moco.dictionary import build_dictionary
+from mocolab.moco.dictionary import LOSS_RANGE, QUEUE_UPDATE_RANGE, build_dictionary
 from mocolab.moco.distributed import shuffle_across_workers, unshuffle_across_workers, world_size
 from mocolab.moco.functional import infonce_loss, momentum_update_
+
+# torch.profiler ranges of the step's phases, phase -> range name (``mocolab bench`` breaks the step down by them).
+PHASES = {
+    "query_forward": "mocolab.query_forward",
+    "momentum_update": "mocolab.momentum_update",
+    "shuffle_gather": "mocolab.shuffle_gather",
+    "key_forward": "mocolab.key_forward",
+    "loss": LOSS_RANGE,
+    "queue_update": QUEUE_UPDATE_RANGE,
+}
 
 
 class MocoOutput(NamedTuple):
@@ -97,13 +108,15 @@ class MoCo(nn.Module):
             im_k = im_k.contiguous(memory_format=torch.channels_last)
         crops = (im_q, im_k)
         directions = ((0, 1), (1, 0)) if self.symmetric else ((0, 1),)
-        queries = [self.encoder_q(crops[q]) for q, _ in directions]
+        with record_function(PHASES["query_forward"]):
+            queries = [self.encoder_q(crops[q]) for q, _ in directions]
         keys = self._encode_keys([crops[k] for _, k in directions])
         with torch.autocast(im_q.device.type, enabled=False):  # logits in fp32 against the fp32 dictionary
             logits, labels = self.dictionary(
                 [q.float() for q in queries], [k.float() for k in keys], index, self.temperature
             )
-            loss = infonce_loss(logits, labels)
+            with record_function(PHASES["loss"]):
+                loss = infonce_loss(logits, labels)
         return MocoOutput(loss, logits, labels)
 
     def _encode_keys(self, crops: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -111,17 +124,23 @@ class MoCo(nn.Module):
             return [self._key_pass(self.encoder_q, crop) for crop in crops]
         with torch.no_grad():
             if self.mechanism == "moco":
-                momentum_update_(self._momentum_target, self._momentum_source, self.momentum)
+                with record_function(PHASES["momentum_update"]):
+                    momentum_update_(self._momentum_target, self._momentum_source, self.momentum)
                 return [self._key_pass(self.encoder_k, crop) for crop in crops]
             return [self._key_pass(self.encoder_q, crop) for crop in crops]
 
     def _key_pass(self, encoder: nn.Module, crop: torch.Tensor) -> torch.Tensor:
         if not self.shuffle_keys:
-            return encoder(crop)
-        shuffled, unshuffle = shuffle_across_workers(crop)
-        if self.channels_last:
-            shuffled = shuffled.contiguous(memory_format=torch.channels_last)
-        return unshuffle_across_workers(encoder(shuffled), unshuffle)
+            with record_function(PHASES["key_forward"]):
+                return encoder(crop)
+        with record_function(PHASES["shuffle_gather"]):
+            shuffled, unshuffle = shuffle_across_workers(crop)
+            if self.channels_last:
+                shuffled = shuffled.contiguous(memory_format=torch.channels_last)
+        with record_function(PHASES["key_forward"]):
+            keys = encoder(shuffled)
+        with record_function(PHASES["shuffle_gather"]):
+            return unshuffle_across_workers(keys, unshuffle)
 
     def backbone_state_dict(self) -> dict[str, torch.Tensor]:
         """The query encoder's backbone weights with torchvision key names (see backbones.backbone_state_dict)."""
