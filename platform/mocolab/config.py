@@ -271,6 +271,10 @@ def check_run_rules(cfg: Config) -> None:
                         f"data.{key}: {split} is not a folder; set data.{key} to the split folder's name "
                         "(train/val for ImageNet, train/test for the shared CIFAR-10 subset)"
                     )
+    if data.dataset == "digits":
+        from mocolab.data.digits import check_digits_config
+
+        check_digits_config(data.digits)
     if train.schedule == "step" and any(b <= a for a, b in zip(train.lr_milestones, train.lr_milestones[1:])):
         raise ValueError(f"train.lr_milestones={train.lr_milestones} must be increasing epochs")
     if moco.mechanism == "memory_bank" and moco.queue_size > 10_000_000:

@@ -14,8 +14,6 @@ import functools
 
 import cv2
 import numpy as np
-from sklearn.datasets import load_digits
-from sklearn.model_selection import train_test_split
 
 from mocolab.config import DigitsConfig
 
@@ -54,6 +52,8 @@ def place_digits(
 
 @functools.lru_cache(maxsize=1)
 def _sklearn_digits() -> tuple[np.ndarray, np.ndarray]:
+    from sklearn.datasets import load_digits  # imported here: config validation imports this module
+
     bunch = load_digits()
     return bunch.images.astype(np.float32), bunch.target.astype(np.int64)
 
@@ -62,6 +62,8 @@ def _sklearn_digits() -> tuple[np.ndarray, np.ndarray]:
 def _make_task(
     canvas: int, min_scale: float, max_scale: float, copies: int, test_fraction: float, seed: int
 ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    from sklearn.model_selection import train_test_split
+
     images, labels = _sklearn_digits()
     train_idx, test_idx = train_test_split(
         np.arange(len(labels)), test_size=test_fraction, stratify=labels, random_state=seed
