@@ -14,11 +14,17 @@ TINY = StepSpec(arch="small_cnn", image_size=12, batch_size=8, bn="split", bn_sp
                 momentum=0.9, temperature=0.2)
 
 
-@pytest.mark.parametrize("spec", [TINY, TINY.replace(bn="plain", mlp=False)], ids=["split-bn-mlp", "plain-bn-linear"])
+@pytest.mark.parametrize(
+    "spec",
+    [TINY, TINY.replace(bn="shuffle", bn_splits=1), TINY.replace(bn="plain", mlp=False)],
+    ids=["split-bn-mlp", "one-worker-shuffle-bn", "plain-bn-linear"],
+)
 def test_reference_loop_computes_mocolabs_loss_queue_and_weights_over_three_steps(spec):
     torch.set_num_threads(1)
     model = build_model(spec)
-    reference = ReferenceMoCo(model.encoder_q, model.dictionary.queue, spec.momentum, spec.temperature)
+    assert model.shuffle_keys == (spec.bn != "plain")
+    reference = ReferenceMoCo(model.encoder_q, model.dictionary.queue, spec.momentum, spec.temperature,
+                              shuffle=model.shuffle_keys)
     opt_m = make_optimizer(model, spec)
     opt_r = torch.optim.SGD(reference.encoder_q.parameters(), lr=spec.lr, momentum=spec.sgd_momentum,
                             weight_decay=spec.weight_decay)
@@ -41,6 +47,7 @@ def test_reference_loop_computes_mocolabs_loss_queue_and_weights_over_three_step
 
 def test_reference_loop_differs_when_the_shuffle_does_with_split_bn():
     """The check above can fail: split-BN statistics depend on the key shuffle."""
+    assert TINY.bn == "split"
     model = build_model(TINY)
     reference = ReferenceMoCo(model.encoder_q, model.dictionary.queue, TINY.momentum, TINY.temperature)
     im_q, im_k, index = synthetic_batch(TINY)

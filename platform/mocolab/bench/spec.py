@@ -15,6 +15,9 @@ from typing import Any, Literal, Optional
 
 Precision = Literal["fp32", "bf16"]
 PRECISIONS = ("fp32", "bf16")
+BN_MODES = ("shuffle", "split", "plain")
+SHUFFLE_BN = """one worker's share of shuffle-BN: the key batch is shuffled, encoded with BN over the local batch and
+unshuffled; the cross-worker gathers are absent on one process"""
 
 
 @dataclass(frozen=True)
@@ -25,7 +28,7 @@ class StepSpec:
     image_size: int = 32
     batch_size: int = 32
     cifar_stem: bool = False
-    bn: str = "split"
+    bn: str = "shuffle"  # shuffle: one worker's share of shuffle-BN (see ``SHUFFLE_BN``); split; plain
     bn_splits: int = 1
     dim: int = 128
     queue_size: int = 4096
@@ -42,6 +45,8 @@ class StepSpec:
     seed: int = 0
 
     def __post_init__(self) -> None:
+        if self.bn not in BN_MODES:
+            raise ValueError(f"bn={self.bn!r} is not one of {', '.join(BN_MODES)}")
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision={self.precision!r} is not one of {', '.join(PRECISIONS)}")
         if self.queue_size % self.batch_size:
@@ -63,7 +68,8 @@ class StepSpec:
         return dataclasses.replace(self, **changes)
 
     def model_config(self) -> SimpleNamespace:
-        """The settings ``mocolab.moco.model.MoCo`` reads from a Config, as plain attributes (one worker)."""
+        """The settings ``mocolab.moco.model.MoCo`` reads from a Config, as plain attributes (one worker; bn
+        ``shuffle`` builds plain BN, and ``step.build_model`` turns the key shuffle on)."""
         return SimpleNamespace(
             moco=SimpleNamespace(
                 mechanism="moco",
@@ -79,7 +85,7 @@ class StepSpec:
             model=SimpleNamespace(
                 arch=self.arch,
                 cifar_stem=self.cifar_stem,
-                bn=self.bn,
+                bn="plain" if self.bn == "shuffle" else self.bn,
                 bn_splits=self.bn_splits,
                 channels_last=self.channels_last,
                 compile=self.compile,
@@ -91,9 +97,8 @@ class StepSpec:
 
 def spec_from_config(cfg, device: str, precision: Optional[str] = None) -> StepSpec:
     """The step one worker of ``cfg`` runs, on ``device``. ``precision`` defaults to bf16 on CUDA and fp32 on
-    CPU (``train.amp`` forces bf16). Shuffle-BN across workers is emulated on one process the way the
-    paper's single-machine demo does it: the key batch is shuffled and normalised as one BN batch
-    (``bn=split`` with one split). Raises ValueError for settings the step benchmark does not cover."""
+    CPU (``train.amp`` forces bf16). ``model.bn=shuffle`` becomes :data:`SHUFFLE_BN`; ``sync`` (BN statistics
+    over all workers, no shuffle) becomes plain BN. Raises ValueError for settings the benchmark does not cover."""
     if cfg.moco.mechanism != "moco" or cfg.moco.symmetric:
         raise ValueError(
             f"the step benchmark covers moco.mechanism=moco with moco.symmetric=false (the reference loop's "
@@ -104,7 +109,8 @@ def spec_from_config(cfg, device: str, precision: Optional[str] = None) -> StepS
         precision = "bf16" if cuda or cfg.train.amp else "fp32"
     if precision == "bf16" and not cuda:
         raise ValueError("precision bf16 is for CUDA devices (autocast on GPU); use fp32 with --device cpu")
-    bn, splits = {"split": ("split", cfg.model.bn_splits), "plain": ("plain", 1)}.get(cfg.model.bn, ("split", 1))
+    bn = {"sync": "plain"}.get(cfg.model.bn, cfg.model.bn)
+    splits = cfg.model.bn_splits if bn == "split" else 1
     channels_last = cuda if cfg.model.channels_last is None else cfg.model.channels_last
     return StepSpec(
         arch=cfg.model.arch,

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 import torch
+from torch.profiler import record_function
 
 from mocolab.bench.reference import ReferenceMoCo, reference_step_fn
 from mocolab.bench.spec import StepSpec
@@ -21,12 +22,16 @@ from mocolab.moco.model import MoCo
 
 StepFn = Callable[[], torch.Tensor]
 REFERENCE = "reference"
+BACKWARD_RANGE = "mocolab.backward"
+OPTIMIZER_RANGE = "mocolab.optimizer_step"
 
 
 def build_model(spec: StepSpec) -> MoCo:
     """mocolab's MoCo for ``spec`` on its device, in training mode, weights drawn from ``spec.seed``."""
     torch.manual_seed(spec.seed)
     model = MoCo(spec.model_config(), num_train_samples=spec.batch_size)
+    if spec.bn == "shuffle":
+        model.shuffle_keys = True  # spec.SHUFFLE_BN: one process has no other workers to shuffle with
     return model.to(spec.device).train()
 
 
@@ -44,7 +49,8 @@ def make_optimizer(model: MoCo, spec: StepSpec) -> torch.optim.Optimizer:
 
 
 def mocolab_step_fn(model: MoCo, optimizer: torch.optim.Optimizer, spec: StepSpec) -> StepFn:
-    """One training step of ``model`` on the spec's synthetic batch, as the training loop runs it."""
+    """One training step of ``model`` on the spec's synthetic batch, as the training loop runs it (backward and
+    optimizer step marked as profiler ranges for ``profile.py``)."""
     im_q, im_k, index = synthetic_batch(spec)
     device_type = torch.device(spec.device).type
     use_bf16 = spec.precision == "bf16"
@@ -52,9 +58,11 @@ def mocolab_step_fn(model: MoCo, optimizer: torch.optim.Optimizer, spec: StepSpe
     def step() -> torch.Tensor:
         with torch.autocast(device_type=device_type, dtype=torch.bfloat16, enabled=use_bf16):
             loss = model(im_q, im_k, index).loss
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        with record_function(BACKWARD_RANGE):
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+        with record_function(OPTIMIZER_RANGE):
+            optimizer.step()
         return loss.detach()
 
     return step
@@ -65,7 +73,8 @@ def reference_contender(spec: StepSpec) -> StepFn:
     contiguous (channels-first) memory format, eager, as in the paper's code."""
     plain = spec.replace(precision="fp32", channels_last=False, compile=False)
     source = build_model(plain)
-    reference = ReferenceMoCo(source.encoder_q, source.dictionary.queue, spec.momentum, spec.temperature)
+    reference = ReferenceMoCo(source.encoder_q, source.dictionary.queue, spec.momentum, spec.temperature,
+                              shuffle=source.shuffle_keys)
     del source
     step = reference_step_fn(reference.to(spec.device).train(), spec.lr, spec.sgd_momentum, spec.weight_decay)
     im_q, im_k, _ = synthetic_batch(plain)
