@@ -10,6 +10,7 @@ from mocolab.moco.dictionary import (
     MemoryBankDictionary,
     QueueDictionary,
     build_dictionary,
+    check_mechanism,
 )
 from mocolab.moco.functional import infonce_logits
 
@@ -128,3 +129,11 @@ def test_symmetric_queue_needs_twice_the_global_batch():
 def test_end_to_end_says_that_it_ignores_queue_size():
     with pytest.warns(UserWarning, match="moco.queue_size=16 is ignored by moco.mechanism=end_to_end"):
         build_dictionary(_cfg(mechanism="end_to_end", queue_size=16), 100)
+
+
+def test_check_mechanism_needs_enough_samples_for_the_memory_bank():
+    with pytest.raises(ValueError, match="exceed the 10 training samples"):
+        check_mechanism(_cfg(mechanism="memory_bank", queue_size=16), 10)
+    with pytest.raises(ValueError, match="needs the training set size"):
+        check_mechanism(_cfg(mechanism="memory_bank", queue_size=16), 0)
+    check_mechanism(_cfg(mechanism="memory_bank", queue_size=16), 16)

@@ -42,14 +42,20 @@ class QueueDictionary(nn.Module):
 
     def __init__(self, size: int, dim: int, keys_per_step: int | None = None) -> None:
         super().__init__()
-        if keys_per_step is not None and size % keys_per_step:
+        if keys_per_step is not None:
+            self.check(size, keys_per_step)
+        self.register_buffer("queue", F.normalize(torch.randn(size, dim), dim=1))
+        self.register_buffer("queue_ptr", torch.zeros(1, dtype=torch.long))
+        self._ptr = 0  # host copy of queue_ptr: the step never reads the buffer back (no device sync)
+
+    @staticmethod
+    def check(size: int, keys_per_step: int) -> None:
+        """Raise ValueError unless the queue holds a whole number of steps' keys."""
+        if size % keys_per_step:
             raise ValueError(
                 f"moco.queue_size={size} is not a multiple of the {keys_per_step} keys enqueued per step "
                 f"(global batch, x2 with moco.symmetric); use {max(1, size // keys_per_step) * keys_per_step}"
             )
-        self.register_buffer("queue", F.normalize(torch.randn(size, dim), dim=1))
-        self.register_buffer("queue_ptr", torch.zeros(1, dtype=torch.long))
-        self._ptr = 0  # host copy of queue_ptr: the step never reads the buffer back (no device sync)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
@@ -95,14 +101,21 @@ class MemoryBankDictionary(nn.Module):
 
     def __init__(self, num_samples: int, dim: int, num_negatives: int, momentum: float = 0.5) -> None:
         super().__init__()
+        self.check(num_samples, num_negatives)
+        self.num_negatives = num_negatives
+        self.momentum = momentum
+        self.register_buffer("bank", F.normalize(torch.randn(num_samples, dim), dim=1))
+
+    @staticmethod
+    def check(num_samples: int, num_negatives: int) -> None:
+        """Raise ValueError unless the bank has samples and at least ``num_negatives`` of them."""
+        if num_samples < 1:
+            raise ValueError(f"moco.mechanism=memory_bank needs the training set size; got {num_samples} samples")
         if num_negatives > num_samples:
             raise ValueError(
                 f"moco.queue_size={num_negatives} negatives per step exceed the {num_samples} training samples of "
                 f"the memory bank; use moco.queue_size <= {num_samples}"
             )
-        self.num_negatives = num_negatives
-        self.momentum = momentum
-        self.register_buffer("bank", F.normalize(torch.randn(num_samples, dim), dim=1))
 
     def forward(
         self, queries: Sequence[torch.Tensor], keys: Sequence[torch.Tensor], index: torch.Tensor, temperature: float
@@ -121,21 +134,29 @@ def keys_per_step(cfg) -> int:
     return cfg.global_batch * (2 if cfg.moco.symmetric else 1)
 
 
+def check_mechanism(cfg, num_train_samples: int) -> None:
+    """The rules of ``cfg.moco.mechanism`` that need the training set size (``num_train_samples``): cheap, so a
+    launcher can call it before any worker starts. Raises ValueError naming the field and the fix."""
+    if cfg.moco.mechanism == "moco":
+        QueueDictionary.check(cfg.moco.queue_size, keys_per_step(cfg))
+    elif cfg.moco.mechanism == "memory_bank":
+        MemoryBankDictionary.check(num_train_samples, cfg.moco.queue_size)
+    elif cfg.moco.mechanism != "end_to_end":
+        raise ValueError(f"moco.mechanism={cfg.moco.mechanism!r} is not one of moco, end_to_end, memory_bank")
+
+
 def build_dictionary(cfg, num_train_samples: int) -> nn.Module:
     """The dictionary module of ``cfg.moco.mechanism``; raises ValueError naming the field on a bad setting."""
+    check_mechanism(cfg, num_train_samples)
     moco = cfg.moco
     if moco.mechanism == "moco":
         return QueueDictionary(moco.queue_size, moco.dim, keys_per_step(cfg))
-    if moco.mechanism == "end_to_end":
-        if "queue_size" in moco.model_fields_set:
-            warnings.warn(
-                f"moco.queue_size={moco.queue_size} is ignored by moco.mechanism=end_to_end: its dictionary is the "
-                f"global batch (K = {cfg.global_batch}); vary train.batch_size x scaling.num_workers instead",
-                stacklevel=2,
-            )
-        return EndToEndDictionary()
     if moco.mechanism == "memory_bank":
-        if num_train_samples < 1:
-            raise ValueError(f"moco.mechanism=memory_bank needs the training set size; got {num_train_samples}")
         return MemoryBankDictionary(num_train_samples, moco.dim, moco.queue_size, moco.bank_momentum)
-    raise ValueError(f"moco.mechanism={moco.mechanism!r} is not one of moco, end_to_end, memory_bank")
+    if "queue_size" in moco.model_fields_set:
+        warnings.warn(
+            f"moco.queue_size={moco.queue_size} is ignored by moco.mechanism=end_to_end: its dictionary is the "
+            f"global batch (K = {cfg.global_batch}); vary train.batch_size x scaling.num_workers instead",
+            stacklevel=2,
+        )
+    return EndToEndDictionary()
