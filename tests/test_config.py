@@ -122,7 +122,7 @@ def test_bank_momentum_range():
 def test_overrides_are_parsed_as_yaml_and_validated(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("moco:\n  temperature: 0.07\n")
-    cfg = load_config(path, ["moco.temperature=0.2", "train.lr_milestones=[10, 20]", "model.mlp=false"])
+    cfg = load_config(path, ["moco.temperature=0.2", "train.lr_milestones=[10, 20]", "moco.mlp=false"])
     assert cfg.moco.temperature == 0.2 and cfg.train.lr_milestones == [10, 20] and cfg.moco.mlp is False
     with pytest.raises(ConfigError, match="moco.temperature"):
         load_config(path, ["moco.temperature=-1"])

@@ -129,7 +129,7 @@ class TrainConfig(_Section):
 
 
 class ScalingConfig(_Section):
-    num_workers: int = Field(1, ge=1)
+    num_workers: int = Field(2, ge=1, description="Ray Train workers; shuffle-BN needs >= 2")
     use_gpu: bool = False
     cpus_per_worker: float = Field(1, gt=0)
     storage_path: str = Field("ray_results", description="local dir, NFS or s3:// URI for Ray checkpoints")
