@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import difflib
 import inspect
+import random
 import warnings
 from typing import Any, Callable, Union
 
@@ -167,6 +168,10 @@ class TwoCropTransform:
         self.pipeline = build_pipeline(augment, image_size)
 
     def __call__(self, image: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        # albumentations keeps its own RNG; draw it from torch's, which DataLoader seeds per worker and
+        # checkpoints restore: loader workers differ, and a resumed run replays an uninterrupted one.
+        seed = int(torch.randint(2**31 - 1, ()))
+        self.pipeline.set_random_state(np.random.default_rng(seed), random.Random(seed))
         return self.pipeline(image=image)["image"], self.pipeline(image=image)["image"]
 
 
