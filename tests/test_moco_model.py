@@ -139,3 +139,12 @@ def test_channels_last_step():
     out = _model(cfg)(*_batch())
     out.loss.backward()
     assert torch.isfinite(out.loss)
+
+
+def test_compiled_encoders_keep_the_state_dict_keys():
+    cfg = _cfg()
+    plain_keys = list(_model(cfg).state_dict())
+    cfg.model.compile = True  # compiles lazily: no forward here
+    compiled = _model(cfg)
+    assert list(compiled.state_dict()) == plain_keys
+    assert compiled.backbone_state_dict().keys() == _model(_cfg()).backbone_state_dict().keys()
