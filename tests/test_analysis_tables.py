@@ -108,3 +108,11 @@ def test_unknown_sweep_or_metric_is_a_clear_error(store, tmp_path):
         make_report(store, sweep="momentum_test", metrics=["det_AP"], out=tmp_path / "x")
     with pytest.raises(ConfigError, match="no experiment named 'nope'"):
         make_report(store, experiment="nope")
+
+
+def test_comparison_lists_the_params_that_differ_and_the_metrics(store):
+    frame = runs.load_experiment_runs(store, "sweeps")
+    frame = frame[frame["tags.mocolab.sweep"] == "momentum_test"]
+    table = summary.comparison(frame)
+    assert list(table.columns) == ["run", "status", "moco.momentum", "train.seed", "knn_top1", "lincls_top1"]
+    assert len(table) == 9 and set(table["status"]) == {"FINISHED", "FAILED"}

@@ -88,6 +88,17 @@ def run_label(run: pd.Series, axes: Sequence[str]) -> str:
     return " ".join(parts)
 
 
+def comparison(runs: pd.DataFrame, metrics: Optional[Sequence[str]] = None) -> pd.DataFrame:
+    """Runs side by side: name, status, the params that differ between them, the metrics they have."""
+    keys = tables.varying_params(runs, exclude=("tracking.", "scaling.storage_path"))
+    out = pd.DataFrame({"run": runs.get("tags.mlflow.runName", runs["run_id"]), "status": runs["status"]})
+    for key in keys:
+        out[key] = runs[tables.param_col(key)]
+    for m in tables.available_metrics(runs, metrics):
+        out[m] = pd.to_numeric(runs[tables.metric_col(m)]).round(2)
+    return out.reset_index(drop=True)
+
+
 def markdown(summary: Summary, images: Sequence[str] = ()) -> str:
     """The report as markdown: table (mean ± std over seeds), best trial, plots."""
     lines = [f"# {summary.title}", ""]

@@ -45,14 +45,15 @@ def available_metrics(runs: pd.DataFrame, wanted: Optional[Sequence[str]] = None
     return [m for m in names if metric_col(m) in runs and runs[metric_col(m)].notna().any()]
 
 
-def varying_params(runs: pd.DataFrame) -> list[str]:
-    """Dotted params whose value differs between runs (seeds, run names and storage excluded)."""
+def varying_params(runs: pd.DataFrame, exclude: Sequence[str] = NOT_AXES) -> list[str]:
+    """Dotted params whose value differs between runs, but for those starting with one of ``exclude``
+    (default: seeds, tracking and storage, which differ without being ablation axes)."""
     keys = []
     for col in runs.columns:
         if not col.startswith("params."):
             continue
         key = col[len("params.") :]
-        if not key.startswith(NOT_AXES) and runs[col].astype(str).nunique(dropna=False) > 1:
+        if not key.startswith(tuple(exclude)) and runs[col].astype(str).nunique(dropna=False) > 1:
             keys.append(key)
     return keys
 

@@ -238,10 +238,15 @@ def trial_raw(spec: SweepSpec, base: dict[str, Any], assignment: dict[str, Any],
     return raw
 
 
-def trial_config(spec: SweepSpec, base: dict[str, Any], assignment: dict[str, Any], run_name: str) -> Config:
-    """The validated run config of one trial (ConfigError naming the trial's values if invalid)."""
+def trial_config(
+    spec: SweepSpec, base: dict[str, Any], assignment: dict[str, Any], run_name: str, cwd: Optional[Path] = None
+) -> Config:
+    """The validated run config of one trial (ConfigError naming the trial's values if invalid).
+
+    Relative paths resolve against ``cwd`` (default: the current directory): trials pass the sweep
+    driver's, since Ray Tune runs each trial in its own directory."""
     try:
-        return build_config(trial_raw(spec, base, assignment, run_name))
+        return build_config(trial_raw(spec, base, assignment, run_name), base=cwd)
     except ConfigError as err:
         values = ", ".join(f"{k}={v!r}" for k, v in assignment.items()) or "the base config"
         raise ConfigError(f"sweep '{spec.name}': the trial with {values} is invalid: {err}") from None
@@ -306,7 +311,8 @@ def load_sweep(
     """Read and validate a sweep file: ``(spec, raw base config, first trial's Config)``.
 
     ``overrides`` (``--set KEY=VALUE``) apply to the base config of every trial; ``name`` replaces
-    the sweep's name. Every trial config is validated here, before anything runs."""
+    the sweep's name. Every trial config is validated here, before anything runs. The tracking URI
+    is fixed in the returned base (trials run where the environment may differ)."""
     path = Path(path).resolve()
     raw = read_yaml(path)
     if name is not None:
@@ -314,4 +320,5 @@ def load_sweep(
     spec = parse_sweep(raw, source=f"sweep file {path}")
     base = base_raw(spec, path.parent, overrides)
     first = validate_trials(spec, base)
+    set_dotted(base, "tracking.tracking_uri", first.tracking.tracking_uri)
     return spec, base, first
