@@ -18,14 +18,18 @@ from torch import nn
 def extract_features(
     backbone: nn.Module, loader: Iterable, device: Optional[torch.device] = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """L2-normalised features ``[N, D]`` and labels ``[N]`` of every ``(image, label)`` batch of ``loader``.
+    """L2-normalised features ``[N, D]`` and labels ``[N]`` of every ``(image, label)`` batch of ``loader``
+    (``None`` batches, whose images were all skipped as corrupt, are passed over).
 
     The backbone runs in eval mode; its previous mode is restored afterwards."""
     was_training = backbone.training
     backbone.eval()
     feats, labels = [], []
     try:
-        for images, targets in loader:
+        for batch in loader:
+            if batch is None:
+                continue
+            images, targets = batch
             if device is not None:
                 images = images.to(device, non_blocking=True)
             feats.append(F.normalize(backbone(images).float(), dim=1).cpu())
