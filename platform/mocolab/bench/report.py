@@ -42,7 +42,8 @@ def empty_result() -> dict[str, Any]:
     return dict.fromkeys(RESULT_KEYS)
 
 
-def _format_value(value: Any) -> str:
+def format_value(value: Any) -> str:
+    """A number as the tables show it: thousands separators from 100 up, 3 significant digits below 1."""
     if value is None:
         return "-"
     if isinstance(value, float):
@@ -78,9 +79,9 @@ def result_table(result: dict[str, Any]) -> str:
         value = result.get(key)
         if key == "profile":
             for phase, fraction in (value or {}).items():
-                rows.append([f"  profile.{phase}", _format_value(fraction), ""])
+                rows.append([f"  profile.{phase}", format_value(fraction), ""])
         elif value is not None:
-            rows.append([key, _format_value(value), target_status(key, value)])
+            rows.append([key, format_value(value), target_status(key, value)])
     return format_table(rows, ["metric", "value", "target"])
 
 

@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# GPU check of mocolab's MoCo step: fp32 and bf16 autocast + channels_last against the plain fp32 reference
+# loop (same process, interleaved), for ResNet-50 at 224 and the CIFAR demo's ResNet-18 at 32, plus the
+# torch.profiler breakdown (targets: bf16+cl >= 1.5x the reference at ResNet-50/224; momentum + queue update
+# <= 0.03 of the step). Installs nothing: needs python3 with torch and torchvision (no Ray, MLflow, pydantic).
+#
+#   platform/benchmarks/gpu_check.sh            # on a machine with a CUDA GPU (about 2 minutes)
+#   platform/benchmarks/gpu_check.sh --smoke    # tiny sizes on the CPU: checks that the script runs
+#
+# PYTHON=/path/to/python picks the interpreter (default: python3).
+set -euo pipefail
+
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+python="${PYTHON:-python3}"
+
+device=cuda
+timing=(--steps 20 --repeats 5 --warmup 5 --profile-steps 5)
+r50=(--arch resnet50 --image-size 224 --batch-size 64 --queue-size 65536 --momentum 0.999 --temperature 0.2)
+r18=(--arch resnet18 --cifar-stem --image-size 32 --batch-size 512 --queue-size 4096 --momentum 0.99
+     --temperature 0.1 --linear-head --bn split --bn-splits 8)
+case "${1:-}" in
+  "") ;;
+  --smoke)
+    device=cpu
+    timing=(--steps 1 --repeats 1 --warmup 1 --profile-steps 1)
+    r50=(--arch resnet50 --image-size 32 --batch-size 4 --queue-size 16)
+    r18=(--arch resnet18 --cifar-stem --image-size 16 --batch-size 8 --queue-size 16 --linear-head --bn split --bn-splits 2)
+    ;;
+  *) echo "usage: $0 [--smoke]" >&2; exit 2 ;;
+esac
+
+"$python" - <<'PY'
+import torch
+gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no CUDA device"
+print(f"torch {torch.__version__}, CUDA {torch.version.cuda}, {gpu}")
+PY
+echo
+echo "== ResNet-50 at 224 (MoCo v2: MLP head, K=65536, one worker's shuffle-BN) =="
+"$python" "$here/step_bench.py" --device "$device" "${r50[@]}" "${timing[@]}"
+echo
+echo "== ResNet-18 CIFAR stem at 32 (MoCo CIFAR demo: linear head, K=4096, SplitBatchNorm x8) =="
+"$python" "$here/step_bench.py" --device "$device" "${r18[@]}" "${timing[@]}"

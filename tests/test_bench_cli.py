@@ -1,0 +1,94 @@
+"""``mocolab bench``: the JSON record's keys and types from tiny CPU runs, MLflow logging, bad arguments."""
+
+from __future__ import annotations
+
+import json
+
+import mlflow
+import pytest
+
+from mocolab.bench.report import RESULT_KEYS
+from mocolab.cli import main
+
+# The quickstart config made tiny: 16 images a step, 2 steps timed once.
+TINY = ["--set", "train.batch_size=16", "--set", "moco.queue_size=256", "--steps", "2", "--repeats", "1",
+        "--data-images", "32"]
+MEASURED_BY = {
+    "step": {"step_img_s"},
+    "reference": {"step_img_s", "reference_img_s", "ratio_vs_reference"},
+    "data": {"data_img_s_per_worker"},
+    "profile": {"momentum_queue_fraction", "profile"},
+    "overhead": {"epoch_img_s", "bare_img_s", "platform_overhead", "startup_s"},
+    "fixed": {"startup_s", "checkpoint_save_s", "checkpoint_load_s", "checkpoint_mb"},
+}
+
+
+def _run_bench(tmp_path, parts: str, *extra: str) -> dict:
+    out = tmp_path / "bench.json"
+    assert main(["bench", "--device", "cpu", "--what", parts, "--json", str(out), *TINY, *extra]) == 0
+    return json.loads(out.read_text())
+
+
+def _check_record(record: dict, parts: list[str]) -> None:
+    measured = set().union(*(MEASURED_BY[p] for p in parts))
+    if {"step", "data"} <= set(parts):
+        measured.add("data_vs_step")
+    assert set(RESULT_KEYS) <= set(record)
+    for key in RESULT_KEYS:
+        if key not in measured:
+            assert record[key] is None, key
+        elif key == "profile":
+            assert all(isinstance(v, float) and 0.0 <= v <= 1.0 for v in record[key].values())
+            assert sum(record[key].values()) <= 1.0 + 1e-9
+        else:
+            assert isinstance(record[key], float), key
+    positive = measured & {"step_img_s", "reference_img_s", "ratio_vs_reference", "data_img_s_per_worker",
+                           "epoch_img_s", "bare_img_s", "startup_s", "checkpoint_mb"}
+    assert all(record[k] > 0 for k in positive)
+    assert record["settings"]["device"] == "cpu" and record["settings"]["arch"] == "small_cnn"
+    assert record["settings"]["bn"] == "shuffle"  # the quickstart's 2-worker shuffle-BN, one worker's share
+
+
+def test_bench_step_reference_data_and_profile_write_their_keys_as_fractions(tmp_path, capsys):
+    record = _run_bench(tmp_path, "step,reference,data,profile")
+    _check_record(record, ["step", "reference", "data", "profile"])
+    assert record["ratio_vs_reference"] == pytest.approx(record["step_img_s"] / record["reference_img_s"])
+    assert record["momentum_queue_fraction"] == pytest.approx(
+        record["profile"]["momentum_update"] + record["profile"]["queue_update"]
+    )
+    table = capsys.readouterr().out
+    assert "ratio_vs_reference" in table and "profile.backward" in table
+
+
+@pytest.mark.slow
+def test_bench_overhead_and_fixed_costs_time_a_real_two_worker_pretraining_run(tmp_path):
+    record = _run_bench(tmp_path, "step,overhead,fixed", "--epochs", "1", "--set", "data.digits.copies=1")
+    _check_record(record, ["step", "overhead", "fixed"])
+    assert record["platform_overhead"] == pytest.approx(1 - record["epoch_img_s"] / record["bare_img_s"])
+
+
+def test_bench_logs_a_run_tagged_stage_bench_to_mlflow(tmp_path, mlflow_uri):
+    record = _run_bench(tmp_path, "step", "--mlflow")
+    runs = mlflow.search_runs(experiment_names=["quickstart"], filter_string="tags.`mocolab.stage` = 'bench'")
+    assert len(runs) == 1
+    assert runs.iloc[0]["metrics.step_img_s"] == pytest.approx(record["step_img_s"])
+    assert runs.iloc[0]["params.bench.arch"] == "small_cnn"
+
+
+def test_bench_refuses_an_unknown_part_naming_the_valid_ones(capsys):
+    with pytest.raises(SystemExit):
+        main(["bench", "--what", "step,speed"])
+    assert "unknown part(s) ['speed']; choose from step,reference,data,overhead,fixed,profile" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--precision", "bf16", "--device", "cpu"], "precision bf16 is for CUDA devices"),
+        (["--steps", "0"], "--steps=0 must be >= 1"),
+        (["--set", "moco.mechanism=end_to_end"], "the step benchmark covers moco.mechanism=moco"),
+    ],
+)
+def test_bench_refuses_settings_it_cannot_run_before_measuring(argv, message, capsys):
+    assert main(["bench", *argv]) == 2
+    assert message in capsys.readouterr().err
