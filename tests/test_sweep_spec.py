@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 
 import pytest
 import yaml
 
-from mocolab.config import ConfigError
-from mocolab.tune.spec import load_sweep, trial_config
+from mocolab.config import ConfigError, read_yaml
+from mocolab.tune.spec import assignment_of, base_raw, load_sweep, parse_sweep, trial_config
 
 SWEEPS = Path(__file__).resolve().parents[1] / "experiments" / "sweeps"
 
@@ -77,6 +78,12 @@ def test_queue_not_a_multiple_of_the_batch_is_refused_naming_the_value(tmp_path)
         load_sweep(path)
 
 
+def test_memory_bank_drawing_more_negatives_than_images_is_refused(tmp_path):
+    space = {"moco.mechanism, moco.queue_size": {"grid": [["memory_bank", 64], ["memory_bank", 4096]]}}
+    with pytest.raises(ConfigError, match=r"moco\.queue_size=4096 negatives per step exceed the 100 training samples"):
+        load_sweep(write_sweep(tmp_path, space=space), overrides=["data.limit_train=100"])
+
+
 def test_impossible_bound_of_a_continuous_axis_is_refused(tmp_path):
     path = write_sweep(tmp_path, search="random", space={"moco.momentum": {"uniform": [0.5, 1.5]}})
     with pytest.raises(ConfigError, match=r"moco\.momentum=1\.5"):
@@ -112,4 +119,20 @@ def test_asha_needs_knn_every_epoch(tmp_path):
 @pytest.mark.parametrize("path", sorted(SWEEPS.glob("*_cpu.yaml")), ids=lambda p: p.name)
 def test_shipped_cpu_sweeps_validate(path):
     spec, _, first = load_sweep(path)
-    assert spec.name and first.scaling.use_gpu is False
+    assert spec.name == path.stem and first.scaling.use_gpu is False
+
+
+@pytest.mark.parametrize(
+    "path", sorted(p for p in SWEEPS.glob("*.yaml") if not p.stem.endswith("_cpu")), ids=lambda p: p.name
+)
+def test_shipped_gpu_sweeps_give_valid_trial_configs(path, tmp_path):
+    """Every grid point of the cluster sweeps is a valid run config (ImageNet replaced by an empty folder)."""
+    for split in ("train", "val"):
+        (tmp_path / split).mkdir()
+    spec = parse_sweep(read_yaml(path))
+    assert spec.name == path.stem and spec.resources.gpus_per_worker == 1
+    base = base_raw(spec, path.parent, [f"data.root={tmp_path}"])
+    for combo in itertools.product(*[[(k, v) for v in axis.values] for k, axis in spec.space.items()]):
+        assignment = {key: value for k, v in combo for key, value in assignment_of(k, v).items()}
+        cfg = trial_config(spec, base, assignment, run_name="check")
+        assert cfg.scaling.use_gpu and cfg.scaling.num_workers == spec.resources.workers

@@ -283,10 +283,22 @@ def validate_trials(spec: SweepSpec, base: dict[str, Any]) -> Config:
     """Build every trial config the sweep can produce (see ``_checked_assignments``); return the first.
 
     Raises ConfigError naming the key and value of the first invalid trial."""
+    from mocolab.data.datasets import dataset_size
+    from mocolab.moco.dictionary import check_mechanism
+
+    sizes: dict[str, int] = {}  # training set size per data section, listed only when a memory bank needs it
     first: Optional[Config] = None
     for i, assignment in enumerate(_checked_assignments(spec)):
         cfg = trial_config(spec, base, assignment, run_name=f"{spec.name}-check-{i}")
         first = first or cfg
+        if cfg.moco.mechanism == "memory_bank":
+            key = cfg.data.model_dump_json()
+            sizes.setdefault(key, dataset_size(cfg.data))
+        try:
+            check_mechanism(cfg, sizes.get(cfg.data.model_dump_json(), 0))
+        except ValueError as err:
+            values = ", ".join(f"{k}={v!r}" for k, v in assignment.items())
+            raise ConfigError(f"sweep '{spec.name}': the trial with {values} is invalid: {err}") from None
     assert first is not None
     if spec.scheduler.type == "asha" and first.train.knn_every != 1:
         raise ConfigError(
