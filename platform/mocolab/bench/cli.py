@@ -43,7 +43,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", choices=("cpu", "cuda"), default=None,
                         help="device of the step benchmarks (default: cuda if available, else cpu)")
     parser.add_argument("--precision", choices=("fp32", "bf16"), default=None,
-                        help="step precision (default: bf16 autocast on cuda, fp32 on cpu)")
+                        help="step precision (default: the config's: bf16 autocast on cuda with train.amp, else fp32)")
     parser.add_argument("--steps", type=int, default=10, help="timed steps per repetition (default 10)")
     parser.add_argument("--repeats", type=int, default=5,
                         help="interleaved repetitions of step and reference; the median counts (default 5)")

@@ -20,6 +20,7 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 import yaml
 
 from mocolab.bench.spec import StepSpec
@@ -90,8 +91,6 @@ def run_timed_pretrain(cfg, workdir: Path, epochs: int = 2, timeout_s: float = 3
 
 def _bare_worker(spec: StepSpec, threads: int, steps: int, repeats: int, warmup: int, barrier) -> float:
     """One process of :func:`concurrent_step_throughput`: median images/s of the step on ``threads`` threads."""
-    import torch
-
     from mocolab.bench.step import mocolab_contender
     from mocolab.bench.timing import time_steps
 
@@ -108,13 +107,17 @@ def concurrent_step_throughput(
     spec: StepSpec, processes: int, threads: int, steps: int = 10, repeats: int = 3, warmup: int = 2
 ) -> float:
     """Total images/s of the bare step run at the same time in ``processes`` processes of ``threads``
-    threads each: what ``processes`` workers could do on this machine with no platform around the step."""
+    threads each (on CUDA, process ``i`` uses GPU ``i``): what ``processes`` workers could do on this machine
+    with no platform around the step."""
+    specs = [spec] * processes
+    if spec.device.startswith("cuda"):
+        if torch.cuda.device_count() < processes:
+            raise ValueError(f"the bare step needs {processes} GPUs (one per worker); {torch.cuda.device_count()} visible")
+        specs = [spec.replace(device=f"cuda:{i}") for i in range(processes)]
     context = multiprocessing.get_context("spawn")
     with context.Manager() as manager, ProcessPoolExecutor(max_workers=processes, mp_context=context) as pool:
         barrier = manager.Barrier(processes)
-        futures = [
-            pool.submit(_bare_worker, spec, threads, steps, repeats, warmup, barrier) for _ in range(processes)
-        ]
+        futures = [pool.submit(_bare_worker, s, threads, steps, repeats, warmup, barrier) for s in specs]
         return sum(f.result() for f in futures)
 
 

@@ -96,8 +96,8 @@ class StepSpec:
 
 
 def spec_from_config(cfg, device: str, precision: Optional[str] = None) -> StepSpec:
-    """The step one worker of ``cfg`` runs, on ``device``. ``precision`` defaults to bf16 on CUDA and fp32 on
-    CPU (``train.amp`` forces bf16). ``model.bn=shuffle`` becomes :data:`SHUFFLE_BN`; ``sync`` (BN statistics
+    """The step one worker of ``cfg`` runs, on ``device``. ``precision`` defaults to what the training loop
+    runs: bf16 autocast on CUDA with ``train.amp``, else fp32. ``model.bn=shuffle`` becomes :data:`SHUFFLE_BN`; ``sync`` (BN statistics
     over all workers, no shuffle) becomes plain BN. Raises ValueError for settings the benchmark does not cover."""
     if cfg.moco.mechanism != "moco" or cfg.moco.symmetric:
         raise ValueError(
@@ -106,7 +106,7 @@ def spec_from_config(cfg, device: str, precision: Optional[str] = None) -> StepS
         )
     cuda = device.startswith("cuda")
     if precision is None:
-        precision = "bf16" if cuda or cfg.train.amp else "fp32"
+        precision = "bf16" if cuda and cfg.train.amp else "fp32"
     if precision == "bf16" and not cuda:
         raise ValueError("precision bf16 is for CUDA devices (autocast on GPU); use fp32 with --device cpu")
     bn = {"sync": "plain"}.get(cfg.model.bn, cfg.model.bn)
