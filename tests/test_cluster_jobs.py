@@ -12,20 +12,16 @@ with ``ray stop``, which kills every Ray process on the machine.
 from __future__ import annotations
 
 import json
-import os
 import secrets
 import shutil
-import signal
-import socket
 import subprocess
-import sys
 import tempfile
-import time
 import urllib.error
 import urllib.request
 from pathlib import Path
 
 import pytest
+from local_servers import VENV_BIN, clean_env, free_port, mlflow_server, start_in_session, stop_session, wait_for_http
 from mlflow import MlflowClient
 
 from mocolab.config import parse_override
@@ -33,7 +29,6 @@ from mocolab.config import parse_override
 pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[1]
-VENV_BIN = Path(sys.executable).parent
 QUICKSTART = "experiments/pretrain/quickstart.yaml"
 # Small enough for 2 shared CPUs; a real 2-worker run with shuffle-BN over gloo.
 TINY = [
@@ -59,54 +54,6 @@ HEAD_PORTS = (
 )
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_for_http(url: str, timeout_s: float, headers: dict[str, str] | None = None) -> None:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        try:
-            with urllib.request.urlopen(urllib.request.Request(url, headers=headers or {}), timeout=3) as resp:
-                if resp.status == 200:
-                    return
-        except (OSError, urllib.error.URLError):
-            pass
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"{url} did not answer within {timeout_s:.0f} s")
-        time.sleep(1)
-
-
-def stop_session(proc: subprocess.Popen, grace_s: float) -> None:
-    """SIGTERM the process we started, then SIGKILL anything left in its session (its own children)."""
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(grace_s)
-        except subprocess.TimeoutExpired:
-            pass
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)  # start_new_session=True: the session's group id is proc.pid
-    except ProcessLookupError:
-        pass
-    proc.wait(10)
-
-
-def clean_env(**extra: str) -> dict[str, str]:
-    """This environment without Ray/MLflow settings inherited from the test session, plus ``extra``."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "MLFLOW_"))}
-    env.update(
-        PATH=f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}",
-        RAY_USAGE_STATS_ENABLED="0",
-        MLFLOW_DISABLE_TELEMETRY="true",
-        NO_ALBUMENTATIONS_UPDATE="1",
-        **extra,
-    )
-    return env
-
-
 @pytest.fixture(scope="module")
 def cluster():
     """A Ray head (token auth on, dashboard on 127.0.0.1) and an MLflow server on 127.0.0.1."""
@@ -115,35 +62,20 @@ def cluster():
     token_file = tmp / "auth_token"
     token_file.write_text(secrets.token_hex(32))
     env = clean_env(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token_file))
-    mlflow_port = free_port()
-    mlflow_uri = f"http://127.0.0.1:{mlflow_port}"
     ports = {name: free_port() for name in HEAD_PORTS}
-    started: list[tuple[subprocess.Popen, float]] = []
+    head = start_in_session(
+        [str(VENV_BIN / "ray"), "start", "--head", "--block", "--num-cpus=2", "--dashboard-host=127.0.0.1",
+         "--disable-usage-stats", f"--temp-dir={tmp / 'ray'}"] + [f"--{name}={port}" for name, port in ports.items()],
+        cwd=tmp, env=env, log=tmp / "head.log",
+    )  # fmt: skip
     try:
-        mlflow_server = subprocess.Popen(
-            [str(VENV_BIN / "mlflow"), "server", "--backend-store-uri", f"sqlite:///{tmp / 'mlflow.db'}",
-             "--artifacts-destination", str(tmp / "mlartifacts"),
-             "--host", "127.0.0.1", "--port", str(mlflow_port), "--workers", "1"],
-            cwd=tmp, env=env, start_new_session=True,
-            stdout=open(tmp / "mlflow.log", "wb"), stderr=subprocess.STDOUT,
-        )  # fmt: skip
-        started.append((mlflow_server, 15))
-        head = subprocess.Popen(
-            [str(VENV_BIN / "ray"), "start", "--head", "--block", "--num-cpus=2", "--dashboard-host=127.0.0.1",
-             "--disable-usage-stats", f"--temp-dir={tmp / 'ray'}"]
-            + [f"--{name}={port}" for name, port in ports.items()],
-            cwd=tmp, env=env, start_new_session=True,
-            stdout=open(tmp / "head.log", "wb"), stderr=subprocess.STDOUT,
-        )  # fmt: skip
-        started.append((head, 60))
-        dashboard = f"http://127.0.0.1:{ports['dashboard-port']}"
-        auth = {"Authorization": f"Bearer {token_file.read_text()}"}
-        wait_for_http(f"{dashboard}/api/version", 120, auth)
-        wait_for_http(f"{mlflow_uri}/health", 120)
-        yield {"dashboard": dashboard, "mlflow_uri": mlflow_uri, "env": env, "tmp": tmp, "auth": auth}
+        with mlflow_server(tmp, env) as mlflow_uri:
+            dashboard = f"http://127.0.0.1:{ports['dashboard-port']}"
+            auth = {"Authorization": f"Bearer {token_file.read_text()}"}
+            wait_for_http(f"{dashboard}/api/version", 120, auth)
+            yield {"dashboard": dashboard, "mlflow_uri": mlflow_uri, "env": env, "tmp": tmp, "auth": auth}
     finally:
-        for proc, grace_s in reversed(started):
-            stop_session(proc, grace_s)
+        stop_session(head, 60)
         for log in ("head.log", "mlflow.log"):
             if (tmp / log).is_file():
                 print(f"--- {log} (tail) ---\n{(tmp / log).read_text(errors='replace')[-3000:]}")
@@ -195,7 +127,7 @@ def test_pretrain_job_logs_to_the_mlflow_server(cluster):
     assert run.data.tags["mocolab.stage"] == "pretrain"
     assert [m.step for m in client.get_metric_history(run.info.run_id, "loss")] == [1]
     assert {a.path for a in client.list_artifacts(run.info.run_id)} >= {"config.yaml", "backbone.pt"}
-    assert any(storage.glob(f"{run_name}/checkpoint_*")), "no Ray checkpoint under scaling.storage_path"
+    assert any(storage.glob(f"{run_name}/checkpoint_*/checkpoint.pt")), "no checkpoint under scaling.storage_path"
 
 
 def test_sweep_job_logs_a_parent_and_its_trials(cluster):
