@@ -17,8 +17,6 @@ import time
 from pathlib import Path
 from typing import Any, Optional
 
-import torch
-
 PARTS = ("step", "reference", "data", "overhead", "fixed", "profile")
 BENCH_STAGE = "bench"
 
@@ -57,6 +55,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _check_args(args: argparse.Namespace) -> str:
     """The device to use; raises ConfigError for arguments that cannot run."""
+    import torch
+
     from mocolab.config import ConfigError
 
     for name in ("steps", "repeats", "epochs", "data_images"):
@@ -83,6 +83,8 @@ def run_bench(cfg, spec, parts: tuple[str, ...], steps: int, repeats: int, epoch
               workdir: Path) -> dict[str, Any]:
     """Run the chosen parts of the benchmark of ``spec`` (the step of ``cfg``) and return the JSON record
     (``report.RESULT_KEYS`` plus the settings under ``settings``)."""
+    import torch
+
     from mocolab.bench.report import empty_result
     from mocolab.bench.spec import spec_from_config
 
