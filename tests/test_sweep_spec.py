@@ -37,6 +37,9 @@ def test_base_path_is_relative_to_the_sweep_file_and_inline_overrides_merge(tmp_
     assert base["train"] == {"epochs": 3, "batch_size": 16, "lr": 0.1}
     assert base["moco"] == {"queue_size": 64, "dim": 8}
     assert first.moco.momentum == 0.9
+    # trials run in their own directories: the store and Ray storage are absolute (the defaults included)
+    assert base["scaling"]["storage_path"] == "/ray_results" == first.scaling.storage_path
+    assert base["tracking"]["tracking_uri"].startswith("sqlite:////")
 
 
 def test_one_worker_trials_use_split_batchnorm_and_resources_set_scaling(tmp_path):
@@ -136,3 +139,30 @@ def test_shipped_gpu_sweeps_give_valid_trial_configs(path, tmp_path):
         assignment = {key: value for k, v in combo for key, value in assignment_of(k, v).items()}
         cfg = trial_config(spec, base, assignment, run_name="check")
         assert cfg.scaling.use_gpu and cfg.scaling.num_workers == spec.resources.workers
+
+
+def test_tune_space_counts_and_unzips_trials(tmp_path):
+    from ray import tune
+
+    from mocolab.tune.sweep import assignment_from, count_trials, param_space, trial_run_name
+
+    space = {"moco.temperature": {"choice": [0.1, 0.2]}, "moco.mechanism, train.batch_size": {"grid": [["moco", 16]]}}
+    spec, _, _ = load_sweep(write_sweep(tmp_path, space=space, seeds=[0, 1], num_samples=2))
+    tune_space = param_space(spec)
+    assert tune_space["moco.temperature"] == tune.grid_search([0.1, 0.2])  # grid search enumerates choices
+    assert tune_space["train.seed"] == tune.grid_search([0, 1])
+    assert count_trials(spec) == 2 * 1 * 2 * 2
+    params = {"moco.temperature": 0.1, "moco.mechanism, train.batch_size": ["moco", 16], "train.seed": 1}
+    assert assignment_from(params) == {
+        "moco.temperature": 0.1, "moco.mechanism": "moco", "train.batch_size": 16, "train.seed": 1
+    }
+    assert trial_run_name("s", "3f2a1_00012") == "s-00012"
+
+
+def test_optuna_search_is_refused_with_the_fix_when_optuna_is_missing(tmp_path):
+    import importlib.util
+
+    if importlib.util.find_spec("optuna") is not None:
+        pytest.skip("optuna is installed here")
+    with pytest.raises(ConfigError, match="pip install optuna"):
+        load_sweep(write_sweep(tmp_path, search="optuna", space={"moco.temperature": {"choice": [0.1]}}))

@@ -324,7 +324,8 @@ def load_sweep(
 
     ``overrides`` (``--set KEY=VALUE``) apply to the base config of every trial; ``name`` replaces
     the sweep's name. Every trial config is validated here, before anything runs. The tracking URI
-    is fixed in the returned base (trials run where the environment may differ)."""
+    and storage path are fixed, absolute, in the returned base (trials run where the cwd and the
+    environment differ)."""
     path = Path(path).resolve()
     raw = read_yaml(path)
     if name is not None:
@@ -333,4 +334,9 @@ def load_sweep(
     base = base_raw(spec, path.parent, overrides)
     first = validate_trials(spec, base)
     set_dotted(base, "tracking.tracking_uri", first.tracking.tracking_uri)
+    storage = first.scaling.storage_path
+    if "://" not in storage:  # the schema's default is relative; Tune needs it absolute
+        storage = str(Path(storage).resolve())
+        set_dotted(base, "scaling.storage_path", storage)
+        first.scaling.storage_path = storage
     return spec, base, first

@@ -227,17 +227,17 @@ def _search_alg(spec: SweepSpec) -> Any:
 
 
 def build_tuner(spec: SweepSpec, base: dict[str, Any], cfg: Config, parent_run_id: str, resume: bool) -> Any:
-    """A new Tuner for the sweep, or the restored one (``resume``)."""
+    """A new Tuner for the sweep, or with ``resume`` the one restored from its Tune state, if saved."""
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
 
     trainable = tune.with_resources(make_trial_fn(spec, base, parent_run_id), {"CPU": 0, "memory": TRIAL_MEMORY_BYTES})
     path = os.path.join(cfg.scaling.storage_path, spec.name)
-    if resume:
-        if not tune.Tuner.can_restore(path):
-            raise ConfigError(f"--resume: no Tune state at {path} (scaling.storage_path of the base config)")
+    if resume and tune.Tuner.can_restore(path):
         return tune.Tuner.restore(path, trainable=trainable)
-    if tune.Tuner.can_restore(path):
+    if resume:  # interrupted before Tune saved any state: start the trials under the same parent run
+        print(f"--resume: no Tune state at {path} yet; starting the trials afresh", flush=True)
+    elif tune.Tuner.can_restore(path):
         raise ConfigError(f"sweep '{spec.name}' has Tune state at {path}; use --resume or --name NEW_NAME")
     scheduler = None
     if spec.scheduler.type == "asha":
