@@ -10,6 +10,7 @@ label for the kNN monitor and linear evaluation. Unreadable image files follow `
 from __future__ import annotations
 
 import functools
+import logging
 import pickle
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence, Union
@@ -28,6 +29,7 @@ SPLITS = ("train", "test")
 CIFAR10_CLASSES = 10
 CIFAR10_FILES = {"train": tuple(f"data_batch_{i}" for i in range(1, 6)), "test": ("test_batch",)}
 MAX_AUTO_LOADER_WORKERS = 16
+logger = logging.getLogger(__name__)
 
 
 class CorruptImageError(RuntimeError):
@@ -223,8 +225,9 @@ class _SourceDataset(Dataset):
     def _read(self, index: int) -> Optional[np.ndarray]:
         try:
             return self.source.read(index)
-        except CorruptImageError:
+        except CorruptImageError as err:
             if self.on_corrupt == "skip":
+                logger.warning("data.on_corrupt=skip, skipped: %s", err)
                 return None
             raise
 
@@ -290,6 +293,19 @@ def collate_skip_corrupt(batch: list) -> tuple[Any, int]:
     kept = [item for item in batch if item is not None]
     skipped = len(batch) - len(kept)
     return (default_collate(kept) if kept else None), skipped
+
+
+def collate_keep_batch_size(batch: list) -> tuple[Any, int]:
+    """Pretraining ``collate_fn``: like :func:`collate_skip_corrupt`, but the places of skipped images are
+    filled with repeats of kept items, so that every batch keeps its size on every rank (MoCo's queue and
+    the cross-worker gathers need equal batches). Returns ``(collated batch, number skipped)``."""
+    kept = [item for item in batch if item is not None]
+    if not kept:
+        raise CorruptImageError(
+            f"all {len(batch)} images of a batch are unreadable (data.on_corrupt=skip); check data.root"
+        )
+    filled = kept + [kept[i % len(kept)] for i in range(len(batch) - len(kept))]
+    return default_collate(filled), len(batch) - len(kept)
 
 
 # --- DataLoader sizing ------------------------------------------------------------------------------
