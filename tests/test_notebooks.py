@@ -17,7 +17,13 @@ def store(tmp_path_factory):
     return make_store(tmp_path_factory.mktemp("mlflow"))
 
 
+@pytest.fixture(autouse=True)
+def report_dir(tmp_path, monkeypatch):
+    monkeypatch.setenv("MOCOLAB_REPORT_DIR", str(tmp_path / "reports" / "notebook"))
+
+
 def execute(name: str, folder: Path) -> nbformat.NotebookNode:
+    """Run the notebook in ``folder``; its plots go to ``folder/reports/notebook`` (MOCOLAB_REPORT_DIR)."""
     book = nbformat.read(NOTEBOOKS / name, as_version=4)
     NotebookClient(book, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(folder)}}).execute()
     return book
