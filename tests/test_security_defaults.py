@@ -1,18 +1,23 @@
-"""Secure defaults: checkpoints never unpickle code, and the Ray that mocolab starts itself serves no
-web dashboard (its headless dashboard process binds 127.0.0.1) and keeps token authentication on."""
+"""Secure defaults: checkpoints never unpickle code; tracking URIs with credentials work and are never shown
+with them; the Ray that mocolab starts itself serves no web dashboard (its headless dashboard process binds
+127.0.0.1) and keeps token authentication on."""
 
 from __future__ import annotations
 
+import http.server
 import json
 import os
 import pickle
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
 import torch
 
+from mocolab import tracking
+from mocolab.config import ConfigError
 from mocolab.train.checkpoint import CHECKPOINT_FILE, load_checkpoint, save_checkpoint
 
 
@@ -37,6 +42,34 @@ def test_checkpoint_with_a_pickled_object_is_refused(tmp_path):
     assert not marker.exists()
     torch.load(tmp_path / CHECKPOINT_FILE, weights_only=False)  # the control: plain pickle runs the payload
     assert marker.exists()
+
+
+class _Health(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):  # noqa: N802 (http.server's naming)
+        self.send_response(200 if self.path == "/health" else 404)
+        self.end_headers()
+
+    def log_message(self, *args):
+        pass
+
+
+def test_tracking_uri_with_credentials_is_probed_and_reported_without_them(monkeypatch):
+    monkeypatch.setenv("MYSERVICE_API_KEY", "fake-key-0a1b2c")
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Health)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        tracking.check_reachable(f"http://alice:s3cret-pw@127.0.0.1:{server.server_address[1]}")
+    finally:
+        server.shutdown()
+        server.server_close()
+    with pytest.raises(ConfigError) as err:
+        tracking.check_reachable(f"http://alice:s3cret-pw@127.0.0.1:{server.server_address[1]}")
+    assert "http://***@127.0.0.1" in str(err.value) and "s3cret-pw" not in str(err.value)
+    config = {"tracking": {"tracking_uri": "https://bob:pw-123@mlflow.example"}, "data": {"root": "/d/fake-key-0a1b2c"}}
+    assert tracking.redact_tree(config) == {
+        "tracking": {"tracking_uri": "https://***@mlflow.example"},
+        "data": {"root": "/d/***"},
+    }
 
 
 _PROBE = """

@@ -50,16 +50,28 @@ def redact(value: str) -> str:
     return value
 
 
+def redact_tree(tree: Any) -> Any:
+    """:func:`redact` applied to every string of a nested dict/list, e.g. a config dump."""
+    if isinstance(tree, str):
+        return redact(tree)
+    if isinstance(tree, dict):
+        return {key: redact_tree(value) for key, value in tree.items()}
+    if isinstance(tree, list):
+        return [redact_tree(value) for value in tree]
+    return tree
+
+
 def check_reachable(uri: str, timeout_s: float = 5.0) -> None:
     """Fail fast, naming the URI, when the tracking store cannot be used."""
     if uri.startswith(("http://", "https://")):
+        health = _URI_CREDENTIALS.sub("", uri).rstrip("/") + "/health"  # urllib cannot take user:pw@host
         try:
-            with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout_s) as resp:
+            with urllib.request.urlopen(health, timeout=timeout_s) as resp:
                 if resp.status != 200:
                     raise OSError(f"HTTP {resp.status}")
         except (OSError, urllib.error.URLError) as err:
             raise ConfigError(
-                f"MLflow tracking server {uri} is unreachable ({err}); start it or set "
+                f"MLflow tracking server {redact(uri)} is unreachable ({err}); start it or set "
                 "tracking.tracking_uri / MLFLOW_TRACKING_URI to a reachable server or sqlite:///PATH"
             ) from None
     elif uri.startswith("sqlite:///"):
@@ -135,9 +147,7 @@ def log_config_artifact(client: MlflowClient, run_id: str, cfg: Config) -> None:
     """Store the resolved config as ``config.yaml`` at the root of the run's artifacts."""
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / CONFIG_ARTIFACT
-        data = cfg.model_dump(mode="json")
-        data["tracking"]["tracking_uri"] = redact(data["tracking"]["tracking_uri"] or "")
-        path.write_text(yaml.safe_dump(data, sort_keys=False))
+        path.write_text(yaml.safe_dump(redact_tree(cfg.model_dump(mode="json")), sort_keys=False))
         client.log_artifact(run_id, str(path))
 
 
