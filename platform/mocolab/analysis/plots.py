@@ -9,6 +9,7 @@ import matplotlib
 matplotlib.use("Agg")
 
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from mocolab.analysis.tables import K, MECHANISM  # noqa: E402
@@ -58,8 +59,10 @@ def plot_learning_curves(history: pd.DataFrame, labels: dict[str, str], metric: 
     """``metric`` per epoch, one line per run (``history`` from ``runs.metric_history``; ``labels``: run id ->
     legend text)."""
     fig, ax = plt.subplots(figsize=(6, 4))
-    for run_id, rows in history.groupby("run_id", sort=False):
+    curves = sorted(history.groupby("run_id", sort=False), key=lambda item: labels.get(item[0], item[0]))
+    for run_id, rows in curves:
         ax.plot(rows["step"], rows["value"], marker=".", label=labels.get(run_id, run_id[:8]))
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("epoch")
     ax.set_ylabel(metric)
     if len(labels) <= 12:
