@@ -47,7 +47,7 @@ def available_metrics(runs: pd.DataFrame, wanted: Optional[Sequence[str]] = None
 
 def varying_params(runs: pd.DataFrame, exclude: Sequence[str] = NOT_AXES) -> list[str]:
     """Dotted params whose value differs between runs, but for those starting with one of ``exclude``
-    (default: seeds, tracking and storage, which differ without being ablation axes)."""
+    (default: seeds, tracking and storage, which differ without being ablation axes); sorted."""
     keys = []
     for col in runs.columns:
         if not col.startswith("params."):
@@ -55,7 +55,7 @@ def varying_params(runs: pd.DataFrame, exclude: Sequence[str] = NOT_AXES) -> lis
         key = col[len("params.") :]
         if not key.startswith(tuple(exclude)) and runs[col].astype(str).nunique(dropna=False) > 1:
             keys.append(key)
-    return keys
+    return sorted(keys)
 
 
 def _as_number(value: object) -> object:
