@@ -13,6 +13,7 @@ from collections.abc import Iterable
 from typing import Any
 
 import torch
+from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile, record_function
 
 from mocolab.bench.spec import StepSpec
@@ -23,12 +24,17 @@ STEP_RANGE = "mocolab.step"
 
 
 def _range_totals(events: Iterable[Any], names: set[str], cuda: bool) -> dict[str, float]:
-    """Summed time (us) of the ranges with these names: wall time on CPU, kernel time under them on CUDA."""
+    """Summed time (us) of the host-side ranges with these names: wall time on CPU, time of the kernels
+    launched inside them on CUDA (the ranges' copies on the GPU timeline are not counted)."""
     totals = dict.fromkeys(names, 0.0)
     for event in events:
-        if event.name in totals:
+        if event.name in totals and event.device_type == DeviceType.CPU:
             totals[event.name] += event.device_time_total if cuda else event.cpu_time_total
     return totals
+
+
+def _is_kernel(event: Any) -> bool:
+    return event.device_type != DeviceType.CPU and not event.is_user_annotation
 
 
 def phase_fractions(events: Iterable[Any], cuda: bool) -> dict[str, float]:
@@ -38,7 +44,7 @@ def phase_fractions(events: Iterable[Any], cuda: bool) -> dict[str, float]:
     ranges = {STEP_RANGE, BACKWARD_RANGE, OPTIMIZER_RANGE, *PHASES.values()}
     totals = _range_totals(events, ranges, cuda)
     if cuda:
-        step_total = sum(e.self_device_time_total for e in events)
+        step_total = sum(e.self_device_time_total for e in events if _is_kernel(e))
     else:
         step_total = totals[STEP_RANGE]
     if step_total <= 0:

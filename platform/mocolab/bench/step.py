@@ -1,9 +1,10 @@
 """Step throughput: mocolab's MoCo training step against the plain reference loop, side by side.
 
-mocolab's step is the one ``train/pretrain.py`` runs per batch: ``MoCo.forward`` (query forward, fused
+mocolab's step is what ``train/pretrain.py`` runs per batch: ``MoCo.forward`` (query forward, fused
 momentum update, key forward with shuffle-BN, InfoNCE, enqueue) under bf16 autocast when asked,
 ``zero_grad(set_to_none=True)``, backward, SGD step. Inputs are fixed synthetic crops already on the
-device, so data loading is excluded (see ``data.py`` for that). Torch only.
+device, so data loading is excluded (``data.py`` times it); the loop's per-step loss all-reduce and
+finiteness check, like the gradient all-reduce, are platform costs (``overhead.py``). Torch only.
 """
 
 from __future__ import annotations
