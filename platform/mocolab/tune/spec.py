@@ -305,6 +305,8 @@ def validate_trials(spec: SweepSpec, base: dict[str, Any]) -> Config:
             f"sweep '{spec.name}': scheduler asha compares knn_top1 every epoch; "
             f"set train.knn_every=1 in the base (got {first.train.knn_every})"
         )
+    if spec.search == "optuna" and first.train.knn_every == 0:
+        raise ConfigError(f"sweep '{spec.name}': search optuna maximises knn_top1; set train.knn_every >= 1")
     return first
 
 

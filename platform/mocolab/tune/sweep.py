@@ -220,7 +220,7 @@ def _search_alg(spec: SweepSpec) -> Any:
     if spec.search == "optuna":
         from ray.tune.search.optuna import OptunaSearch
 
-        return OptunaSearch(metric=spec.scheduler.metric, mode="max", seed=spec.search_seed)
+        return OptunaSearch(seed=spec.search_seed)  # metric and mode come from TuneConfig
     from ray.tune.search import BasicVariantGenerator
 
     return BasicVariantGenerator(random_state=spec.search_seed, max_concurrent=spec.max_concurrent_trials)
