@@ -37,7 +37,9 @@ def test_platform_overhead_is_the_fraction_of_bare_throughput_lost():
 def test_spec_of_the_quickstart_is_one_workers_shuffle_bn_step_in_fp32_on_cpu():
     cfg = load_config(QUICKSTART_CONFIG)
     spec = spec_from_config(cfg, "cpu")
-    assert (spec.arch, spec.image_size, spec.batch_size, spec.queue_size) == ("small_cnn", 24, 64, 1024)
+    assert (spec.arch, spec.image_size, spec.batch_size, spec.queue_size) == (
+        cfg.model.arch, cfg.data.image_size, cfg.train.batch_size, cfg.moco.queue_size
+    )
     assert (spec.bn, spec.precision, spec.channels_last) == ("shuffle", "fp32", False)
     with pytest.raises(ValueError, match="precision bf16 is for CUDA devices"):
         spec_from_config(cfg, "cpu", "bf16")

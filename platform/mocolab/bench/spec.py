@@ -4,6 +4,9 @@
 arguments by ``platform/benchmarks/step_bench.py`` on machines that have torch but not pydantic
 (the GPU check). ``model_config()`` hands ``MoCo`` a light stand-in carrying exactly the settings it reads,
 so this module and the step benchmark import nothing but torch.
+
+``bn="shuffle"`` is one worker's share of shuffle-BN: the key batch is shuffled, encoded with BN over the
+local batch and unshuffled; the cross-worker gathers are absent on one process.
 """
 
 from __future__ import annotations
@@ -16,8 +19,6 @@ from typing import Any, Literal, Optional
 Precision = Literal["fp32", "bf16"]
 PRECISIONS = ("fp32", "bf16")
 BN_MODES = ("shuffle", "split", "plain")
-SHUFFLE_BN = """one worker's share of shuffle-BN: the key batch is shuffled, encoded with BN over the local batch and
-unshuffled; the cross-worker gathers are absent on one process"""
 
 
 @dataclass(frozen=True)
@@ -28,7 +29,7 @@ class StepSpec:
     image_size: int = 32
     batch_size: int = 32
     cifar_stem: bool = False
-    bn: str = "shuffle"  # shuffle: one worker's share of shuffle-BN (see ``SHUFFLE_BN``); split; plain
+    bn: str = "shuffle"  # shuffle (one worker's share, see above), split (SplitBatchNorm) or plain
     bn_splits: int = 1
     dim: int = 128
     queue_size: int = 4096
@@ -56,13 +57,6 @@ class StepSpec:
             )
         if self.bn == "split" and self.batch_size % self.bn_splits:
             raise ValueError(f"bn_splits={self.bn_splits} must divide batch_size={self.batch_size}")
-
-    @property
-    def label(self) -> str:
-        """Short human name: ``resnet50@224 b64 bf16+cl``."""
-        stem = "-cifar" if self.cifar_stem else ""
-        extras = ("+cl" if self.channels_last else "") + ("+compile" if self.compile else "")
-        return f"{self.arch}{stem}@{self.image_size} b{self.batch_size} {self.precision}{extras}"
 
     def replace(self, **changes: Any) -> "StepSpec":
         return dataclasses.replace(self, **changes)
@@ -97,8 +91,9 @@ class StepSpec:
 
 def spec_from_config(cfg, device: str, precision: Optional[str] = None) -> StepSpec:
     """The step one worker of ``cfg`` runs, on ``device``. ``precision`` defaults to what the training loop
-    runs: bf16 autocast on CUDA with ``train.amp``, else fp32. ``model.bn=shuffle`` becomes :data:`SHUFFLE_BN`; ``sync`` (BN statistics
-    over all workers, no shuffle) becomes plain BN. Raises ValueError for settings the benchmark does not cover."""
+    runs: bf16 autocast on CUDA with ``train.amp``, else fp32. ``model.bn=shuffle`` becomes one worker's share
+    of it; ``sync`` (BN statistics over all workers, no shuffle) becomes plain BN. Raises ValueError for
+    settings the benchmark does not cover."""
     if cfg.moco.mechanism != "moco" or cfg.moco.symmetric:
         raise ValueError(
             f"the step benchmark covers moco.mechanism=moco with moco.symmetric=false (the reference loop's "

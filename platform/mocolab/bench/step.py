@@ -32,7 +32,7 @@ def build_model(spec: StepSpec) -> MoCo:
     torch.manual_seed(spec.seed)
     model = MoCo(spec.model_config(), num_train_samples=spec.batch_size)
     if spec.bn == "shuffle":
-        model.shuffle_keys = True  # spec.SHUFFLE_BN: one process has no other workers to shuffle with
+        model.shuffle_keys = True  # one worker's share of shuffle-BN (see spec.py): shuffle the local batch
     return model.to(spec.device).train()
 
 
