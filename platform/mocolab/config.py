@@ -187,6 +187,9 @@ class DetectionConfig(_Section):
     weight_decay: float = Field(1e-4, ge=0)
     milestones: list[float] = Field(default_factory=lambda: [0.75, 0.92])
     trainable_layers: int = Field(5, ge=0, le=5)
+    roi_batch_size: int = Field(512, ge=1, description="RoIs sampled per image for the box head in training")
+    test_proposals: int = Field(1000, ge=1, description="RPN proposals per image scored by the box head at test")
+    anchor_sizes: Optional[list[int]] = Field(None, description="RPN anchor sides in px; default 32..512 x min_size/800")
     num_workers: int = Field(1, ge=1)
     seed: int = 0
 

@@ -17,7 +17,10 @@ which layout the data came in. Conventions:
 from __future__ import annotations
 
 import json
+import os
 import random
+import shutil
+import tempfile
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass
 from pathlib import Path
@@ -202,7 +205,7 @@ class DetectionDataset(Dataset):
         if self.hflip and random.random() < 0.5:
             image = image[:, ::-1]
             boxes[:, [0, 2]] = rec.width - boxes[:, [2, 0]]
-        tensor = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float().div_(255)
+        tensor = torch.from_numpy(np.array(image)).permute(2, 0, 1).float().div_(255)
         target = {
             "boxes": torch.from_numpy(boxes).reshape(-1, 4),
             "labels": torch.from_numpy(rec.labels[keep]),
@@ -226,19 +229,22 @@ def make_digits_voc(
     num_val: int = 100,
     canvas: int = 64,
     max_digits: int = 3,
-    min_scale: float = 2.0,
-    max_scale: float = 4.0,
+    min_scale: float = 1.5,
+    max_scale: float = 3.0,
     seed: int = 0,
 ) -> Path:
     """Write a VOC-layout detection set to ``root``: scikit-learn's 8x8 digits, white on black,
-    ``1..max_digits`` per ``canvas x canvas`` image at random scale and position without overlap,
-    classes ``"0".."9"``; boxes are tight around the digit's strokes. Train and val images use
-    disjoint digit samples. Returns ``root``; an existing complete set is left as it is."""
+    ``1..max_digits`` per ``canvas x canvas`` image at random scale (12-24 px by default, like the
+    pretraining digits) and position without overlap, classes ``"0".."9"``; boxes are tight around the
+    digit's strokes. Train and val images use disjoint digit samples. The set is written to a
+    temporary folder and renamed into place; an existing ``root`` is left as it is. Returns ``root``."""
     from sklearn.datasets import load_digits
 
     root = Path(root)
-    if (root / "ImageSets" / "Main" / "val.txt").is_file():
+    if root.is_dir():
         return root
+    root.parent.mkdir(parents=True, exist_ok=True)
+    final, root = root, Path(tempfile.mkdtemp(prefix=f".{root.name}-", dir=root.parent))
     for sub in ("JPEGImages", "Annotations", "ImageSets/Main"):
         (root / sub).mkdir(parents=True, exist_ok=True)
     digits = load_digits()
@@ -256,7 +262,11 @@ def make_digits_voc(
             stems.append(stem)
         (root / "ImageSets" / "Main" / f"{split}.txt").write_text("\n".join(stems) + "\n")
     (root / LABELS_FILE).write_text("\n".join(str(d) for d in range(10)) + "\n")
-    return root
+    try:
+        os.rename(root, final)
+    except OSError:  # another process made it first
+        shutil.rmtree(root)
+    return final
 
 
 def _digit_canvas(images, targets, pool, rng, canvas, max_digits, min_scale, max_scale):
@@ -295,17 +305,22 @@ def _voc_xml(filename: str, canvas: int, objects) -> str:
     return "\n".join(parts)
 
 
+def made_digits_root(data_cfg) -> Path:
+    """Where the made digits set lives: ``root`` if given, else ``<tmp>/mocolab-digits-voc``."""
+    return Path(data_cfg.root) if data_cfg.root is not None else Path(tempfile.gettempdir()) / "mocolab-digits-voc"
+
+
 def check_detection_data(data_cfg) -> None:
     """Fail before compute when ``eval.detection.data`` cannot be read (names the field and the fix)."""
-    if data_cfg.root is None:
-        raise ValueError(
-            "eval.detection.data.root is required: the VOC folder, the COCO image folder, or (with "
-            "made_digits=true) the folder to write the made digits set to"
-        )
     if data_cfg.made_digits:
         if data_cfg.format != "voc":
             raise ValueError("eval.detection.data.made_digits=true writes VOC layout; set format: voc")
         return
+    if data_cfg.root is None:
+        raise ValueError(
+            "eval.detection.data.root is required: the VOC folder or the COCO image folder "
+            "(or set made_digits: true for the made digits set)"
+        )
     if not Path(data_cfg.root).is_dir():
         raise ValueError(f"eval.detection.data.root={data_cfg.root} does not exist or is not a folder; fix the path")
     if data_cfg.format == "coco":
@@ -322,7 +337,7 @@ def read_detection_splits(data_cfg) -> tuple[list[DetectionRecord], list[Detecti
     """``(train records, val records, class names)`` for an ``eval.detection.data`` section
     (the made digits set is written first when ``made_digits`` is set)."""
     check_detection_data(data_cfg)
-    root = Path(data_cfg.root)
+    root = made_digits_root(data_cfg) if data_cfg.made_digits else Path(data_cfg.root)
     if data_cfg.made_digits:
         make_digits_voc(root)
     if data_cfg.format == "coco":
