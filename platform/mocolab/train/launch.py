@@ -16,7 +16,7 @@ from typing import Any, Optional, Sequence
 
 from mocolab import tracking
 from mocolab.config import Config, load_config
-from mocolab.train.pretrain import BACKBONE_FILE, NONFINITE_METRIC, NonFiniteLossError, loop_config, train_loop
+from mocolab.train.pretrain import BACKBONE_FILE, NonFiniteLossError, loop_config, train_loop
 
 
 def ensure_ray() -> None:
@@ -60,12 +60,12 @@ def build_trainer(cfg: Config, run_id: str, callbacks: Sequence[Any] = ()):
 def finish_pretrain_run(cfg: Config, run_id: str, result) -> None:
     """After ``fit``: stop on a non-finite loss, else log ``backbone.pt`` and mark the run FINISHED."""
     uri = cfg.tracking.tracking_uri
-    if (result.metrics or {}).get(NONFINITE_METRIC):
+    nonfinite = tracking.client_for(uri).get_run(run_id).data.tags.get(tracking.NONFINITE_LOSS_TAG)
+    if nonfinite:
         tracking.end_run(uri, run_id, status="FAILED")
         kept = result.checkpoint.path if result.checkpoint is not None else "none (no epoch completed)"
         raise NonFiniteLossError(
-            f"run '{cfg.tracking.run_name}': the loss became NaN/inf in epoch {int(result.metrics['epoch']) + 1} "
-            f"(global step {int(result.metrics['nonfinite_step'])}); stopped without retry. Last good checkpoint: "
+            f"run '{cfg.tracking.run_name}': NaN/inf {nonfinite}; stopped without retry. Last good checkpoint: "
             f"{kept}. Lower train.lr, add train.warmup_epochs or check the data, then start a new run."
         )
     if result.checkpoint is None:
@@ -93,9 +93,13 @@ def run_pretrain(
     run_id, resumed = tracking.start_pretrain_run(cfg, parent_run_id=parent_run_id, extra_tags=extra_tags)
     print(
         f"[mocolab] {'resuming' if resumed else 'starting'} run '{cfg.tracking.run_name}' "
-        f"(MLflow run {run_id}, experiment '{cfg.tracking.experiment}', {cfg.tracking.tracking_uri})",
+        f"(MLflow run {run_id}, experiment '{cfg.tracking.experiment}', {tracking.redact(cfg.tracking.tracking_uri)})",
         flush=True,
     )
+    if resumed:  # a NaN recorded by an earlier attempt is not this attempt's
+        client = tracking.client_for(cfg.tracking.tracking_uri)
+        if tracking.NONFINITE_LOSS_TAG in client.get_run(run_id).data.tags:
+            client.delete_tag(run_id, tracking.NONFINITE_LOSS_TAG)
     ensure_ray()
     try:
         result = build_trainer(cfg, run_id).fit()

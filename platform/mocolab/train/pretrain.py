@@ -9,9 +9,9 @@ from ``ray.train.get_checkpoint()``: model (queue, pointer, both encoders), opti
 global step and every rank's RNG state.
 
 A NaN/inf loss (checked every step on the all-reduced loss, so every rank sees it at the same step) is
-not a transient failure: the ranks stop cleanly, reporting ``nonfinite_loss`` without a checkpoint, so
-Ray does not retry and the last good checkpoint stays the latest one; the driver turns it into
-:class:`NonFiniteLossError`.
+not a transient failure: rank 0 records where it happened in the MLflow tag ``mocolab.nonfinite_loss``
+and every rank returns without a checkpoint, so Ray does not retry and the last good checkpoint stays
+the latest one; the driver turns the tag into :class:`NonFiniteLossError`.
 """
 
 from __future__ import annotations
@@ -34,7 +34,6 @@ from mocolab.config import Config, TrainConfig
 from mocolab.train.checkpoint import capture_rng_state, load_checkpoint, restore_rng_state, save_checkpoint
 
 BACKBONE_FILE = "backbone.pt"
-NONFINITE_METRIC = "nonfinite_loss"
 INJECT_NAN_KEY = "inject_nan_loss_at_epoch"
 """Fault injection for tests of the NaN path: a ``train_loop_config`` key whose value is the epoch in
 which the loss is made NaN. Never set by mocolab itself."""
@@ -109,6 +108,13 @@ class _Tracker:
             self._tracking = tracking
             self._client = tracking.client_for(cfg.tracking.tracking_uri)
 
+    def nonfinite_loss(self, epoch: int, global_step: int, loss: float) -> None:
+        if not self.active:
+            return
+        where = f"loss {loss} in epoch {epoch} at global step {global_step}"
+        self._client.set_tag(self.run_id, self._tracking.NONFINITE_LOSS_TAG, where)
+        progress(f"[mocolab] {where}: stopping without retry")
+
     def epoch(self, epoch: int, metrics: dict[str, Optional[float]]) -> None:
         if not self.active:
             return
@@ -133,7 +139,7 @@ class _EpochStats:
 
 def _pretrain_loader(cfg: Config, rank: int, world_size: int) -> tuple[DataLoader, DistributedSampler]:
     """This rank's shard of the two-crop training set (DistributedSampler and loader both drop_last)."""
-    from mocolab.data.datasets import build_pretrain_dataset, collate_skip_corrupt, loader_kwargs
+    from mocolab.data.datasets import build_pretrain_dataset, collate_keep_batch_size, loader_kwargs
 
     dataset = build_pretrain_dataset(cfg.data)
     sampler = DistributedSampler(
@@ -144,7 +150,7 @@ def _pretrain_loader(cfg: Config, rank: int, world_size: int) -> tuple[DataLoade
         batch_size=cfg.train.batch_size,
         sampler=sampler,
         drop_last=True,
-        collate_fn=collate_skip_corrupt,
+        collate_fn=collate_keep_batch_size,  # skipped corrupt images: equal batches on every rank
         **loader_kwargs(cfg.data, cfg.scaling.cpus_per_worker, cfg.scaling.use_gpu),
     )
     if len(loader) == 0:
@@ -206,6 +212,8 @@ def _write_checkpoint(
     config: dict[str, Any], final: bool,
 ) -> None:
     """Write the checkpoint (plus ``backbone.pt`` after the last epoch) into ``tmp``."""
+    from mocolab.tracking import redact_tree
+
     save_checkpoint(
         tmp,
         {
@@ -216,7 +224,7 @@ def _write_checkpoint(
             "global_step": global_step,
             "rng": rng,
             "mlflow_run_id": run_id,
-            "config": config,
+            "config": redact_tree(config),  # checkpoints may sit in shared storage: no credentials
         },
     )
     if final:
@@ -277,8 +285,8 @@ def train_loop(config_dict: dict[str, Any]) -> None:
         )
         epoch_time = time.perf_counter() - started
         if not stats.finite:
-            _stop_on_nonfinite_loss(rank, epoch, stats.global_step, stats.loss)
-            return
+            tracker.nonfinite_loss(epoch, stats.global_step, stats.loss)
+            return  # every rank returns here: a clean end, which Ray does not retry
         global_step = stats.global_step
         corrupt = _all_reduce_mean(torch.tensor(float(stats.corrupt), device=device), world_size) * world_size
         last_epoch = epoch == train.epochs
@@ -334,12 +342,3 @@ def _collate_labeled(batch: list) -> Optional[tuple[torch.Tensor, torch.Tensor]]
     from mocolab.data.datasets import collate_skip_corrupt
 
     return collate_skip_corrupt(batch)[0]
-
-
-def _stop_on_nonfinite_loss(rank: int, epoch: int, global_step: int, loss: float) -> None:
-    """Report the non-finite loss on every rank (no checkpoint) so the run ends without a Ray retry."""
-    import ray.train
-
-    if rank == 0:
-        progress(f"[mocolab] loss is {loss} at epoch {epoch}, global step {global_step}: stopping")
-    ray.train.report({"epoch": epoch - 1, NONFINITE_METRIC: 1.0, "nonfinite_step": float(global_step)})
