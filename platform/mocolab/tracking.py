@@ -27,6 +27,7 @@ PRETRAIN_RUN_TAG = "mocolab.pretrain_run_id"
 INIT_TAG = "mocolab.init"
 SWEEP_TAG = "mocolab.sweep"
 GIT_COMMIT_TAG = "mocolab.git_commit"
+NONFINITE_LOSS_TAG = "mocolab.nonfinite_loss"  # set by rank 0 when the loss became NaN/inf: where it happened
 PARENT_RUN_TAG = "mlflow.parentRunId"
 CONFIG_ARTIFACT = "config.yaml"
 BACKBONE_ARTIFACT = "backbone.pt"
