@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from mocolab.bench.fixed import checkpoint_cost, training_state
-from mocolab.bench.overhead import RUN_EXPERIMENT, bench_run_config, platform_overhead
+from mocolab.bench.overhead import RUN_EXPERIMENT, bench_run_config, platform_overhead, serial_data_throughput
 from mocolab.bench.spec import StepSpec, spec_from_config
 from mocolab.config import build_config, load_config
 from mocolab.quickstart import QUICKSTART_CONFIG
@@ -32,6 +32,12 @@ def test_platform_overhead_is_the_fraction_of_bare_throughput_lost():
     assert platform_overhead(110.0, 100.0) == pytest.approx(-0.10)
     with pytest.raises(ValueError, match="must be > 0"):
         platform_overhead(1.0, 0.0)
+
+
+def test_serial_data_throughput_adds_the_loading_time_of_every_image_to_its_step_time():
+    # 2 workers stepping 100 img/s together (20 ms an image), each loading 200 img/s (5 ms an image, 2.5 for two)
+    assert serial_data_throughput(100.0, 200.0, workers=2) == pytest.approx(1 / (0.01 + 0.0025))
+    assert serial_data_throughput(100.0, 1e12, workers=2) == pytest.approx(100.0)
 
 
 def test_spec_of_the_quickstart_is_one_workers_shuffle_bn_step_in_fp32_on_cpu():

@@ -110,7 +110,13 @@ def run_bench(cfg, spec, parts: tuple[str, ...], steps: int, repeats: int, epoch
         if result["step_img_s"]:
             result["data_vs_step"] = result["data_img_s_per_worker"] / result["step_img_s"]
     if "overhead" in parts or "fixed" in parts:
-        from mocolab.bench.overhead import concurrent_step_throughput, platform_overhead, run_timed_pretrain
+        from mocolab.bench.overhead import (
+            concurrent_step_throughput,
+            platform_overhead,
+            run_timed_pretrain,
+            serial_data_throughput,
+        )
+        from mocolab.data.datasets import resolve_loader_workers
 
         times = run_timed_pretrain(cfg, workdir / "pretrain", epochs=epochs)
         result["startup_s"] = times.startup_s
@@ -123,6 +129,11 @@ def run_bench(cfg, spec, parts: tuple[str, ...], steps: int, repeats: int, epoch
                 steps=steps, repeats=max(1, repeats // 2),
             )
             result["platform_overhead"] = platform_overhead(result["epoch_img_s"], result["bare_img_s"])
+            if result["data_img_s_per_worker"] and resolve_loader_workers(cfg.data, cfg.scaling.cpus_per_worker) == 0:
+                serial = serial_data_throughput(
+                    result["bare_img_s"], result["data_img_s_per_worker"], cfg.scaling.num_workers
+                )
+                result["overhead_excl_data"] = platform_overhead(result["epoch_img_s"], serial)
     if "fixed" in parts:
         from mocolab.bench.fixed import checkpoint_cost
 

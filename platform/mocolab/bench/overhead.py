@@ -7,6 +7,11 @@ run at the same time in as many processes as the run has workers, each with the 
 ``platform_overhead = 1 - epoch throughput / bare throughput`` (data loading, gradient all-reduce,
 shuffle-BN collectives, Ray and logging all count as overhead). Start-up is the time from the command's
 start to its first step: the first epoch's metric timestamp minus that epoch's duration.
+
+Where the workers load their batches in the training process (``data.loader_workers`` 0, the CPU configs),
+decoding and augmenting is serial with the step; ``serial_data_throughput`` then gives the throughput the run
+could reach with the data pipeline but no other platform cost, so the overhead beyond data loading can be told
+apart (Ray, gradient and shuffle-BN collectives, logging).
 """
 
 from __future__ import annotations
@@ -126,3 +131,9 @@ def platform_overhead(epoch_img_s: float, bare_img_s: float) -> float:
     if bare_img_s <= 0:
         raise ValueError(f"bare step throughput {bare_img_s} must be > 0")
     return 1.0 - epoch_img_s / bare_img_s
+
+
+def serial_data_throughput(bare_img_s: float, data_img_s_per_worker: float, workers: int) -> float:
+    """Images/s of ``workers`` workers that each load a batch (at ``data_img_s_per_worker``) and then step it
+    (together at ``bare_img_s``), with nothing else in between."""
+    return 1.0 / (1.0 / bare_img_s + 1.0 / (workers * data_img_s_per_worker))

@@ -21,6 +21,7 @@ RESULT_KEYS = (
     "epoch_img_s",  # a real pretraining epoch (all workers), last epoch
     "bare_img_s",  # the bare step in as many concurrent processes as workers
     "platform_overhead",  # 1 - epoch_img_s / bare_img_s
+    "overhead_excl_data",  # the same against bare step + in-process data loading (loader_workers 0 only)
     "startup_s",  # command start to first step
     "checkpoint_save_s",
     "checkpoint_load_s",
