@@ -280,8 +280,11 @@ def run_sweep(spec: SweepSpec, base: dict[str, Any], cfg: Config, resume: bool =
     except BaseException:
         tracking.end_run(uri, parent_run_id, "KILLED")
         raise
+    # Tune marks the trials it stops on an interruption TERMINATED too: count finished ones in MLflow
     failed = results.num_errors
-    unfinished = len(results) - results.num_terminated - failed
+    children = tracking.child_runs(uri, cfg.tracking.experiment, parent_run_id)
+    finished = sum(1 for run in children if run.info.status == "FINISHED")
+    unfinished = max(0, count_trials(spec) - finished - failed)
     client = tracking.client_for(uri)
     tracking.log_metrics(client, parent_run_id, {"trials": len(results), "trials_failed": failed}, step=0)
     tracking.end_run(uri, parent_run_id, "KILLED" if unfinished else "FINISHED")
