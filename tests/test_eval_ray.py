@@ -1,0 +1,99 @@
+"""End to end on Ray Train: linear eval (full and fast) and detection transfer, filed in MLflow and
+linked to a pretraining run (a run made as ``run_pretrain`` leaves it: config.yaml + backbone.pt)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from mlflow import MlflowClient
+
+from mocolab import tracking
+from mocolab.config import build_config
+from mocolab.data.detection import make_digits_voc
+from mocolab.evaluate.lincls_cli import run_lincls
+from mocolab.evaluate.pipeline import run_configured_evals, run_random_baselines
+from mocolab.evaluate.weights import resolve_source
+from mocolab.moco.backbones import backbone_state_dict, build_backbone
+
+pytestmark = pytest.mark.slow
+
+
+def _config(tmp_path, uri, **evals):
+    return build_config(
+        {
+            "model": {"arch": "small_cnn", "bn": "plain"},
+            "data": {"dataset": "digits", "image_size": 24, "limit_train": 192, "limit_test": 96, "loader_workers": 0},
+            "moco": {"queue_size": 1024},
+            "train": {"batch_size": 64},
+            "scaling": {"num_workers": 1, "storage_path": str(tmp_path / "ray")},
+            "tracking": {"tracking_uri": uri, "experiment": "eval-test", "run_name": "pre"},
+            "eval": evals,
+        }
+    )
+
+
+def _fake_pretraining_run(cfg, tmp_path) -> str:
+    run_id, _ = tracking.start_pretrain_run(cfg)
+    torch.manual_seed(3)
+    backbone, _ = build_backbone(cfg.model)
+    path = tmp_path / "backbone.pt"
+    torch.save(backbone_state_dict(backbone), path)
+    tracking.log_file(cfg.tracking.tracking_uri, run_id, path)
+    tracking.end_run(cfg.tracking.tracking_uri, run_id)
+    return run_id
+
+
+def test_lincls_full_and_fast_on_ray(ray_local, mlflow_uri, tmp_path):
+    lincls = {"epochs": 2, "batch_size": 64, "lr": 1.0, "num_workers": 2}
+    cfg = _config(tmp_path, mlflow_uri, lincls=lincls)
+    pretrain_id = _fake_pretraining_run(cfg, tmp_path)
+
+    metrics = run_configured_evals(cfg, pretrain_id)["lincls"]
+    assert 0 <= metrics["lincls_top1"] <= metrics["lincls_top5"] <= 100
+    client = MlflowClient(mlflow_uri)
+    run = client.get_run(metrics["run_id"])
+    assert run.data.tags[tracking.STAGE_TAG] == "lincls"
+    assert run.data.tags[tracking.PRETRAIN_RUN_TAG] == pretrain_id
+    assert run.data.tags[tracking.INIT_TAG] == "pretrain"
+    assert run.data.params["eval.lincls.lr"] == "1.0" and run.data.params["eval.lincls.dataset.dataset"] == "digits"
+    pretrain = client.get_run(pretrain_id)
+    assert pretrain.data.metrics["lincls_top1"] == pytest.approx(metrics["lincls_top1"])
+    assert pretrain.data.tags["mocolab.lincls_run_id"] == metrics["run_id"]
+
+    fast_cfg = _config(tmp_path, mlflow_uri, lincls={**lincls, "fast": True})
+    fast = run_lincls(fast_cfg, resolve_source(fast_cfg, init="random"))
+    assert 0 <= fast["lincls_fast_top1"] <= fast["lincls_fast_top5"] <= 100
+    run = client.get_run(fast["run_id"])
+    assert run.data.tags[tracking.INIT_TAG] == "random" and tracking.PRETRAIN_RUN_TAG not in run.data.tags
+
+
+def test_detection_on_two_ray_workers(ray_local, mlflow_uri, tmp_path):
+    root = make_digits_voc(tmp_path / "digits-voc", num_train=8, num_val=4)
+    detection = {
+        "data": {"format": "voc", "root": str(root)},
+        "fpn": False,
+        "min_size": 64,
+        "max_size": 64,
+        "anchor_sizes": [8, 16, 32, 64],
+        "iterations": 3,
+        "batch_size": 2,
+        "lr": 0.01,
+        "roi_batch_size": 32,
+        "test_proposals": 20,
+        "num_workers": 2,
+    }
+    cfg = _config(tmp_path, mlflow_uri, detection=detection)
+    pretrain_id = _fake_pretraining_run(cfg, tmp_path)
+
+    metrics = run_configured_evals(cfg, pretrain_id)["detection"]
+    for name in ("det_AP", "det_AP50", "det_AP75"):
+        assert 0 <= metrics[name] <= 100
+    assert metrics["det_AP50"] >= metrics["det_AP75"]
+    client = MlflowClient(mlflow_uri)
+    assert client.get_run(metrics["run_id"]).data.tags[tracking.STAGE_TAG] == "detection"
+    pretrain = client.get_run(pretrain_id)
+    assert pretrain.data.tags["mocolab.detection_run_id"] == metrics["run_id"]
+    assert set(pretrain.data.metrics) >= {"det_AP", "det_AP50", "det_AP75"}
+
+    baseline = run_random_baselines(cfg)["detection"]
+    assert client.get_run(baseline["run_id"]).data.tags[tracking.INIT_TAG] == "random"
