@@ -17,6 +17,7 @@ def test_quickstart_config_is_two_workers_with_shuffle_bn_on_digits(tmp_path, mo
     assert (cfg.data.dataset, cfg.model.bn, cfg.scaling.num_workers, cfg.scaling.use_gpu) == ("digits", "shuffle", 2, False)
     assert (cfg.train.seed, cfg.train.epochs) == (7, 3)
     assert cfg.tracking.run_name  # a fresh name per quickstart
+    assert cfg.scaling.storage_path == str(tmp_path / "ray_results")  # the default, made absolute at load
 
 
 def test_table_lists_rows_with_gain_and_dashes_for_missing_values():

@@ -85,9 +85,9 @@ class ModelConfig(_Section):
 class DigitsConfig(_Section):
     """The made task built from scikit-learn's bundled 8x8 digits (the offline default)."""
 
-    canvas: int = Field(24, ge=8, description="side of the black canvas the digit is placed on")
-    min_scale: float = Field(1.0, gt=0)
-    max_scale: float = Field(2.5, gt=0)
+    canvas: int = Field(16, ge=8, description="side of the black canvas the digit is placed on")
+    min_scale: float = Field(1.0, gt=0, description="smallest digit: 8 x min_scale px")
+    max_scale: float = Field(2.0, gt=0, description="largest digit: 8 x max_scale px, at most the canvas")
     copies: int = Field(2, ge=1, description="random placements of each training digit")
     test_fraction: float = Field(0.25, gt=0, lt=1)
     seed: int = 0
@@ -399,6 +399,7 @@ def build_config(raw: dict[str, Any], base: Optional[Path] = None) -> Config:
     if not cfg.tracking.run_name:
         cfg.tracking.run_name = new_run_name()
     cfg.tracking.tracking_uri = absolute_tracking_uri(cfg.tracking.tracking_uri or default_tracking_uri(), base)
+    cfg.scaling.storage_path = _absolute(cfg.scaling.storage_path, base)  # also the default "ray_results"
     return cfg
 
 
