@@ -89,6 +89,15 @@ def run_pretrain(
     FINISHED run, the tracking store is unreachable or the storage path is unusable."""
     from mocolab.storage import check_storage_path
 
+    if cfg.moco.mechanism == "memory_bank":  # one stored key per training image: check K against their number
+        from mocolab.config import ConfigError
+        from mocolab.data.datasets import dataset_size
+        from mocolab.moco.dictionary import check_mechanism
+
+        try:
+            check_mechanism(cfg, dataset_size(cfg.data))
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
     check_storage_path(cfg.scaling.storage_path)
     run_id, resumed = tracking.start_pretrain_run(cfg, parent_run_id=parent_run_id, extra_tags=extra_tags)
     print(
