@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# GPU check of mocolab's MoCo step: fp32 and bf16 autocast + channels_last against the plain fp32 reference
-# loop (same process, interleaved), for ResNet-50 at 224 and the CIFAR demo's ResNet-18 at 32, plus the
+# GPU check of mocolab's MoCo step: fp32, bf16 autocast, and bf16 + channels_last against the plain fp32
+# reference loop (same process, interleaved), for ResNet-50 at 224 and the CIFAR demo's ResNet-18 at 32, plus the
 # torch.profiler breakdown (targets: bf16+cl >= 1.5x the reference at ResNet-50/224; momentum + queue update
 # <= 0.03 of the step). Installs nothing: needs python3 with torch and torchvision (no Ray, MLflow, pydantic).
 #

@@ -1,5 +1,5 @@
 """Step benchmark that needs only torch + torchvision (no pydantic, Ray, MLflow, albumentations): mocolab's
-MoCo step in fp32 and in bf16 autocast + channels_last, against the fp32 reference loop, interleaved in one
+MoCo step in fp32, bf16 autocast, and bf16 + channels_last, against the fp32 reference loop, interleaved in one
 process, plus the torch.profiler breakdown of the bf16 step. Run by ``gpu_check.sh``; works from a plain
 checkout (it puts ``platform/`` on the import path itself).
 
@@ -48,13 +48,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def variants(args: argparse.Namespace) -> dict[str, StepSpec]:
-    """The contenders: fp32 (contiguous) and bf16 autocast + channels_last (+ compiled when asked)."""
+    """The contenders: fp32 and bf16 autocast (contiguous), bf16 + channels_last (+ compiled when asked)."""
     base = StepSpec(
         arch=args.arch, image_size=args.image_size, batch_size=args.batch_size, cifar_stem=args.cifar_stem,
         bn=args.bn, bn_splits=args.bn_splits, dim=args.dim, queue_size=args.queue_size, momentum=args.momentum,
         temperature=args.temperature, mlp=not args.linear_head, device=args.device,
     )
-    specs = {"mocolab fp32": base, "mocolab bf16+cl": base.replace(precision="bf16", channels_last=True)}
+    specs = {
+        "mocolab fp32": base,
+        "mocolab bf16": base.replace(precision="bf16"),
+        "mocolab bf16+cl": base.replace(precision="bf16", channels_last=True),
+    }
     if args.compile:
         specs["mocolab bf16+cl+compile"] = specs["mocolab bf16+cl"].replace(compile=True)
     return specs
