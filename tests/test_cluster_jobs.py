@@ -108,6 +108,14 @@ def test_job_server_refuses_requests_without_the_token(cluster):
         assert resp.status == 200
 
 
+def test_job_runs_the_uploaded_checkout_not_the_installed_copy(cluster):
+    logs = submit(cluster, ["python", "-c", "import mocolab; print('MOCOLAB_AT', mocolab.__file__)"], timeout_s=300)
+    (line,) = [line for line in logs.splitlines() if line.startswith("MOCOLAB_AT")]
+    location = Path(line.split(maxsplit=1)[1])
+    assert not location.is_relative_to(REPO)  # py_modules: Ray's copy of platform/mocolab
+    assert location.parent.name == "mocolab" and "runtime_resources" in location.parts
+
+
 def test_pretrain_job_logs_to_the_mlflow_server(cluster):
     storage = cluster["tmp"] / "ray_results"
     run_name = f"job-pretrain-{secrets.token_hex(2)}"
