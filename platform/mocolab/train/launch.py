@@ -12,7 +12,7 @@ import argparse
 import os
 import sys
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Sequence
 
 from mocolab import tracking
 from mocolab.config import Config, load_config
@@ -78,11 +78,7 @@ def finish_pretrain_run(cfg: Config, run_id: str, result) -> None:
     tracking.end_run(uri, run_id, status="FINISHED")
 
 
-def run_pretrain(
-    cfg: Config,
-    parent_run_id: Optional[str] = None,
-    extra_tags: Optional[dict[str, str]] = None,
-) -> str:
+def run_pretrain(cfg: Config) -> str:
     """Pretrain per ``cfg`` (resuming an unfinished run of the same name), then run ``eval.*``.
 
     Returns the MLflow run id. Raises ConfigError before any compute if the run name is taken by a
@@ -99,7 +95,7 @@ def run_pretrain(
         except ValueError as err:
             raise ConfigError(str(err)) from None
     check_storage_path(cfg.scaling.storage_path)
-    run_id, resumed = tracking.start_pretrain_run(cfg, parent_run_id=parent_run_id, extra_tags=extra_tags)
+    run_id, resumed = tracking.start_pretrain_run(cfg)
     print(
         f"[mocolab] {'resuming' if resumed else 'starting'} run '{cfg.tracking.run_name}' "
         f"(MLflow run {run_id}, experiment '{cfg.tracking.experiment}', {tracking.redact(cfg.tracking.tracking_uri)})",
