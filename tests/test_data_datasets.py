@@ -183,6 +183,11 @@ def test_loader_workers(setting, cpus, expected):
     assert resolve_loader_workers(DataConfig(loader_workers=setting), cpus) == expected
 
 
+def test_negative_loader_workers_are_refused():
+    with pytest.raises(ValueError, match="data.loader_workers=-1"):
+        resolve_loader_workers(DataConfig(loader_workers=-1), 4)
+
+
 def test_loader_kwargs():
     assert loader_kwargs(DataConfig(), 1, use_gpu=False) == {"num_workers": 0, "pin_memory": False}
     gpu = loader_kwargs(DataConfig(), 10, use_gpu=True)
