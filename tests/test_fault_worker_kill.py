@@ -8,17 +8,14 @@ is tests/test_pretrain_ray.py; a crash while a checkpoint file is written is tes
 
 from __future__ import annotations
 
-import json
-import os
-import signal
 import threading
-import time
 from pathlib import Path
 from typing import Any
 
 import psutil
 import pytest
 import torch
+from fault_injection import kill_a_worker_after_first_checkpoint
 from mlflow import MlflowClient
 
 from mocolab.config import build_config
@@ -57,41 +54,6 @@ def checkpoints(cfg) -> list[Path]:
     return sorted(p.parent for p in run_folder.glob(f"checkpoint_*/{CHECKPOINT_FILE}"))
 
 
-def train_workers(ray_module) -> list[psutil.Process]:
-    """The RayTrainWorker processes of this session's Ray node (not of other Ray instances on the machine)."""
-    from ray._private import ray_constants
-
-    node = ray_module._private.worker._global_node
-    raylet = psutil.Process(node.all_processes[ray_constants.PROCESS_TYPE_RAYLET][0].process.pid)
-    return [p for p in raylet.children(recursive=True) if "RayTrainWorker" in " ".join(p.cmdline())]
-
-
-def registered_epoch(cfg) -> int:
-    """The epoch of the latest checkpoint Ray Train's controller has registered (what a restart resumes
-    from; a checkpoint still on its way from the worker when it dies does not count)."""
-    snapshot = Path(cfg.scaling.storage_path, cfg.tracking.run_name, "checkpoint_manager_snapshot.json")
-    try:
-        latest = json.loads(snapshot.read_text()).get("latest_checkpoint_result") or {}
-    except (OSError, ValueError):  # not written yet, or being replaced
-        return 0
-    return int(latest.get("metrics", {}).get("epoch", 0))
-
-
-def kill_a_worker_after_first_checkpoint(ray_module, cfg, killed: dict[str, Any], timeout_s: float = 600) -> None:
-    """Once the epoch-1 checkpoint is registered (epoch 2 is then under way), SIGKILL one training worker."""
-    deadline = time.monotonic() + timeout_s
-    while registered_epoch(cfg) < 1:
-        if time.monotonic() > deadline:
-            return
-        time.sleep(0.05)
-    workers = train_workers(ray_module)
-    if workers:
-        victim = workers[-1]
-        killed["pid"] = victim.pid
-        killed["registered_epoch"] = registered_epoch(cfg)
-        os.kill(victim.pid, signal.SIGKILL)
-
-
 def comparable(value: Any) -> Any:
     """Checkpoint contents with tensors as lists: equal iff bit-identical."""
     if isinstance(value, torch.Tensor):
@@ -110,7 +72,10 @@ def test_killed_worker_restarts_from_checkpoint_and_matches_an_uninterrupted_run
 
     cfg = deterministic_config(tmp_path, "worker-killed")
     killed: dict[str, Any] = {}
-    killer = threading.Thread(target=kill_a_worker_after_first_checkpoint, args=(ray_local, cfg, killed), daemon=True)
+    run_folder = Path(cfg.scaling.storage_path, cfg.tracking.run_name)
+    killer = threading.Thread(
+        target=kill_a_worker_after_first_checkpoint, args=(ray_local, run_folder, killed), daemon=True
+    )
     killer.start()
     run_id = run_pretrain(cfg)
     killer.join(timeout=5)
