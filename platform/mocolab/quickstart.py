@@ -74,6 +74,9 @@ def run_quickstart(cfg: Config) -> tuple[str, list[Row]]:
 
     run_id = run_pretrain(cfg)
     rows: list[Row] = [("kNN top-1 (%)", random_init_knn_top1(cfg), final_metric(cfg, run_id, "knn_top1"))]
+    from mocolab.evaluate.pipeline import quickstart_eval_rows
+
+    rows += quickstart_eval_rows(cfg, run_id)  # linear eval and detection, MoCo vs random init
     return run_id, rows
 
 
