@@ -334,6 +334,8 @@ def detection_train_loop(config: dict[str, Any]) -> dict[str, float]:
         gathered: list[Any] = [None] * world
         dist.all_gather_object(gathered, predictions)
         predictions = {k: v for part in gathered for k, v in part.items()}
+    if rank != 0:
+        return {}  # rank 0's return value is the result
     metrics = {**coco_ap(val_records, predictions, len(classes)), "det_train_s": train_s}
     metrics["det_eval_s"] = time.perf_counter() - started
     return metrics
