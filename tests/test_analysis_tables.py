@@ -79,7 +79,7 @@ def test_report_command_writes_table_plots_markdown_and_logs_to_the_parent(store
     parser = argparse.ArgumentParser()
     add_arguments(parser)
     out = tmp_path / "rep"
-    assert main(parser.parse_args(["momentum_test", "--out", str(out)])) == 0
+    assert main(parser.parse_args(["momentum_test", "--out", str(out), "--tracking-uri", store])) == 0
     printed = capsys.readouterr().out
     assert "59.0 ± 1.4" in printed and "0.999" in printed
     names = {p.name for p in out.iterdir()}

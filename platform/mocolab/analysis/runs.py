@@ -1,7 +1,7 @@
 """Runs from MLflow into pandas: a sweep's trials or an experiment's pretraining runs, metric histories.
 
 Column names are MLflow's (``params.moco.momentum``, ``metrics.knn_top1``, ``tags.mocolab.sweep``),
-from ``mlflow.search_runs``; the table math in ``analysis.tables`` works on these frames.
+in ``mlflow.search_runs``' layout; the table math in ``analysis.tables`` works on these frames.
 """
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ from typing import Optional
 
 import pandas as pd
 from mlflow import MlflowClient
+from mlflow.entities import Run
 
 from mocolab.config import ConfigError, absolute_tracking_uri, default_tracking_uri
 from mocolab.tracking import PARENT_RUN_TAG, STAGE_TAG, SWEEP_TAG
@@ -24,11 +25,33 @@ def resolve_uri(uri: Optional[str] = None) -> str:
     return absolute_tracking_uri(uri or default_tracking_uri(), Path.cwd())
 
 
-def _search(client: MlflowClient, experiment_ids: list[str], filter_string: str) -> pd.DataFrame:
-    import mlflow
+def _run_row(run: Run) -> dict:
+    info, data = run.info, run.data
+    row = {
+        "run_id": info.run_id,
+        "experiment_id": info.experiment_id,
+        "status": info.status,
+        "artifact_uri": info.artifact_uri,
+        "start_time": pd.to_datetime(info.start_time, unit="ms", utc=True),
+        "end_time": pd.to_datetime(info.end_time, unit="ms", utc=True) if info.end_time else pd.NaT,
+    }
+    row.update({f"metrics.{k}": v for k, v in data.metrics.items()})
+    row.update({f"params.{k}": v for k, v in data.params.items()})
+    row.update({f"tags.{k}": v for k, v in data.tags.items()})
+    return row
 
-    mlflow.set_tracking_uri(client.tracking_uri)
-    return mlflow.search_runs(experiment_ids=experiment_ids, filter_string=filter_string, output_format="pandas")
+
+def _search(client: MlflowClient, experiment_ids: list[str], filter_string: str) -> pd.DataFrame:
+    """Runs as an ``mlflow.search_runs``-style frame, read through ``client`` (MLflow's fluent search would
+    need the process-wide tracking URI, which it also exports to the environment)."""
+    rows, token = [], None
+    while True:
+        page = client.search_runs(experiment_ids, filter_string=filter_string, max_results=1000, page_token=token)
+        rows += [_run_row(run) for run in page]
+        token = page.token
+        if not token:
+            break
+    return pd.DataFrame(rows, columns=None if rows else ["run_id", "experiment_id", "status", "start_time"])
 
 
 def _all_experiment_ids(client: MlflowClient) -> list[str]:
