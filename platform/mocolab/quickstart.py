@@ -95,6 +95,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> int:
     cfg = quickstart_config(args.seed, args.overrides)
     run_id, rows = run_quickstart(cfg)
-    print(f"\nquickstart: run '{cfg.tracking.run_name}' (MLflow run {run_id}, {cfg.tracking.tracking_uri})")
+    from mocolab.tracking import redact
+
+    print(f"\nquickstart: run '{cfg.tracking.run_name}' (MLflow run {run_id}, {redact(cfg.tracking.tracking_uri)})")
     print(format_table(rows))
     return 0
