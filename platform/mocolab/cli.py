@@ -22,6 +22,12 @@ SUBCOMMANDS = {
 }
 
 
+def add_overrides_argument(parser: argparse.ArgumentParser, help: str = "override a config key, e.g. "
+                           "--set moco.temperature=0.2 (repeatable)") -> None:
+    """The ``--set KEY=VALUE`` option every config-taking subcommand shares (collected in ``args.overrides``)."""
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help=help)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mocolab", description="MoCo pretraining, sweeps and analysis on Ray + MLflow")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")

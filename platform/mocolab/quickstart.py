@@ -11,6 +11,7 @@ import argparse
 from pathlib import Path
 from typing import Optional, Sequence
 
+from mocolab.cli import add_overrides_argument
 from mocolab.config import Config, load_config
 
 QUICKSTART_CONFIG = Path(__file__).with_name("quickstart.yaml")
@@ -82,14 +83,7 @@ def run_quickstart(cfg: Config) -> tuple[str, list[Row]]:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=None, help="train.seed (default: the config's)")
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a key of experiments/pretrain/quickstart.yaml (repeatable)",
-    )
+    add_overrides_argument(parser, "override a key of experiments/pretrain/quickstart.yaml (repeatable)")
 
 
 def main(args: argparse.Namespace) -> int:

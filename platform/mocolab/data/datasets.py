@@ -216,8 +216,10 @@ def image_source(data_cfg: DataConfig, split: str) -> ImageSource:
 
 
 class _SourceDataset(Dataset):
-    def __init__(self, source: ImageSource, on_corrupt: str):
-        self.source, self.on_corrupt = source, on_corrupt
+    """Images of ``source`` through ``transform``; ``data.on_corrupt`` decides what an unreadable one does."""
+
+    def __init__(self, source: ImageSource, transform: Callable, on_corrupt: str):
+        self.source, self.transform, self.on_corrupt = source, transform, on_corrupt
 
     def __len__(self) -> int:
         return len(self.source)
@@ -235,10 +237,6 @@ class _SourceDataset(Dataset):
 class TwoCropDataset(_SourceDataset):
     """Pretraining items ``(view_q, view_k, index)``; ``None`` for a skipped corrupt image."""
 
-    def __init__(self, source: ImageSource, transform: Callable, on_corrupt: str):
-        super().__init__(source, on_corrupt)
-        self.transform = transform
-
     def __getitem__(self, index: int):
         image = self._read(index)
         if image is None:
@@ -249,10 +247,6 @@ class TwoCropDataset(_SourceDataset):
 
 class LabeledDataset(_SourceDataset):
     """Evaluation items ``(transform(image), label)``; ``None`` for a skipped corrupt image."""
-
-    def __init__(self, source: ImageSource, transform: Callable, on_corrupt: str):
-        super().__init__(source, on_corrupt)
-        self.transform = transform
 
     def __getitem__(self, index: int):
         image = self._read(index)

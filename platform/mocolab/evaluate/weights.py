@@ -16,6 +16,7 @@ from typing import Optional
 import torch
 from torch import nn
 
+from mocolab.cli import add_overrides_argument
 from mocolab.config import Config, ConfigError, ModelConfig
 
 INITS = ("pretrain", "random", "supervised", "file")
@@ -130,6 +131,4 @@ def add_source_arguments(parser) -> None:
         choices=("random", "supervised"),
         help="baseline: random init, or supervised (with --weights: torchvision's ImageNet weights file)",
     )
-    parser.add_argument(
-        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="override a config key"
-    )
+    add_overrides_argument(parser)

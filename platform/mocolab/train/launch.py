@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from mocolab import tracking
+from mocolab.cli import add_overrides_argument
 from mocolab.config import Config, load_config
 from mocolab.train.pretrain import BACKBONE_FILE, NonFiniteLossError, loop_config, train_loop
 
@@ -124,14 +125,7 @@ def run_pretrain(cfg: Config) -> str:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("config", help="YAML config (see experiments/pretrain/)")
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a config key, e.g. --set moco.temperature=0.2 (repeatable)",
-    )
+    add_overrides_argument(parser)
 
 
 def main(args: argparse.Namespace) -> int:

@@ -21,6 +21,7 @@ import yaml
 
 from mocolab import tracking
 from mocolab.analysis.runs import SWEEP_AXES_TAG
+from mocolab.cli import add_overrides_argument
 from mocolab.config import Config, ConfigError
 from mocolab.tune.spec import SEED_KEY, SweepSpec, assignment_of, load_sweep, trial_config
 
@@ -294,10 +295,7 @@ def run_sweep(spec: SweepSpec, base: dict[str, Any], cfg: Config, resume: bool =
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("sweep_file", help="sweep YAML (experiments/sweeps/)")
     parser.add_argument("--resume", action="store_true", help="continue an interrupted sweep of the same name")
-    parser.add_argument(
-        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-        help="override a key of the base run config for every trial (repeatable)",
-    )
+    add_overrides_argument(parser, "override a key of the base run config for every trial (repeatable)")
     parser.add_argument("--name", help="run the sweep under another name (the file's name: otherwise)")
     parser.add_argument("--dry-run", action="store_true", help="validate every trial config and stop")
 
