@@ -185,8 +185,6 @@ def _train_epoch(model, loader, optimizer, scheduler, device, world_size, global
     last_lr = optimizer.param_groups[0]["lr"]
     for batch, skipped in loader:
         corrupt += skipped
-        if batch is None:  # every image of this batch was corrupt and skipped
-            continue
         im_q, im_k, index = (t.to(device, non_blocking=True) for t in batch)
         with autocast:
             loss = model(im_q, im_k, index).loss
