@@ -17,6 +17,8 @@ import time
 from pathlib import Path
 from typing import Any, Optional
 
+from mocolab.cli import add_overrides_argument
+
 PARTS = ("step", "reference", "data", "overhead", "fixed", "profile")
 BENCH_STAGE = "bench"
 
@@ -33,8 +35,7 @@ def parse_parts(text: str) -> tuple[str, ...]:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", type=Path, default=None,
                         help="YAML config to benchmark (default: experiments/pretrain/quickstart.yaml)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a config key, e.g. --set model.arch=resnet50 (repeatable)")
+    add_overrides_argument(parser, "override a config key, e.g. --set model.arch=resnet50 (repeatable)")
     parser.add_argument("--json", type=Path, default=None, metavar="PATH", help="write the results as JSON")
     parser.add_argument("--mlflow", action="store_true",
                         help="log the results to the config's MLflow store (run tagged mocolab.stage=bench)")
