@@ -148,3 +148,20 @@ def test_compiled_encoders_keep_the_state_dict_keys():
     compiled = _model(cfg)
     assert list(compiled.state_dict()) == plain_keys
     assert compiled.backbone_state_dict().keys() == _model(_cfg()).backbone_state_dict().keys()
+
+
+@pytest.mark.parametrize("mechanism, buffers", [("moco", ("queue", "queue_ptr")), ("memory_bank", ("bank",))])
+def test_checkpoint_round_trip_holds_the_dictionary(mechanism, buffers, tmp_path):
+    """The bank (memory_bank) survives a checkpoint save/load exactly as the queue and pointer (moco) do."""
+    from mocolab.train.checkpoint import load_checkpoint, save_checkpoint
+
+    source = _model(_cfg(mechanism))
+    source(*_batch())
+    save_checkpoint(tmp_path, {"model": source.state_dict()})
+    restored = _model(_cfg(mechanism))
+    fresh = {name: getattr(restored.dictionary, name).clone() for name in buffers}
+    restored.load_state_dict(load_checkpoint(tmp_path)["model"])
+    for name in buffers:
+        saved = getattr(source.dictionary, name)
+        assert torch.equal(getattr(restored.dictionary, name), saved)
+        assert not torch.equal(fresh[name], saved)  # the step changed it: the load is what restored it
