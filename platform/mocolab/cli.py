@@ -38,6 +38,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _shutdown_ray() -> None:
+    """Stop (or disconnect from) the Ray a subcommand started, so that no trainer actor outlives the command."""
+    ray = sys.modules.get("ray")
+    if ray is not None and ray.is_initialized():
+        ray.shutdown()
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     parser = build_parser()
@@ -53,6 +60,8 @@ def main(argv: list[str] | None = None) -> int:
         except ConfigError as err:
             print(f"mocolab {argv[0]}: {err}", file=sys.stderr)
             return 2
+        finally:
+            _shutdown_ray()
     parser.parse_args(argv)
     return 2
 
