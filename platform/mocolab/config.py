@@ -80,6 +80,16 @@ class ModelConfig(_Section):
     bn_splits: int = Field(8, ge=1)
     channels_last: Optional[bool] = Field(None, description="default: true on GPU, false on CPU")
     compile: bool = False
+    init_weights: Optional[Path] = Field(
+        None, description="pretraining starts both encoders' backbones from this weights file (any layout --weights reads)"
+    )
+
+    @field_validator("init_weights")
+    @classmethod
+    def _init_weights_exists(cls, v: Optional[Path]) -> Optional[Path]:
+        if v is not None and not v.is_file():
+            raise ValueError(f"model.init_weights={v}: no such file; give a weights file (README: 'Your own weights')")
+        return v
 
 
 class DigitsConfig(_Section):
@@ -352,6 +362,9 @@ def _absolute(path: Any, base: Path) -> Any:
 
 def _resolve_paths(raw: dict[str, Any], base: Path) -> None:
     """Make the config's paths absolute against ``base`` (in place, on the raw dict)."""
+    model = raw.get("model") or {}
+    if isinstance(model, dict) and "init_weights" in model:
+        model["init_weights"] = _absolute(model["init_weights"], base)
     data = raw.get("data") or {}
     if isinstance(data, dict) and "root" in data:
         data["root"] = _absolute(data["root"], base)

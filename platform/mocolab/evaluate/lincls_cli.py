@@ -11,19 +11,15 @@ from mocolab.evaluate.runner import eval_params, run_eval
 from mocolab.evaluate.weights import BackboneSource, add_source_arguments, resolve_source
 
 
-def check_lincls(cfg: Config, source: BackboneSource) -> None:
-    """Refuse, before Ray starts, a linear eval whose data or backbone cannot work."""
+def check_lincls(cfg: Config) -> None:
+    """Refuse, before Ray starts, a linear eval whose data cannot work (``resolve_source`` checked the backbone)."""
     from mocolab.data.augment import check_policy
-    from mocolab.moco.backbones import build_backbone
-    from mocolab.evaluate.weights import load_backbone_state
 
     data_cfg = dataset_config(cfg)
     try:
         check_policy("none", data_cfg.image_size)
     except ValueError as err:
         raise ConfigError(f"eval.lincls.dataset: {err}") from None
-    backbone, _ = build_backbone(source.model.model_copy(update={"bn": "plain"}))
-    load_backbone_state(backbone, source)
 
 
 def run_lincls(cfg: Config, source: BackboneSource) -> dict[str, Any]:
@@ -32,7 +28,7 @@ def run_lincls(cfg: Config, source: BackboneSource) -> dict[str, Any]:
     ``lincls_fast_*``) and ``run_id``."""
     lin = cfg.eval.lincls or LinclsConfig()
     cfg = cfg.model_copy(update={"eval": cfg.eval.model_copy(update={"lincls": lin})})
-    check_lincls(cfg, source)
+    check_lincls(cfg)
     params = eval_params(cfg, "lincls", lin, source)
     params.pop("eval.lincls.dataset", None)
     params.update(flatten(dataset_config(cfg).model_dump(mode="json"), "eval.lincls.dataset."))

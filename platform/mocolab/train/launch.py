@@ -83,7 +83,8 @@ def run_pretrain(cfg: Config) -> str:
     """Pretrain per ``cfg`` (resuming an unfinished run of the same name), then run ``eval.*``.
 
     Returns the MLflow run id. Raises ConfigError before any compute if the run name is taken by a
-    FINISHED run, the tracking store is unreachable or the storage path is unusable."""
+    FINISHED run, the tracking store is unreachable, the storage path is unusable or ``model.init_weights``
+    does not fit ``model.arch``."""
     from mocolab.storage import check_storage_path
 
     if cfg.moco.mechanism == "memory_bank":  # one stored key per training image: check K against their number
@@ -95,6 +96,11 @@ def run_pretrain(cfg: Config) -> str:
             check_mechanism(cfg, dataset_size(cfg.data))
         except ValueError as err:
             raise ConfigError(str(err)) from None
+    if cfg.model.init_weights is not None:  # the file's layout and fit to model.arch, before any run exists
+        from mocolab.weights_io.arch import load_checked
+
+        found = load_checked(cfg.model.init_weights, cfg.model, f"model.init_weights={cfg.model.init_weights}")
+        print(f"[mocolab] model.init_weights: {found.summary()}", flush=True)
     check_storage_path(cfg.scaling.storage_path)
     run_id, resumed = tracking.start_pretrain_run(cfg)
     print(
