@@ -107,7 +107,7 @@ class BackboneWeights:
         if self.dropped_head:
             line += f", head fc.* dropped ({len(self.dropped_head)})"
         if self.ignored:
-            parts = sorted({k.split(".")[0] for k in self.ignored})
+            parts = sorted({strip_wrappers(k).split(".")[0] for k in self.ignored})
             line += f", other entries ignored ({len(self.ignored)}: {', '.join(parts[:6])}{', ...' if len(parts) > 6 else ''})"
         return line
 
