@@ -65,7 +65,11 @@ LAYOUTS: tuple[Layout, ...] = (
         _under("encoder_q."),
     ),
     Layout("moco-v3-official", "official MoCo v3 ResNet: state_dict -> module.base_encoder.*", _under("base_encoder.")),
-    Layout("solo-learn", "solo-learn checkpoint: state_dict -> backbone.*", _under("backbone.")),
+    Layout(
+        "solo-learn",
+        "solo-learn checkpoint, or any model holding a torchvision ResNet as .backbone: state_dict -> backbone.*",
+        _under("backbone."),
+    ),
     Layout(
         "lightly",
         "lightly model around nn.Sequential(*resnet.children()[:-1]): backbone.0.*, backbone.4.0.* ...",
