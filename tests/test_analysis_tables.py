@@ -27,18 +27,6 @@ def test_mean_std_formatting():
     assert tables.mean_std(float("nan"), float("nan")) == "-"
 
 
-def test_effective_k_is_the_batch_for_end_to_end_and_the_queue_otherwise():
-    frame = pd.DataFrame(
-        {
-            "params.moco.mechanism": ["end_to_end", "moco", "memory_bank"],
-            "params.moco.queue_size": ["4096", "1024", "256"],
-            "params.train.batch_size": ["32", "32", "32"],
-            "params.scaling.num_workers": ["2", "2", "2"],
-        }
-    )
-    assert list(tables.with_effective_k(frame)["params.K"]) == ["64", "1024", "256"]
-
-
 def test_momentum_table_has_one_row_per_value_with_mean_and_std_over_seeds(store):
     parent, frame = runs.load_sweep_runs(store, "momentum_test")
     assert runs.sweep_axes(parent) == ["moco.momentum"]

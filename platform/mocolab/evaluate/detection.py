@@ -276,22 +276,17 @@ def predict(model: nn.Module, dataset, indices, device: torch.device, batch_size
 def detection_train_loop(config: dict[str, Any]) -> dict[str, float]:
     """Fine-tune and evaluate the detector on this Ray Train worker; rank 0 returns the AP metrics
     (percent) and timings."""
-    import ray.train
     import ray.train.torch
     from torch.utils.data import DataLoader, DistributedSampler
 
     from mocolab.data.detection import DetectionDataset, collate_detection, read_detection_splits
     from mocolab.evaluate.detection_metrics import coco_ap
-    from mocolab.train.pretrain import seed_everything
+    from mocolab.runtime import start_worker
 
-    cfg = Config.model_validate(config["config"])
+    worker = start_worker(config, seed=config["config"]["eval"]["detection"]["seed"])
+    cfg, rank, world, device = worker.cfg, worker.rank, worker.world_size, worker.device
     det = cfg.eval.detection
     source = config["source"]
-    context = ray.train.get_context()
-    rank, world = context.get_world_rank(), context.get_world_size()
-    device = ray.train.torch.get_device()
-    torch.set_num_threads(max(1, int(cfg.scaling.cpus_per_worker)))
-    seed_everything(det.seed)
 
     train_records, val_records, classes = read_detection_splits(det.data)
     model, layout = build_detector(source.model, det, len(classes))
