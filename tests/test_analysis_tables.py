@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import math
 
-import pandas as pd
 import pytest
 from analysis_store import MECHANISM_KNN, MOMENTUM_KNN, make_store
 from mlflow import MlflowClient

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import time
 from collections import OrderedDict
-from typing import Any, Optional
+from typing import Any
 
 import numpy as np
 import torch
@@ -317,7 +317,7 @@ def detection_train_loop(config: dict[str, Any]) -> dict[str, float]:
         loss.backward()
         optimizer.step()
         scheduler.step()
-        if rank == 0 and ((iteration + 1) % log_every == 0 or iteration + 1 == det.iterations):
+        if worker.is_chief and ((iteration + 1) % log_every == 0 or iteration + 1 == det.iterations):
             parts = " ".join(f"{k.removeprefix('loss_')} {v.item():.3f}" for k, v in losses.items())
             print(f"[mocolab detect] iter {iteration + 1}/{det.iterations} loss {loss.item():.3f} ({parts})", flush=True)
     train_s = time.perf_counter() - started
@@ -329,7 +329,7 @@ def detection_train_loop(config: dict[str, Any]) -> dict[str, float]:
         gathered: list[Any] = [None] * world
         dist.all_gather_object(gathered, predictions)
         predictions = {k: v for part in gathered for k, v in part.items()}
-    if rank != 0:
+    if not worker.is_chief:
         return {}  # rank 0's return value is the result
     metrics = {**coco_ap(val_records, predictions, len(classes)), "det_train_s": train_s}
     metrics["det_eval_s"] = time.perf_counter() - started

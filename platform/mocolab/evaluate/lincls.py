@@ -223,7 +223,7 @@ def lincls_train_loop(config: dict[str, Any]) -> dict[str, float]:
             optimizer.step()
             total += loss.item() * len(labels)
             seen += len(labels)
-        if rank == 0 and (epoch + 1 == lin.epochs or (epoch + 1) % max(1, lin.epochs // 10) == 0):
+        if worker.is_chief and (epoch + 1 == lin.epochs or (epoch + 1) % max(1, lin.epochs // 10) == 0):
             print(f"[mocolab lincls] epoch {epoch + 1}/{lin.epochs} loss {total / max(seen, 1):.4f} lr {lr:.4g}", flush=True)
 
     probe.eval()

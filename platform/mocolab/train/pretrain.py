@@ -244,13 +244,13 @@ def train_loop(config_dict: dict[str, Any]) -> None:
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         start_epoch, global_step = _restore(checkpoint, model, optimizer, scheduler, rank, train.seed)
-        if rank == 0:
+        if worker.is_chief:
             progress(f"[mocolab] resumed from epoch {start_epoch} (global step {global_step})")
     else:
         seed_everything(train.seed + rank)  # different augmentations on every rank
 
-    tracker = _Tracker(cfg, run_id, active=rank == 0)
-    knn_data = knn_loaders(cfg) if rank == 0 and train.knn_every else None
+    tracker = _Tracker(cfg, run_id, active=worker.is_chief)
+    knn_data = knn_loaders(cfg) if worker.is_chief and train.knn_every else None
     autocast = torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=train.amp)
     nan_epoch = config_dict.get(INJECT_NAN_KEY)
 
@@ -282,7 +282,7 @@ def train_loop(config_dict: dict[str, Any]) -> None:
             metrics[tracking.KNN_TOP1] = knn_top1(backbone, *knn_data, k=train.knn_k, t=train.knn_t, device=device)
         tracker.epoch(epoch, metrics)
         report = {"epoch": epoch, **{k: v for k, v in metrics.items() if v is not None}}
-        if save_now and rank == 0:
+        if save_now and worker.is_chief:
             with tempfile.TemporaryDirectory(prefix="mocolab-ckpt-") as tmp:
                 _write_checkpoint(
                     tmp, model, optimizer, scheduler, epoch, global_step, rng_states, run_id,
