@@ -104,7 +104,8 @@ def sample_excluding(n: int, excluded: torch.Tensor, k: int) -> torch.Tensor:
         raise ValueError(f"sample_excluding: all {n} indices are excluded")
     draws = torch.randint(allowed, (k,), device=excluded.device)
     # excluded[j] - j = allowed indices below excluded[j]; draws at or past it skip over excluded[j]
-    return draws + torch.searchsorted(excluded - torch.arange(excluded.numel(), device=excluded.device), draws, right=True)
+    allowed_below = excluded - torch.arange(excluded.numel(), device=excluded.device)
+    return draws + torch.searchsorted(allowed_below, draws, right=True)
 
 
 def shuffle_permutation(n: int, generator: Optional[torch.Generator] = None, device=None) -> torch.Tensor:

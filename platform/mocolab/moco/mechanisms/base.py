@@ -18,6 +18,11 @@ import torch
 from torch import nn
 
 
+Embeddings = Sequence[torch.Tensor]  # one [B, dim] tensor per direction
+Keys = Optional[Embeddings]  # None for a mechanism whose keys are STORED
+LogitsAndLabels = tuple[torch.Tensor, torch.Tensor]
+
+
 class KeySource(enum.Enum):
     """Which network encodes the keys a mechanism receives (``MoCo`` runs the key pass accordingly)."""
 
@@ -60,8 +65,8 @@ class Mechanism(nn.Module, abc.ABC):
     """Base of the dictionaries registered in :mod:`mocolab.moco.mechanisms`.
 
     A subclass sets ``name`` (the ``moco.mechanism`` value) and ``key_source``, and implements ``check``
-    (its rules; ValueError naming the field and the fix), ``effective_k`` (negatives per query, logged as the
-    ``effective_k`` param), ``from_settings`` and ``forward``."""
+    (its rules; ValueError naming the field and the fix), ``effective_k`` (the dictionary size, logged as the
+    ``effective_k`` param; default ``moco.queue_size``), ``from_settings`` and ``forward``."""
 
     name: ClassVar[str]
     key_source: ClassVar[KeySource]
@@ -72,9 +77,10 @@ class Mechanism(nn.Module, abc.ABC):
         training set size are skipped while ``settings.num_train_samples`` is None."""
 
     @classmethod
-    @abc.abstractmethod
     def effective_k(cls, settings: DictionarySettings) -> int:
-        """The dictionary size K as the paper's Figure 3 counts it (the x axis of its mechanism comparison)."""
+        """The dictionary size K as the paper's Figure 3 counts it (the x axis of its mechanism comparison):
+        ``moco.queue_size`` unless the mechanism says otherwise."""
+        return settings.queue_size
 
     @classmethod
     @abc.abstractmethod
@@ -82,11 +88,5 @@ class Mechanism(nn.Module, abc.ABC):
         """The dictionary for ``settings`` (after :meth:`check`)."""
 
     @abc.abstractmethod
-    def forward(
-        self,
-        queries: Sequence[torch.Tensor],
-        keys: Optional[Sequence[torch.Tensor]],
-        index: torch.Tensor,
-        temperature: float,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, queries: Embeddings, keys: Keys, index: torch.Tensor, temperature: float) -> LogitsAndLabels:
         """The step's logits ``[directions x B, 1 + K]`` and labels; updates the dictionary."""

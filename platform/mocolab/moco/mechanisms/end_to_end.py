@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Optional
-
 import torch
 
 from mocolab.moco.distributed import gather_all_with_grad, rank
 from mocolab.moco.functional import in_batch_logits
-from mocolab.moco.mechanisms.base import DictionarySettings, KeySource, Mechanism, zeros_labels
+from mocolab.moco.mechanisms.base import (
+    DictionarySettings, Embeddings, Keys, KeySource, LogitsAndLabels, Mechanism, zeros_labels,
+)
 
 
 class EndToEndDictionary(Mechanism):
@@ -28,13 +27,7 @@ class EndToEndDictionary(Mechanism):
     def from_settings(cls, settings: DictionarySettings) -> "EndToEndDictionary":
         return cls()
 
-    def forward(
-        self,
-        queries: Sequence[torch.Tensor],
-        keys: Optional[Sequence[torch.Tensor]],
-        index: torch.Tensor,
-        temperature: float,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, queries: Embeddings, keys: Keys, index: torch.Tensor, temperature: float) -> LogitsAndLabels:
         blocks = []
         for q, k in zip(queries, keys):
             everything = gather_all_with_grad(k)

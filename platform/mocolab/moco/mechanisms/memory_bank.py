@@ -18,15 +18,12 @@ from all workers and each worker draws its own negatives with its own RNG (check
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Optional
-
 import torch
 import torch.nn.functional as F
 
 from mocolab.moco.distributed import gather_all
 from mocolab.moco.functional import infonce_logits, memory_bank_update_, sample_excluding
-from mocolab.moco.mechanisms.base import DictionarySettings, KeySource, Mechanism
+from mocolab.moco.mechanisms.base import DictionarySettings, Embeddings, Keys, KeySource, LogitsAndLabels, Mechanism
 
 
 class MemoryBankDictionary(Mechanism):
@@ -61,22 +58,12 @@ class MemoryBankDictionary(Mechanism):
             )
 
     @classmethod
-    def effective_k(cls, settings: DictionarySettings) -> int:
-        return settings.queue_size
-
-    @classmethod
     def from_settings(cls, settings: DictionarySettings) -> "MemoryBankDictionary":
         if settings.num_train_samples is None:
             raise ValueError("moco.mechanism=memory_bank needs the training set size (one bank row per image)")
         return cls(settings.num_train_samples, settings.dim, settings.queue_size, settings.bank_momentum)
 
-    def forward(
-        self,
-        queries: Sequence[torch.Tensor],
-        keys: Optional[Sequence[torch.Tensor]],
-        index: torch.Tensor,
-        temperature: float,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, queries: Embeddings, keys: Keys, index: torch.Tensor, temperature: float) -> LogitsAndLabels:
         (q,) = queries
         index = index.to(self.bank.device, non_blocking=True)
         batch_rows = gather_all(index)

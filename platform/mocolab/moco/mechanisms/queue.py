@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Optional
-
 import torch
 import torch.nn.functional as F
 from torch.profiler import record_function
 
 from mocolab.moco.distributed import gather_all
 from mocolab.moco.functional import enqueue_, infonce_logits
-from mocolab.moco.mechanisms.base import DictionarySettings, KeySource, Mechanism, zeros_labels
+from mocolab.moco.mechanisms.base import (
+    DictionarySettings, Embeddings, Keys, KeySource, LogitsAndLabels, Mechanism, zeros_labels,
+)
 
 # torch.profiler ranges of the step's phases done here (``mocolab bench`` breaks the step down by them).
 QUEUE_UPDATE_RANGE = "mocolab.queue_update"
@@ -36,6 +35,10 @@ class QueueDictionary(Mechanism):
         self._ptr = 0  # host copy of queue_ptr: the step never reads the buffer back (no device sync)
 
     @classmethod
+    def from_settings(cls, settings: DictionarySettings) -> "QueueDictionary":
+        return cls(settings.queue_size, settings.dim)
+
+    @classmethod
     def check(cls, settings: DictionarySettings) -> None:
         """The queue must hold a whole number of steps' keys (global batch, twice with moco.symmetric)."""
         per_step = settings.global_batch * settings.directions
@@ -47,25 +50,11 @@ class QueueDictionary(Mechanism):
                 f"use e.g. {max(1, settings.queue_size // per_step) * per_step}"
             )
 
-    @classmethod
-    def effective_k(cls, settings: DictionarySettings) -> int:
-        return settings.queue_size
-
-    @classmethod
-    def from_settings(cls, settings: DictionarySettings) -> "QueueDictionary":
-        return cls(settings.queue_size, settings.dim)
-
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         self._ptr = int(self.queue_ptr)
 
-    def forward(
-        self,
-        queries: Sequence[torch.Tensor],
-        keys: Optional[Sequence[torch.Tensor]],
-        index: torch.Tensor,
-        temperature: float,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, queries: Embeddings, keys: Keys, index: torch.Tensor, temperature: float) -> LogitsAndLabels:
         with record_function(QUEUE_UPDATE_RANGE):
             fresh = torch.cat([gather_all(k) for k in keys])
             start, count = self._ptr, fresh.shape[0]
