@@ -23,6 +23,7 @@ from mocolab.evaluate.lincls import (
 from mocolab.evaluate.weights import (
     BackboneChangedError,
     assert_unchanged,
+    check_source,
     load_backbone_state,
     resolve_source,
     snapshot,
@@ -144,5 +145,7 @@ def test_weights_of_another_architecture_are_refused(tmp_path):
     small, _ = build_backbone(ModelConfig(arch="small_cnn", bn="plain"))
     path = tmp_path / "backbone.pt"
     torch.save(backbone_state_dict(small), path)
+    source = resolve_source(_cfg(), weights=str(path))
+    assert source.init == "file"
     with pytest.raises(ConfigError, match="does not fit model.arch=resnet18.*--set model.arch=small_cnn"):
-        resolve_source(_cfg(), weights=str(path))  # in the driver, before any run exists
+        check_source(source)  # the pre-flight step's check, in the driver before any run exists

@@ -10,7 +10,7 @@ from torch import nn
 from mocolab.config import build_config
 from mocolab.moco.model import MoCo
 from mocolab.train.checkpoint import save_checkpoint
-from mocolab.train.launch import run_pretrain
+from mocolab.orchestrate import run_pretrain
 
 
 def _config(tmp_path, **model):
@@ -27,7 +27,7 @@ def _config(tmp_path, **model):
 
 @pytest.mark.slow
 def test_pretraining_starts_from_init_weights(ray_local, mlflow_uri, tmp_path):
-    source = MoCo(_config(tmp_path), num_train_samples=256)
+    source = MoCo.from_config(_config(tmp_path), num_train_samples=256)
     torch.manual_seed(3)
     for module in source.encoder_q.backbone.modules():
         if isinstance(module, nn.Conv2d):

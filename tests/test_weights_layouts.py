@@ -22,7 +22,7 @@ from torch import nn
 
 from mocolab.config import DetectionConfig, build_config
 from mocolab.evaluate.detection import build_detector, from_detector_keys, load_backbone_into_detector
-from mocolab.evaluate.weights import load_backbone_state, resolve_source
+from mocolab.evaluate.weights import check_source, load_backbone_state, resolve_source
 from mocolab.moco.backbones import backbone_state_dict, build_backbone
 from mocolab.weights_io.files import load_backbone_weights
 from mocolab.weights_io.layouts import LAYOUTS
@@ -95,7 +95,7 @@ def write_mocolab_checkpoint(net, d: Path) -> Path:
     arch = "small_cnn" if hasattr(net, "features") else "resnet18"
     cfg = build_config({"model": {"arch": arch, "bn": "split", "bn_splits": 2}, "moco": {"queue_size": 64},
                         "train": {"batch_size": 8}, "scaling": {"num_workers": 1}})  # fmt: skip
-    model = MoCo(cfg, num_train_samples=64)
+    model = MoCo.from_config(cfg, num_train_samples=64)
     model.encoder_q.backbone.load_state_dict(backbone_state_dict(net))
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": 1, "global_step": 8,
@@ -252,7 +252,8 @@ def test_layout_loads_into_lincls_and_detector_with_equal_tensors(case, writer, 
     assert all(torch.equal(found.state[k], v) for k, v in expected.items())
 
     cfg = build_config({"model": {"arch": arch, "bn": "plain"}, "scaling": {"num_workers": 1}})
-    source = resolve_source(cfg, weights=str(path))  # the driver's path: layout + fit check
+    source = resolve_source(cfg, weights=str(path))
+    check_source(source)  # the pre-flight step's fit check passes
     backbone, _ = build_backbone(source.model)  # as the lincls worker builds it
     load_backbone_state(backbone, source)
     assert all(torch.equal(backbone.state_dict()[k], v) for k, v in expected.items())

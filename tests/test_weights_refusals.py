@@ -125,13 +125,13 @@ def test_guess_arch_reads_depth_block_and_stem():
     ],
 )
 def test_weights_of_another_arch_name_it(weights_model, config_model, expected, tmp_path):
-    from mocolab.evaluate.weights import resolve_source
+    from mocolab.evaluate.weights import check_source, resolve_source
 
     backbone, _ = build_backbone(ModelConfig(bn="plain", **weights_model))
     torch.save(backbone_state_dict(backbone), tmp_path / "backbone.pt")
     cfg = build_config({"model": {"bn": "plain", **config_model}, "scaling": {"num_workers": 1}})
     with pytest.raises(ConfigError, match=f"does not fit model.arch={config_model['arch']}.*{expected}"):
-        resolve_source(cfg, weights=str(tmp_path / "backbone.pt"))
+        check_source(resolve_source(cfg, weights=str(tmp_path / "backbone.pt")))
 
 
 def test_lincls_with_a_text_file_is_one_message_and_no_run(tmp_path, mlflow_uri, capsys):
@@ -155,13 +155,18 @@ def test_detect_with_weights_of_another_arch_is_refused_in_the_driver(tmp_path, 
     assert not (tmp_path / "ray_results").exists()
 
 
-def test_init_weights_must_exist_at_config_load(tmp_path):
-    with pytest.raises(ConfigError, match=r"model.init_weights=.*missing.pt: no such file"):
-        build_config({"model": {"init_weights": "missing.pt"}}, base=tmp_path)
-    _small_cnn_backbone(tmp_path / "b.pt")
-    cfg = build_config({"model": {"init_weights": "b.pt"}}, base=tmp_path)
+def test_init_weights_path_is_made_absolute_at_load(tmp_path):
+    cfg = build_config({"model": {"init_weights": "b.pt"}}, base=tmp_path)  # pure: the file is the pre-flight's
     assert cfg.model.init_weights == tmp_path / "b.pt"  # relative to where the config is loaded
     assert cfg.flat()["model.init_weights"] == str(tmp_path / "b.pt")  # an MLflow param
+
+
+def test_missing_init_weights_refused_before_a_run(tmp_path, mlflow_uri, capsys):
+    code = cli.main(["pretrain", PRETRAIN_QUICKSTART, "--set", "model.init_weights=missing.pt",
+                     "--set", f"scaling.storage_path={tmp_path / 'ray_results'}"])  # fmt: skip
+    assert code == 2
+    assert f"model.init_weights={tmp_path / 'missing.pt'}: no such file" in capsys.readouterr().err
+    assert _no_runs(mlflow_uri)
 
 
 def test_pretraining_init_weights_of_another_arch_refused_before_a_run(tmp_path, mlflow_uri, capsys):
@@ -185,7 +190,7 @@ def test_init_backbones_sets_both_encoders(tmp_path):
     torch.save({"state_dict": {f"module.encoder_q.{k}": v for k, v in net.state_dict().items()}}, path)
     cfg = build_config({"model": {"arch": "resnet18", "bn": "split", "bn_splits": 2, "init_weights": str(path)},
                         "moco": {"queue_size": 64}, "train": {"batch_size": 8}, "scaling": {"num_workers": 1}})  # fmt: skip
-    model = MoCo(cfg, num_train_samples=64)
+    model = MoCo.from_config(cfg, num_train_samples=64)
     assert not torch.equal(model.encoder_q.backbone.conv1.weight, net.conv1.weight)
     init_backbones(model, cfg.model.init_weights)
     for encoder in (model.encoder_q, model.encoder_k):

@@ -3,8 +3,8 @@
 ``--pretrain-run ID`` reads the run's ``backbone.pt`` and takes ``model.arch`` / ``model.cifar_stem``
 from its ``config.yaml``; ``--weights PATH`` reads a weights file of any layout ``weights_io.layouts``
 knows (mocolab, official MoCo, solo-learn, lightly, torchvision/timm, detectron2) and uses the given
-config's ``model`` section; ``--init random`` keeps the freshly initialised backbone. Either way the
-weights are checked against the model in the driver, before any MLflow run or Ray worker exists.
+config's ``model`` section; ``--init random`` keeps the freshly initialised backbone. The pre-flight step
+checks the weights against the model (:func:`check_source`) before any MLflow run or Ray worker exists.
 Also the check that a frozen backbone stayed frozen.
 """
 
@@ -31,6 +31,7 @@ class BackboneSource:
     state: Optional[dict[str, torch.Tensor]] = field(default=None, repr=False)
     pretrain_run_id: Optional[str] = None
     weights_path: Optional[str] = None
+    origin: Optional[str] = None  # where the weights come from, for messages: "--weights x.pt (solo-learn layout)"
 
     @property
     def label(self) -> str:
@@ -54,7 +55,6 @@ def resolve_source(
         raise ConfigError("give exactly one of --pretrain-run RUN_ID, --weights PATH, --init random")
     if pretrain_run:
         from mocolab.tracking import load_pretrain_artifacts
-        from mocolab.weights_io.arch import check_fits
         from mocolab.weights_io.files import backbone_weights
 
         run_config, content = load_pretrain_artifacts(cfg.tracking.tracking_uri, pretrain_run)
@@ -62,21 +62,30 @@ def resolve_source(
         model = cfg.model.model_copy(
             update={"arch": run_model.get("arch", cfg.model.arch), "cifar_stem": run_model.get("cifar_stem", False)}
         )
-        where = f"--pretrain-run {pretrain_run} (its backbone.pt)"
-        found = backbone_weights(content, where)
-        check_fits(found, model, where)
-        return BackboneSource("pretrain", model, found.state, pretrain_run)
+        found = backbone_weights(content, f"--pretrain-run {pretrain_run} (its backbone.pt)")
+        origin = f"--pretrain-run {pretrain_run} (its backbone.pt, {found.layout.name} layout)"
+        return BackboneSource("pretrain", model, found.state, pretrain_run, origin=origin)
     if weights:
-        from mocolab.weights_io.arch import load_checked
+        from mocolab.weights_io.files import load_backbone_weights
 
-        found = load_checked(weights, cfg.model, f"--weights {weights}")
+        found = load_backbone_weights(weights, f"--weights {weights}")
         print(f"[mocolab] --weights {weights}: {found.summary()}", flush=True)
-        return BackboneSource("supervised" if init == "supervised" else "file", cfg.model, found.state, weights_path=weights)
+        init = "supervised" if init == "supervised" else "file"
+        origin = f"--weights {weights} ({found.layout.name} layout)"
+        return BackboneSource(init, cfg.model, found.state, weights_path=weights, origin=origin)
     return BackboneSource("random", cfg.model)
 
 
+def check_source(source: BackboneSource) -> None:
+    """ConfigError naming the origin, the keys and the ``--set`` fix if ``source``'s weights do not fit its model."""
+    from mocolab.weights_io.arch import check_fits
+
+    if source.state is not None:
+        check_fits(source.state, source.model, source.origin or source.label)
+
+
 def load_backbone_state(backbone: nn.Module, source: BackboneSource) -> None:
-    """Load ``source``'s weights into ``backbone`` (strict; :func:`resolve_source` checked that they fit)."""
+    """Load ``source``'s weights into ``backbone`` (strict; the pre-flight step checked that they fit)."""
     if source.state is not None:
         backbone.load_state_dict(source.state, strict=True)
 

@@ -15,11 +15,12 @@ from typing import Optional
 
 import torch
 
-from mocolab.config import ARCHS, ConfigError, ModelConfig
-from mocolab.moco.backbones import SMALL_CNN_WIDTHS
+from mocolab.config import ConfigError, ModelConfig
+from mocolab.moco.backbones import RESNETS, SMALL_CNN_WIDTHS
 from mocolab.weights_io.files import load_backbone_weights
 from mocolab.weights_io.layouts import BackboneWeights
 
+ARCHS = ("small_cnn", *RESNETS)  # what model.arch builds
 RESNET_NAMES = {
     ("basic", (2, 2, 2, 2)): "resnet18",
     ("basic", (3, 4, 6, 3)): "resnet34",
@@ -98,12 +99,12 @@ def fit_problems(state: dict[str, torch.Tensor], model_cfg: ModelConfig) -> list
     return problems
 
 
-def check_fits(weights: BackboneWeights, model_cfg: ModelConfig, where: str) -> None:
-    """Raise ConfigError, naming ``where``, the keys and the fix, if ``weights`` do not fit ``model_cfg``."""
-    problems = fit_problems(weights.state, model_cfg)
+def check_fits(state: dict[str, torch.Tensor], model_cfg: ModelConfig, where: str) -> None:
+    """Raise ConfigError, naming ``where``, the keys and the fix, if ``state`` does not fit ``model_cfg``."""
+    problems = fit_problems(state, model_cfg)
     if not problems:
         return
-    guess = guess_arch(weights.state)
+    guess = guess_arch(state)
     if guess == ArchGuess(model_cfg.arch, model_cfg.cifar_stem):
         fix = f"The file has {guess.arch}'s architecture but not all of its weights: is it complete?"
     elif guess is None:
@@ -113,7 +114,7 @@ def check_fits(weights: BackboneWeights, model_cfg: ModelConfig, where: str) -> 
     else:
         fix = f"They look like {guess.describe()}, which mocolab does not build (model.arch is one of {', '.join(ARCHS)})"
     raise ConfigError(
-        f"{where} ({weights.layout.name} layout) does not fit model.arch={model_cfg.arch} "
+        f"{where} does not fit model.arch={model_cfg.arch} "
         f"model.cifar_stem={str(model_cfg.cifar_stem).lower()}: {'; '.join(problems)}. {fix}"
     )
 
@@ -121,5 +122,5 @@ def check_fits(weights: BackboneWeights, model_cfg: ModelConfig, where: str) -> 
 def load_checked(path, model_cfg: ModelConfig, where: str) -> BackboneWeights:
     """The backbone in the weights file ``path`` (any known layout), checked to fit ``model_cfg``."""
     weights = load_backbone_weights(path, where)
-    check_fits(weights, model_cfg, where)
+    check_fits(weights.state, model_cfg, f"{where} ({weights.layout.name} layout)")
     return weights
