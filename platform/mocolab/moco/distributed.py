@@ -107,7 +107,8 @@ def unshuffle_across_workers(y: torch.Tensor, plan: ShufflePlan) -> torch.Tensor
     this worker gets back the rows of its own samples, in their original order; rows that stayed on this worker
     do not travel. Differentiable when ``y`` requires grad (end-to-end keys): each row's gradient goes back to
     the worker and row that computed it (every worker must run backward)."""
-    returned = _AllToAllWithGrad.apply(y[plan.arrival_slots], plan.recv_counts, plan.send_counts)
+    sent = y[plan.arrival_slots]
+    returned = _AllToAllWithGrad.apply(sent, plan.recv_counts, plan.send_counts) if world_size() > 1 else sent
     return returned[plan.from_return]
 
 
