@@ -82,7 +82,7 @@ def format_table(rows: Sequence[Sequence[str]], header: Sequence[str]) -> str:
 
 def result_table(result: dict[str, Any]) -> str:
     """The tables ``mocolab bench`` prints: one row per measured key, profile phases indented; then, if measured,
-    the shuffle-BN table (one row per worker count)."""
+    the shuffle-BN table (one row per worker count). Tables with no rows are left out."""
     rows = []
     for key in RESULT_KEYS:
         value = result.get(key)
@@ -91,11 +91,11 @@ def result_table(result: dict[str, Any]) -> str:
                 rows.append([f"  profile.{phase}", format_value(fraction), ""])
         elif key != "shuffle" and value is not None:
             rows.append([key, format_value(value), target_status(key, value)])
-    table = format_table(rows, ["metric", "value", "target"])
+    tables = [format_table(rows, ["metric", "value", "target"])] if rows else []
     if result.get("shuffle"):
         shuffle_rows = [[format_value(_as_float(row[c])) for c in SHUFFLE_COLUMNS] for row in result["shuffle"]]
-        table += f"\n\n{SHUFFLE_TITLE}\n{format_table(shuffle_rows, SHUFFLE_COLUMNS)}"
-    return table
+        tables.append(f"{SHUFFLE_TITLE}\n{format_table(shuffle_rows, SHUFFLE_COLUMNS)}")
+    return "\n\n".join(tables)
 
 
 def _as_float(value: Any) -> Any:
