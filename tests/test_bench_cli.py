@@ -103,7 +103,8 @@ def test_bench_logs_a_run_tagged_stage_bench_to_mlflow(tmp_path, mlflow_uri):
 def test_bench_refuses_an_unknown_part_naming_the_valid_ones(capsys):
     with pytest.raises(SystemExit):
         main(["bench", "--what", "step,speed"])
-    assert "unknown part(s) ['speed']; choose from step,reference,data,overhead,fixed,profile,shuffle" in capsys.readouterr().err
+    expected = "unknown part(s) ['speed']; choose from step,reference,data,overhead,fixed,profile,shuffle"
+    assert expected in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(

@@ -6,8 +6,8 @@ Parts (``--what``, default all): ``step`` (mocolab's training step, images/s of 
 processes as workers), ``fixed`` (command start to first step; checkpoint save/load time and size),
 ``profile`` (``torch.profiler`` breakdown of the step), ``shuffle`` (shuffle-BN's bytes per worker per step
 for 2 to 64 workers and its time on 2 and 4 gloo processes, all-gather against all-to-all). With no
-``--config`` it benchmarks the quickstart config on its bundled digits. Prints a table; ``--json`` writes the record, ``--mlflow`` logs it as a run
-tagged ``mocolab.stage=bench``.
+``--config`` it benchmarks the quickstart config on its bundled digits. Prints a table; ``--json`` writes the
+record, ``--mlflow`` logs it as a run tagged ``mocolab.stage=bench``.
 """
 
 from __future__ import annotations

@@ -33,7 +33,9 @@ RESULT_KEYS = (
 
 # The columns of a "shuffle" row: bytes received (analytic) and seconds of shuffle + unshuffle (measured) of the
 # all-gather and the all-to-all shuffle; ratios are all-to-all / gather.
-SHUFFLE_COLUMNS = ("workers", "gather_bytes", "all_to_all_bytes", "bytes_ratio", "gather_s", "all_to_all_s", "time_ratio")
+SHUFFLE_COLUMNS = (
+    "workers", "gather_bytes", "all_to_all_bytes", "bytes_ratio", "gather_s", "all_to_all_s", "time_ratio"
+)
 SHUFFLE_TITLE = ("shuffle-BN per worker per step: bytes received (analytic, expected) and seconds of shuffle + "
                  "unshuffle (measured, gloo processes on this machine)")
 
