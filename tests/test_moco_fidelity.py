@@ -3,6 +3,8 @@ between them (so the momentum update and the queue matter in the second): split 
 statistics, for queries and shuffled keys) and the symmetric loss (which crops each direction pairs).
 The two-rank comparisons (shuffle BN, end_to_end) are in test_moco_distributed.py."""
 
+from typing import Iterator, NamedTuple
+
 import pytest
 import torch
 from torch.testing import assert_close
@@ -34,9 +36,23 @@ def _cfg(**moco):
     )
 
 
-def _steps(cfg):
-    """Each step's (permutations drawn, output, query grads, queue, pointer) from mocolab and (step, grads) from the
-    reference given the same permutations."""
+class Compared(NamedTuple):
+    """One step of mocolab (permutations it drew, output, query-encoder gradients, queue and pointer after it) and
+    of the reference given the same permutations (its step, gradients, queue rows and pointer after it)."""
+
+    perms: list
+    out: object
+    grads: dict
+    queue: torch.Tensor
+    ptr: int
+    expected: object
+    expected_grads: dict
+    expected_queue: torch.Tensor
+    expected_ptr: int
+
+
+def _steps(cfg) -> Iterator[Compared]:
+    """Run mocolab and the reference side by side, plain SGD on both after each step."""
     torch.manual_seed(0)
     model = make_moco(cfg)
     reference = reference_for(model, cfg, world=1)
@@ -48,12 +64,13 @@ def _steps(cfg):
         out.loss.backward()
         expected = reference.step(im_q, im_k, perms)
         expected.loss.backward()
-        got = (perms, out, grads_of(model.encoder_q), *queue_and_pointer(model))
-        yield got, (expected, grads_of(reference.f_q)), reference
+        yield Compared(
+            perms, out, grads_of(model.encoder_q), *queue_and_pointer(model),
+            expected, grads_of(reference.f_q), reference.queue_rows.clone(), reference.ptr,
+        )
         optimizer.step()
         optimizer.zero_grad()
         reference.sgd_step(LR)
-
 
 
 def _assert_same_rows(actual, expected, where):
@@ -68,39 +85,41 @@ def _assert_same_rows(actual, expected, where):
 def test_split_bn_step_matches_the_reference():
     """Queries normalised per strided split of the batch, keys per strided split of the shuffled batch, then
     unshuffled: keys, logits, loss, queue, pointer and gradients equal the reference's."""
-    for step, ((perms, out, grads, queue, ptr), (expected, ref_grads), reference) in enumerate(_steps(_cfg())):
+    for step, c in enumerate(_steps(_cfg())):
         where = f"step {step}"
-        assert len(perms) == 1, f"{where}: model.bn=split drew {len(perms)} key permutations, expected 1"
-        (direction,) = expected.directions
-        enqueued = queue[step * BATCH : (step + 1) * BATCH]
+        assert len(c.perms) == 1, f"{where}: model.bn=split drew {len(c.perms)} key permutations, expected 1"
+        (direction,) = c.expected.directions
+        enqueued = c.queue[step * BATCH : (step + 1) * BATCH]
         assert_close(enqueued, direction.k, atol=1e-5, rtol=0, msg=lambda m: f"{where}, keys: {m}")
-        assert_close(out.logits, direction.logits, atol=1e-4, rtol=0, msg=lambda m: f"{where}, logits: {m}")
-        assert_close(out.loss, expected.rank_losses[0], atol=1e-5, rtol=0, msg=lambda m: f"{where}, loss: {m}")
-        assert_close(queue, reference.queue_rows, atol=1e-5, rtol=0, msg=lambda m: f"{where}, queue: {m}")
-        assert ptr == reference.ptr, f"{where}: queue_ptr {ptr} != {reference.ptr}"
-        assert_grads_close(grads, ref_grads, where)
+        assert_close(c.out.logits, direction.logits, atol=1e-4, rtol=0, msg=lambda m: f"{where}, logits: {m}")
+        loss = c.expected.rank_losses[0]
+        assert_close(c.out.loss, loss, atol=1e-5, rtol=0, msg=lambda m: f"{where}, loss: {m}")
+        assert_close(c.queue, c.expected_queue, atol=1e-5, rtol=0, msg=lambda m: f"{where}, queue: {m}")
+        assert c.ptr == c.expected_ptr, f"{where}: queue_ptr {c.ptr} != {c.expected_ptr}"
+        assert_grads_close(c.grads, c.expected_grads, where)
 
 
 def test_symmetric_directions_pair_each_query_crop_with_the_other_crops_key():
     """Direction 1 is q(crop 1) . k(crop 2), direction 2 is q(crop 2) . k(crop 1), both against the queue as it
     was before the step; both directions' keys enter the queue. Per-direction logits (positives exactly, the
     negatives as a set per row), the loss from them and the gradients equal the reference's."""
-    for step, ((perms, out, grads, queue, ptr), (expected, ref_grads), reference) in enumerate(
-        _steps(_cfg(symmetric=True))
-    ):
+    for step, c in enumerate(_steps(_cfg(symmetric=True))):
         where = f"step {step}"
-        assert len(perms) == 2, f"{where}: drew {len(perms)} key permutations, expected one per direction"
-        for d, direction in enumerate(expected.directions):
-            rows = slice(d * BATCH, (d + 1) * BATCH)
-            logits, want = out.logits[rows], direction.logits.detach()
+        assert len(c.perms) == 2, f"{where}: drew {len(c.perms)} key permutations, expected one per direction"
+        for d, direction in enumerate(c.expected.directions):
+            logits, want = c.out.logits[d * BATCH : (d + 1) * BATCH], direction.logits.detach()
             at = f"{where}, direction {d + 1}"
             assert_close(logits[:, 0], want[:, 0], atol=1e-4, rtol=0, msg=lambda m: f"{at}, positives: {m}")
             assert_close(
                 logits[:, 1:].sort(dim=1).values, want[:, 1:].sort(dim=1).values, atol=1e-4, rtol=0,
                 msg=lambda m: f"{at}, negatives: {m}",
             )
-        assert_close(out.loss, expected.rank_losses[0], atol=1e-5, rtol=0, msg=lambda m: f"{where}, loss: {m}")
-        block = slice(step * 2 * BATCH, (step + 1) * 2 * BATCH)
-        _assert_same_rows(queue[block], reference.queue_rows[block], f"{where}, keys enqueued")
-        assert ptr == reference.ptr, f"{where}: queue_ptr {ptr} != {reference.ptr}"
-        assert_grads_close(grads, ref_grads, where)
+        loss = c.expected.rank_losses[0]
+        assert_close(c.out.loss, loss, atol=1e-5, rtol=0, msg=lambda m: f"{where}, loss: {m}")
+        written = (step + 1) * 2 * BATCH
+        for block in range(0, written, 2 * BATCH):  # each step's keys, both directions'
+            rows = slice(block, block + 2 * BATCH)
+            _assert_same_rows(c.queue[rows], c.expected_queue[rows], f"{where}, keys enqueued at row {block}")
+        assert_close(c.queue[written:], c.expected_queue[written:], atol=0, rtol=0, msg=lambda m: f"{where}: {m}")
+        assert c.ptr == c.expected_ptr, f"{where}: queue_ptr {c.ptr} != {c.expected_ptr}"
+        assert_grads_close(c.grads, c.expected_grads, where)
