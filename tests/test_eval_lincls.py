@@ -196,6 +196,10 @@ def test_the_loop_trains_the_classifier_with_the_protocol(monkeypatch, tmp_path,
             return super().step(closure)
 
     monkeypatch.setattr(torch.optim, "SGD", RecordingSGD)
+    # local mode leaves this process marked as a Train worker (a module global of Ray's): undone after the test
+    from ray.train.v2._internal.execution import train_fn_utils
+
+    monkeypatch.setattr(train_fn_utils, "_train_fn_utils", train_fn_utils._train_fn_utils)
     epochs, train_images, batch = 10, 64, 32
     cfg = build_config(
         {
