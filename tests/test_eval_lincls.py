@@ -171,7 +171,8 @@ def test_weights_of_another_architecture_are_refused(tmp_path):
         load_backbone_state(backbone, source)
 
 
-def test_the_loop_trains_the_classifier_with_the_protocol(monkeypatch, tmp_path, one_torch_thread):
+@pytest.mark.usefixtures("one_torch_thread")
+def test_the_loop_trains_the_classifier_with_the_protocol(monkeypatch, tmp_path):
     """``lincls_train_loop`` itself (Ray Train local mode: the loop runs in this process, no cluster) builds one SGD
     over the classifier only, initialised N(0, 0.01) with zero bias, with the protocol's momentum and weight decay,
     and steps it at lr 30, then 3 from 60 % and 0.3 from 80 % of the epochs. (The loop sets torch's thread

@@ -149,8 +149,8 @@ def _step_worker(rank):
 
 
 def test_one_two_worker_step_per_mechanism(ranks):
-    """Shapes and dictionary updates; the step's values (and gradients, which DDP makes equal on both ranks
-    whatever the step computed) are compared with the reference in the tests below."""
+    """Shapes and dictionary updates. The step's values and gradients (which DDP makes equal on both ranks whatever
+    the step computed) are compared with the reference below, for moco and end_to_end."""
     r0, r1 = (r["steps"] for r in ranks)
     assert int(r0["moco/width"]) == 1 + 4 * BATCH
     assert torch.equal(r0["moco/queue"], r1["moco/queue"]) and int(r0["moco/queue_ptr"]) == WORLD * BATCH
@@ -234,7 +234,8 @@ def _assert_shuffled_once_per_step(ranks, mechanism):
             )
 
 
-def test_two_rank_moco_shuffle_bn_steps_match_the_reference(ranks, one_torch_thread):
+@pytest.mark.usefixtures("one_torch_thread")
+def test_two_rank_moco_shuffle_bn_steps_match_the_reference(ranks):
     """Per rank and step: keys (the rows enqueued), logits and loss before DDP averaging, queue and pointer, and
     the gradient DDP leaves, against the reference (shuffle, per-rank key BN, unshuffle, enqueue, momentum)."""
     _assert_shuffled_once_per_step(ranks, "moco")
@@ -258,7 +259,8 @@ def test_two_rank_moco_shuffle_bn_steps_match_the_reference(ranks, one_torch_thr
             assert_grads_close(rank["fidelity"]["moco"]["steps"][step]["grads"], grads, f"rank {r} step {step}")
 
 
-def test_two_rank_end_to_end_positives_are_each_ranks_own_keys(ranks, one_torch_thread):
+@pytest.mark.usefixtures("one_torch_thread")
+def test_two_rank_end_to_end_positives_are_each_ranks_own_keys(ranks):
     """Per rank and step: the positive (column 0) of query i on rank r is its own key, r * B + i of the global batch
     of keys, the other columns are the rest of that batch; loss before DDP averaging and the averaged gradient."""
     _assert_shuffled_once_per_step(ranks, "end_to_end")
