@@ -1,9 +1,11 @@
 """Real gloo ranks (torch.multiprocessing, no Ray): the gathers, the shuffle-BN shuffle (all-to-all against the
-official all-gather, on 2 and 4 ranks) and one MoCo step per mechanism.
+official all-gather, on 2 and 4 ranks), one MoCo step per mechanism, and two steps of moco and end_to_end (shuffle
+BN) compared with the plain reference of tests/moco_reference.py.
 
 One start of the ranks per world size runs every check of that size; the ranks are forked from the test process,
 which has imported everything they use (spawned ranks would each import torch and mocolab again, which dominated
-the test's time). Each rank asserts what it can see alone and saves its tensors, and the tests compare the ranks.
+the test's time). Each rank asserts what it can see alone and saves its tensors, and the tests compare the ranks
+(and the reference, run here on the global batch).
 """
 
 import contextlib
@@ -17,13 +19,22 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
+from torch.testing import assert_close
 
+from moco_harness import (
+    assert_grads_close,
+    global_batch,
+    grads_of,
+    make_moco,
+    queue_and_pointer,
+    recorded_permutations,
+    reference_for,
+)
 from mocolab.config import build_config
 from mocolab.moco import distributed
 from mocolab.moco import model as model_module
 from mocolab.moco.distributed import gather_all, gather_all_with_grad
 from mocolab.moco.mechanisms.queue import QueueDictionary
-from mocolab.moco.model import MoCo
 
 WORLD, BATCH, DIM = 2, 8, 8
 PERMUTATIONS = ("random", "identity", "rolled")  # identity: nothing travels; rolled: all of it, to one rank
@@ -66,6 +77,7 @@ def _worker(rank, world, port, out_dir):
         results = {"shuffle": _shuffle_worker(rank, world)}
         if world == WORLD:
             results.update(collectives=_collectives_worker(rank), steps=_step_worker(rank))
+            results["fidelity"] = {mechanism: _fidelity_worker(rank, mechanism) for mechanism in FIDELITY}
         torch.save(results, f"{out_dir}/rank{rank}.pt")
     finally:
         dist.destroy_process_group()
@@ -139,7 +151,7 @@ def _end_to_end_step(rank, world, impl):
         }
     )
     torch.manual_seed(0)
-    moco = MoCo.from_config(cfg, num_train_samples=world * BATCH).train()
+    moco = make_moco(cfg, num_train_samples=world * BATCH)
     torch.manual_seed(1 + rank)
     im_q, im_k = torch.randn(2, BATCH, 3, 12, 12).unbind(0)
     shuffle, unshuffle = _implementation(impl)
@@ -236,7 +248,7 @@ def _step_worker(rank):
             }
         )
         torch.manual_seed(0)
-        model = MoCo.from_config(cfg, num_train_samples=4 * WORLD * BATCH).train()
+        model = make_moco(cfg, num_train_samples=4 * WORLD * BATCH)
         ddp = DistributedDataParallel(model, broadcast_buffers=False)  # as the training loop wraps it
         torch.manual_seed(1 + rank)
         im_q, im_k = torch.randn(2, BATCH, 3, 12, 12).unbind(0)
@@ -248,7 +260,6 @@ def _step_worker(rank):
         grads = [p.grad for p in model.encoder_q.parameters()]
         assert all(g is not None and torch.isfinite(g).all() for g in grads)
         out[f"{mechanism}/width"] = torch.tensor(result.logits.shape[1])
-        out[f"{mechanism}/grad"] = torch.cat([g.flatten() for g in grads])
         out[f"{mechanism}/index"] = index
         for name, buf in model.dictionary.named_buffers():
             out[f"{mechanism}/{name}"] = buf
@@ -258,9 +269,9 @@ def _step_worker(rank):
 
 
 def test_one_two_worker_step_per_mechanism(ranks):
+    """Shapes and dictionary updates. The step's values and gradients (which DDP makes equal on both ranks whatever
+    the step computed) are compared with the reference below, for moco and end_to_end."""
     r0, r1 = (r["steps"] for r in ranks)
-    for mechanism in MECHANISMS:  # DDP averaged the gradients, whatever collectives ran inside the step
-        assert torch.allclose(r0[f"{mechanism}/grad"], r1[f"{mechanism}/grad"], atol=1e-6)
     assert int(r0["moco/width"]) == 1 + 4 * BATCH
     assert torch.equal(r0["moco/queue"], r1["moco/queue"]) and int(r0["moco/queue_ptr"]) == WORLD * BATCH
     assert r0["moco/queue_changed"].tolist() == list(range(WORLD * BATCH))
@@ -269,3 +280,125 @@ def test_one_two_worker_step_per_mechanism(ranks):
     assert torch.equal(r0["memory_bank/bank"], r1["memory_bank/bank"])
     both_ranks_samples = sorted(torch.cat([r0["memory_bank/index"], r1["memory_bank/index"]]).tolist())
     assert r0["memory_bank/bank_changed"].tolist() == both_ranks_samples
+
+
+# Two steps (SGD between them, so that the momentum update and the queue matter in the second) of moco and
+# end_to_end with shuffle BN, each rank's results compared with the reference given rank 0's permutations.
+FIDELITY, STEPS, SIZE, LR = ("moco", "end_to_end"), 2, 12, 0.5
+
+
+def _fidelity_cfg(mechanism):
+    from mocolab.config import build_config
+
+    moco = {"mechanism": mechanism, "dim": 8, "momentum": 0.9, "temperature": 0.2}
+    if mechanism == "moco":
+        moco["queue_size"] = 4 * WORLD * BATCH
+    return build_config(
+        {
+            "moco": moco,
+            "model": {"arch": "small_cnn", "bn": "shuffle"},
+            "train": {"batch_size": BATCH},
+            "scaling": {"num_workers": WORLD},
+        }
+    )
+
+
+def _fidelity_worker(rank, mechanism):
+    from torch.nn.parallel import DistributedDataParallel
+
+    torch.manual_seed(0)
+    model = make_moco(_fidelity_cfg(mechanism))
+    initial = {name: value.clone() for name, value in model.state_dict().items()}
+    ddp = DistributedDataParallel(model, broadcast_buffers=False)
+    optimizer = torch.optim.SGD(ddp.parameters(), lr=LR)
+    torch.manual_seed(10 + rank)  # different local RNGs: only rank 0's permutation may be used
+    steps = []
+    for step in range(STEPS):
+        im_q, im_k = (x[rank * BATCH : (rank + 1) * BATCH] for x in global_batch(step, WORLD * BATCH, SIZE))
+        with recorded_permutations() as perms:
+            out = ddp(im_q, im_k, torch.arange(BATCH) + rank * BATCH)
+        out.loss.backward()
+        record = {"perms": perms, "loss": out.loss.detach(), "logits": out.logits.detach()}
+        record["grads"] = grads_of(model.encoder_q)
+        if mechanism == "moco":
+            record["queue"], record["queue_ptr"] = queue_and_pointer(model)
+        steps.append(record)
+        optimizer.step()
+        optimizer.zero_grad()
+    return {"initial": initial, "steps": steps}
+
+
+def _reference_steps(ranks, mechanism):
+    """The reference started from rank 0's initial model, run on the same global batches and permutations."""
+    cfg = _fidelity_cfg(mechanism)
+    model = make_moco(cfg)
+    model.load_state_dict(ranks[0]["fidelity"][mechanism]["initial"])
+    reference = reference_for(model, cfg, world=WORLD)
+    results = []
+    for step, record in enumerate(ranks[0]["fidelity"][mechanism]["steps"]):
+        im_q, im_k = global_batch(step, WORLD * BATCH, SIZE)
+        result = reference.step(im_q, im_k, record["perms"])
+        result.loss.backward()
+        grads = grads_of(reference.f_q)
+        queue = (reference.queue_rows.clone(), reference.ptr) if mechanism == "moco" else None
+        results.append((result, grads, queue))
+        reference.sgd_step(LR)
+    return results
+
+
+def _assert_shuffled_once_per_step(ranks, mechanism):
+    for r, rank in enumerate(ranks):
+        for step, record in enumerate(rank["fidelity"][mechanism]["steps"]):
+            assert len(record["perms"]) == 1, (
+                f"rank {r} step {step}: model.bn=shuffle drew {len(record['perms'])} key permutations, expected 1"
+            )
+
+
+@pytest.mark.usefixtures("one_torch_thread")
+def test_two_rank_moco_shuffle_bn_steps_match_the_reference(ranks):
+    """Per rank and step: keys (the rows enqueued), logits and loss before DDP averaging, queue and pointer, and
+    the gradient DDP leaves, against the reference (shuffle, per-rank key BN, unshuffle, enqueue, momentum)."""
+    _assert_shuffled_once_per_step(ranks, "moco")
+    for step, (expected, grads, (queue, ptr)) in enumerate(_reference_steps(ranks, "moco")):
+        (direction,) = expected.directions
+        for r, rank in enumerate(ranks):
+            got = rank["fidelity"]["moco"]["steps"][step]
+            where = f"rank {r} step {step}"
+            start = step * WORLD * BATCH
+            enqueued = got["queue"][start : start + WORLD * BATCH]
+            assert_close(enqueued, direction.k, atol=1e-5, rtol=0, msg=lambda m: f"{where}, keys: {m}")
+            assert_close(
+                got["logits"], direction.logits[r * BATCH : (r + 1) * BATCH], atol=1e-4, rtol=0,
+                msg=lambda m: f"{where}, logits: {m}",
+            )
+            loss = expected.rank_losses[r].detach()
+            assert_close(got["loss"], loss, atol=1e-5, rtol=0, msg=lambda m: f"{where}, loss before DDP: {m}")
+            assert_close(got["queue"], queue, atol=1e-5, rtol=0, msg=lambda m: f"{where}, queue: {m}")
+            assert got["queue_ptr"] == ptr, f"{where}: queue_ptr {got['queue_ptr']} != {ptr}"
+        for r, rank in enumerate(ranks):  # after every rank's forward values, which say more when they differ
+            assert_grads_close(rank["fidelity"]["moco"]["steps"][step]["grads"], grads, f"rank {r} step {step}")
+
+
+@pytest.mark.usefixtures("one_torch_thread")
+def test_two_rank_end_to_end_positives_are_each_ranks_own_keys(ranks):
+    """Per rank and step: the positive (column 0) of query i on rank r is its own key, r * B + i of the global batch
+    of keys, the other columns are the rest of that batch; loss before DDP averaging and the averaged gradient."""
+    _assert_shuffled_once_per_step(ranks, "end_to_end")
+    for step, (expected, grads, _) in enumerate(_reference_steps(ranks, "end_to_end")):
+        (direction,) = expected.directions
+        logits = direction.logits.detach()
+        for r, rank in enumerate(ranks):
+            got = rank["fidelity"]["end_to_end"]["steps"][step]
+            where = f"rank {r} step {step}"
+            own = torch.arange(r * BATCH, (r + 1) * BATCH)
+            assert_close(
+                got["logits"][:, 0], logits[own, own], atol=1e-4, rtol=0, msg=lambda m: f"{where}, positives: {m}"
+            )
+            assert_close(
+                got["logits"].sort(dim=1).values, logits[own].sort(dim=1).values, atol=1e-4, rtol=0,
+                msg=lambda m: f"{where}, all logits of each query: {m}",
+            )
+            loss = expected.rank_losses[r].detach()
+            assert_close(got["loss"], loss, atol=1e-5, rtol=0, msg=lambda m: f"{where}, loss before DDP: {m}")
+        for r, rank in enumerate(ranks):
+            assert_grads_close(rank["fidelity"]["end_to_end"]["steps"][step]["grads"], grads, f"rank {r} step {step}")
