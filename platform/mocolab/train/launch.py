@@ -18,6 +18,7 @@ from mocolab import tracking
 from mocolab.cli import add_overrides_argument
 from mocolab.config import Config, load_config
 from mocolab.train.pretrain import BACKBONE_FILE, NonFiniteLossError, loop_config, train_loop
+from mocolab.train.resume import NoLoadableCheckpointError
 
 
 def ensure_ray() -> None:
@@ -38,7 +39,7 @@ def build_trainer(cfg: Config, run_id: str, callbacks: Sequence[Any] = ()):
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    resources = {"CPU": cfg.scaling.cpus_per_worker}
+    resources = {"CPU": cfg.scaling.cpus_per_worker, **cfg.scaling.resources_per_worker}
     if cfg.scaling.use_gpu:
         resources["GPU"] = 1
     return TorchTrainer(
@@ -59,9 +60,15 @@ def build_trainer(cfg: Config, run_id: str, callbacks: Sequence[Any] = ()):
 
 
 def finish_pretrain_run(cfg: Config, run_id: str, result) -> None:
-    """After ``fit``: stop on a non-finite loss, else log ``backbone.pt`` and mark the run FINISHED."""
+    """After ``fit``: stop on a non-finite loss or on a run none of whose checkpoints loads, else log
+    ``backbone.pt`` and mark the run FINISHED."""
     uri = cfg.tracking.tracking_uri
-    nonfinite = tracking.client_for(uri).get_run(run_id).data.tags.get(tracking.NONFINITE_LOSS_TAG)
+    tags = tracking.client_for(uri).get_run(run_id).data.tags
+    unloadable = tags.get(tracking.NO_LOADABLE_CHECKPOINT_TAG)
+    if unloadable:
+        tracking.end_run(uri, run_id, status="FAILED")
+        raise NoLoadableCheckpointError(f"run '{cfg.tracking.run_name}': {unloadable}")
+    nonfinite = tags.get(tracking.NONFINITE_LOSS_TAG)
     if nonfinite:
         tracking.end_run(uri, run_id, status="FAILED")
         kept = result.checkpoint.path if result.checkpoint is not None else "none (no epoch completed)"
@@ -102,10 +109,11 @@ def run_pretrain(cfg: Config) -> str:
         f"(MLflow run {run_id}, experiment '{cfg.tracking.experiment}', {tracking.redact(cfg.tracking.tracking_uri)})",
         flush=True,
     )
-    if resumed:  # a NaN recorded by an earlier attempt is not this attempt's
+    if resumed:  # a stop recorded by an earlier attempt is not this attempt's
         client = tracking.client_for(cfg.tracking.tracking_uri)
-        if tracking.NONFINITE_LOSS_TAG in client.get_run(run_id).data.tags:
-            client.delete_tag(run_id, tracking.NONFINITE_LOSS_TAG)
+        for tag in (tracking.NONFINITE_LOSS_TAG, tracking.NO_LOADABLE_CHECKPOINT_TAG):
+            if tag in client.get_run(run_id).data.tags:
+                client.delete_tag(run_id, tag)
     ensure_ray()
     try:
         result = build_trainer(cfg, run_id).fit()
@@ -132,7 +140,7 @@ def main(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
     try:
         run_id = run_pretrain(cfg)
-    except NonFiniteLossError as err:
+    except (NonFiniteLossError, NoLoadableCheckpointError) as err:
         print(f"mocolab pretrain: {err}", file=sys.stderr)
         return 1
     print(f"[mocolab] run '{cfg.tracking.run_name}' finished: MLflow run {run_id}", flush=True)
