@@ -60,13 +60,14 @@ class LocalCluster:
                 self.head = self.head or node
                 return node
             self.kill_node(node)
-        raise RuntimeError(f"a Ray node did not start {attempts} times; the last log:\n{log.read_text(errors='replace')[-3000:]}")
+        last_log = log.read_text(errors="replace")[-3000:]
+        raise RuntimeError(f"a Ray node did not start {attempts} times; the last log:\n{last_log}")
 
     def _start_node(self, num_cpus: int, resources: dict[str, float]) -> tuple[subprocess.Popen, Path]:
         head = self.head is None
-        cmd = [str(VENV_BIN / "ray"), "start", "--block", f"--num-cpus={num_cpus}",
+        role = ["--head", f"--port={self.port}", "--include-dashboard=false"] if head else [f"--address={self.address}"]
+        cmd = [str(VENV_BIN / "ray"), "start", "--block", *role, f"--num-cpus={num_cpus}",
                f"--resources={json.dumps(resources)}", "--disable-usage-stats", f"--temp-dir={self.folder / 'ray'}",
-               *(["--head", f"--port={self.port}", "--include-dashboard=false"] if head else [f"--address={self.address}"]),
                *(f"--{name}={free_port()}" for name in (HEAD_PORTS if head else NODE_PORTS))]  # fmt: skip
         log = self.folder / f"node{len(self.nodes)}.log"
         node = start_in_session(cmd, cwd=self.folder, env=self.env, log=log)

@@ -42,7 +42,8 @@ def write_config(folder: Path) -> Path:
         "train": {"epochs": EPOCHS, "batch_size": 32, "lr": 0.03, "knn_every": 0, "keep_checkpoints": EPOCHS + 2,
                   "max_failures": 1},  # fmt: skip
         "scaling": {"num_workers": 2, "storage_path": str(folder / "ray_results"), "resources_per_worker": SLOT},
-        "tracking": {"experiment": "node-loss", "run_name": "node-lost", "tracking_uri": f"sqlite:///{folder / 'mlflow.db'}"},
+        "tracking": {"experiment": "node-loss", "run_name": "node-lost",
+                     "tracking_uri": f"sqlite:///{folder / 'mlflow.db'}"},  # fmt: skip
     }
     path = folder / "config.yaml"
     path.write_text(yaml.safe_dump(raw))
@@ -97,7 +98,7 @@ def test_run_survives_losing_a_node_mid_epoch():
             time.sleep(1.0)  # into the next epoch (an epoch takes a few seconds)
             victims = cluster.kill_node(second)
             resumed_from, saved_dir = registered_checkpoint(run_folder)
-            mark(started, f"second node killed ({len(victims)} processes); last registered checkpoint: epoch {resumed_from}")
+            mark(started, f"second node killed ({len(victims)} processes); registered checkpoint: epoch {resumed_from}")
             replacement = cluster.add_node(num_cpus=1, resources=SLOT)
             mark(started, "replacement node up")
             ran_on_replacement = threading.Event()
@@ -113,7 +114,7 @@ def test_run_survives_losing_a_node_mid_epoch():
         log = driver_log.read_text(errors="replace")
         assert driver.returncode == 0, log[-6000:]
 
-        assert on_second, f"no training worker ran on the second node: the workers did not span both nodes\n{log[-6000:]}"
+        assert on_second, f"no training worker ran on the second node (workers not on both nodes)\n{log[-6000:]}"
         assert {p.pid for p in on_second} <= {p.pid for p in victims}
         assert 1 <= resumed_from < EPOCHS, "the run had finished before the node was lost"
         global_step = resumed_from * STEPS_PER_EPOCH

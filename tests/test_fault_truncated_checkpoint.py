@@ -38,7 +38,8 @@ def config(tmp_path: Path):
         "train": {"epochs": EPOCHS, "batch_size": 32, "lr": 0.03, "knn_every": 0, "keep_checkpoints": EPOCHS + 1,
                   "max_failures": 0},  # fmt: skip
         "scaling": {"num_workers": 2, "storage_path": str(tmp_path / "ray_results")},
-        "tracking": {"experiment": "truncated", "run_name": "truncated", "tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}"},
+        "tracking": {"experiment": "truncated", "run_name": "truncated",
+                     "tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}"},  # fmt: skip
     }
     return build_config(raw, base=tmp_path)
 

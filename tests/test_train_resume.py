@@ -19,7 +19,7 @@ def test_order_is_latest_first_then_newest_epoch_first():
 
 
 def test_order_keeps_ray_latest_first_even_with_a_higher_epoch_elsewhere():
-    # After a fallback to epoch 1, the run's new epoch-2 checkpoint is Ray's latest; the old broken epoch 3 stays listed.
+    # After a fallback to epoch 1, the run's new epoch-2 checkpoint is Ray's latest; the broken epoch 3 stays listed.
     assert resume_order("e2-new", [("e1", 1), ("e3-broken", 3), ("e2-new", 2)]) == ["e2-new", "e3-broken", "e1"]
 
 
@@ -58,7 +58,8 @@ def test_fallback_note_names_the_bad_file_and_the_epoch_resumed_from():
 
 
 def write(folder: Path, epoch: int) -> ray.train.Checkpoint:
-    save_checkpoint(folder, {"epoch": epoch, "global_step": 4 * epoch, "model": {"queue": torch.full((8, 4), float(epoch))}})
+    queue = torch.full((8, 4), float(epoch))
+    save_checkpoint(folder, {"epoch": epoch, "global_step": 4 * epoch, "model": {"queue": queue}})
     return ray.train.Checkpoint.from_directory(folder)
 
 
@@ -70,11 +71,17 @@ class Reported:
         self.metrics = {"epoch": epoch, "loss": 1.0}
 
 
+def ray_reports(monkeypatch, *checkpoints) -> None:
+    """Ray Train's list of the run's registered checkpoints: ``checkpoints`` reported at epochs 1, 2, ..."""
+    reported = [Reported(checkpoint, epoch) for epoch, checkpoint in enumerate(checkpoints, start=1)]
+    monkeypatch.setattr(ray.train, "get_all_reported_checkpoints", lambda **_: reported)
+
+
 def test_a_truncated_latest_checkpoint_falls_back_to_the_previous_one(tmp_path, monkeypatch):
     first, second = write(tmp_path / "checkpoint_a", 1), write(tmp_path / "checkpoint_b", 2)
     broken = tmp_path / "checkpoint_b" / CHECKPOINT_FILE
     broken.write_bytes(broken.read_bytes()[:100])
-    monkeypatch.setattr(ray.train, "get_all_reported_checkpoints", lambda **_: [Reported(first, 1), Reported(second, 2)])
+    ray_reports(monkeypatch, first, second)
 
     resumed = load_for_resume(second, rank=0, world_size=1, map_location=torch.device("cpu"))
     assert resumed.state["epoch"] == 1 and resumed.path == first.path
@@ -85,7 +92,7 @@ def test_a_truncated_latest_checkpoint_falls_back_to_the_previous_one(tmp_path, 
 
 def test_an_intact_latest_checkpoint_is_loaded_without_a_fallback(tmp_path, monkeypatch):
     first, second = write(tmp_path / "checkpoint_a", 1), write(tmp_path / "checkpoint_b", 2)
-    monkeypatch.setattr(ray.train, "get_all_reported_checkpoints", lambda **_: [Reported(first, 1), Reported(second, 2)])
+    ray_reports(monkeypatch, first, second)
     resumed = load_for_resume(second, rank=0, world_size=1, map_location=torch.device("cpu"))
     assert (resumed.state["epoch"], resumed.path, resumed.skipped) == (2, second.path, [])
 
@@ -97,8 +104,10 @@ def test_a_checkpoint_that_would_run_code_is_refused_like_a_broken_one(tmp_path,
     tampered.mkdir()
     torch.save({"epoch": 2, "payload": Path("/etc")}, tampered / CHECKPOINT_FILE)
     second = ray.train.Checkpoint.from_directory(tampered)
-    monkeypatch.setattr(ray.train, "get_all_reported_checkpoints", lambda **_: [Reported(first, 1), Reported(second, 2)])
+    ray_reports(monkeypatch, first, second)
     resumed = load_for_resume(second, rank=0, world_size=1, map_location=torch.device("cpu"))
     assert resumed.state["epoch"] == 1
-    assert resumed.skipped[0][0] == str(tampered / CHECKPOINT_FILE) and "weights_only=True): Unsupported global: GLOBAL pathlib" in resumed.skipped[0][1]
+    ((path, reason),) = resumed.skipped
+    assert path == str(tampered / CHECKPOINT_FILE)
+    assert reason.startswith("refused by torch.load(weights_only=True): Unsupported global: GLOBAL pathlib.PosixPath")
 

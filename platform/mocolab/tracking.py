@@ -35,6 +35,7 @@ CONFIG_ARTIFACT = "config.yaml"
 BACKBONE_ARTIFACT = "backbone.pt"
 
 MAX_PARAM_CHARS = 6000
+MAX_TAG_CHARS = 8000  # MLflow refuses longer tag values
 _SECRET_ENV = re.compile(r"(KEY|SECRET|TOKEN|PASSWORD)$")
 _URI_CREDENTIALS = re.compile(r"(?<=://)[^/@\s]+@")
 

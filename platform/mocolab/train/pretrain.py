@@ -124,14 +124,15 @@ class _Tracker:
             return
         note = resumed.fallback_note()
         if note:
-            self._client.set_tag(self.run_id, self._tracking.RESUME_FALLBACK_TAG, note)
+            self._client.set_tag(self.run_id, self._tracking.RESUME_FALLBACK_TAG, note[: self._tracking.MAX_TAG_CHARS])
             progress(f"[mocolab] {note}")
         progress(f"[mocolab] resumed from epoch {resumed.state['epoch']} (global step {resumed.state['global_step']})")
 
     def no_loadable_checkpoint(self, message: str) -> None:
         if not self.active:
             return
-        self._client.set_tag(self.run_id, self._tracking.NO_LOADABLE_CHECKPOINT_TAG, message)
+        tag = self._tracking.NO_LOADABLE_CHECKPOINT_TAG
+        self._client.set_tag(self.run_id, tag, message[: self._tracking.MAX_TAG_CHARS])
         progress(f"[mocolab] {message}")
 
     def epoch(self, epoch: int, metrics: dict[str, Optional[float]]) -> None:

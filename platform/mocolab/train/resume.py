@@ -56,7 +56,9 @@ def resume_order(latest: str, reported: Sequence[tuple[str, Optional[int]]]) -> 
     return [latest] + [path for _, _, path in ranked if path != latest]
 
 
-def first_loadable(candidates: Sequence[T], load: Callable[[T], dict[str, Any]], name: Callable[[T], str]) -> tuple[T, dict[str, Any], list[tuple[str, str]]]:
+def first_loadable(
+    candidates: Sequence[T], load: Callable[[T], dict[str, Any]], name: Callable[[T], str]
+) -> tuple[T, dict[str, Any], list[tuple[str, str]]]:
     """Load ``candidates`` in order until one loads; returns it, its state and ``(name, reason)`` of those
     that failed before it. Raises :class:`NoLoadableCheckpointError` listing every failure if none loads."""
     failures: list[tuple[str, str]] = []
@@ -82,7 +84,8 @@ def _reason(err: Exception) -> str:
     """A one-line reason: torch's weights-only refusal as such, else the error's first sentence."""
     text = _ANSI.sub("", str(err))
     if isinstance(err, pickle.UnpicklingError) and "WeightsUnpickler error:" in text:
-        return f"refused by torch.load(weights_only=True): {_first_sentence(text.split('WeightsUnpickler error:', 1)[1])}"
+        detail = _first_sentence(text.split("WeightsUnpickler error:", 1)[1])
+        return f"refused by torch.load(weights_only=True): {detail}"
     first = _first_sentence(text)
     return f"{type(err).__name__}: {first}" if first else type(err).__name__
 
