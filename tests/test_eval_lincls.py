@@ -23,6 +23,7 @@ from mocolab.evaluate.lincls import (
 from mocolab.evaluate.weights import (
     BackboneChangedError,
     assert_unchanged,
+    check_source,
     load_backbone_state,
     resolve_source,
     snapshot,
@@ -146,6 +147,5 @@ def test_weights_of_another_architecture_are_refused(tmp_path):
     torch.save(backbone_state_dict(small), path)
     source = resolve_source(_cfg(), weights=str(path))
     assert source.init == "file"
-    backbone, _ = build_backbone(source.model)
-    with pytest.raises(ConfigError, match="do not fit model.arch=resnet18"):
-        load_backbone_state(backbone, source)
+    with pytest.raises(ConfigError, match="does not fit model.arch=resnet18.*--set model.arch=small_cnn"):
+        check_source(source)  # the pre-flight step's check, in the driver before any run exists

@@ -12,13 +12,14 @@ import importlib
 import sys
 
 SUBCOMMANDS = {
-    "pretrain": ("mocolab.train.launch", "MoCo pretraining on Ray Train (resumes a run of the same name)"),
+    "pretrain": ("mocolab.orchestrate", "MoCo pretraining on Ray Train (resumes a run of the same name)"),
     "quickstart": ("mocolab.quickstart", "pretrain on bundled digits, then kNN/linear/detection vs random init"),
     "lincls": ("mocolab.evaluate.lincls_cli", "linear classification on frozen features (the paper's protocol)"),
     "detect": ("mocolab.evaluate.detection_cli", "Faster R-CNN transfer, COCO-style AP"),
     "sweep": ("mocolab.tune.sweep", "Ray Tune sweep from a sweep file (experiments/sweeps/)"),
     "report": ("mocolab.analysis.report", "ablation tables, plots and a markdown report from MLflow"),
     "bench": ("mocolab.bench.cli", "step, reference-loop, data-pipeline and overhead benchmarks"),
+    "export": ("mocolab.weights_io.export", "write a backbone as torchvision keys or a detectron2 .pkl"),
 }
 
 

@@ -4,9 +4,10 @@ Parts (``--what``, default all): ``step`` (mocolab's training step, images/s of 
 (the textbook loop side by side, and the ratio), ``data`` (one loader worker's decode + two-crop augment),
 ``overhead`` (a real ``mocolab pretrain`` run's epoch throughput against the bare step in as many
 processes as workers), ``fixed`` (command start to first step; checkpoint save/load time and size),
-``profile`` (``torch.profiler`` breakdown of the step). With no ``--config`` it benchmarks the quickstart
-config on its bundled digits. Prints a table; ``--json`` writes the record, ``--mlflow`` logs it as a run
-tagged ``mocolab.stage=bench``.
+``profile`` (``torch.profiler`` breakdown of the step), ``shuffle`` (shuffle-BN's bytes per worker per step
+for 2 to 64 workers and its time on 2 and 4 gloo processes, all-gather against all-to-all). With no
+``--config`` it benchmarks the quickstart config on its bundled digits. Prints a table; ``--json`` writes the
+record, ``--mlflow`` logs it as a run tagged ``mocolab.stage=bench``.
 """
 
 from __future__ import annotations
@@ -19,8 +20,7 @@ from typing import Any, Optional
 
 from mocolab.cli import add_overrides_argument
 
-PARTS = ("step", "reference", "data", "overhead", "fixed", "profile")
-BENCH_STAGE = "bench"
+PARTS = ("step", "reference", "data", "overhead", "fixed", "profile", "shuffle")
 
 
 def parse_parts(text: str) -> tuple[str, ...]:
@@ -146,6 +146,10 @@ def run_bench(cfg, spec, parts: tuple[str, ...], steps: int, repeats: int, epoch
         fractions = profile_step(spec, steps=min(steps, 5))
         result["momentum_queue_fraction"] = fractions.pop("momentum_queue_fraction")
         result["profile"] = fractions
+    if "shuffle" in parts:
+        from mocolab.bench.shuffle import shuffle_comparison
+
+        result["shuffle"] = shuffle_comparison(spec.batch_size, spec.image_size, spec.dim, steps, repeats)
     return result
 
 
@@ -155,7 +159,7 @@ def log_to_mlflow(cfg, result: dict[str, Any], json_path: Path) -> str:
     from mocolab.bench.report import metrics_for_mlflow
 
     params = {f"bench.{k}": v for k, v in result["settings"].items()} | tracking.params_of(cfg)
-    run_id = tracking.start_eval_run(cfg, BENCH_STAGE, params, init="random", run_name=f"bench-{cfg.tracking.run_name}")
+    run_id = tracking.start_eval_run(cfg, tracking.STAGE_BENCH, params, init="random", run_name=f"bench-{cfg.tracking.run_name}")
     tracking.log_metrics(tracking.client_for(cfg.tracking.tracking_uri), run_id, metrics_for_mlflow(result), step=0)
     tracking.log_file(cfg.tracking.tracking_uri, run_id, json_path)
     tracking.end_run(cfg.tracking.tracking_uri, run_id)
