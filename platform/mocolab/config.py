@@ -178,6 +178,26 @@ class ScalingConfig(_Section):
     use_gpu: bool = False
     cpus_per_worker: float = Field(1, gt=0)
     storage_path: str = Field("ray_results", description="local dir, NFS or s3:// URI for Ray checkpoints")
+    resources_per_worker: dict[str, float] = Field(
+        default_factory=dict,
+        description="custom Ray resources each worker also asks for, e.g. {spot_a100: 1} to run only on nodes "
+        "started with --resources='{\"spot_a100\": N}' (N workers each); CPU and GPU come from cpus_per_worker "
+        "and use_gpu",
+    )
+
+    @field_validator("resources_per_worker")
+    @classmethod
+    def _custom_resources_only(cls, v: dict[str, float]) -> dict[str, float]:
+        builtin = [name for name in v if name.upper() in ("CPU", "GPU")]
+        if builtin:
+            raise ValueError(
+                f"scaling.resources_per_worker names {builtin}: set scaling.cpus_per_worker and scaling.use_gpu "
+                "instead; this field is for custom node resources"
+            )
+        not_positive = {name: amount for name, amount in v.items() if amount <= 0}
+        if not_positive:
+            raise ValueError(f"scaling.resources_per_worker={not_positive}: amounts must be > 0 (drop the key instead)")
+        return v
 
 
 class TrackingConfig(_Section):

@@ -15,6 +15,7 @@ from mocolab import tracking
 from mocolab.cli import add_overrides_argument
 from mocolab.config import Config, load_config
 from mocolab.train.pretrain import NonFiniteLossError
+from mocolab.train.resume import NoLoadableCheckpointError
 
 
 def pretrain_and_evaluate(
@@ -37,10 +38,11 @@ def pretrain_and_evaluate(
         f"(MLflow run {run_id}, experiment '{cfg.tracking.experiment}', {tracking.redact(cfg.tracking.tracking_uri)})",
         flush=True,
     )
-    if resumed:  # a NaN recorded by an earlier attempt is not this attempt's
+    if resumed:  # a stop recorded by an earlier attempt is not this attempt's
         client = tracking.client_for(cfg.tracking.tracking_uri)
-        if tracking.NONFINITE_LOSS_TAG in client.get_run(run_id).data.tags:
-            client.delete_tag(run_id, tracking.NONFINITE_LOSS_TAG)
+        for tag in (tracking.NONFINITE_LOSS_TAG, tracking.NO_LOADABLE_CHECKPOINT_TAG):
+            if tag in client.get_run(run_id).data.tags:
+                client.delete_tag(run_id, tag)
     ensure_ray()
     fit_pretrain(cfg, run_id, callbacks)
     if cfg.eval.lincls is not None or cfg.eval.detection is not None:
@@ -67,7 +69,7 @@ def main(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
     try:
         run_id = run_pretrain(cfg)
-    except NonFiniteLossError as err:
+    except (NonFiniteLossError, NoLoadableCheckpointError) as err:
         print(f"mocolab pretrain: {err}", file=sys.stderr)
         return 1
     print(f"[mocolab] run '{cfg.tracking.run_name}' finished: MLflow run {run_id}", flush=True)

@@ -41,13 +41,15 @@ def torch_trainer(
     keep_checkpoints: Optional[int] = None,
     callbacks: Sequence[Any] = (),
 ):
-    """A TorchTrainer running ``loop(loop_config)`` on ``num_workers`` workers of ``cfg.scaling`` (CPUs and a GPU
-    each, gloo on CPU, nccl on GPU), storing under ``cfg.scaling.storage_path/run_name`` (the same name resumes)."""
+    """A TorchTrainer running ``loop(loop_config)`` on ``num_workers`` workers of ``cfg.scaling`` (CPUs, a GPU and
+    the custom ``resources_per_worker`` each; gloo on CPU, nccl on GPU), storing under
+    ``cfg.scaling.storage_path/run_name`` (the same name resumes)."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     scaling = cfg.scaling
     resources = {"CPU": scaling.cpus_per_worker, **({"GPU": 1} if scaling.use_gpu else {})}
+    resources.update(scaling.resources_per_worker)
     return TorchTrainer(
         loop,
         train_loop_config=loop_config,

@@ -36,6 +36,8 @@ TRIAL_ID_TAG = "mocolab.trial_id"  # Ray Tune's trial id of a sweep trial
 STOPPED_EARLY_TAG = "mocolab.stopped_early"  # a trial the scheduler (ASHA) stopped
 GIT_COMMIT_TAG = "mocolab.git_commit"
 NONFINITE_LOSS_TAG = "mocolab.nonfinite_loss"  # set by rank 0 when the loss became NaN/inf: where it happened
+RESUME_FALLBACK_TAG = "mocolab.resume_fallback"  # set by rank 0 when it resumed from an older checkpoint: why
+NO_LOADABLE_CHECKPOINT_TAG = "mocolab.no_loadable_checkpoint"  # set by rank 0 when no checkpoint of the run loads
 PARENT_RUN_TAG = "mlflow.parentRunId"
 
 # --- params beyond the flattened config ---------------------------------------------------------------
@@ -60,6 +62,7 @@ BASE_ARTIFACT = "base_config.yaml"  # on a sweep's parent run
 REPORT_ARTIFACT_DIR = "report"  # mocolab report's files on a sweep's parent run
 
 MAX_PARAM_CHARS = 6000
+MAX_TAG_CHARS = 8000  # MLflow refuses longer tag values
 _SECRET_ENV = re.compile(r"(KEY|SECRET|TOKEN|PASSWORD)$")
 _URI_CREDENTIALS = re.compile(r"(?<=://)[^/@\s]+@")
 
