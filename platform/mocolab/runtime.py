@@ -6,8 +6,11 @@ the only place that builds one, so their scaling, backend, storage and failure s
 
 from __future__ import annotations
 
+import json
+import logging
 import os
 import random
+import socket
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Optional
@@ -16,19 +19,75 @@ import numpy as np
 import torch
 
 from mocolab.config import Config
+from mocolab.console import VERBOSE_ENV, is_verbose
+
+
+QUIET_RAY_LEVEL = "ERROR"
+"""Console level of Ray (driver) and Ray Train (controller, workers) unless verbose; their log files keep all."""
+GCS_PORT_ENV = "RAY_GCS_SERVER_PORT"
+
+
+def ray_job_env(address: Optional[str]) -> dict[str, str]:
+    """Environment variables for every process of the Ray job this command starts (Ray's own settings):
+
+    - ``RAY_ADDRESS``: the cluster's address, so that Ray Train's placement-group cleaner, which asks Ray's State
+      API, finds this cluster rather than failing when a machine runs several Ray instances;
+    - ``RAY_TRAIN_ENABLE_PRINT_PATCH=0``: a worker's ``print`` goes to its stdout once (Ray Train's patched print
+      also sends it to a logger, and the console showed it twice);
+    - ``RAY_TRAIN_ENABLE_PREEMPTION_WATCHER=0``: mocolab's loops do not act on node-drain notices (a lost node is
+      handled by ``train.max_failures`` restarts from the last checkpoint), and the watcher's actor logs errors;
+    - mocolab's verbosity and MLflow's console level, for sweep trials and workers.
+
+    A variable already set in this process keeps its value; one the submitted job's own runtime environment sets
+    is left to it (Ray refuses to merge the same key twice)."""
+    wanted = {
+        "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
+        "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
+        VERBOSE_ENV: "1" if is_verbose() else "0",
+        "MLFLOW_LOGGING_LEVEL": "INFO" if is_verbose() else "WARNING",
+    }
+    env = {key: os.environ.get(key, value) for key, value in wanted.items()}
+    if address and address not in ("auto", "local"):
+        env["RAY_ADDRESS"] = address
+    job_config = json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR", "{}"))  # set by `ray job submit`
+    submitted = (job_config.get("runtime_env") or {}).get("env_vars") or {}
+    return {key: value for key, value in env.items() if key not in submitted}
 
 
 def ensure_ray() -> None:
-    """Connect to the cluster in ``RAY_ADDRESS`` (set by ``ray job submit``), or start a local Ray."""
+    """Connect to the cluster in ``RAY_ADDRESS`` (set by ``ray job submit``), or start a local Ray (no web
+    dashboard); either way with Ray's console at :data:`QUIET_RAY_LEVEL` unless verbose and the job environment
+    of :func:`ray_job_env`."""
     import ray
 
     if ray.is_initialized():
         return
+    level = logging.INFO if is_verbose() else getattr(logging, QUIET_RAY_LEVEL)
     address = os.environ.get("RAY_ADDRESS")
     if address:
-        ray.init(address=address)
-    else:
-        ray.init(address="local", include_dashboard=False)
+        ray.init(address=address, logging_level=level, runtime_env={"env_vars": ray_job_env(address)})
+        return
+    port = _free_port()
+    previous = os.environ.get(GCS_PORT_ENV)
+    os.environ[GCS_PORT_ENV] = str(port)  # Ray's setting for the port of a head it starts
+    try:
+        ray.init(
+            address="local",
+            include_dashboard=False,
+            logging_level=level,
+            runtime_env={"env_vars": ray_job_env(f"127.0.0.1:{port}")},
+        )
+    finally:
+        if previous is None:
+            os.environ.pop(GCS_PORT_ENV)
+        else:
+            os.environ[GCS_PORT_ENV] = previous
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def torch_trainer(
@@ -42,8 +101,9 @@ def torch_trainer(
     callbacks: Sequence[Any] = (),
 ):
     """A TorchTrainer running ``loop(loop_config)`` on ``num_workers`` workers of ``cfg.scaling`` (CPUs and a GPU
-    each, gloo on CPU, nccl on GPU), storing under ``cfg.scaling.storage_path/run_name`` (the same name resumes)."""
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    each, gloo on CPU, nccl on GPU), storing under ``cfg.scaling.storage_path/run_name`` (the same name resumes).
+    Ray Train's own console output is at :data:`QUIET_RAY_LEVEL` unless verbose (its log files keep everything)."""
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     scaling = cfg.scaling
@@ -59,6 +119,7 @@ def torch_trainer(
             failure_config=FailureConfig(max_failures=max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=keep_checkpoints),
             callbacks=list(callbacks),
+            logging_config=LoggingConfig(log_level="INFO" if is_verbose() else QUIET_RAY_LEVEL),
         ),
     )
 
