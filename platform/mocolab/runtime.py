@@ -23,7 +23,11 @@ from mocolab.console import VERBOSE_ENV, is_verbose
 
 
 QUIET_RAY_LEVEL = "ERROR"
-"""Console level of Ray (driver) and Ray Train (controller, workers) unless verbose; their log files keep all."""
+"""Unless verbose: the level of Ray's logging in the driver and the job's processes, and of Ray Train's console
+(Ray Train's log files, ``logs/train/`` in the Ray session folder, keep everything)."""
+QUIET_WORKER_CONSOLE = "WARNING"
+"""Unless verbose: the level of a Ray Train worker's console for everything outside ``ray.train`` (mocolab's own
+warnings, e.g. skipped corrupt images, still show)."""
 GCS_PORT_ENV = "RAY_GCS_SERVER_PORT"
 
 
@@ -56,16 +60,23 @@ def ray_job_env(address: Optional[str]) -> dict[str, str]:
 
 def ensure_ray() -> None:
     """Connect to the cluster in ``RAY_ADDRESS`` (set by ``ray job submit``), or start a local Ray (no web
-    dashboard); either way with Ray's console at :data:`QUIET_RAY_LEVEL` unless verbose and the job environment
-    of :func:`ray_job_env`."""
+    dashboard, so no State API: Ray Train's placement-group cleaner then warns every second that it cannot query
+    it); either way with the job environment of :func:`ray_job_env` and, unless verbose, the logging of the driver
+    and of every process of the job (``ray.LoggingConfig``) at :data:`QUIET_RAY_LEVEL`. Verbose, Ray's defaults
+    apply (INFO, worker lines prefixed with their process)."""
     import ray
 
     if ray.is_initialized():
         return
-    level = logging.INFO if is_verbose() else getattr(logging, QUIET_RAY_LEVEL)
+    quiet = {} if is_verbose() else {
+        "logging_level": QUIET_RAY_LEVEL,
+        # also drops the "(RayTrainWorker pid=...)" prefix of the lines workers print (Ray does so for a job
+        # with a logging config), so the console shows mocolab's lines as they are
+        "logging_config": ray.LoggingConfig(log_level=QUIET_RAY_LEVEL),
+    }
     address = os.environ.get("RAY_ADDRESS")
     if address:
-        ray.init(address=address, logging_level=level, runtime_env={"env_vars": ray_job_env(address)})
+        ray.init(address=address, runtime_env={"env_vars": ray_job_env(address)}, **quiet)
         return
     port = _free_port()
     previous = os.environ.get(GCS_PORT_ENV)
@@ -74,8 +85,8 @@ def ensure_ray() -> None:
         ray.init(
             address="local",
             include_dashboard=False,
-            logging_level=level,
             runtime_env={"env_vars": ray_job_env(f"127.0.0.1:{port}")},
+            **quiet,
         )
     finally:
         if previous is None:
@@ -146,14 +157,26 @@ class Worker:
         return self.rank == 0
 
 
+def _quiet_worker_console() -> None:
+    """Raise the console handlers of the worker's root logger to :data:`QUIET_WORKER_CONSOLE`. Ray Train sets them
+    to INFO, and its per-report ``Reporting training result ...`` lines come from a logger outside ``ray.train``
+    (named by its file) that its LoggingConfig does not reach; the worker's log file handler keeps everything."""
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler):
+            handler.setLevel(QUIET_WORKER_CONSOLE)
+
+
 def start_worker(config: dict[str, Any], seed: int) -> Worker:
     """The preamble of every worker loop: the run config from ``config["config"]`` (the schema's pure rules only;
     the driver's pre-flight step checked files and data), rank, world size, device, one CPU thread per CPU of
-    the worker, deterministic algorithms when ``train.deterministic``, and every RNG seeded with ``seed``."""
+    the worker, deterministic algorithms when ``train.deterministic``, every RNG seeded with ``seed``, and the
+    worker's console quiet unless verbose."""
     import ray.train
     import ray.train.torch
 
     cfg = Config.model_validate(config["config"])
+    if not is_verbose():
+        _quiet_worker_console()
     context = ray.train.get_context()
     torch.set_num_threads(max(1, int(cfg.scaling.cpus_per_worker)))
     if cfg.train.deterministic:

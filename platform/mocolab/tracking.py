@@ -243,22 +243,20 @@ def log_dataset_input(client: "MlflowClient", run_id: str, cfg: Config) -> None:
     folder, or the code that makes it), its image count as the profile and a digest of its file list."""
     import json
 
-    from mlflow.data.code_dataset_source import CodeDatasetSource
-    from mlflow.data.dataset_source_registry import resolve_dataset_source
     from mlflow.entities import Dataset, DatasetInput, InputTag
 
     from mocolab.data.datasets import summarize
 
     summary = summarize(cfg.data, "train")
-    if summary.root is not None:
-        source = resolve_dataset_source(redact(summary.root))
+    if summary.root is not None:  # as mlflow.data's local and code dataset sources write themselves
+        source_type, source = "local", {"uri": redact(summary.root)}
     else:
-        source = CodeDatasetSource({"mocolab.data.dataset": cfg.data.dataset})
+        source_type, source = "code", {"tags": {"mocolab.data.dataset": cfg.data.dataset}}
     dataset = Dataset(
         name=summary.name,
         digest=summary.digest,
-        source_type=source._get_source_type(),
-        source=source.to_json(),
+        source_type=source_type,
+        source=json.dumps(source),
         profile=json.dumps({"num_images": summary.num_images}),
     )
     client.log_inputs(run_id, datasets=[DatasetInput(dataset, tags=[InputTag(DATASET_CONTEXT_TAG, TRAINING_CONTEXT)])])
