@@ -163,10 +163,12 @@ def test_tune_space_counts_and_unzips_trials(tmp_path):
     assert trial_run_name("s", "3f2a1_00012") == "s-00012"
 
 
-def test_optuna_search_is_refused_with_the_fix_when_optuna_is_missing(tmp_path):
+def test_optuna_search_is_refused_with_the_fix_when_optuna_is_missing(tmp_path, monkeypatch):
     import importlib.util
 
-    if importlib.util.find_spec("optuna") is not None:
-        pytest.skip("optuna is installed here")
+    space = {"moco.temperature": {"choice": [0.1, 0.2]}}
+    assert load_sweep(write_sweep(tmp_path, search="optuna", space=space))  # optuna is a pinned dependency
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "optuna" else find_spec(name, *a))
     with pytest.raises(ConfigError, match="pip install optuna"):
-        load_sweep(write_sweep(tmp_path, search="optuna", space={"moco.temperature": {"choice": [0.1]}}))
+        load_sweep(write_sweep(tmp_path, search="optuna", space=space))

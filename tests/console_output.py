@@ -1,0 +1,37 @@
+"""Reading a command's console output as a terminal shows it (for the quiet-console tests)."""
+
+from __future__ import annotations
+
+import re
+
+ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+RAY_CHATTER = (
+    "PlacementGroupCleaner",
+    "PreemptionWatcher",
+    "TrainingReport(",
+    "training worker group",
+    "Setting up process group",
+    "Wrapping provided model",
+    "Moving model to device",
+    "Started a local Ray instance",
+    "Connecting to existing Ray cluster",
+    "Creating initial MLflow database",
+)
+"""Lines of Ray's (and MLflow's) internals that the default console must not show (issue 12)."""
+
+
+def screen_lines(output: str) -> list[str]:
+    """The lines a terminal ends up showing: each line's text after its last carriage return (a progress bar
+    redraws itself with \\r), without colour codes and surrounding spaces, empty ones left out."""
+    lines = (ANSI.sub("", line.split("\r")[-1]).strip() for line in output.split("\n"))
+    return [line for line in lines if line]
+
+
+def progress_lines(output: str) -> list[str]:
+    """mocolab's progress lines: its ``[mocolab ...]`` messages and the finished progress bars."""
+    return [line for line in screen_lines(output) if line.startswith("[mocolab") or "img/s:" in line]
+
+
+def chatter(output: str) -> list[str]:
+    """The lines of ``output`` that show Ray's internals (see RAY_CHATTER)."""
+    return [line for line in screen_lines(output) if any(marker in line for marker in RAY_CHATTER)]
