@@ -21,7 +21,7 @@ def make_folder(root: Path, n: int = 6) -> list[Path]:
         folder = root / ("a" if i % 2 else "b/c/d") / f"batch{i % 3}"
         folder.mkdir(parents=True, exist_ok=True)
         path = folder / f"img{i}.{'JPG' if i % 3 == 0 else 'png'}"
-        Image.fromarray(np.full((20, 24, 3), 10 * i, dtype=np.uint8)).save(path, format="JPEG" if i % 3 == 0 else "PNG")
+        Image.fromarray(np.full((20, 24, 3), (37 * i) % 256, dtype=np.uint8)).save(path, format="JPEG" if i % 3 == 0 else "PNG")
         paths.append(path)
     (root / "a" / "notes.txt").write_text("not an image")
     (root / ".thumbnails").mkdir()

@@ -121,6 +121,10 @@ def test_asha_needs_knn_every_epoch(tmp_path):
     assert load_sweep(path)[0].scheduler.type == "asha"
     with pytest.raises(ConfigError, match="knn_every=1"):
         load_sweep(path, overrides=["train.knn_every=2"])
+    folder = ["data.dataset=folder", f"data.root={tmp_path}"]  # no labels: no knn_top1 to compare
+    with pytest.raises(ConfigError, match="set train.knn_dataset"):
+        load_sweep(path, overrides=folder)
+    assert load_sweep(path, overrides=[*folder, "train.knn_dataset={dataset: digits}"])
 
 
 @pytest.mark.parametrize("path", sorted(SWEEPS.glob("*_cpu.yaml")), ids=lambda p: p.name)
