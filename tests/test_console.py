@@ -36,6 +36,7 @@ class RecordingBar:
 def bars(monkeypatch):
     import ray.experimental.tqdm_ray
 
+    monkeypatch.setenv(console.PROGRESS_ENV, "bar")
     RecordingBar.instances = []
     monkeypatch.setattr(ray.experimental.tqdm_ray, "tqdm", RecordingBar)
     return RecordingBar.instances
@@ -59,6 +60,28 @@ def test_updates_are_sent_at_most_every_refresh_interval_then_the_final_state(ba
     assert steps == sorted(steps) and "loss" in recorded.sent[-1][1] and "img/s" in recorded.sent[-1][1]
 
 
+def test_without_a_terminal_progress_is_a_line_a_minute(bars, monkeypatch, capfd):
+    monkeypatch.setenv(console.PROGRESS_ENV, "lines")
+    clock = iter(range(0, 10_000, 10))  # 10 s a step
+    monkeypatch.setattr(console.time, "perf_counter", lambda: next(clock))
+    with console.StepProgress("epoch 2/9", total=30) as bar:
+        for step in range(30):
+            bar.step(images=100, loss=4.0, lr=0.5)
+    lines = capfd.readouterr().out.splitlines()
+    assert bars == [] and len(lines) == 30 * 10 // console.LINE_EVERY_S  # one a minute, none at close
+    assert lines[0] == "[mocolab] epoch 2/9  step 6/30  loss 4.0000  lr 0.5  10 img/s  ETA 0:04:00"
+
+
+def test_progress_follows_the_console_unless_the_driver_chose(monkeypatch):
+    monkeypatch.delenv(console.PROGRESS_ENV, raising=False)
+    monkeypatch.setattr(console.sys.stderr, "isatty", lambda: True, raising=False)
+    assert console.progress_mode() == "bar"
+    monkeypatch.setattr(console.sys.stderr, "isatty", lambda: False, raising=False)
+    assert console.progress_mode() == "lines"
+    monkeypatch.setenv(console.PROGRESS_ENV, "bar")  # what a worker gets from the driver
+    assert console.progress_mode() == "bar"
+
+
 def test_an_inactive_bar_sends_nothing(bars):
     with console.StepProgress("epoch 1/2", total=5, active=False) as bar:
         bar.step(images=8, loss=1.0, lr=0.1)
@@ -80,8 +103,9 @@ def test_ray_job_env_quiets_train_and_names_the_cluster(monkeypatch):
     for key in ("RAY_TRAIN_ENABLE_PRINT_PATCH", "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "RAY_JOB_CONFIG_JSON_ENV_VAR"):
         monkeypatch.delenv(key, raising=False)
     monkeypatch.setenv(console.VERBOSE_ENV, "0")
+    monkeypatch.setenv(console.PROGRESS_ENV, "lines")
     env = ray_job_env("127.0.0.1:6379")
-    assert env["RAY_ADDRESS"] == "127.0.0.1:6379"
+    assert env["RAY_ADDRESS"] == "127.0.0.1:6379" and env[console.PROGRESS_ENV] == "lines"
     assert env["RAY_TRAIN_ENABLE_PRINT_PATCH"] == "0" and env["RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"] == "0"
     assert env[console.VERBOSE_ENV] == "0"
     assert "RAY_ADDRESS" not in ray_job_env("auto")

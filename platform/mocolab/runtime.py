@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from mocolab.config import Config
-from mocolab.console import VERBOSE_ENV, is_verbose
+from mocolab.console import PROGRESS_ENV, VERBOSE_ENV, is_verbose, progress_mode
 
 
 QUIET_RAY_LEVEL = "ERROR"
@@ -40,11 +40,13 @@ def ray_job_env(address: Optional[str]) -> dict[str, str]:
       also sends it to a logger, and the console showed it twice);
     - ``RAY_TRAIN_ENABLE_PREEMPTION_WATCHER=0``: mocolab's loops do not act on node-drain notices (a lost node is
       handled by ``train.max_failures`` restarts from the last checkpoint), and the watcher's actor logs errors;
-    - mocolab's verbosity and MLflow's console level, for sweep trials and workers.
+    - mocolab's verbosity, its progress mode (bars for a terminal, lines otherwise) and MLflow's console level, for
+      sweep trials and workers.
 
     A variable already set in this process keeps its value; one the submitted job's own runtime environment sets
     is left to it (Ray refuses to merge the same key twice)."""
     wanted = {
+        PROGRESS_ENV: progress_mode(),
         "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
         "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
         VERBOSE_ENV: "1" if is_verbose() else "0",
