@@ -144,7 +144,8 @@ def test_pretrain_job_logs_to_the_mlflow_server(cluster):
     assert dataset_input.dataset.name == "digits/train" and dataset_input.dataset.source_type == "code"
     (output,) = run.outputs.model_outputs
     assert client.get_logged_model(output.model_id).name == "backbone"
-    assert run.data.tags["mlflow.source.name"].startswith("mocolab pretrain ")
+    assert run.data.tags["mlflow.source.name"] == "mocolab pretrain"
+    assert f"[mocolab] MLflow UI: {cluster['mlflow_uri']}/#/experiments/" in logs
     assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
     # its console, as `ray job submit` streams it: mocolab's lines once, none of Ray's internals
     assert chatter(logs) == []

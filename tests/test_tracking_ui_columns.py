@@ -46,9 +46,8 @@ def test_a_run_records_the_command_commit_and_dataset(folder_cfg, tmp_path, monk
     run_id, _ = tracking.start_pretrain_run(folder_cfg)
     run = MlflowClient(folder_cfg.tracking.tracking_uri).get_run(run_id)
     tags = run.data.tags
-    assert tags[tracking.SOURCE_NAME_TAG] == (
-        "mocolab pretrain c.yaml --set tracking.tracking_uri=https://***@mlflow.example"
-    )
+    assert tags[tracking.SOURCE_NAME_TAG] == "mocolab pretrain"  # the UI's Source column shows it after the last '/'
+    assert tags[tracking.COMMAND_TAG] == "mocolab pretrain c.yaml --set tracking.tracking_uri=https://***@mlflow.example"
     assert tags[tracking.SOURCE_TYPE_TAG] == "LOCAL"
     assert tags[tracking.SOURCE_GIT_COMMIT_TAG] == tags[tracking.GIT_COMMIT_TAG] == tracking.git_commit()
     (dataset_input,) = run.inputs.dataset_inputs
@@ -57,6 +56,12 @@ def test_a_run_records_the_command_commit_and_dataset(folder_cfg, tmp_path, monk
     assert json.loads(dataset.source)["uri"] == str(tmp_path / "photos")
     assert json.loads(dataset.profile) == {"num_images": 6} and len(dataset.digest) == 16
     assert [(t.key, t.value) for t in dataset_input.tags] == [("mlflow.data.context", "training")]
+
+
+def test_ui_link_opens_the_model_training_view_of_a_server():
+    link = tracking.ui_link("https://bob:pw-123@mlflow.example/", "7", "abc")
+    assert link == "https://***@mlflow.example/#/experiments/7/runs/abc?workflowType=machine_learning"
+    assert tracking.ui_link("sqlite:////tmp/m.db", "7", "abc") is None
 
 
 def test_command_line_outside_the_cli_is_plain_mocolab(monkeypatch):

@@ -44,7 +44,8 @@ PARENT_RUN_TAG = "mlflow.parentRunId"
 # --- MLflow's own names that mocolab fills (the UI's runs table shows them) ---------------------------
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"  # on an experiment
 MODEL_TRAINING_KIND = "custom_model_development"  # without a kind, MLflow 3's UI opens a GenAI trace view
-SOURCE_NAME_TAG, SOURCE_TYPE_TAG = "mlflow.source.name", "mlflow.source.type"  # the command that made the run
+SOURCE_NAME_TAG, SOURCE_TYPE_TAG = "mlflow.source.name", "mlflow.source.type"  # `mocolab <subcommand>`
+COMMAND_TAG = "mocolab.command"  # the whole command line that made the run, credentials masked
 SOURCE_GIT_COMMIT_TAG = "mlflow.source.git.commit"
 USER_TAG = "mlflow.user"
 DATASET_CONTEXT_TAG, TRAINING_CONTEXT = "mlflow.data.context", "training"  # on a run's dataset input
@@ -188,8 +189,11 @@ def command_line() -> str:
 
 
 def source_tags() -> dict[str, str]:
-    """MLflow's source tags of a run this process creates: the command, the git commit, the user."""
-    tags = {SOURCE_NAME_TAG: command_line(), SOURCE_TYPE_TAG: "LOCAL"}
+    """MLflow's source tags of a run this process creates: ``mocolab <subcommand>`` (the UI's Source column shows
+    the part after the last '/', so not the whole command line, which goes to ``mocolab.command``), the git
+    commit, the user."""
+    command = command_line()
+    tags = {SOURCE_NAME_TAG: " ".join(shlex.split(command)[:2]), SOURCE_TYPE_TAG: "LOCAL", COMMAND_TAG: command}
     commit = git_commit()
     if commit:
         tags[GIT_COMMIT_TAG] = tags[SOURCE_GIT_COMMIT_TAG] = commit
@@ -198,6 +202,14 @@ def source_tags() -> dict[str, str]:
     except (KeyError, OSError):  # no login name (some containers)
         pass
     return tags
+
+
+def ui_link(uri: str, experiment_id: str, run_id: str) -> Optional[str]:
+    """The run's page in the MLflow UI of a tracking server (None for other stores), opened on the model-training
+    view: MLflow 3.17's UI starts on its GenAI view unless told ``workflowType=machine_learning``."""
+    if not uri.startswith(("http://", "https://")):
+        return None
+    return f"{redact(uri).rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}?workflowType=machine_learning"
 
 
 def params_of(cfg: Config) -> dict[str, str]:
