@@ -19,6 +19,7 @@ SUBCOMMANDS = {
     "sweep": ("mocolab.tune.sweep", "Ray Tune sweep from a sweep file (experiments/sweeps/)"),
     "report": ("mocolab.analysis.report", "ablation tables, plots and a markdown report from MLflow"),
     "bench": ("mocolab.bench.cli", "step, reference-loop, data-pipeline and overhead benchmarks"),
+    "export": ("mocolab.weights_io.export", "write a backbone as torchvision keys or a detectron2 .pkl"),
     "config": ("mocolab.config_cli", "print a config as it resolves (preset, --set overrides, absolute paths) in YAML"),
 }
 VERBOSE_HELP = "also show Ray's and MLflow's informational output (start-up, worker groups, reports); Ray's log files keep it either way"

@@ -102,6 +102,11 @@ class ModelConfig(_Section):
     bn_splits: int = Field(8, ge=1)
     channels_last: Optional[bool] = Field(None, description="default: true on GPU, false on CPU")
     compile: bool = False
+    init_weights: Optional[Path] = Field(
+        None,
+        description="pretraining starts both encoders' backbones from this weights file (any layout --weights "
+        "reads; the pre-flight step checks it against model.arch)",
+    )
 
 
 class DigitsConfig(_Section):
@@ -440,6 +445,9 @@ def _absolute(path: Any, base: Path) -> Any:
 
 def _resolve_paths(raw: dict[str, Any], base: Path) -> None:
     """Make the config's paths absolute against ``base`` (in place, on the raw dict)."""
+    model = raw.get("model") or {}
+    if isinstance(model, dict) and "init_weights" in model:
+        model["init_weights"] = _absolute(model["init_weights"], base)
     data = raw.get("data") or {}
     if isinstance(data, dict) and "root" in data:
         data["root"] = _absolute(data["root"], base)

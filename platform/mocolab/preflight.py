@@ -25,12 +25,14 @@ class PreflightReport:
     train_images: dict[str, int] = field(default_factory=dict)
     test_images: dict[str, int] = field(default_factory=dict)
     detection: list[str] = field(default_factory=list)  # "N train / M val images, classes [...]"
+    init_weights: dict[str, str] = field(default_factory=dict)  # model.init_weights file -> its layout summary
     checked: set[str] = field(default_factory=set)  # evaluation data sections already checked
     notes: list[str] = field(default_factory=list)  # things the user should know once, e.g. the kNN monitor is off
 
     def summary(self) -> str:
         parts = [f"{n:,} training images" for n in self.train_images.values()]
         parts += [f"detection: {text}" for text in self.detection]
+        parts += [f"model.init_weights {layout}" for layout in self.init_weights.values()]
         lines = [f"[mocolab] pre-flight checks passed ({'; '.join(parts) or 'data, storage, tracking'})"]
         return "\n".join(lines + [f"[mocolab] {note}" for note in self.notes])
 
@@ -79,6 +81,11 @@ def _check_pretrain(cfg: Config, report: PreflightReport) -> None:
         mechanism_class(cfg.moco.mechanism).check(DictionarySettings.from_config(cfg, n_train))
     except ValueError as err:
         raise ConfigError(str(err)) from None
+    if cfg.model.init_weights is not None and (key := f"{cfg.model.init_weights}{cfg.model}") not in report.init_weights:
+        from mocolab.weights_io.arch import load_checked
+
+        found = load_checked(cfg.model.init_weights, cfg.model, f"model.init_weights={cfg.model.init_weights}")
+        report.init_weights[key] = found.summary()
     _check_knn(cfg, report)
 
 
@@ -141,12 +148,10 @@ def _check_detection(cfg: Config, model_cfg, report: PreflightReport) -> None:
 
 
 def _check_source(source) -> None:
-    """The evaluated backbone's weights load into ``model.arch`` (strictly), here rather than in a worker."""
-    from mocolab.evaluate.weights import load_backbone_state
-    from mocolab.moco.backbones import build_backbone
+    """The evaluated backbone's weights fit ``model.arch`` (strictly), here rather than in a worker."""
+    from mocolab.evaluate.weights import check_source
 
-    backbone, _ = build_backbone(source.model.model_copy(update={"bn": "plain", "channels_last": False}))
-    load_backbone_state(backbone, source)
+    check_source(source)
 
 
 def preflight(

@@ -345,8 +345,9 @@ def log_file(uri: str, run_id: str, path: Path, artifact_path: Optional[str] = N
 
 
 def load_pretrain_artifacts(uri: str, run_id: str) -> tuple[dict[str, Any], dict[str, Any]]:
-    """``(config as a dict, backbone state_dict)`` of a pretraining run (``--pretrain-run ID``)."""
-    import torch
+    """``(config as a dict, the content of its backbone.pt)`` of a pretraining run (``--pretrain-run ID``),
+    the weights read without running code from them (``weights_io.files.read_weights_file``)."""
+    from mocolab.weights_io.files import read_weights_file
 
     client = client_for(uri)
     try:
@@ -365,7 +366,7 @@ def load_pretrain_artifacts(uri: str, run_id: str) -> tuple[dict[str, Any], dict
                 f"(did it finish?): {err}"
             ) from None
         config = yaml.safe_load(Path(cfg_path).read_text())
-        state = torch.load(weights_path, map_location="cpu", weights_only=True)
+        state = read_weights_file(weights_path, f"--pretrain-run {run_id}: its {BACKBONE_ARTIFACT}")
     return config, state
 
 

@@ -1,16 +1,16 @@
 """Where an evaluation's backbone comes from: a pretraining run, a weights file, or random init.
 
 ``--pretrain-run ID`` reads the run's ``backbone.pt`` and takes ``model.arch`` / ``model.cifar_stem``
-from its ``config.yaml``; ``--weights PATH`` reads a torchvision-keyed ``state_dict`` (a mocolab
-``backbone.pt`` or torchvision's own ImageNet weights file: ``fc.*`` is dropped) and uses the given
-config's ``model`` section; ``--init random`` keeps the freshly initialised backbone. Also the
-check that a frozen backbone stayed frozen.
+from its ``config.yaml``; ``--weights PATH`` reads a weights file of any layout ``weights_io.layouts``
+knows (mocolab, official MoCo, solo-learn, lightly, torchvision/timm, detectron2) and uses the given
+config's ``model`` section; ``--init random`` keeps the freshly initialised backbone. The pre-flight step
+checks the weights against the model (:func:`check_source`) before any MLflow run or Ray worker exists.
+Also the check that a frozen backbone stayed frozen.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Optional
 
 import torch
@@ -31,6 +31,7 @@ class BackboneSource:
     state: Optional[dict[str, torch.Tensor]] = field(default=None, repr=False)
     pretrain_run_id: Optional[str] = None
     weights_path: Optional[str] = None
+    origin: Optional[str] = None  # where the weights come from, for messages: "--weights x.pt (solo-learn layout)"
 
     @property
     def label(self) -> str:
@@ -40,29 +41,6 @@ class BackboneSource:
 
 class BackboneChangedError(RuntimeError):
     """The frozen backbone's weights or BN statistics changed during linear evaluation."""
-
-
-def clean_state_dict(state: dict, where: str) -> dict[str, torch.Tensor]:
-    """A backbone ``state_dict`` without classifier (``fc.*``) and wrapper (``module.``, ``_orig_mod.``)
-    keys; accepts a ``{"state_dict": ...}`` wrapper. Raises ConfigError naming ``where`` otherwise."""
-    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
-        state = state["state_dict"]
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise ConfigError(f"{where} is not a state_dict of tensors (expected a mocolab backbone.pt or torchvision weights)")
-    cleaned = {}
-    for key, value in state.items():
-        key = key.removeprefix("module.").removeprefix("_orig_mod.")
-        if not key.startswith("fc."):
-            cleaned[key] = value
-    return cleaned
-
-
-def load_weights_file(path: str) -> dict[str, torch.Tensor]:
-    """Read a torchvision-keyed weights file (no download; ``weights_only`` loading)."""
-    file = Path(path)
-    if not file.is_file():
-        raise ConfigError(f"--weights {path}: no such file")
-    return clean_state_dict(torch.load(file, map_location="cpu", weights_only=True), f"--weights {path}")
 
 
 def resolve_source(
@@ -77,32 +55,39 @@ def resolve_source(
         raise ConfigError("give exactly one of --pretrain-run RUN_ID, --weights PATH, --init random")
     if pretrain_run:
         from mocolab.tracking import load_pretrain_artifacts
+        from mocolab.weights_io.files import backbone_weights
 
-        run_config, state = load_pretrain_artifacts(cfg.tracking.tracking_uri, pretrain_run)
+        run_config, content = load_pretrain_artifacts(cfg.tracking.tracking_uri, pretrain_run)
         run_model = run_config.get("model", {})
         model = cfg.model.model_copy(
             update={"arch": run_model.get("arch", cfg.model.arch), "cifar_stem": run_model.get("cifar_stem", False)}
         )
-        return BackboneSource("pretrain", model, clean_state_dict(state, f"run {pretrain_run} backbone.pt"), pretrain_run)
+        found = backbone_weights(content, f"--pretrain-run {pretrain_run} (its backbone.pt)")
+        origin = f"--pretrain-run {pretrain_run} (its backbone.pt, {found.layout.name} layout)"
+        return BackboneSource("pretrain", model, found.state, pretrain_run, origin=origin)
     if weights:
-        return BackboneSource(
-            "supervised" if init == "supervised" else "file", cfg.model, load_weights_file(weights), weights_path=weights
-        )
+        from mocolab.weights_io.files import load_backbone_weights
+
+        found = load_backbone_weights(weights, f"--weights {weights}")
+        print(f"[mocolab] --weights {weights}: {found.summary()}", flush=True)
+        init = "supervised" if init == "supervised" else "file"
+        origin = f"--weights {weights} ({found.layout.name} layout)"
+        return BackboneSource(init, cfg.model, found.state, weights_path=weights, origin=origin)
     return BackboneSource("random", cfg.model)
 
 
+def check_source(source: BackboneSource) -> None:
+    """ConfigError naming the origin, the keys and the ``--set`` fix if ``source``'s weights do not fit its model."""
+    from mocolab.weights_io.arch import check_fits
+
+    if source.state is not None:
+        check_fits(source.state, source.model, source.origin or source.label)
+
+
 def load_backbone_state(backbone: nn.Module, source: BackboneSource) -> None:
-    """Load ``source``'s weights into ``backbone`` (strict); a mismatch names the keys and the fix."""
-    if source.state is None:
-        return
-    missing, unexpected = backbone.load_state_dict(source.state, strict=False)
-    if missing or unexpected:
-        origin = source.weights_path or f"run {source.pretrain_run_id}"
-        raise ConfigError(
-            f"weights of {origin} do not fit model.arch={source.model.arch} (cifar_stem={source.model.cifar_stem}): "
-            f"missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}; set model.arch / model.cifar_stem "
-            "to the architecture the weights were trained with"
-        )
+    """Load ``source``'s weights into ``backbone`` (strict; the pre-flight step checked that they fit)."""
+    if source.state is not None:
+        backbone.load_state_dict(source.state, strict=True)
 
 
 def snapshot(module: nn.Module) -> dict[str, torch.Tensor]:
@@ -125,7 +110,12 @@ def add_source_arguments(parser) -> None:
     """The arguments that choose the backbone (shared by ``lincls`` and ``detect``)."""
     parser.add_argument("config", help="the Config YAML (settings under eval.lincls / eval.detection)")
     parser.add_argument("--pretrain-run", metavar="RUN_ID", help="MLflow id of a finished pretraining run")
-    parser.add_argument("--weights", metavar="PATH", help="torchvision-keyed backbone weights file (backbone.pt)")
+    parser.add_argument(
+        "--weights",
+        metavar="PATH",
+        help="backbone weights: mocolab backbone.pt/checkpoint.pt, official MoCo .pth.tar, solo-learn, lightly, "
+        "torchvision/timm ResNet or detectron2 .pkl (the layout is detected)",
+    )
     parser.add_argument(
         "--init",
         choices=("random", "supervised"),

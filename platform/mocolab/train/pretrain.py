@@ -211,6 +211,16 @@ def _write_checkpoint(
         torch.save(_unwrap(model).backbone_state_dict(), Path(tmp) / BACKBONE_FILE)
 
 
+def init_backbones(model, path: Path) -> None:
+    """``model.init_weights``: the query encoder's backbone starts from the weights in ``path`` (any layout
+    ``weights_io`` reads; the driver checked that they fit) and the key encoder, if any, as its copy."""
+    from mocolab.weights_io.files import load_backbone_weights
+
+    model.encoder_q.backbone.load_state_dict(load_backbone_weights(path, f"model.init_weights={path}").state)
+    if hasattr(model, "encoder_k"):
+        model.encoder_k.load_state_dict(model.encoder_q.state_dict())
+
+
 def train_loop(config_dict: dict[str, Any]) -> None:
     """Train MoCo on this worker; ``config_dict`` is :func:`loop_config`'s output."""
     import ray.train
@@ -226,6 +236,8 @@ def train_loop(config_dict: dict[str, Any]) -> None:
     loader, sampler = _pretrain_loader(cfg, rank, world_size)
     steps_per_epoch = len(loader)
     model = MoCo.from_config(cfg, num_train_samples=len(loader.dataset))  # model.channels_last, model.compile
+    if cfg.model.init_weights is not None:  # a resumed run overwrites these from its checkpoint below
+        init_backbones(model, cfg.model.init_weights)
     # forward_sync_buffers=False: buffers are synced from rank 0 once at wrap time; after that every rank
     # enqueues the same gathered keys, so the queue stays identical without re-sending it (and the BN
     # running stats) at every forward.
