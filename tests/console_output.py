@@ -40,13 +40,17 @@ def chatter(output: str) -> list[str]:
 def run_in_terminal(cmd: list[str], cwd, env: dict[str, str], timeout_s: float) -> tuple[int, str]:
     """Run ``cmd`` with a pseudo-terminal as its stdin, stdout and stderr (what a user's shell gives it);
     returns its exit code and everything it wrote."""
+    import fcntl
     import os
     import pty
     import select
+    import struct
     import subprocess
+    import termios
     import time
 
     master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 50, 200, 0, 0))  # 200 columns: room for the bars
     proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdin=slave, stdout=slave, stderr=slave, start_new_session=True)
     os.close(slave)
     chunks, deadline = [], time.monotonic() + timeout_s
