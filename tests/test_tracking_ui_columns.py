@@ -99,3 +99,14 @@ def test_the_backbone_is_a_logged_and_registered_model_that_loads_back(folder_cf
     images = torch.randn(5, 3, 16, 16)  # a batch size the export never saw
     with torch.no_grad():
         torch.testing.assert_close(loaded(images), backbone(images))
+
+
+def test_a_run_shorter_than_one_sampling_interval_still_gets_system_metrics(mlflow_uri):
+    client = MlflowClient(mlflow_uri)
+    run_id = client.create_run(tracking.experiment_id(client, "metrics")).info.run_id
+    monitor = tracking.start_system_metrics(mlflow_uri, run_id, interval_s=30)
+    tracking.stop_system_metrics(monitor)  # long before the first 30 s sample
+    history = client.get_metric_history(run_id, "system/cpu_utilization_percentage")
+    assert [m.step for m in history] == [0]
+    assert "system/system_memory_usage_megabytes" in client.get_run(run_id).data.metrics
+    assert tracking.start_system_metrics(mlflow_uri, run_id, interval_s=0) is None  # off

@@ -397,9 +397,14 @@ def start_system_metrics(uri: str, run_id: str, interval_s: float, node_id: Opti
 
 
 def stop_system_metrics(monitor) -> None:
-    """Stop a monitor of :func:`start_system_metrics` (None: nothing to do) and log what it still holds."""
-    if monitor is not None:
-        monitor.finish()
+    """Stop a monitor of :func:`start_system_metrics` (None: nothing to do), then log one last sample: MLflow's
+    monitor logs only after a full interval, so a run shorter than one would otherwise have none."""
+    if monitor is None:
+        return
+    monitor.finish()
+    monitor.collect_metrics()
+    monitor.publish_metrics(monitor.aggregate_metrics())
+    monitor.mlflow_logger.flush()
 
 
 def log_backbone_model(

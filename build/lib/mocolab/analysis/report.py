@@ -1,0 +1,107 @@
+"""``mocolab report SWEEP_NAME | --experiment NAME``: ablation table, plots and a markdown report.
+
+Reads the runs from MLflow, prints the table (mean ± std over seeds), writes ``report.md``,
+``ablation.csv`` and PNG plots to the report folder (default ``reports/<name>/``) and logs them to the
+sweep's parent run under ``report/``.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Optional, Sequence
+
+from mocolab.analysis import plots, runs, summary as summ
+from mocolab.analysis.tables import K
+from mocolab.config import ConfigError
+from mocolab.tracking import REPORT_ARTIFACT_DIR
+
+
+def write_plots(s: summ.Summary, uri: str, out: Path) -> list[Path]:
+    """The summary's PNGs: the ablation curve (one swept parameter) or accuracy vs K (mechanisms), and
+    the learning curves of the primary metric where it has a per-epoch history."""
+    written = []
+    if s.is_mechanism_comparison:
+        written.append(plots.plot_accuracy_vs_k(s.table, s.primary, out / "accuracy_vs_k.png"))
+    elif len(s.axes) == 1:
+        for metric in s.metrics:
+            written.append(plots.plot_ablation(s.table, s.axes[0], metric, out / f"ablation_{metric}.png"))
+    history = runs.metric_history(uri, list(s.runs["run_id"]), s.primary)
+    if history["step"].nunique() > 1:
+        labels = {r["run_id"]: summ.run_label(r, [a for a in s.axes if a != K]) for _, r in s.runs.iterrows()}
+        written.append(plots.plot_learning_curves(history, labels, s.primary, out / "learning_curves.png"))
+    return written
+
+
+def make_report(
+    uri: str,
+    sweep: Optional[str] = None,
+    experiment: Optional[str] = None,
+    out: Optional[Path] = None,
+    metrics: Sequence[str] = (),
+    log_to_parent: bool = True,
+) -> tuple[summ.Summary, Path]:
+    """Build and write the report of a sweep (or of an experiment's pretraining runs).
+
+    Returns ``(summary, report folder)``."""
+    if (sweep is None) == (experiment is None):
+        raise ConfigError("mocolab report: give a sweep name or --experiment NAME (one of them)")
+    parent = None
+    if sweep is not None:
+        parent, frame = runs.load_sweep_runs(uri, sweep)
+        title, axes = f"Sweep {sweep}", runs.sweep_axes(parent)
+    else:
+        frame = runs.load_experiment_runs(uri, experiment)
+        title, axes = f"Experiment {experiment}", None
+    if frame.empty:
+        raise ConfigError(f"{title}: no pretraining runs in {uri}")
+    try:
+        s = summ.summarize(frame, title, axes=axes, metrics=metrics or None)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    out = Path(out) if out is not None else Path("reports") / (sweep or experiment)
+    out.mkdir(parents=True, exist_ok=True)
+    images = write_plots(s, uri, out)
+    s.table.to_csv(out / "ablation.csv", index=False)
+    (out / "report.md").write_text(summ.markdown(s, [p.name for p in images]))
+    if parent is not None and log_to_parent:
+        from mlflow import MlflowClient
+
+        client = MlflowClient(tracking_uri=uri)
+        for path in [out / "report.md", out / "ablation.csv", *images]:
+            client.log_artifact(parent["run_id"], str(path), REPORT_ARTIFACT_DIR)
+    return s, out
+
+
+def terminal_text(s: summ.Summary) -> str:
+    """The table as plain text, plus the mechanism grid and the best run."""
+    parts = [s.title, s.display.to_string(index=False)]
+    if s.is_mechanism_comparison:
+        parts += [f"{s.primary} against K:", s.mechanism_grid().to_string()]
+    if s.best is not None:
+        label = summ.run_label(s.best, [a for a in s.axes if a != K])
+        parts.append(f"best: {s.best.get('tags.mlflow.runName')} {s.primary}={s.best[f'metrics.{s.primary}']:.2f} ({label})")
+    if s.failed:
+        parts.append(f"{s.failed} run(s) did not finish and are left out")
+    return "\n".join(parts)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("sweep", nargs="?", help="sweep name (the sweep file's 'name:')")
+    parser.add_argument("--experiment", help="report an MLflow experiment's pretraining runs instead")
+    parser.add_argument("--out", type=Path, help="report folder (default reports/<name>/)")
+    parser.add_argument(
+        "--metric", dest="metrics", action="append", default=[],
+        help="metric to tabulate (repeatable; first = primary; default: knn_top1, lincls_top1, det_AP, ... present)",
+    )
+    parser.add_argument("--tracking-uri", help="MLflow store (default $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)")
+    parser.add_argument("--no-log", action="store_true", help="do not log the report to the sweep's parent run")
+
+
+def main(args: argparse.Namespace) -> int:
+    uri = runs.resolve_uri(args.tracking_uri)
+    s, out = make_report(uri, args.sweep, args.experiment, args.out, args.metrics, log_to_parent=not args.no_log)
+    print(terminal_text(s))
+    print(f"report: {out / 'report.md'}")
+    return 0
+

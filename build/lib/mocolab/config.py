@@ -1,0 +1,526 @@
+"""The one configuration schema of mocolab: pydantic models, YAML loading and ``--set`` overrides.
+
+Every rule that can be checked before compute is spent lives here, so that ``mocolab pretrain``,
+``mocolab sweep`` (per trial) and the evaluations refuse a bad config with a message naming the
+field and the fix. Paths and the tracking URI are made absolute at load (Ray Tune gives each trial
+its own working directory).
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import time
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+DIGIT_SIDE = 8  # scikit-learn's bundled digits are 8 x 8
+
+
+class ConfigError(ValueError):
+    """A config that cannot run; the message names the field and how to fix it."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+PRESETS: dict[str, dict[str, Any]] = {
+    "v1": {"moco.mlp": False, "moco.temperature": 0.07, "data.augment": "moco_v1", "train.schedule": "step"},
+    "v2": {"moco.mlp": True, "moco.temperature": 0.2, "data.augment": "moco_v2", "train.schedule": "cosine"},
+}
+"""``moco.version`` as a preset: the keys it sets unless the YAML or ``--set`` gives them. v1 (He et al. 2020):
+linear head, T=0.07, the v1 augmentation, step lr; v2 (Chen et al. 2020): MLP head, T=0.2, blur, cosine lr."""
+STEP_MILESTONE_FRACTIONS = (0.6, 0.8)
+"""Default ``train.lr_milestones`` of the step schedule: the paper's epochs 120 and 160 of 200, scaled."""
+
+
+class MocoConfig(_Section):
+    version: Literal["v1", "v2"] = Field("v2", description="preset of mlp, temperature, data.augment, train.schedule")
+    mechanism: str = Field("moco", description="moco | end_to_end | memory_bank (see moco/mechanisms/)")
+    dim: int = Field(128, gt=0)
+    queue_size: int = Field(
+        65536, gt=0,
+        description="K: negatives in the queue (moco) or drawn per step (memory_bank); end_to_end: K = global batch",
+    )
+    momentum: float = 0.999
+    temperature: float = Field(0.2, description="preset: 0.07 (v1), 0.2 (v2)")
+    mlp: bool = Field(True, description="MLP projection head; preset: false (v1), true (v2)")
+    symmetric: bool = Field(
+        False,
+        description="both crops as query and key; the loss is the SUM of the two directions' mean losses (MoCo "
+        "CIFAR-10 demo), so each step's gradient is about twice the asymmetric one's: keep train.lr as for the "
+        "asymmetric loss to follow the demo, or halve it to match its gradient scale",
+    )
+    bank_momentum: float = Field(0.5, description="memory_bank: InstDisc update momentum of the stored rows")
+
+    @field_validator("mechanism")
+    @classmethod
+    def _registered(cls, v: str) -> str:
+        from mocolab.moco.mechanisms import MECHANISMS  # names only: no torch
+
+        if v not in MECHANISMS:
+            raise ValueError(f"moco.mechanism={v!r} is not one of {', '.join(MECHANISMS)}")
+        return v
+
+    @field_validator("momentum")
+    @classmethod
+    def _momentum_range(cls, v: float) -> float:
+        if not 0.0 <= v <= 1.0:
+            raise ValueError(f"moco.momentum={v} is outside [0, 1]; the paper uses 0.999 (0.99 for CIFAR)")
+        return v
+
+    @field_validator("temperature")
+    @classmethod
+    def _temperature_positive(cls, v: float) -> float:
+        if v <= 0:
+            raise ValueError(f"moco.temperature={v} must be > 0; the paper uses 0.07 (v1) or 0.2 (v2)")
+        return v
+
+    @field_validator("bank_momentum")
+    @classmethod
+    def _bank_momentum_range(cls, v: float) -> float:
+        if not 0.0 <= v < 1.0:
+            raise ValueError(f"moco.bank_momentum={v} is outside [0, 1); InstDisc uses 0.5")
+        return v
+
+
+class ModelConfig(_Section):
+    arch: Literal["small_cnn", "resnet18", "resnet34", "resnet50"] = "resnet18"
+    cifar_stem: bool = False
+    bn: Literal["shuffle", "split", "sync", "plain"] = "shuffle"
+    bn_splits: int = Field(8, ge=1)
+    channels_last: Optional[bool] = Field(None, description="default: true on GPU, false on CPU")
+    compile: bool = False
+    init_weights: Optional[Path] = Field(
+        None,
+        description="pretraining starts both encoders' backbones from this weights file (any layout --weights "
+        "reads; the pre-flight step checks it against model.arch)",
+    )
+
+
+class DigitsConfig(_Section):
+    """The made task built from scikit-learn's bundled 8x8 digits (the offline default)."""
+
+    canvas: int = Field(16, ge=8, description="side of the black canvas the digit is placed on")
+    min_scale: float = Field(1.0, gt=0, description="smallest digit: 8 x min_scale px")
+    max_scale: float = Field(2.0, gt=0, description="largest digit: 8 x max_scale px, at most the canvas")
+    copies: int = Field(2, ge=1, description="random placements of each training digit")
+    test_fraction: float = Field(0.25, gt=0, lt=1)
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _digit_fits_canvas(self) -> "DigitsConfig":
+        if self.min_scale > self.max_scale:
+            raise ValueError(
+                f"data.digits.min_scale={self.min_scale} is above data.digits.max_scale={self.max_scale}; swap them"
+            )
+        side = round(DIGIT_SIDE * self.max_scale)
+        if side > self.canvas:
+            raise ValueError(
+                f"data.digits.max_scale={self.max_scale} makes digits of {side} px, larger than "
+                f"data.digits.canvas={self.canvas}; use max_scale <= {self.canvas / DIGIT_SIDE:g} or a larger canvas"
+            )
+        return self
+
+
+LABELED_DATASETS = ("digits", "imagefolder", "cifar10")
+"""``data.dataset`` values with labels (a test split and classes); ``folder`` is unlabeled images for pretraining."""
+
+
+class DataConfig(_Section):
+    dataset: Literal["digits", "imagefolder", "cifar10", "folder"] = Field(
+        "digits",
+        description="imagefolder: root/<split>/<class>/<image>; folder: every image anywhere under data.root, "
+        "no labels, no splits (pretraining only)",
+    )
+    root: Optional[Path] = None
+    train_split: str = Field("train", description="unused by folder")
+    test_split: str = Field("test", description="unused by folder")
+    augment: Union[str, list[dict[str, Any]]] = Field(
+        "moco_v2", description="moco_v1 | moco_v2 | none, or a list of albumentations ops; preset: moco_v1 (v1), moco_v2 (v2)"
+    )
+    image_size: int = Field(32, ge=8)
+    loader_workers: Union[int, Literal["auto"]] = "auto"
+    on_corrupt: Literal["fail", "skip"] = "fail"
+    limit_train: Optional[int] = Field(None, gt=0, description="use only the first N training images")
+    limit_test: Optional[int] = Field(None, gt=0)
+    digits: DigitsConfig = Field(default_factory=DigitsConfig)
+
+
+class TrainConfig(_Section):
+    epochs: int = Field(200, ge=1)
+    batch_size: int = Field(256, ge=2, description="per worker")
+    lr: float = Field(0.03, gt=0)
+    schedule: Literal["cosine", "step"] = Field("cosine", description="preset: step (v1), cosine (v2)")
+    lr_milestones: list[int] = Field(
+        default_factory=list, description="step schedule: epochs of x lr_decay; default 60% and 80% of train.epochs"
+    )
+    lr_decay: float = Field(0.1, gt=0, le=1)
+    warmup_epochs: int = Field(0, ge=0)
+    sgd_momentum: float = Field(0.9, ge=0, lt=1)
+    weight_decay: float = Field(1e-4, ge=0)
+    seed: int = 0
+    amp: bool = False
+    deterministic: bool = False
+    checkpoint_every: int = Field(1, ge=1, description="epochs between checkpoints")
+    keep_checkpoints: int = Field(2, ge=1)
+    knn_every: int = Field(1, ge=0, description="epochs between kNN monitor evaluations; 0 disables it")
+    knn_dataset: Optional[DataConfig] = Field(
+        None,
+        description="labeled data of the kNN monitor (its train split is the bank, its test split the queries); "
+        "default: the data section, unless data.dataset=folder (no labels: the monitor is then off)",
+    )
+    knn_k: int = Field(200, ge=1)
+    knn_t: float = Field(0.1, gt=0)
+    max_failures: int = Field(0, ge=0, description="Ray Train FailureConfig retries of a failed worker group")
+
+
+class ScalingConfig(_Section):
+    num_workers: int = Field(2, ge=1, description="Ray Train workers; shuffle-BN needs >= 2")
+    use_gpu: bool = False
+    cpus_per_worker: float = Field(1, gt=0)
+    storage_path: str = Field("ray_results", description="local dir, NFS or s3:// URI for Ray checkpoints")
+
+
+class TrackingConfig(_Section):
+    experiment: str = "mocolab"
+    run_name: Optional[str] = None
+    tracking_uri: Optional[str] = Field(None, description="default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db")
+    register_model: Optional[str] = Field(
+        None, description="register the final backbone (the logged model 'backbone') under this model-registry name"
+    )
+    system_metrics_interval_s: float = Field(
+        10.0, ge=0, description="seconds between system-metric samples (CPU, memory, GPU) of a pretraining run; 0: off"
+    )
+
+
+class LinclsConfig(_Section):
+    """The paper's linear-classification protocol on frozen features."""
+
+    dataset: Optional[DataConfig] = Field(None, description="default: the pretraining run's data section")
+    epochs: int = Field(100, ge=1)
+    batch_size: int = Field(256, ge=1, description="per worker")
+    lr: float = Field(30.0, gt=0)
+    momentum: float = Field(0.9, ge=0, lt=1)
+    weight_decay: float = Field(0.0, ge=0)
+    milestones: list[float] = Field(default_factory=lambda: [0.6, 0.8], description="fractions of the epochs")
+    fast: bool = Field(False, description="train on features extracted once (no augmentation)")
+    num_workers: int = Field(1, ge=1)
+    seed: int = 0
+
+    @field_validator("milestones")
+    @classmethod
+    def _fractions(cls, v: list[float]) -> list[float]:
+        if any(not 0 < m < 1 for m in v) or v != sorted(v):
+            raise ValueError(f"eval.lincls.milestones={v} must be increasing fractions of the epochs in (0, 1)")
+        return v
+
+
+class DetectionDataConfig(_Section):
+    format: Literal["voc", "coco"] = "voc"
+    root: Optional[Path] = Field(None, description="VOC root (JPEGImages/, Annotations/, ImageSets/) or COCO image dir")
+    train_split: str = "train"
+    val_split: str = "val"
+    train_json: Optional[Path] = None
+    val_json: Optional[Path] = None
+    classes: Optional[list[str]] = Field(None, description="VOC class names; default: labels.txt or from the XML")
+    made_digits: bool = Field(False, description="make a VOC set of digits on canvases (no download)")
+
+
+class DetectionConfig(_Section):
+    data: DetectionDataConfig = Field(default_factory=DetectionDataConfig)
+    fpn: bool = True
+    bn: Literal["frozen", "train", "sync"] = "frozen"
+    min_size: int = Field(480, ge=32)
+    max_size: int = Field(800, ge=32)
+    iterations: int = Field(24000, ge=1)
+    batch_size: int = Field(2, ge=1, description="images per worker")
+    lr: float = Field(0.02, gt=0)
+    momentum: float = Field(0.9, ge=0, lt=1)
+    weight_decay: float = Field(1e-4, ge=0)
+    milestones: list[float] = Field(default_factory=lambda: [0.75, 0.92])
+    trainable_layers: int = Field(5, ge=0, le=5)
+    roi_batch_size: int = Field(512, ge=1, description="RoIs sampled per image for the box head in training")
+    test_proposals: int = Field(1000, ge=1, description="RPN proposals per image scored by the box head at test")
+    anchor_sizes: Optional[list[int]] = Field(None, description="RPN anchor sides in px; default 32..512 x min_size/800")
+    num_workers: int = Field(1, ge=1)
+    seed: int = 0
+
+
+class EvalConfig(_Section):
+    lincls: Optional[LinclsConfig] = None
+    detection: Optional[DetectionConfig] = None
+
+
+class Config(_Section):
+    """A pretraining run: everything ``mocolab pretrain`` needs."""
+
+    moco: MocoConfig = Field(default_factory=MocoConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    scaling: ScalingConfig = Field(default_factory=ScalingConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _apply_preset(cls, raw: Any) -> Any:
+        if isinstance(raw, dict):
+            apply_preset(raw)
+        return raw
+
+    @model_validator(mode="after")
+    def _cross_field_rules(self) -> "Config":
+        check_run_rules(self)
+        return self
+
+    @property
+    def global_batch(self) -> int:
+        return self.train.batch_size * self.scaling.num_workers
+
+    @property
+    def knn_data(self) -> Optional[DataConfig]:
+        """The kNN monitor's labeled data: ``train.knn_dataset``, else the data section when it has labels;
+        None (the monitor is off) for unlabeled ``data.dataset=folder`` without a ``train.knn_dataset``."""
+        if self.train.knn_dataset is not None:
+            return self.train.knn_dataset
+        return self.data if self.data.dataset in LABELED_DATASETS else None
+
+    def flat(self) -> dict[str, Any]:
+        """The config as dotted keys (``moco.temperature``): MLflow params and sweep axes use these."""
+        return flatten(self.model_dump(mode="json"))
+
+    def to_yaml(self) -> str:
+        """The resolved config as YAML (what ``mocolab config`` prints)."""
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+def _raw_get(raw: dict[str, Any], dotted: str) -> Any:
+    node: Any = raw
+    for part in dotted.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return None
+        node = node[part]
+    return node
+
+
+def apply_preset(raw: dict[str, Any]) -> None:
+    """Fill, in place, the keys of the ``moco.version`` preset that ``raw`` does not set (see PRESETS), and the
+    step schedule's default milestones (60% and 80% of ``train.epochs``). Explicit keys always win."""
+    version = _raw_get(raw, "moco.version") or "v2"
+    for dotted, value in PRESETS.get(version, {}).items():
+        if _raw_get(raw, dotted) is None:
+            set_dotted(raw, dotted, value)
+    if _raw_get(raw, "train.schedule") == "step" and not _raw_get(raw, "train.lr_milestones"):
+        epochs = _raw_get(raw, "train.epochs") or TrainConfig.model_fields["epochs"].default
+        first = max(1, round(STEP_MILESTONE_FRACTIONS[0] * epochs))
+        set_dotted(raw, "train.lr_milestones", [first, max(first + 1, round(STEP_MILESTONE_FRACTIONS[1] * epochs))])
+
+
+def check_run_rules(cfg: Config) -> None:
+    """Rules that involve several fields and need nothing but the config (no files, no dataset, no
+    albumentations: those are :mod:`mocolab.preflight`'s); raise ValueError naming the field and the fix."""
+    from mocolab.moco.mechanisms import mechanism_class
+    from mocolab.moco.mechanisms.base import DictionarySettings
+
+    moco, train, scaling, model, data = cfg.moco, cfg.train, cfg.scaling, cfg.model, cfg.data
+    mechanism_class(moco.mechanism).check(DictionarySettings.from_config(cfg))
+    if model.bn == "shuffle" and scaling.num_workers < 2:
+        raise ValueError(
+            "model.bn=shuffle needs scaling.num_workers >= 2 (keys are shuffled across workers); "
+            "with one worker use model.bn=split, which emulates it with SplitBatchNorm"
+        )
+    if model.bn == "split" and train.batch_size % model.bn_splits:
+        raise ValueError(
+            f"model.bn_splits={model.bn_splits} must divide train.batch_size={train.batch_size} "
+            "(each split normalises its own sub-batch)"
+        )
+    if model.bn == "sync" and not scaling.use_gpu:
+        raise ValueError(
+            "model.bn=sync uses torch.nn.SyncBatchNorm, which runs only on CUDA; set scaling.use_gpu=true "
+            "or choose model.bn=shuffle|split|plain on CPU"
+        )
+    if train.amp and not scaling.use_gpu:
+        raise ValueError("train.amp=true needs scaling.use_gpu=true (bf16 autocast on GPU); CPU runs fp32")
+    if model.arch == "small_cnn" and model.cifar_stem:
+        raise ValueError("model.cifar_stem applies to ResNets only; set it false for model.arch=small_cnn")
+    if data.dataset in ("imagefolder", "cifar10", "folder") and data.root is None:
+        raise ValueError(f"data.root is required for data.dataset={data.dataset}; give the dataset folder")
+    knn = train.knn_dataset
+    if knn is not None and knn.dataset not in LABELED_DATASETS:
+        raise ValueError(
+            f"train.knn_dataset.dataset={knn.dataset} has no labels; the kNN monitor needs one of "
+            f"{', '.join(LABELED_DATASETS)} (or leave train.knn_dataset unset)"
+        )
+    if knn is not None and knn.dataset in ("imagefolder", "cifar10") and knn.root is None:
+        raise ValueError(f"train.knn_dataset.root is required for train.knn_dataset.dataset={knn.dataset}")
+    lin = cfg.eval.lincls
+    if lin is not None:
+        check_labeled(lin.dataset or data, "eval.lincls.dataset" if lin.dataset else "data")
+    milestones = train.lr_milestones
+    if train.schedule == "step" and any(b <= a for a, b in zip(milestones, milestones[1:])):
+        raise ValueError(f"train.lr_milestones={milestones} must be increasing epochs")
+
+
+def check_labeled(data_cfg: DataConfig, where: str) -> None:
+    """Raise ValueError unless ``data_cfg`` has labels (``where``: the dotted section, for the message)."""
+    if data_cfg.dataset not in LABELED_DATASETS:
+        raise ValueError(
+            f"{where}.dataset={data_cfg.dataset} has no labels, and linear evaluation needs them: set "
+            f"eval.lincls.dataset to a labeled data section ({', '.join(LABELED_DATASETS)}, e.g. "
+            "{dataset: imagefolder, root: ...})"
+        )
+
+
+def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested dict -> ``{"a.b": value}``; lists stay values."""
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        dotted = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            out.update(flatten(value, dotted + "."))
+        else:
+            out[dotted] = value
+    return out
+
+
+def set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    """Set ``tree["a"]["b"] = value`` for ``dotted="a.b"``, creating sections as needed."""
+    *parents, leaf = dotted.split(".")
+    node = tree
+    for part in parents:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"--set {dotted}: '{part}' is a value, not a section")
+        node = child
+    node[leaf] = value
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """``"moco.temperature=0.2"`` -> ``("moco.temperature", 0.2)``; the value is parsed as YAML."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"--set {text!r}: expected KEY=VALUE, e.g. --set moco.temperature=0.2")
+    return key.strip(), yaml.safe_load(raw) if raw.strip() else None
+
+
+def new_run_name(prefix: str = "moco") -> str:
+    """A fresh unique run name: ``moco-20261127-193000-a1b2``."""
+    return f"{prefix}-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}"
+
+
+def default_tracking_uri() -> str:
+    return os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///mlflow.db"
+
+
+def absolute_tracking_uri(uri: str, base: Path) -> str:
+    """Make a relative ``sqlite:///x.db`` absolute against ``base``; other URIs are returned unchanged."""
+    prefix = "sqlite:///"
+    if uri.startswith(prefix) and not uri.startswith(prefix + "/"):
+        return prefix + str((base / uri[len(prefix):]).resolve())
+    return uri
+
+
+def _absolute(path: Any, base: Path) -> Any:
+    if path in (None, ""):
+        return path
+    text = str(path)
+    if "://" in text:
+        return text
+    p = Path(os.path.expanduser(text))
+    return str(p if p.is_absolute() else (base / p).resolve())
+
+
+def _resolve_paths(raw: dict[str, Any], base: Path) -> None:
+    """Make the config's paths absolute against ``base`` (in place, on the raw dict)."""
+    model = raw.get("model") or {}
+    if isinstance(model, dict) and "init_weights" in model:
+        model["init_weights"] = _absolute(model["init_weights"], base)
+    data = raw.get("data") or {}
+    if isinstance(data, dict) and "root" in data:
+        data["root"] = _absolute(data["root"], base)
+    knn = (raw.get("train") or {}).get("knn_dataset") if isinstance(raw.get("train"), dict) else None
+    if isinstance(knn, dict) and "root" in knn:
+        knn["root"] = _absolute(knn["root"], base)
+    scaling = raw.get("scaling") or {}
+    if isinstance(scaling, dict) and "storage_path" in scaling:
+        scaling["storage_path"] = _absolute(scaling["storage_path"], base)
+    ev = raw.get("eval") or {}
+    if isinstance(ev, dict):
+        lin = ev.get("lincls") or {}
+        if isinstance(lin, dict) and isinstance(lin.get("dataset"), dict) and "root" in lin["dataset"]:
+            lin["dataset"]["root"] = _absolute(lin["dataset"]["root"], base)
+        det = ev.get("detection") or {}
+        if isinstance(det, dict) and isinstance(det.get("data"), dict):
+            for key in ("root", "train_json", "val_json"):
+                if key in det["data"]:
+                    det["data"][key] = _absolute(det["data"][key], base)
+
+
+def format_validation_error(err: ValidationError) -> str:
+    """One line per problem: ``moco.temperature: ... (fix)``."""
+    lines = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"])
+        msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "extra_forbidden":
+            msg = f"unknown key '{loc}'; remove it or check its spelling against experiments/ and the README"
+        elif e["type"] == "literal_error":
+            msg = f"{loc}: {msg} (got {e.get('input')!r})"
+        elif loc and not msg.startswith(loc.split(".")[-1]) and loc not in msg:
+            msg = f"{loc}: {msg} (got {e.get('input')!r})"
+        lines.append(msg)
+    return "invalid config:\n  " + "\n  ".join(lines)
+
+
+def build_config(raw: dict[str, Any], base: Optional[Path] = None) -> Config:
+    """Validate a raw dict into a Config: paths absolute against ``base`` (default: cwd),
+    a fresh run name if none is given, the tracking URI resolved. Raises ConfigError."""
+    base = Path.cwd() if base is None else base
+    raw = yaml.safe_load(yaml.safe_dump(raw))  # deep copy with plain types
+    _resolve_paths(raw, base)
+    try:
+        cfg = Config.model_validate(raw)
+    except ValidationError as err:
+        raise ConfigError(format_validation_error(err)) from None
+    if not cfg.tracking.run_name:
+        cfg.tracking.run_name = new_run_name()
+    cfg.tracking.tracking_uri = absolute_tracking_uri(cfg.tracking.tracking_uri or default_tracking_uri(), base)
+    cfg.scaling.storage_path = _absolute(cfg.scaling.storage_path, base)  # also the default "ray_results"
+    return cfg
+
+
+def read_yaml(path: Union[str, Path]) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path} is not valid YAML: {err}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path} must hold a mapping of sections (moco:, model:, data:, ...)")
+    return raw
+
+
+def load_config(path: Optional[Union[str, Path]] = None, overrides: tuple[str, ...] | list[str] = ()) -> Config:
+    """Load a YAML config (or the defaults), apply ``--set KEY=VALUE`` overrides, validate.
+
+    Relative paths in the file and in overrides resolve against the current directory."""
+    raw = read_yaml(path) if path is not None else {}
+    for text in overrides:
+        key, value = parse_override(text)
+        set_dotted(raw, key, value)
+    return build_config(raw)

@@ -1,0 +1,72 @@
+"""Run one evaluation on Ray Train workers and file it in MLflow (its own run, linked to its pretraining run).
+
+The command that calls it has run the pre-flight step (data, storage, tracking) already.
+
+The evaluation run is tagged ``mocolab.stage`` and ``mocolab.init`` (plus ``mocolab.pretrain_run_id``
+for a pretrained backbone), gets its eval section as params, and its headline metrics; those are also
+copied onto the pretraining run (``tracking.record_downstream``). A failed fit marks the run FAILED.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+from mocolab import tracking
+from mocolab.config import Config, flatten
+from mocolab.evaluate.weights import BackboneSource
+
+
+def eval_params(cfg: Config, stage: str, section: Any, source: BackboneSource) -> dict[str, Any]:
+    """MLflow params of an evaluation: its section as ``eval.<stage>.*``, the backbone and its origin."""
+    params = flatten(section.model_dump(mode="json"), f"eval.{stage}.")
+    params.update({f"model.{k}": v for k, v in source.model.model_dump(mode="json").items()})
+    params["init"] = source.init
+    if source.weights_path:
+        params["weights"] = source.weights_path
+    if source.pretrain_run_id:
+        params["pretrain_run_id"] = source.pretrain_run_id
+    return params
+
+
+def run_eval(
+    cfg: Config,
+    source: BackboneSource,
+    stage: str,
+    params: dict[str, Any],
+    loop: Callable[[dict[str, Any]], None],
+    loop_config: dict[str, Any],
+    num_workers: int,
+    headline: tuple[str, ...],
+) -> dict[str, Any]:
+    """Fit ``loop`` on ``num_workers`` Ray Train workers, log the metrics rank 0 returns to a new
+    ``stage`` run, copy the ``headline`` ones onto the pretraining run. Returns the metrics and ``run_id``."""
+    from mocolab.runtime import ensure_ray, torch_trainer
+
+    uri = cfg.tracking.tracking_uri
+    run_name = f"{stage}-{source.label}-{cfg.tracking.run_name}"
+    run_id = tracking.start_eval_run(
+        cfg, stage, params, pretrain_run_id=source.pretrain_run_id, init=source.init, run_name=run_name
+    )
+    print(f"[mocolab {stage}] {source.label} backbone ({source.model.arch}): MLflow run {run_id}", flush=True)
+    ensure_ray()
+    trainer = torch_trainer(
+        loop,
+        {**loop_config, "source": source, "mlflow_run_id": run_id},
+        cfg,
+        run_name=f"{run_name}-{run_id[:8]}",
+        num_workers=num_workers,
+    )
+    try:
+        result = trainer.fit()
+    except BaseException:
+        tracking.end_run(uri, run_id, status="FAILED")
+        raise
+    metrics = {k: float(v) for k, v in (result.return_value or {}).items()}
+    client = tracking.client_for(uri)
+    tracking.log_metrics(client, run_id, metrics, step=0)
+    if source.pretrain_run_id:
+        tracking.record_downstream(
+            uri, source.pretrain_run_id, {k: metrics[k] for k in headline if k in metrics}, run_id, stage
+        )
+    tracking.end_run(uri, run_id, status="FINISHED")
+    return {**metrics, "run_id": run_id}

@@ -1,0 +1,84 @@
+"""The driver side of a pretraining run: fit the Ray Train loop, then close the MLflow run.
+
+``fit_pretrain`` runs :func:`mocolab.train.pretrain.train_loop` on ``scaling.num_workers`` workers under the Ray
+run name ``tracking.run_name`` (the same name resumes from its last checkpoint); ``finish_pretrain_run`` turns a
+NaN/inf loss into :class:`NonFiniteLossError`, else logs ``backbone.pt`` and the MLflow model ``backbone`` (registered
+as ``tracking.register_model`` if set) and marks the run FINISHED.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Sequence
+
+from mocolab import tracking
+from mocolab.config import Config
+from mocolab.runtime import torch_trainer
+from mocolab.train.pretrain import BACKBONE_FILE, NonFiniteLossError, loop_config, train_loop
+
+
+def build_trainer(cfg: Config, run_id: str, callbacks: Sequence[Any] = ()):
+    """The TorchTrainer of a pretraining run logging to MLflow run ``run_id``."""
+    return torch_trainer(
+        train_loop,
+        loop_config(cfg, run_id),
+        cfg,
+        run_name=cfg.tracking.run_name,
+        num_workers=cfg.scaling.num_workers,
+        max_failures=cfg.train.max_failures,
+        keep_checkpoints=cfg.train.keep_checkpoints,
+        callbacks=callbacks,
+    )
+
+
+def finish_pretrain_run(cfg: Config, run_id: str, result) -> None:
+    """After ``fit``: stop on a non-finite loss, else log ``backbone.pt`` and the model ``backbone``, and mark the
+    run FINISHED."""
+    uri = cfg.tracking.tracking_uri
+    nonfinite = tracking.client_for(uri).get_run(run_id).data.tags.get(tracking.NONFINITE_LOSS_TAG)
+    if nonfinite:
+        tracking.end_run(uri, run_id, status="FAILED")
+        kept = result.checkpoint.path if result.checkpoint is not None else "none (no epoch completed)"
+        raise NonFiniteLossError(
+            f"run '{cfg.tracking.run_name}': NaN/inf {nonfinite}; stopped without retry. Last good checkpoint: "
+            f"{kept}. Lower train.lr, add train.warmup_epochs or check the data, then start a new run."
+        )
+    if result.checkpoint is None:
+        raise RuntimeError(f"run '{cfg.tracking.run_name}' ended without a checkpoint; nothing to export")
+    with result.checkpoint.as_directory() as directory:
+        backbone = Path(directory) / BACKBONE_FILE
+        if not backbone.is_file():
+            raise RuntimeError(f"the final checkpoint {result.checkpoint.path} has no {BACKBONE_FILE}")
+        tracking.log_file(uri, run_id, backbone)
+        tracking.log_backbone_model(
+            uri, run_id, backbone_module(cfg, backbone), cfg.data.image_size, step=cfg.train.epochs,
+            register_as=cfg.tracking.register_model,
+        )
+    tracking.end_run(uri, run_id, status="FINISHED")
+
+
+def backbone_module(cfg: Config, weights: Path):
+    """The backbone of ``model.*`` (plain BatchNorm, eval mode, on the CPU) holding the weights of ``weights``
+    (a ``backbone.pt``): what the logged MLflow model ``backbone`` is."""
+    import torch
+
+    from mocolab.moco.backbones import make_backbone
+
+    backbone, _ = make_backbone(cfg.model.arch, cfg.model.cifar_stem)
+    backbone.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
+    return backbone.eval()
+
+
+def fit_pretrain(cfg: Config, run_id: str, callbacks: Sequence[Any] = ()) -> None:
+    """Pretrain on Ray into MLflow run ``run_id`` and finish the run (see :func:`finish_pretrain_run`).
+
+    An interrupted fit leaves the run KILLED, a failed one FAILED."""
+    try:
+        result = build_trainer(cfg, run_id, callbacks).fit()
+    except KeyboardInterrupt:
+        tracking.end_run(cfg.tracking.tracking_uri, run_id, status="KILLED")
+        raise
+    except Exception:
+        tracking.end_run(cfg.tracking.tracking_uri, run_id, status="FAILED")
+        raise
+    finish_pretrain_run(cfg, run_id, result)
