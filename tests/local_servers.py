@@ -82,7 +82,7 @@ def mlflow_server(folder: Path, env: dict[str, str] | None = None) -> Iterator[s
     )  # fmt: skip
     try:
         uri = f"http://127.0.0.1:{port}"
-        wait_for_http(f"{uri}/health", 120)
+        wait_for_http(f"{uri}/health", 300)  # ~7 s on a quiet machine; minutes under heavy load
         yield uri
     finally:
         stop_session(proc, 15)

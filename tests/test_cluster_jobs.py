@@ -21,6 +21,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from console_output import chatter, progress_lines
 from local_servers import VENV_BIN, clean_env, free_port, mlflow_server, start_in_session, stop_session, wait_for_http
 from mlflow import MlflowClient
 
@@ -32,6 +33,7 @@ REPO = Path(__file__).resolve().parents[1]
 QUICKSTART = "experiments/pretrain/quickstart.yaml"
 # Small enough for 2 shared CPUs; a real 2-worker run with shuffle-BN over gloo.
 TINY = [
+    "tracking.system_metrics_interval_s=1",
     "train.epochs=1",
     "train.batch_size=32",
     "moco.queue_size=256",
@@ -119,7 +121,7 @@ def test_job_runs_the_uploaded_checkout_not_the_installed_copy(cluster):
 def test_pretrain_job_logs_to_the_mlflow_server(cluster):
     storage = cluster["tmp"] / "ray_results"
     run_name = f"job-pretrain-{secrets.token_hex(2)}"
-    submit(
+    logs = submit(
         cluster,
         ["mocolab", "pretrain", QUICKSTART, "--set", f"tracking.run_name={run_name}",
          "--set", "tracking.experiment=cluster-jobs", "--set", f"scaling.storage_path={storage}",
@@ -136,6 +138,20 @@ def test_pretrain_job_logs_to_the_mlflow_server(cluster):
     assert [m.step for m in client.get_metric_history(run.info.run_id, "loss")] == [1]
     assert {a.path for a in client.list_artifacts(run.info.run_id)} >= {"config.yaml", "backbone.pt"}
     assert any(storage.glob(f"{run_name}/checkpoint_*/checkpoint.pt")), "no checkpoint under scaling.storage_path"
+    # what MLflow's UI shows of it (over HTTP, artifacts through the server)
+    assert {"system/cpu_utilization_percentage", "system/system_memory_usage_megabytes"} <= set(run.data.metrics)
+    (dataset_input,) = run.inputs.dataset_inputs
+    assert dataset_input.dataset.name == "digits/train" and dataset_input.dataset.source_type == "code"
+    (output,) = run.outputs.model_outputs
+    assert client.get_logged_model(output.model_id).name == "backbone"
+    assert run.data.tags["mlflow.source.name"] == "mocolab pretrain"
+    assert f"[mocolab] MLflow UI: {cluster['mlflow_uri']}/#/experiments/" in logs
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
+    # its console, as `ray job submit` streams it: mocolab's lines once, none of Ray's internals
+    assert chatter(logs) == []
+    lines = progress_lines(logs)
+    assert len(lines) == len(set(lines)), lines
+    assert sum(line.startswith("[mocolab] epoch    1/1") for line in lines) == 1
 
 
 def test_sweep_job_logs_a_parent_and_its_trials(cluster):

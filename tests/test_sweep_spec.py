@@ -121,6 +121,10 @@ def test_asha_needs_knn_every_epoch(tmp_path):
     assert load_sweep(path)[0].scheduler.type == "asha"
     with pytest.raises(ConfigError, match="knn_every=1"):
         load_sweep(path, overrides=["train.knn_every=2"])
+    folder = ["data.dataset=folder", f"data.root={tmp_path}"]  # no labels: no knn_top1 to compare
+    with pytest.raises(ConfigError, match="set train.knn_dataset"):
+        load_sweep(path, overrides=folder)
+    assert load_sweep(path, overrides=[*folder, "train.knn_dataset={dataset: digits}"])
 
 
 @pytest.mark.parametrize("path", sorted(SWEEPS.glob("*_cpu.yaml")), ids=lambda p: p.name)
@@ -163,10 +167,12 @@ def test_tune_space_counts_and_unzips_trials(tmp_path):
     assert trial_run_name("s", "3f2a1_00012") == "s-00012"
 
 
-def test_optuna_search_is_refused_with_the_fix_when_optuna_is_missing(tmp_path):
+def test_optuna_search_is_refused_with_the_fix_when_optuna_is_missing(tmp_path, monkeypatch):
     import importlib.util
 
-    if importlib.util.find_spec("optuna") is not None:
-        pytest.skip("optuna is installed here")
+    space = {"moco.temperature": {"choice": [0.1, 0.2]}}
+    assert load_sweep(write_sweep(tmp_path, search="optuna", space=space))  # optuna is a pinned dependency
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "optuna" else find_spec(name, *a))
     with pytest.raises(ConfigError, match="pip install optuna"):
-        load_sweep(write_sweep(tmp_path, search="optuna", space={"moco.temperature": {"choice": [0.1]}}))
+        load_sweep(write_sweep(tmp_path, search="optuna", space=space))

@@ -20,7 +20,9 @@ SUBCOMMANDS = {
     "report": ("mocolab.analysis.report", "ablation tables, plots and a markdown report from MLflow"),
     "bench": ("mocolab.bench.cli", "step, reference-loop, data-pipeline and overhead benchmarks"),
     "export": ("mocolab.weights_io.export", "write a backbone as torchvision keys or a detectron2 .pkl"),
+    "config": ("mocolab.config_cli", "print a config as it resolves (preset, --set overrides, absolute paths) in YAML"),
 }
+VERBOSE_HELP = "also show Ray's and MLflow's informational output (start-up, worker groups, reports); Ray's log files keep it either way"
 
 
 def add_overrides_argument(parser: argparse.ArgumentParser, help: str = "override a config key, e.g. "
@@ -50,9 +52,13 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     parser = build_parser()
     if argv and argv[0] in SUBCOMMANDS:
+        from mocolab.console import set_verbose
+
+        set_verbose("--verbose" in argv[1:])  # before the subcommand imports MLflow; argparse checks it below
         module = importlib.import_module(SUBCOMMANDS[argv[0]][0])
         sub = argparse.ArgumentParser(prog=f"mocolab {argv[0]}", description=SUBCOMMANDS[argv[0]][1])
         module.add_arguments(sub)
+        sub.add_argument("--verbose", action="store_true", help=VERBOSE_HELP)
         args = sub.parse_args(argv[1:])
         from mocolab.config import ConfigError
 

@@ -134,11 +134,19 @@ class DigitsConfig(_Section):
         return self
 
 
+LABELED_DATASETS = ("digits", "imagefolder", "cifar10")
+"""``data.dataset`` values with labels (a test split and classes); ``folder`` is unlabeled images for pretraining."""
+
+
 class DataConfig(_Section):
-    dataset: Literal["digits", "imagefolder", "cifar10"] = "digits"
+    dataset: Literal["digits", "imagefolder", "cifar10", "folder"] = Field(
+        "digits",
+        description="imagefolder: root/<split>/<class>/<image>; folder: every image anywhere under data.root, "
+        "no labels, no splits (pretraining only)",
+    )
     root: Optional[Path] = None
-    train_split: str = "train"
-    test_split: str = "test"
+    train_split: str = Field("train", description="unused by folder")
+    test_split: str = Field("test", description="unused by folder")
     augment: Union[str, list[dict[str, Any]]] = Field(
         "moco_v2", description="moco_v1 | moco_v2 | none, or a list of albumentations ops; preset: moco_v1 (v1), moco_v2 (v2)"
     )
@@ -168,6 +176,11 @@ class TrainConfig(_Section):
     checkpoint_every: int = Field(1, ge=1, description="epochs between checkpoints")
     keep_checkpoints: int = Field(2, ge=1)
     knn_every: int = Field(1, ge=0, description="epochs between kNN monitor evaluations; 0 disables it")
+    knn_dataset: Optional[DataConfig] = Field(
+        None,
+        description="labeled data of the kNN monitor (its train split is the bank, its test split the queries); "
+        "default: the data section, unless data.dataset=folder (no labels: the monitor is then off)",
+    )
     knn_k: int = Field(200, ge=1)
     knn_t: float = Field(0.1, gt=0)
     max_failures: int = Field(0, ge=0, description="Ray Train FailureConfig retries of a failed worker group")
@@ -204,6 +217,12 @@ class TrackingConfig(_Section):
     experiment: str = "mocolab"
     run_name: Optional[str] = None
     tracking_uri: Optional[str] = Field(None, description="default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db")
+    register_model: Optional[str] = Field(
+        None, description="register the final backbone (the logged model 'backbone') under this model-registry name"
+    )
+    system_metrics_interval_s: float = Field(
+        10.0, ge=0, description="seconds between system-metric samples (CPU, memory, GPU) of a pretraining run; 0: off"
+    )
 
 
 class LinclsConfig(_Section):
@@ -291,11 +310,20 @@ class Config(_Section):
     def global_batch(self) -> int:
         return self.train.batch_size * self.scaling.num_workers
 
+    @property
+    def knn_data(self) -> Optional[DataConfig]:
+        """The kNN monitor's labeled data: ``train.knn_dataset``, else the data section when it has labels;
+        None (the monitor is off) for unlabeled ``data.dataset=folder`` without a ``train.knn_dataset``."""
+        if self.train.knn_dataset is not None:
+            return self.train.knn_dataset
+        return self.data if self.data.dataset in LABELED_DATASETS else None
+
     def flat(self) -> dict[str, Any]:
         """The config as dotted keys (``moco.temperature``): MLflow params and sweep axes use these."""
         return flatten(self.model_dump(mode="json"))
 
     def to_yaml(self) -> str:
+        """The resolved config as YAML (what ``mocolab config`` prints)."""
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
 
 
@@ -348,11 +376,32 @@ def check_run_rules(cfg: Config) -> None:
         raise ValueError("train.amp=true needs scaling.use_gpu=true (bf16 autocast on GPU); CPU runs fp32")
     if model.arch == "small_cnn" and model.cifar_stem:
         raise ValueError("model.cifar_stem applies to ResNets only; set it false for model.arch=small_cnn")
-    if data.dataset in ("imagefolder", "cifar10") and data.root is None:
+    if data.dataset in ("imagefolder", "cifar10", "folder") and data.root is None:
         raise ValueError(f"data.root is required for data.dataset={data.dataset}; give the dataset folder")
+    knn = train.knn_dataset
+    if knn is not None and knn.dataset not in LABELED_DATASETS:
+        raise ValueError(
+            f"train.knn_dataset.dataset={knn.dataset} has no labels; the kNN monitor needs one of "
+            f"{', '.join(LABELED_DATASETS)} (or leave train.knn_dataset unset)"
+        )
+    if knn is not None and knn.dataset in ("imagefolder", "cifar10") and knn.root is None:
+        raise ValueError(f"train.knn_dataset.root is required for train.knn_dataset.dataset={knn.dataset}")
+    lin = cfg.eval.lincls
+    if lin is not None:
+        check_labeled(lin.dataset or data, "eval.lincls.dataset" if lin.dataset else "data")
     milestones = train.lr_milestones
     if train.schedule == "step" and any(b <= a for a, b in zip(milestones, milestones[1:])):
         raise ValueError(f"train.lr_milestones={milestones} must be increasing epochs")
+
+
+def check_labeled(data_cfg: DataConfig, where: str) -> None:
+    """Raise ValueError unless ``data_cfg`` has labels (``where``: the dotted section, for the message)."""
+    if data_cfg.dataset not in LABELED_DATASETS:
+        raise ValueError(
+            f"{where}.dataset={data_cfg.dataset} has no labels, and linear evaluation needs them: set "
+            f"eval.lincls.dataset to a labeled data section ({', '.join(LABELED_DATASETS)}, e.g. "
+            "{dataset: imagefolder, root: ...})"
+        )
 
 
 def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -422,6 +471,9 @@ def _resolve_paths(raw: dict[str, Any], base: Path) -> None:
     data = raw.get("data") or {}
     if isinstance(data, dict) and "root" in data:
         data["root"] = _absolute(data["root"], base)
+    knn = (raw.get("train") or {}).get("knn_dataset") if isinstance(raw.get("train"), dict) else None
+    if isinstance(knn, dict) and "root" in knn:
+        knn["root"] = _absolute(knn["root"], base)
     scaling = raw.get("scaling") or {}
     if isinstance(scaling, dict) and "storage_path" in scaling:
         scaling["storage_path"] = _absolute(scaling["storage_path"], base)

@@ -38,8 +38,11 @@ def pretrain_and_evaluate(
         f"(MLflow run {run_id}, experiment '{cfg.tracking.experiment}', {tracking.redact(cfg.tracking.tracking_uri)})",
         flush=True,
     )
+    client = tracking.client_for(cfg.tracking.tracking_uri)
+    link = tracking.ui_link(cfg.tracking.tracking_uri, client.get_run(run_id).info.experiment_id, run_id)
+    if link:
+        print(f"[mocolab] MLflow UI: {link}", flush=True)
     if resumed:  # a stop recorded by an earlier attempt is not this attempt's
-        client = tracking.client_for(cfg.tracking.tracking_uri)
         for tag in (tracking.NONFINITE_LOSS_TAG, tracking.NO_LOADABLE_CHECKPOINT_TAG):
             if tag in client.get_run(run_id).data.tags:
                 client.delete_tag(run_id, tag)

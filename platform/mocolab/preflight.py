@@ -13,7 +13,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Union
 
-from mocolab.config import Config, ConfigError
+from mocolab.config import LABELED_DATASETS, Config, ConfigError, check_labeled
 
 STAGES = ("pretrain", "lincls", "detection")
 
@@ -26,12 +26,15 @@ class PreflightReport:
     test_images: dict[str, int] = field(default_factory=dict)
     detection: list[str] = field(default_factory=list)  # "N train / M val images, classes [...]"
     init_weights: dict[str, str] = field(default_factory=dict)  # model.init_weights file -> its layout summary
+    checked: set[str] = field(default_factory=set)  # evaluation data sections already checked
+    notes: list[str] = field(default_factory=list)  # things the user should know once, e.g. the kNN monitor is off
 
     def summary(self) -> str:
         parts = [f"{n:,} training images" for n in self.train_images.values()]
         parts += [f"detection: {text}" for text in self.detection]
         parts += [f"model.init_weights {layout}" for layout in self.init_weights.values()]
-        return f"[mocolab] pre-flight checks passed ({'; '.join(parts) or 'data, storage, tracking'})"
+        lines = [f"[mocolab] pre-flight checks passed ({'; '.join(parts) or 'data, storage, tracking'})"]
+        return "\n".join(lines + [f"[mocolab] {note}" for note in self.notes])
 
 
 def _user_error(where: str, err: Exception) -> ConfigError:
@@ -50,7 +53,8 @@ def _check_data_section(data_cfg, where: str) -> tuple[int, int]:
     if data_cfg.root is not None and not data_cfg.root.is_dir():
         raise ConfigError(f"{where}.root={data_cfg.root} does not exist or is not a folder; fix the path")
     try:
-        return dataset_size(data_cfg, "train"), dataset_size(data_cfg, "test")
+        test = dataset_size(data_cfg, "test") if data_cfg.dataset in LABELED_DATASETS else 0
+        return dataset_size(data_cfg, "train"), test
     except ValueError as err:
         raise _user_error(where, err) from None
 
@@ -82,6 +86,27 @@ def _check_pretrain(cfg: Config, report: PreflightReport) -> None:
 
         found = load_checked(cfg.model.init_weights, cfg.model, f"model.init_weights={cfg.model.init_weights}")
         report.init_weights[key] = found.summary()
+    _check_knn(cfg, report)
+
+
+KNN_OFF_NOTE = (
+    "kNN monitor off: data.dataset=folder has no labels; set train.knn_dataset to a labeled data section "
+    "(e.g. {dataset: imagefolder, root: ...}) to turn it on"
+)
+
+
+def _check_knn(cfg: Config, report: PreflightReport) -> None:
+    """The kNN monitor's own labeled data (``train.knn_dataset``), or a note, once, that it is off."""
+    if not cfg.train.knn_every:
+        return
+    if cfg.knn_data is None:
+        if KNN_OFF_NOTE not in report.notes:
+            report.notes.append(KNN_OFF_NOTE)
+    elif cfg.train.knn_dataset is not None and (key := "knn" + cfg.train.knn_dataset.model_dump_json()) not in (
+        report.checked
+    ):
+        _check_data_section(cfg.train.knn_dataset, "train.knn_dataset")
+        report.checked.add(key)
 
 
 def _lincls_key(cfg: Config) -> str:
@@ -96,6 +121,10 @@ def _check_lincls(cfg: Config) -> None:
 
     data_cfg = dataset_config(cfg)
     where = "eval.lincls.dataset" if cfg.eval.lincls and cfg.eval.lincls.dataset else "data"
+    try:
+        check_labeled(data_cfg, where)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
     try:
         check_policy("none", data_cfg.image_size)
     except ValueError as err:

@@ -6,8 +6,11 @@ the only place that builds one, so their scaling, backend, storage and failure s
 
 from __future__ import annotations
 
+import json
+import logging
 import os
 import random
+import socket
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Optional
@@ -16,19 +19,88 @@ import numpy as np
 import torch
 
 from mocolab.config import Config
+from mocolab.console import PROGRESS_ENV, VERBOSE_ENV, is_verbose, progress_mode
+
+
+QUIET_RAY_LEVEL = "ERROR"
+"""Unless verbose: the level of Ray's logging in the driver and the job's processes, and of Ray Train's console
+(Ray Train's log files, ``logs/train/`` in the Ray session folder, keep everything)."""
+QUIET_WORKER_CONSOLE = "WARNING"
+"""Unless verbose: the level of a Ray Train worker's console for everything outside ``ray.train`` (mocolab's own
+warnings, e.g. skipped corrupt images, still show)."""
+GCS_PORT_ENV = "RAY_GCS_SERVER_PORT"
+
+
+def ray_job_env(address: Optional[str]) -> dict[str, str]:
+    """Environment variables for every process of the Ray job this command starts (Ray's own settings):
+
+    - ``RAY_ADDRESS``: the cluster's address, so that Ray Train's placement-group cleaner, which asks Ray's State
+      API, finds this cluster rather than failing when a machine runs several Ray instances;
+    - ``RAY_TRAIN_ENABLE_PRINT_PATCH=0``: a worker's ``print`` goes to its stdout once (Ray Train's patched print
+      also sends it to a logger, and the console showed it twice);
+    - ``RAY_TRAIN_ENABLE_PREEMPTION_WATCHER=0``: mocolab's loops do not act on node-drain notices (a lost node is
+      handled by ``train.max_failures`` restarts from the last checkpoint), and the watcher's actor logs errors;
+    - mocolab's verbosity, its progress mode (bars for a terminal, lines otherwise) and MLflow's console level, for
+      sweep trials and workers.
+
+    A variable already set in this process keeps its value; one the submitted job's own runtime environment sets
+    is left to it (Ray refuses to merge the same key twice)."""
+    wanted = {
+        PROGRESS_ENV: progress_mode(),
+        "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
+        "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
+        VERBOSE_ENV: "1" if is_verbose() else "0",
+        "MLFLOW_LOGGING_LEVEL": "INFO" if is_verbose() else "WARNING",
+    }
+    env = {key: os.environ.get(key, value) for key, value in wanted.items()}
+    if address and address not in ("auto", "local"):
+        env["RAY_ADDRESS"] = address
+    job_config = json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR", "{}"))  # set by `ray job submit`
+    submitted = (job_config.get("runtime_env") or {}).get("env_vars") or {}
+    return {key: value for key, value in env.items() if key not in submitted}
 
 
 def ensure_ray() -> None:
-    """Connect to the cluster in ``RAY_ADDRESS`` (set by ``ray job submit``), or start a local Ray."""
+    """Connect to the cluster in ``RAY_ADDRESS`` (set by ``ray job submit``), or start a local Ray (no web
+    dashboard, so no State API: Ray Train's placement-group cleaner then warns every second that it cannot query
+    it); either way with the job environment of :func:`ray_job_env` and, unless verbose, the logging of the driver
+    and of every process of the job (``ray.LoggingConfig``) at :data:`QUIET_RAY_LEVEL`. Verbose, Ray's defaults
+    apply (INFO, worker lines prefixed with their process)."""
     import ray
 
     if ray.is_initialized():
         return
+    quiet = {} if is_verbose() else {
+        "logging_level": QUIET_RAY_LEVEL,
+        # also drops the "(RayTrainWorker pid=...)" prefix of the lines workers print (Ray does so for a job
+        # with a logging config), so the console shows mocolab's lines as they are
+        "logging_config": ray.LoggingConfig(log_level=QUIET_RAY_LEVEL),
+    }
     address = os.environ.get("RAY_ADDRESS")
     if address:
-        ray.init(address=address)
-    else:
-        ray.init(address="local", include_dashboard=False)
+        ray.init(address=address, runtime_env={"env_vars": ray_job_env(address)}, **quiet)
+        return
+    port = _free_port()
+    previous = os.environ.get(GCS_PORT_ENV)
+    os.environ[GCS_PORT_ENV] = str(port)  # Ray's setting for the port of a head it starts
+    try:
+        ray.init(
+            address="local",
+            include_dashboard=False,
+            runtime_env={"env_vars": ray_job_env(f"127.0.0.1:{port}")},
+            **quiet,
+        )
+    finally:
+        if previous is None:
+            os.environ.pop(GCS_PORT_ENV)
+        else:
+            os.environ[GCS_PORT_ENV] = previous
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def torch_trainer(
@@ -43,8 +115,9 @@ def torch_trainer(
 ):
     """A TorchTrainer running ``loop(loop_config)`` on ``num_workers`` workers of ``cfg.scaling`` (CPUs, a GPU and
     the custom ``resources_per_worker`` each; gloo on CPU, nccl on GPU), storing under
-    ``cfg.scaling.storage_path/run_name`` (the same name resumes)."""
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    ``cfg.scaling.storage_path/run_name`` (the same name resumes). Ray Train's own console output is at
+    :data:`QUIET_RAY_LEVEL` unless verbose (its log files keep everything)."""
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     scaling = cfg.scaling
@@ -61,6 +134,7 @@ def torch_trainer(
             failure_config=FailureConfig(max_failures=max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=keep_checkpoints),
             callbacks=list(callbacks),
+            logging_config=LoggingConfig(log_level="INFO" if is_verbose() else QUIET_RAY_LEVEL),
         ),
     )
 
@@ -87,14 +161,26 @@ class Worker:
         return self.rank == 0
 
 
+def _quiet_worker_console() -> None:
+    """Raise the console handlers of the worker's root logger to :data:`QUIET_WORKER_CONSOLE`. Ray Train sets them
+    to INFO, and its per-report ``Reporting training result ...`` lines come from a logger outside ``ray.train``
+    (named by its file) that its LoggingConfig does not reach; the worker's log file handler keeps everything."""
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler):
+            handler.setLevel(QUIET_WORKER_CONSOLE)
+
+
 def start_worker(config: dict[str, Any], seed: int) -> Worker:
     """The preamble of every worker loop: the run config from ``config["config"]`` (the schema's pure rules only;
     the driver's pre-flight step checked files and data), rank, world size, device, one CPU thread per CPU of
-    the worker, deterministic algorithms when ``train.deterministic``, and every RNG seeded with ``seed``."""
+    the worker, deterministic algorithms when ``train.deterministic``, every RNG seeded with ``seed``, and the
+    worker's console quiet unless verbose."""
     import ray.train
     import ray.train.torch
 
     cfg = Config.model_validate(config["config"])
+    if not is_verbose():
+        _quiet_worker_console()
     context = ray.train.get_context()
     torch.set_num_threads(max(1, int(cfg.scaling.cpus_per_worker)))
     if cfg.train.deterministic:

@@ -6,9 +6,12 @@ analysis agree on them (see platform/ARCHITECTURE.md).
 
 from __future__ import annotations
 
+import getpass
 import os
 import re
+import shlex
 import subprocess
+import sys
 import tempfile
 import time
 import urllib.error
@@ -39,6 +42,16 @@ NONFINITE_LOSS_TAG = "mocolab.nonfinite_loss"  # set by rank 0 when the loss bec
 RESUME_FALLBACK_TAG = "mocolab.resume_fallback"  # set by rank 0 when it resumed from an older checkpoint: why
 NO_LOADABLE_CHECKPOINT_TAG = "mocolab.no_loadable_checkpoint"  # set by rank 0 when no checkpoint of the run loads
 PARENT_RUN_TAG = "mlflow.parentRunId"
+
+# --- MLflow's own names that mocolab fills (the UI's runs table shows them) ---------------------------
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"  # on an experiment
+MODEL_TRAINING_KIND = "custom_model_development"  # without a kind, MLflow 3's UI opens a GenAI trace view
+SOURCE_NAME_TAG, SOURCE_TYPE_TAG = "mlflow.source.name", "mlflow.source.type"  # `mocolab <subcommand>`
+COMMAND_TAG = "mocolab.command"  # the whole command line that made the run, credentials masked
+SOURCE_GIT_COMMIT_TAG = "mlflow.source.git.commit"
+USER_TAG = "mlflow.user"
+DATASET_CONTEXT_TAG, TRAINING_CONTEXT = "mlflow.data.context", "training"  # on a run's dataset input
+BACKBONE_MODEL = "backbone"  # the logged model of a pretraining run (its final backbone)
 
 # --- params beyond the flattened config ---------------------------------------------------------------
 EFFECTIVE_K_PARAM = "effective_k"  # the dictionary size K as the paper's Figure 3 counts it (per mechanism)
@@ -133,9 +146,14 @@ def downstream_tag(stage: str) -> str:
 
 
 def experiment_id(client: "MlflowClient", name: str) -> str:
-    """The id of experiment ``name``, created if missing."""
+    """The id of experiment ``name``, created if missing, tagged as model training (an experiment of an older
+    mocolab, without a kind, gets the tag; another kind is left alone)."""
     exp = client.get_experiment_by_name(name)
-    return exp.experiment_id if exp is not None else client.create_experiment(name)
+    if exp is None:
+        return client.create_experiment(name, tags={EXPERIMENT_KIND_TAG: MODEL_TRAINING_KIND})
+    if EXPERIMENT_KIND_TAG not in exp.tags:
+        client.set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND_TAG, MODEL_TRAINING_KIND)
+    return exp.experiment_id
 
 
 def find_run(client: "MlflowClient", experiment: str, run_name: str) -> Optional["Run"]:
@@ -162,6 +180,39 @@ def git_commit() -> Optional[str]:
     except (OSError, subprocess.SubprocessError):
         return None
     return out.stdout.strip() or None
+
+
+def command_line() -> str:
+    """The mocolab command this process runs (``mocolab pretrain experiments/x.yaml --set ...``), credentials
+    removed; plain ``mocolab`` in a process that is not the command line (a Ray worker, a notebook)."""
+    program = Path(sys.argv[0]) if sys.argv and sys.argv[0] else Path()
+    if program.name != "mocolab" and program.parts[-2:] != ("mocolab", "cli.py"):
+        return "mocolab"
+    return redact(shlex.join(["mocolab", *sys.argv[1:]]))
+
+
+def source_tags() -> dict[str, str]:
+    """MLflow's source tags of a run this process creates: ``mocolab <subcommand>`` (the UI's Source column shows
+    the part after the last '/', so not the whole command line, which goes to ``mocolab.command``), the git
+    commit, the user."""
+    command = command_line()
+    tags = {SOURCE_NAME_TAG: " ".join(shlex.split(command)[:2]), SOURCE_TYPE_TAG: "LOCAL", COMMAND_TAG: command}
+    commit = git_commit()
+    if commit:
+        tags[GIT_COMMIT_TAG] = tags[SOURCE_GIT_COMMIT_TAG] = commit
+    try:
+        tags[USER_TAG] = getpass.getuser()
+    except (KeyError, OSError):  # no login name (some containers)
+        pass
+    return tags
+
+
+def ui_link(uri: str, experiment_id: str, run_id: str) -> Optional[str]:
+    """The run's page in the MLflow UI of a tracking server (None for other stores), opened on the model-training
+    view: MLflow 3.17's UI starts on its GenAI view unless told ``workflowType=machine_learning``."""
+    if not uri.startswith(("http://", "https://")):
+        return None
+    return f"{redact(uri).rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}?workflowType=machine_learning"
 
 
 def params_of(cfg: Config) -> dict[str, str]:
@@ -202,6 +253,30 @@ def log_config_artifact(client: "MlflowClient", run_id: str, cfg: Config) -> Non
         client.log_artifact(run_id, str(path))
 
 
+def log_dataset_input(client: "MlflowClient", run_id: str, cfg: Config) -> None:
+    """Log the training set as the run's dataset input (context ``training``): its name, where it lives (a local
+    folder, or the code that makes it), its image count as the profile and a digest of its file list."""
+    import json
+
+    from mlflow.entities import Dataset, DatasetInput, InputTag
+
+    from mocolab.data.datasets import summarize
+
+    summary = summarize(cfg.data, "train")
+    if summary.root is not None:  # as mlflow.data's local and code dataset sources write themselves
+        source_type, source = "local", {"uri": redact(summary.root)}
+    else:
+        source_type, source = "code", {"tags": {"mocolab.data.dataset": cfg.data.dataset}}
+    dataset = Dataset(
+        name=summary.name,
+        digest=summary.digest,
+        source_type=source_type,
+        source=json.dumps(source),
+        profile=json.dumps({"num_images": summary.num_images}),
+    )
+    client.log_inputs(run_id, datasets=[DatasetInput(dataset, tags=[InputTag(DATASET_CONTEXT_TAG, TRAINING_CONTEXT)])])
+
+
 def start_pretrain_run(
     cfg: Config, parent_run_id: Optional[str] = None, extra_tags: Optional[dict[str, str]] = None
 ) -> tuple[str, bool]:
@@ -220,16 +295,14 @@ def start_pretrain_run(
             )
         client.update_run(existing.info.run_id, status="RUNNING")
         return existing.info.run_id, True
-    tags = {STAGE_TAG: STAGE_PRETRAIN, **(extra_tags or {})}
-    commit = git_commit()
-    if commit:
-        tags[GIT_COMMIT_TAG] = commit
+    tags = {STAGE_TAG: STAGE_PRETRAIN, **source_tags(), **(extra_tags or {})}
     if parent_run_id:
         tags[PARENT_RUN_TAG] = parent_run_id
     run = client.create_run(experiment_id(client, cfg.tracking.experiment), run_name=name, tags=tags)
     run_id = run.info.run_id
     log_params(client, run_id, params_of(cfg))
     log_config_artifact(client, run_id, cfg)
+    log_dataset_input(client, run_id, cfg)
     return run_id, False
 
 
@@ -244,12 +317,9 @@ def start_eval_run(
 ) -> str:
     """Create an evaluation run (``stage`` = lincls|detection), linked to its pretraining run by tag."""
     client = client_for(cfg.tracking.tracking_uri)
-    tags = {STAGE_TAG: stage, INIT_TAG: init, **(extra_tags or {})}
+    tags = {STAGE_TAG: stage, INIT_TAG: init, **source_tags(), **(extra_tags or {})}
     if pretrain_run_id:
         tags[PRETRAIN_RUN_TAG] = pretrain_run_id
-    commit = git_commit()
-    if commit:
-        tags[GIT_COMMIT_TAG] = commit
     run = client.create_run(
         experiment_id(client, cfg.tracking.experiment),
         run_name=run_name or f"{stage}-{cfg.tracking.run_name}",
@@ -312,3 +382,77 @@ def child_runs(uri: str, experiment: str, parent_run_id: str) -> list["Run"]:
     return list(
         client.search_runs([exp.experiment_id], filter_string=f"tags.`{PARENT_RUN_TAG}` = '{parent_run_id}'")
     )
+
+
+def start_system_metrics(uri: str, run_id: str, interval_s: float, node_id: Optional[str] = None):
+    """Start MLflow's system-metrics monitor on run ``run_id``: CPU, memory, disk and network (and the GPUs, when
+    nvidia-ml-py finds any) sampled every ``interval_s`` seconds as ``system/...`` metrics (``system/<node_id>/...``
+    if given), continuing the steps of a resumed run. Returns the monitor, or None when ``interval_s`` is 0."""
+    if not interval_s:
+        return None
+    from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+    monitor = SystemMetricsMonitor(
+        run_id, sampling_interval=interval_s, resume_logging=True, node_id=node_id, tracking_uri=uri
+    )
+    monitor.start()
+    return monitor
+
+
+def stop_system_metrics(monitor) -> None:
+    """Stop a monitor of :func:`start_system_metrics` (None: nothing to do), then log one last sample: MLflow's
+    monitor logs only after a full interval, so a run shorter than one would otherwise have none."""
+    if monitor is None:
+        return
+    monitor.finish()
+    monitor.collect_metrics()
+    monitor.publish_metrics(monitor.aggregate_metrics())
+    monitor.mlflow_logger.flush()
+
+
+def log_backbone_model(
+    uri: str, run_id: str, backbone, image_size: int, step: int, register_as: Optional[str] = None
+) -> str:
+    """Log ``backbone`` (an ``nn.Module`` in eval mode mapping float32 ``[B, 3, image_size, image_size]`` images,
+    normalised as in training, to features ``[B, D]``) as the MLflow model ``backbone`` of run ``run_id``, at
+    ``step`` (the run's metrics at that step are linked to it): ``torch.export`` format (loading it runs no
+    pickled code), with its signature and the run's params; registered as ``register_as`` when given. Returns
+    the model URI.
+
+    ``mlflow.pytorch.log_model`` takes the tracking and registry URIs, and the experiment of a model it creates,
+    from MLflow's process-wide state; so the model is created here in the run's experiment, and logging runs
+    with the tracking URI set to ``uri`` and the previous one restored after."""
+    from importlib.metadata import version
+
+    import mlflow.pytorch
+    import numpy as np
+    import torch
+    from mlflow.models import ModelSignature
+    from mlflow.tracking._tracking_service.utils import _use_tracking_uri
+    from mlflow.types import Schema, TensorSpec
+
+    example = torch.zeros(2, 3, image_size, image_size)  # a batch of 2 so that the batch dimension stays dynamic
+    with torch.no_grad():
+        feat_dim = backbone(example).shape[1]
+    signature = ModelSignature(
+        inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, 3, image_size, image_size), "images")]),
+        outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, feat_dim), "features")]),
+    )
+    client = mlflow_client(uri)
+    run = client.get_run(run_id)
+    model = client.create_logged_model(
+        run.info.experiment_id, name=BACKBONE_MODEL, source_run_id=run_id, params=run.data.params
+    )
+    with _use_tracking_uri(uri):
+        info = mlflow.pytorch.log_model(
+            backbone,
+            model_id=model.model_id,
+            run_id=run_id,
+            step=step,
+            signature=signature,
+            input_example=example,
+            serialization_format="pt2",
+            pip_requirements=[f"torch=={version('torch')}"],
+            registered_model_name=register_as,
+        )
+    return info.model_uri

@@ -1,4 +1,4 @@
-"""Datasets of ``data.dataset`` (imagefolder, cifar10, digits) for pretraining and evaluation.
+"""Datasets of ``data.dataset`` (imagefolder, cifar10, digits, folder) for pretraining and evaluation.
 
 A split is first an *image source* (in-memory arrays or image files, with integer labels), then wrapped
 as a torch Dataset: two augmented views and the index for pretraining, or one transformed image and its
@@ -10,8 +10,11 @@ label for the kNN monitor and linear evaluation. Unreadable image files follow `
 from __future__ import annotations
 
 import functools
+import hashlib
 import logging
+import os
 import pickle
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence, Union
 
@@ -183,10 +186,39 @@ def _digits_source(data_cfg: DataConfig, split: str) -> ArrayImages:
     return ArrayImages(*digits_split(data_cfg.digits, name))
 
 
+def folder_images(root: Path) -> list[str]:
+    """Every image file (torchvision's IMG_EXTENSIONS, any case) anywhere under ``root``, sorted; hidden files
+    and folders (names starting with '.') are left out, symlinked folders are not followed."""
+    paths = []
+    for folder, subfolders, files in os.walk(root):
+        subfolders[:] = [name for name in subfolders if not name.startswith(".")]
+        paths += [
+            os.path.join(folder, name)
+            for name in files
+            if not name.startswith(".") and name.lower().endswith(IMG_EXTENSIONS)
+        ]
+    return sorted(paths)
+
+
+def _folder_source(data_cfg: DataConfig, split: str) -> FileImages:
+    """Unlabeled images anywhere under ``data.root`` (label 0 for all); only a training split."""
+    root = Path(data_cfg.root)
+    if split != "train":
+        raise ValueError(
+            f"data.dataset=folder has no labels and no {split} split; give the kNN monitor train.knn_dataset and "
+            "linear evaluation eval.lincls.dataset (labeled data sections)"
+        )
+    paths = folder_images(root)
+    if not paths:
+        raise ValueError(f"data.root={root} holds no image files ({', '.join(IMG_EXTENSIONS)}) at any depth")
+    return FileImages(paths, np.zeros(len(paths), dtype=np.int64))
+
+
 _SOURCES: dict[str, Callable[[DataConfig, str], ImageSource]] = {
     "imagefolder": _imagefolder_source,
     "cifar10": _cifar10_source,
     "digits": _digits_source,
+    "folder": _folder_source,
 }
 
 
@@ -268,6 +300,8 @@ def build_labeled_dataset(data_cfg: DataConfig, split: str, transform: Callable)
 
 def num_classes(data_cfg: DataConfig) -> int:
     """Number of classes of ``data.dataset`` (ImageFolder: class folders of the training split)."""
+    if data_cfg.dataset == "folder":
+        raise ValueError("data.dataset=folder has no classes; evaluate on a labeled data section")
     if data_cfg.dataset == "digits":
         return DIGITS_CLASSES
     if data_cfg.dataset == "cifar10":
@@ -278,6 +312,36 @@ def num_classes(data_cfg: DataConfig) -> int:
 def dataset_size(data_cfg: DataConfig, split: str = "train") -> int:
     """Number of items of ``split`` after ``data.limit_train/limit_test``."""
     return len(image_source(data_cfg, split))
+
+
+@dataclass(frozen=True)
+class DatasetSummary:
+    """What identifies a training set: a name, where it lives, how many images and a digest of its contents'
+    list (image files: their paths relative to the root; in-memory data: the pixels and labels)."""
+
+    name: str
+    root: Optional[str]
+    num_images: int
+    digest: str
+
+
+def summarize(data_cfg: DataConfig, split: str = "train") -> DatasetSummary:
+    """The :class:`DatasetSummary` of ``split`` after ``data.limit_train/limit_test`` (reads the file list)."""
+    source = image_source(data_cfg, split)
+    sha = hashlib.sha256()
+    if isinstance(source, FileImages):
+        for path in source.paths:
+            sha.update(os.path.relpath(path, data_cfg.root).encode() + b"\n")
+    else:
+        sha.update(np.ascontiguousarray(source.images).tobytes())
+        sha.update(source.labels.tobytes())
+    root = str(data_cfg.root) if data_cfg.root is not None else None
+    if data_cfg.dataset == "folder":
+        name = Path(root).name
+    else:
+        base = Path(root).name if data_cfg.dataset == "imagefolder" else data_cfg.dataset
+        name = f"{base}/{_split_name(data_cfg, split)}"
+    return DatasetSummary(name, root, len(source), sha.hexdigest()[:16])
 
 
 def collate_skip_corrupt(batch: list) -> tuple[Any, int]:

@@ -36,6 +36,7 @@ from torchvision.ops import MultiScaleRoIAlign
 from torchvision.ops.misc import FrozenBatchNorm2d
 
 from mocolab.config import Config, ConfigError, DetectionConfig, ModelConfig
+from mocolab.console import StepProgress, console
 
 BASE_ANCHORS = (32, 64, 128, 256, 512)
 RESNET_LAYERS = ("conv1", "bn1", "layer1", "layer2", "layer3", "layer4")
@@ -304,6 +305,7 @@ def detection_train_loop(config: dict[str, Any]) -> dict[str, float]:
     started = time.perf_counter()
     model.train()
     log_every = max(1, det.iterations // 10)
+    bar = StepProgress("detect", det.iterations, active=worker.is_chief)
     for iteration, (images, targets) in zip(range(det.iterations), _batches(loader, sampler)):
         images = [im.to(device) for im in images]
         targets = [{k: (v.to(device) if torch.is_tensor(v) else v) for k, v in t.items()} for t in targets]
@@ -316,10 +318,13 @@ def detection_train_loop(config: dict[str, Any]) -> dict[str, float]:
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
+        bar.step(len(images) * world, loss.detach(), scheduler.get_last_lr()[0])
         scheduler.step()
+        if iteration + 1 == det.iterations:
+            bar.close()  # the last line comes after the finished bar; earlier ones print above it
         if worker.is_chief and ((iteration + 1) % log_every == 0 or iteration + 1 == det.iterations):
             parts = " ".join(f"{k.removeprefix('loss_')} {v.item():.3f}" for k, v in losses.items())
-            print(f"[mocolab detect] iter {iteration + 1}/{det.iterations} loss {loss.item():.3f} ({parts})", flush=True)
+            console(f"[mocolab detect] iter {iteration + 1}/{det.iterations} loss {loss.item():.3f} ({parts})")
     train_s = time.perf_counter() - started
 
     started = time.perf_counter()

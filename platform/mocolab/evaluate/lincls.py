@@ -14,6 +14,7 @@ Metrics are then ``lincls_fast_top1/top5``, as the two protocols do not give the
 
 from __future__ import annotations
 
+import math
 import time
 from typing import Any, Iterator, Sequence
 
@@ -27,6 +28,7 @@ from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler, Subset
 
 from mocolab.config import Config, LinclsConfig
+from mocolab.console import StepProgress, console
 from mocolab.tracking import LINCLS_FAST_METRICS, LINCLS_METRICS
 
 TOPK = (1, 5)
@@ -211,12 +213,15 @@ def lincls_train_loop(config: dict[str, Any]) -> dict[str, float]:
         extract_s = time.perf_counter() - started
         gen = torch.Generator().manual_seed(lin.seed + rank)
 
+    steps = math.ceil(len(train_labels) / lin.batch_size) if lin.fast else len(train_loader)
+    bar = StepProgress("lincls", lin.epochs * steps, active=worker.is_chief)
     for epoch in range(lin.epochs):
         lr = lr_at_epoch(epoch, lin)
         for group in optimizer.param_groups:
             group["lr"] = lr
         probe.train()
         sampler.set_epoch(epoch)
+        bar.label = f"lincls epoch {epoch + 1}/{lin.epochs}"
         if lin.fast:
             batches = _feature_batches(train_feats, train_labels, lin.batch_size, gen)
         else:
@@ -229,8 +234,11 @@ def lincls_train_loop(config: dict[str, Any]) -> dict[str, float]:
             optimizer.step()
             total += loss.item() * len(labels)
             seen += len(labels)
+            bar.step(len(labels) * world, loss.detach(), lr)
+        if epoch + 1 == lin.epochs:
+            bar.close()  # the last epoch's line comes after the finished bar; earlier ones print above it
         if worker.is_chief and (epoch + 1 == lin.epochs or (epoch + 1) % max(1, lin.epochs // 10) == 0):
-            print(f"[mocolab lincls] epoch {epoch + 1}/{lin.epochs} loss {total / max(seen, 1):.4f} lr {lr:.4g}", flush=True)
+            console(f"[mocolab lincls] epoch {epoch + 1}/{lin.epochs} loss {total / max(seen, 1):.4f} lr {lr:.4g}")
 
     probe.eval()
     if lin.fast:

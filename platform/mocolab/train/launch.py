@@ -3,7 +3,8 @@
 ``fit_pretrain`` runs :func:`mocolab.train.pretrain.train_loop` on ``scaling.num_workers`` workers under the Ray
 run name ``tracking.run_name`` (the same name resumes from its last checkpoint); ``finish_pretrain_run`` turns a
 NaN/inf loss into :class:`NonFiniteLossError` and a run none of whose checkpoints loads into
-:class:`NoLoadableCheckpointError`, else logs ``backbone.pt`` and marks the run FINISHED.
+:class:`NoLoadableCheckpointError`, else logs ``backbone.pt`` and the MLflow model ``backbone`` (registered as
+``tracking.register_model`` if set) and marks the run FINISHED.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ def build_trainer(cfg: Config, run_id: str, callbacks: Sequence[Any] = ()):
 
 def finish_pretrain_run(cfg: Config, run_id: str, result) -> None:
     """After ``fit``: stop on a non-finite loss or on a run none of whose checkpoints loads, else log
-    ``backbone.pt`` and mark the run FINISHED."""
+    ``backbone.pt`` and the model ``backbone``, and mark the run FINISHED."""
     uri = cfg.tracking.tracking_uri
     tags = tracking.client_for(uri).get_run(run_id).data.tags
     unloadable = tags.get(tracking.NO_LOADABLE_CHECKPOINT_TAG)
@@ -56,7 +57,23 @@ def finish_pretrain_run(cfg: Config, run_id: str, result) -> None:
         if not backbone.is_file():
             raise RuntimeError(f"the final checkpoint {result.checkpoint.path} has no {BACKBONE_FILE}")
         tracking.log_file(uri, run_id, backbone)
+        tracking.log_backbone_model(
+            uri, run_id, backbone_module(cfg, backbone), cfg.data.image_size, step=cfg.train.epochs,
+            register_as=cfg.tracking.register_model,
+        )
     tracking.end_run(uri, run_id, status="FINISHED")
+
+
+def backbone_module(cfg: Config, weights: Path):
+    """The backbone of ``model.*`` (plain BatchNorm, eval mode, on the CPU) holding the weights of ``weights``
+    (a ``backbone.pt``): what the logged MLflow model ``backbone`` is."""
+    import torch
+
+    from mocolab.moco.backbones import make_backbone
+
+    backbone, _ = make_backbone(cfg.model.arch, cfg.model.cifar_stem)
+    backbone.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
+    return backbone.eval()
 
 
 def fit_pretrain(cfg: Config, run_id: str, callbacks: Sequence[Any] = ()) -> None:

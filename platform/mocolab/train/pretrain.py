@@ -1,9 +1,10 @@
 """The MoCo pretraining loop run by every Ray Train worker (Ray Train V2 API).
 
 Per epoch, every rank trains on its shard (DistributedSampler, drop_last), the mean loss is all-reduced,
-rank 0 evaluates the weighted kNN monitor (train split as the bank, test split as queries: done on rank 0
-only so that the other ranks need no extra loaders; they wait at ``ray.train.report``), logs the epoch to
-MLflow, prints a progress line and, every ``train.checkpoint_every`` epochs, hands a checkpoint to
+rank 0 shows a progress bar over the epoch's steps (:mod:`mocolab.console`), evaluates the weighted kNN
+monitor on its labeled data (:attr:`Config.knn_data`; train split as the bank, test split as queries: done on
+rank 0 only so that the other ranks need no extra loaders; they wait at ``ray.train.report``), logs the epoch to
+MLflow, prints the epoch line and, every ``train.checkpoint_every`` epochs, hands a checkpoint to
 ``ray.train.report``. A run restarted by Ray (FailureConfig) or relaunched under the same name resumes
 from ``ray.train.get_checkpoint()``: model (queue, pointer, both encoders), optimizer, scheduler, epoch,
 global step and every rank's RNG state. If that checkpoint cannot be loaded, the run resumes from the newest
@@ -20,7 +21,6 @@ the latest one; the driver turns the tag into :class:`NonFiniteLossError`.
 from __future__ import annotations
 
 import math
-import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -33,6 +33,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 from mocolab import tracking
 from mocolab.config import Config, TrainConfig
+from mocolab.console import StepProgress, console
 from mocolab.runtime import seed_everything, start_worker
 from mocolab.train.checkpoint import capture_rng_state, restore_rng_state, save_checkpoint
 from mocolab.train.resume import NoLoadableCheckpointError, Resumed, load_for_resume
@@ -64,12 +65,6 @@ def lr_factor(step: int, steps_per_epoch: int, train: TrainConfig) -> float:
 def loop_config(cfg: Config, mlflow_run_id: str) -> dict[str, Any]:
     """The ``train_loop_config`` dict of the TorchTrainer (plain JSON types)."""
     return {"config": cfg.model_dump(mode="json"), "mlflow_run_id": mlflow_run_id}
-
-
-def progress(line: str) -> None:
-    """Print a progress line once: to the process's real stdout, which Ray streams to the driver
-    (Ray Train's patched ``print`` would emit it twice when stdout is wrapped)."""
-    print(line, file=sys.__stdout__, flush=True)
 
 
 def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
@@ -108,7 +103,7 @@ class _Tracker:
             return
         where = f"loss {loss} in epoch {epoch} at global step {global_step}"
         self._client.set_tag(self.run_id, tracking.NONFINITE_LOSS_TAG, where)
-        progress(f"[mocolab] {where}: stopping without retry")
+        console(f"[mocolab] {where}: stopping without retry")
 
     def resumed(self, resumed: Resumed) -> None:
         if not self.active:
@@ -116,14 +111,14 @@ class _Tracker:
         note = resumed.fallback_note()
         if note:
             self._client.set_tag(self.run_id, tracking.RESUME_FALLBACK_TAG, note[: tracking.MAX_TAG_CHARS])
-            progress(f"[mocolab] {note}")
-        progress(f"[mocolab] resumed from epoch {resumed.state['epoch']} (global step {resumed.state['global_step']})")
+            console(f"[mocolab] {note}")
+        console(f"[mocolab] resumed from epoch {resumed.state['epoch']} (global step {resumed.state['global_step']})")
 
     def no_loadable_checkpoint(self, message: str) -> None:
         if not self.active:
             return
         self._client.set_tag(self.run_id, tracking.NO_LOADABLE_CHECKPOINT_TAG, message[: tracking.MAX_TAG_CHARS])
-        progress(f"[mocolab] {message}")
+        console(f"[mocolab] {message}")
 
     def epoch(self, epoch: int, metrics: dict[str, Optional[float]]) -> None:
         if not self.active:
@@ -131,7 +126,7 @@ class _Tracker:
         tracking.log_metrics(self._client, self.run_id, metrics, step=epoch)
         knn = metrics.get(tracking.KNN_TOP1)
         knn_text = f"knn_top1 {knn:5.2f}%" if knn is not None else "knn_top1   -   "
-        progress(
+        console(
             f"[mocolab] epoch {epoch:>4}/{self.epochs}  loss {metrics['loss']:.4f}  {knn_text}  "
             f"lr {metrics[tracking.LR]:.4g}  {metrics[tracking.THROUGHPUT]:.0f} img/s  {metrics[tracking.EPOCH_TIME]:.1f} s"
         )
@@ -179,9 +174,11 @@ def _restore(state: dict[str, Any], model, optimizer, scheduler, rank: int, seed
     return state["epoch"], state["global_step"]
 
 
-def _train_epoch(model, loader, optimizer, scheduler, device, world_size, global_step, autocast, nan) -> _EpochStats:
-    """One pass over this rank's shard. Stops at the first step whose all-reduced loss is not finite
-    (every rank sees the same value, so all stop together)."""
+def _train_epoch(
+    model, loader, optimizer, scheduler, device, world_size, global_step, autocast, nan, bar: StepProgress
+) -> _EpochStats:
+    """One pass over this rank's shard, shown on ``bar``. Stops at the first step whose all-reduced loss is not
+    finite (every rank sees the same value, so all stop together)."""
     model.train()
     loss_sum = torch.zeros((), device=device)
     steps = images = corrupt = 0
@@ -205,6 +202,7 @@ def _train_epoch(model, loader, optimizer, scheduler, device, world_size, global
         steps += 1
         images += im_q.shape[0] * world_size
         global_step += 1
+        bar.step(im_q.shape[0] * world_size, step_loss, last_lr)
     return _EpochStats(float(loss_sum) / max(steps, 1), last_lr, images, corrupt, global_step)
 
 
@@ -283,19 +281,22 @@ def train_loop(config_dict: dict[str, Any]) -> None:
     else:
         seed_everything(train.seed + rank)  # different augmentations on every rank
 
-    knn_data = knn_loaders(cfg) if worker.is_chief and train.knn_every else None
+    monitor = _start_system_metrics(cfg, run_id)
+    knn_data = knn_loaders(cfg) if worker.is_chief and train.knn_every and cfg.knn_data is not None else None
     autocast = torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=train.amp)
     nan_epoch = config_dict.get(INJECT_NAN_KEY)
 
     for epoch in range(start_epoch + 1, train.epochs + 1):
         sampler.set_epoch(epoch)
         started = time.perf_counter()
-        stats = _train_epoch(
-            model, loader, optimizer, scheduler, device, world_size, global_step, autocast, epoch == nan_epoch
-        )
+        with StepProgress(f"epoch {epoch}/{train.epochs}", steps_per_epoch, active=worker.is_chief) as bar:
+            stats = _train_epoch(
+                model, loader, optimizer, scheduler, device, world_size, global_step, autocast, epoch == nan_epoch, bar
+            )
         epoch_time = time.perf_counter() - started
         if not stats.finite:
             tracker.nonfinite_loss(epoch, stats.global_step, stats.loss)
+            tracking.stop_system_metrics(monitor)
             return  # every rank returns here: a clean end, which Ray does not retry
         global_step = stats.global_step
         corrupt = _all_reduce_mean(torch.tensor(float(stats.corrupt), device=device), world_size) * world_size
@@ -324,26 +325,44 @@ def train_loop(config_dict: dict[str, Any]) -> None:
                 ray.train.report(report, checkpoint=ray.train.Checkpoint.from_directory(tmp))
         else:
             ray.train.report(report)
+    tracking.stop_system_metrics(monitor)
+
+
+def _start_system_metrics(cfg: Config, run_id: str):
+    """The system-metrics monitor of this worker's node, run by its local rank 0 (None on the other workers).
+    Metric names carry the node (``system/node_1/...``) only when the run spans several nodes."""
+    import ray.train
+
+    context = ray.train.get_context()
+    if context.get_local_rank() != 0:
+        return None
+    several_nodes = context.get_local_world_size() < context.get_world_size()
+    node_id = f"node_{context.get_node_rank()}" if several_nodes else None
+    return tracking.start_system_metrics(
+        cfg.tracking.tracking_uri, run_id, cfg.tracking.system_metrics_interval_s, node_id
+    )
 
 
 def knn_loaders(cfg: Config) -> tuple[DataLoader, DataLoader]:
-    """Loaders of the train split (the kNN bank) and the test split, with the evaluation transform.
+    """Loaders of the train split (the kNN bank) and the test split of the monitor's labeled data
+    (:attr:`Config.knn_data`), with the evaluation transform.
 
     They get their own generator so that the monitor leaves the training RNG streams untouched
     (a resumed run then replays exactly what an uninterrupted one does)."""
     from mocolab.data.augment import eval_transform
     from mocolab.data.datasets import build_labeled_dataset
 
-    transform = eval_transform(cfg.data.image_size)
+    data_cfg = cfg.knn_data
+    transform = eval_transform(data_cfg.image_size)
     return tuple(
         DataLoader(
-            build_labeled_dataset(cfg.data, split, transform),
+            build_labeled_dataset(data_cfg, split, transform),
             batch_size=max(cfg.train.batch_size, 256),
             shuffle=False,
             collate_fn=_collate_labeled,
             generator=torch.Generator().manual_seed(cfg.train.seed),
         )
-        for split in (cfg.data.train_split, cfg.data.test_split)
+        for split in ("train", "test")
     )
 
 

@@ -297,6 +297,11 @@ def validate_trials(spec: SweepSpec, base: dict[str, Any]) -> list[Config]:
         )
     if spec.search == "optuna" and first.train.knn_every == 0:
         raise ConfigError(f"sweep '{spec.name}': search optuna maximises knn_top1; set train.knn_every >= 1")
+    if (spec.scheduler.type == "asha" or spec.search == "optuna") and first.knn_data is None:
+        raise ConfigError(
+            f"sweep '{spec.name}': its scheduler or search needs knn_top1, but data.dataset={first.data.dataset} has "
+            "no labels for the kNN monitor; set train.knn_dataset to a labeled data section"
+        )
     return checked
 
 

@@ -96,6 +96,7 @@ def make_trial_fn(spec: SweepSpec, base: dict[str, Any], parent_run_id: str) -> 
 
     Relative paths of the base resolve against the directory the sweep was launched from."""
     launch_dir = Path.cwd()
+    source = tracking.source_tags()  # the sweep command's, not the Ray actor's that runs the trial
 
     def run_trial(params: dict[str, Any]) -> None:
         from ray import tune
@@ -116,7 +117,7 @@ def make_trial_fn(spec: SweepSpec, base: dict[str, Any], parent_run_id: str) -> 
         run_id = pretrain_and_evaluate(
             cfg,
             parent_run_id=parent_run_id,
-            extra_tags={tracking.SWEEP_TAG: spec.name, tracking.TRIAL_ID_TAG: trial_id},
+            extra_tags={**source, tracking.SWEEP_TAG: spec.name, tracking.TRIAL_ID_TAG: trial_id},
             callbacks=[TuneReportCallback()],
         )
         _report_final_metrics(client, run_id)
@@ -180,11 +181,9 @@ def start_sweep_run(spec: SweepSpec, base: dict[str, Any], cfg: Config, resume: 
             "continue it with --resume or start another with --name NEW_NAME"
         )
     tags = {
-        tracking.STAGE_TAG: tracking.STAGE_SWEEP, tracking.SWEEP_TAG: spec.name, tracking.SWEEP_AXES_TAG: ",".join(spec.axes)
+        tracking.STAGE_TAG: tracking.STAGE_SWEEP, tracking.SWEEP_TAG: spec.name, tracking.SWEEP_AXES_TAG: ",".join(spec.axes),
+        **tracking.source_tags(),
     }
-    commit = tracking.git_commit()
-    if commit:
-        tags[tracking.GIT_COMMIT_TAG] = commit
     run = client.create_run(tracking.experiment_id(client, experiment), run_name=spec.name, tags=tags)
     run_id = run.info.run_id
     tracking.log_params(
