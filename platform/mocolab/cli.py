@@ -18,6 +18,7 @@ SUBCOMMANDS = {
     "detect": ("mocolab.evaluate.detection_cli", "Faster R-CNN transfer, COCO-style AP"),
     "sweep": ("mocolab.tune.sweep", "Ray Tune sweep from a sweep file (experiments/sweeps/)"),
     "report": ("mocolab.analysis.report", "ablation tables, plots and a markdown report from MLflow"),
+    "reproduce": ("mocolab.reproduce.cli", "the MoCo papers' claims at CPU scale over seeds, with verdicts and a report"),
     "bench": ("mocolab.bench.cli", "step, reference-loop, data-pipeline and overhead benchmarks"),
 }
 

@@ -29,6 +29,8 @@ SWEEP_TAG = "mocolab.sweep"
 GIT_COMMIT_TAG = "mocolab.git_commit"
 NONFINITE_LOSS_TAG = "mocolab.nonfinite_loss"  # set by rank 0 when the loss became NaN/inf: where it happened
 PARENT_RUN_TAG = "mlflow.parentRunId"
+CLAIM_TAG = "mocolab.claim"  # mocolab reproduce: on each claim's sweep run (a child of the stage=reproduce run)
+VERDICT_TAG = "mocolab.verdict"  # reproduced | not_reproduced | inconclusive, on each claim's sweep run
 CONFIG_ARTIFACT = "config.yaml"
 BACKBONE_ARTIFACT = "backbone.pt"
 

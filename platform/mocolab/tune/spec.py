@@ -333,7 +333,17 @@ def load_sweep(
     if name is not None:
         raw["name"] = name
     spec = parse_sweep(raw, source=f"sweep file {path}")
-    base = base_raw(spec, path.parent, overrides)
+    base, first = prepare_sweep(spec, path.parent, overrides)
+    return spec, base, first
+
+
+def prepare_sweep(
+    spec: SweepSpec, sweep_dir: Path, overrides: tuple[str, ...] | list[str] = ()
+) -> tuple[dict[str, Any], Config]:
+    """The raw base config of a parsed sweep (``base.config`` relative to ``sweep_dir``, then ``overrides``)
+    and its first trial's Config, with every trial validated and the tracking URI and storage path made
+    absolute in the base."""
+    base = base_raw(spec, sweep_dir, overrides)
     first = validate_trials(spec, base)
     set_dotted(base, "tracking.tracking_uri", first.tracking.tracking_uri)
     storage = first.scaling.storage_path
@@ -341,4 +351,4 @@ def load_sweep(
         storage = str(Path(storage).resolve())
         set_dotted(base, "scaling.storage_path", storage)
         first.scaling.storage_path = storage
-    return spec, base, first
+    return base, first
