@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import math
 
-import pandas as pd
 import pytest
 from analysis_store import MECHANISM_KNN, MOMENTUM_KNN, make_store
 from mlflow import MlflowClient
@@ -25,18 +24,6 @@ def test_mean_std_formatting():
     assert tables.mean_std(58.8, 0.42) == "58.8 ± 0.4"
     assert tables.mean_std(58.8, float("nan")) == "58.8"
     assert tables.mean_std(float("nan"), float("nan")) == "-"
-
-
-def test_effective_k_is_the_batch_for_end_to_end_and_the_queue_otherwise():
-    frame = pd.DataFrame(
-        {
-            "params.moco.mechanism": ["end_to_end", "moco", "memory_bank"],
-            "params.moco.queue_size": ["4096", "1024", "256"],
-            "params.train.batch_size": ["32", "32", "32"],
-            "params.scaling.num_workers": ["2", "2", "2"],
-        }
-    )
-    assert list(tables.with_effective_k(frame)["params.K"]) == ["64", "1024", "256"]
 
 
 def test_momentum_table_has_one_row_per_value_with_mean_and_std_over_seeds(store):

@@ -24,7 +24,7 @@ from mlflow import MlflowClient
 from mocolab import cli
 from mocolab.config import build_config
 from mocolab.data.datasets import CorruptImageError, FileImages, TwoCropDataset, collate_keep_batch_size
-from mocolab.train.launch import run_pretrain
+from mocolab.orchestrate import run_pretrain
 
 REPO = Path(__file__).resolve().parents[1]
 QUICKSTART = str(REPO / "experiments" / "pretrain" / "quickstart.yaml")

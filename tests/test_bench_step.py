@@ -78,7 +78,7 @@ def test_interleaved_throughput_alternates_order_and_counts_images():
 
 
 def test_step_spec_refuses_sizes_the_queue_cannot_hold():
-    with pytest.raises(ValueError, match="queue_size=100 must be a multiple of batch_size=8"):
-        TINY.replace(queue_size=100)
+    with pytest.raises(ValueError, match="moco.queue_size=100 is not a multiple of the global batch 8"):
+        build_model(TINY.replace(queue_size=100))
     with pytest.raises(ValueError, match="precision"):
         TINY.replace(precision="fp16")

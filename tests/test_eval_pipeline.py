@@ -4,14 +4,14 @@ from __future__ import annotations
 
 from mocolab.config import build_config
 from mocolab.evaluate.detection import check_detection
-from mocolab.evaluate.pipeline import QUICKSTART_EVALS, headline_metrics, with_quickstart_evals
-from mocolab.quickstart import quickstart_config
+from mocolab.evaluate.pipeline import headline_metrics
+from mocolab.quickstart import QUICKSTART_EVALS, quickstart_config
 
 
 def test_quickstart_evals_fit_the_quickstart_model(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     assert QUICKSTART_EVALS.resolve().name == "quickstart.yaml" and QUICKSTART_EVALS.resolve().parent.name == "eval"
-    cfg = with_quickstart_evals(quickstart_config())
+    cfg = quickstart_config()  # the quickstart's pretraining config names no evaluations: it gets these
     assert cfg.eval.lincls.fast and cfg.eval.lincls.lr == 30.0
     det = cfg.eval.detection
     assert det.data.made_digits and not det.fpn

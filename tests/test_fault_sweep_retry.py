@@ -36,7 +36,7 @@ def test_trial_with_a_killed_worker_is_retried_from_its_checkpoint(ray_local, ml
              "resources": {"workers": 1}, "max_failures": 1}  # fmt: skip
     path = tmp_path / "retry.yaml"
     path.write_text(yaml.safe_dump(sweep))
-    spec, raw_base, cfg = load_sweep(path)
+    spec, raw_base, (cfg, *_) = load_sweep(path)
 
     killed: dict[str, Any] = {}
     run_folder = storage / "retry-00000"  # the trial's Ray Train run: <sweep>-<trial number>

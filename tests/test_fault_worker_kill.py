@@ -20,7 +20,7 @@ from mlflow import MlflowClient
 
 from mocolab.config import build_config
 from mocolab.train.checkpoint import CHECKPOINT_FILE, load_checkpoint
-from mocolab.train.launch import run_pretrain
+from mocolab.orchestrate import run_pretrain
 
 EPOCHS = 3
 

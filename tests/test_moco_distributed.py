@@ -40,7 +40,7 @@ def _worker(rank, port, out_dir):
 
 
 def _collectives_worker(rank):
-    from mocolab.moco.dictionary import QueueDictionary
+    from mocolab.moco.mechanisms.queue import QueueDictionary
     from mocolab.moco.distributed import (
         gather_all,
         gather_all_with_grad,
@@ -71,7 +71,7 @@ def _collectives_worker(rank):
     assert torch.allclose(x.grad, (rows * sum(r + 1 for r in range(WORLD))).expand(2, 3))
 
     torch.manual_seed(0)  # the same initial queue on both ranks, as the training loop seeds them
-    queue = QueueDictionary(size=4 * BATCH, dim=4, keys_per_step=WORLD * BATCH)
+    queue = QueueDictionary(size=4 * BATCH, dim=4)
     keys = F.normalize(torch.randn(BATCH, 4) + rank, dim=1)
     queue([F.normalize(torch.randn(BATCH, 4), dim=1)], [keys], None, 0.2)
     return {"shuffled_ids": shuffled[:, 0, 0, 0], "unshuffle": unshuffle, "keys": keys, "queue": queue.queue}
@@ -113,7 +113,7 @@ def _step_worker(rank):
             }
         )
         torch.manual_seed(0)
-        model = MoCo(cfg, num_train_samples=4 * WORLD * BATCH).train()
+        model = MoCo.from_config(cfg, num_train_samples=4 * WORLD * BATCH).train()
         ddp = DistributedDataParallel(model, broadcast_buffers=False)  # as the training loop wraps it
         torch.manual_seed(1 + rank)
         im_q, im_k = torch.randn(2, BATCH, 3, 12, 12).unbind(0)

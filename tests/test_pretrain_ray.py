@@ -11,7 +11,9 @@ from mlflow import MlflowClient
 from mocolab import tracking
 from mocolab.config import build_config
 from mocolab.train.checkpoint import CHECKPOINT_FILE, load_checkpoint
-from mocolab.train.launch import build_trainer, ensure_ray, finish_pretrain_run, run_pretrain
+from mocolab.orchestrate import run_pretrain
+from mocolab.runtime import ensure_ray
+from mocolab.train.launch import build_trainer, finish_pretrain_run
 from mocolab.train.pretrain import INJECT_NAN_KEY, NonFiniteLossError
 
 SHARED_CIFAR = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "cifar10-subset"
@@ -117,3 +119,27 @@ def test_two_worker_cpu_run_on_shared_cifar10_subset(ray_local, mlflow_uri, tmp_
     assert set(EPOCH_METRICS) <= set(run.data.metrics)
     assert 0 <= run.data.metrics["knn_top1"] <= 100
     assert (checkpoint_dirs(cfg)[-1] / CHECKPOINT_FILE).is_file()
+
+
+@pytest.mark.slow
+def test_preflight_runs_once_per_command(ray_local, mlflow_uri, tmp_path, capfd, monkeypatch):
+    """``mocolab pretrain`` with an evaluation: one pre-flight step in the driver, none in the Ray workers
+    (their output reaches this process too), and the evaluation ran."""
+    import yaml
+
+    import mocolab.preflight
+    from mocolab import cli
+
+    calls = []
+    real = mocolab.preflight.preflight
+    monkeypatch.setattr(mocolab.preflight, "preflight", lambda *a, **k: calls.append(a) or real(*a, **k))
+    cfg = tiny_digits_config(tmp_path, "preflight-once", epochs=1)
+    raw = cfg.model_dump(mode="json")
+    raw["eval"]["lincls"] = {"fast": True, "epochs": 2, "num_workers": 1}
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    assert cli.main(["pretrain", str(path)]) == 0
+    out = capfd.readouterr().out
+    assert len(calls) == 1 and calls[0][1] == ("pretrain", "lincls")
+    assert out.count("pre-flight checks passed") == 1
+    assert "[mocolab lincls]" in out

@@ -17,7 +17,7 @@ from mlflow import MlflowClient
 
 from mocolab.config import load_config
 from mocolab.train.checkpoint import load_checkpoint
-from mocolab.train.launch import run_pretrain
+from mocolab.orchestrate import run_pretrain
 
 EPOCHS = 8
 STEPS_PER_EPOCH = 4  # 256 images / (2 workers x 32)

@@ -74,7 +74,7 @@ def test_tracking_uri_with_credentials_is_probed_and_reported_without_them(monke
 
 _PROBE = """
 import json, psutil, ray
-from mocolab.train.launch import ensure_ray
+from mocolab.runtime import ensure_ray
 ensure_ray()
 from ray._private import ray_constants
 from ray._raylet import AuthenticationMode, get_authentication_mode

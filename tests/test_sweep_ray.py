@@ -66,7 +66,7 @@ def test_sweep_runs_one_child_run_per_trial_and_goes_on_after_a_failed_trial(ray
     # the kNN monitor reads the broken test image: data.on_corrupt=fail makes that trial fail at run time
     path = write_sweep(tmp_path, "tiny", {"data.on_corrupt": {"grid": ["skip", "fail"]}}, tmp_path / "ray")
     root = make_image_folder(tmp_path / "images")
-    spec, base, cfg = load_sweep(path, overrides=["data.dataset=imagefolder", f"data.root={root}", "data.limit_train=null"])
+    spec, base, (cfg, *_) = load_sweep(path, overrides=["data.dataset=imagefolder", f"data.root={root}", "data.limit_train=null"])
     parent_id, failed, unfinished = run_sweep(spec, base, cfg)
     assert (failed, unfinished) == (1, 0)
     runs = {r.info.run_name: r for r in children(mlflow_uri, "tiny")}

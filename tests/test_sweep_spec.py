@@ -32,7 +32,7 @@ def test_base_path_is_relative_to_the_sweep_file_and_inline_overrides_merge(tmp_
     path = write_sweep(tmp_path, space={"moco.momentum": {"grid": [0.9, 0.99]}})
     path.write_text(path.read_text().replace("base: base.yaml", "base: {config: base.yaml, train.epochs: 3, moco: {dim: 8}}"))
     monkeypatch.chdir("/")
-    spec, base, first = load_sweep(path, overrides=["train.lr=0.1"])
+    spec, base, (first, *_) = load_sweep(path, overrides=["train.lr=0.1"])
     assert spec.axes == ["moco.momentum"]
     assert base["train"] == {"epochs": 3, "batch_size": 16, "lr": 0.1}
     assert base["moco"] == {"queue_size": 64, "dim": 8}
@@ -60,7 +60,7 @@ def test_evals_select_the_eval_sections(tmp_path):
 
 def test_zipped_axis_sets_several_keys(tmp_path):
     space = {"moco.mechanism, train.batch_size": {"grid": [["end_to_end", 8], ["moco", 16]]}}
-    spec, base, first = load_sweep(write_sweep(tmp_path, space=space))
+    spec, base, (first, *_) = load_sweep(write_sweep(tmp_path, space=space))
     assert spec.axes == ["moco.mechanism", "train.batch_size"]
     assert (first.moco.mechanism, first.train.batch_size) == ("end_to_end", 8)
 
@@ -81,10 +81,14 @@ def test_queue_not_a_multiple_of_the_batch_is_refused_naming_the_value(tmp_path)
         load_sweep(path)
 
 
-def test_memory_bank_drawing_more_negatives_than_images_is_refused(tmp_path):
+def test_memory_bank_drawing_more_negatives_than_images_is_refused_by_the_preflight(tmp_path, monkeypatch):
+    from mocolab.preflight import preflight
+
+    monkeypatch.chdir(tmp_path)
     space = {"moco.mechanism, moco.queue_size": {"grid": [["memory_bank", 64], ["memory_bank", 4096]]}}
-    with pytest.raises(ConfigError, match=r"moco\.queue_size=4096 negatives per step exceed the 100 training samples"):
-        load_sweep(write_sweep(tmp_path, space=space), overrides=["data.limit_train=100"])
+    _, _, checked = load_sweep(write_sweep(tmp_path, space=space), overrides=["data.limit_train=100"])
+    with pytest.raises(ConfigError, match=r"moco\.queue_size=4096 negatives .* the memory bank has 100 images"):
+        preflight(checked)
 
 
 def test_impossible_bound_of_a_continuous_axis_is_refused(tmp_path):
@@ -121,7 +125,7 @@ def test_asha_needs_knn_every_epoch(tmp_path):
 
 @pytest.mark.parametrize("path", sorted(SWEEPS.glob("*_cpu.yaml")), ids=lambda p: p.name)
 def test_shipped_cpu_sweeps_validate(path):
-    spec, _, first = load_sweep(path)
+    spec, _, (first, *_) = load_sweep(path)
     assert spec.name == path.stem and first.scaling.use_gpu is False
 
 

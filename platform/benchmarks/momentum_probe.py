@@ -39,7 +39,8 @@ from mocolab.config import load_config
 from mocolab.data.datasets import build_pretrain_dataset, collate_keep_batch_size
 from mocolab.moco.model import MoCo
 from mocolab.train.knn import knn_top1
-from mocolab.train.pretrain import knn_loaders, lr_factor, seed_everything
+from mocolab.runtime import seed_everything
+from mocolab.train.pretrain import knn_loaders, lr_factor
 
 SWEEP_BASE = [  # the momentum_cpu sweep's trial: one worker, the quickstart's global batch, split-BN
     "scaling.num_workers=1",
@@ -89,7 +90,7 @@ def run(cfg, epochs: int, log_every_step: bool, fresh_queue: bool = False) -> li
         dataset, batch_size=cfg.train.batch_size, shuffle=True, drop_last=True, collate_fn=collate_keep_batch_size,
         generator=torch.Generator().manual_seed(cfg.train.seed),
     )
-    model = MoCo(cfg, num_train_samples=len(dataset))
+    model = MoCo.from_config(cfg, num_train_samples=len(dataset))
     opt = torch.optim.SGD(
         [p for p in model.parameters() if p.requires_grad], lr=cfg.train.lr, momentum=cfg.train.sgd_momentum,
         weight_decay=cfg.train.weight_decay,

@@ -12,7 +12,7 @@ import importlib
 import sys
 
 SUBCOMMANDS = {
-    "pretrain": ("mocolab.train.launch", "MoCo pretraining on Ray Train (resumes a run of the same name)"),
+    "pretrain": ("mocolab.orchestrate", "MoCo pretraining on Ray Train (resumes a run of the same name)"),
     "quickstart": ("mocolab.quickstart", "pretrain on bundled digits, then kNN/linear/detection vs random init"),
     "lincls": ("mocolab.evaluate.lincls_cli", "linear classification on frozen features (the paper's protocol)"),
     "detect": ("mocolab.evaluate.detection_cli", "Faster R-CNN transfer, COCO-style AP"),

@@ -24,8 +24,7 @@ from pydantic import (
     model_validator,
 )
 
-ARCHS = ("small_cnn", "resnet18", "resnet34", "resnet50")
-NAMED_POLICIES = ("moco_v1", "moco_v2", "none")
+DIGIT_SIDE = 8  # scikit-learn's bundled digits are 8 x 8
 
 
 class ConfigError(ValueError):
@@ -36,16 +35,43 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+PRESETS: dict[str, dict[str, Any]] = {
+    "v1": {"moco.mlp": False, "moco.temperature": 0.07, "data.augment": "moco_v1", "train.schedule": "step"},
+    "v2": {"moco.mlp": True, "moco.temperature": 0.2, "data.augment": "moco_v2", "train.schedule": "cosine"},
+}
+"""``moco.version`` as a preset: the keys it sets unless the YAML or ``--set`` gives them. v1 (He et al. 2020):
+linear head, T=0.07, the v1 augmentation, step lr; v2 (Chen et al. 2020): MLP head, T=0.2, blur, cosine lr."""
+STEP_MILESTONE_FRACTIONS = (0.6, 0.8)
+"""Default ``train.lr_milestones`` of the step schedule: the paper's epochs 120 and 160 of 200, scaled."""
+
+
 class MocoConfig(_Section):
-    version: Literal["v1", "v2"] = "v2"
-    mechanism: Literal["moco", "end_to_end", "memory_bank"] = "moco"
+    version: Literal["v1", "v2"] = Field("v2", description="preset of mlp, temperature, data.augment, train.schedule")
+    mechanism: str = Field("moco", description="moco | end_to_end | memory_bank (see moco/mechanisms/)")
     dim: int = Field(128, gt=0)
-    queue_size: int = Field(65536, gt=0, description="K: negatives in the queue (moco) or drawn per step (memory_bank)")
+    queue_size: int = Field(
+        65536, gt=0,
+        description="K: negatives in the queue (moco) or drawn per step (memory_bank); end_to_end: K = global batch",
+    )
     momentum: float = 0.999
-    temperature: float = 0.2
-    mlp: Optional[bool] = Field(None, description="MLP head; default: true for v2, false for v1")
-    symmetric: bool = False
-    bank_momentum: float = Field(0.5, description="memory_bank: InstDisc update momentum of the stored keys")
+    temperature: float = Field(0.2, description="preset: 0.07 (v1), 0.2 (v2)")
+    mlp: bool = Field(True, description="MLP projection head; preset: false (v1), true (v2)")
+    symmetric: bool = Field(
+        False,
+        description="both crops as query and key; the loss is the SUM of the two directions' mean losses (MoCo "
+        "CIFAR-10 demo), so each step's gradient is about twice the asymmetric one's: keep train.lr as for the "
+        "asymmetric loss to follow the demo, or halve it to match its gradient scale",
+    )
+    bank_momentum: float = Field(0.5, description="memory_bank: InstDisc update momentum of the stored rows")
+
+    @field_validator("mechanism")
+    @classmethod
+    def _registered(cls, v: str) -> str:
+        from mocolab.moco.mechanisms import MECHANISMS  # names only: no torch
+
+        if v not in MECHANISMS:
+            raise ValueError(f"moco.mechanism={v!r} is not one of {', '.join(MECHANISMS)}")
+        return v
 
     @field_validator("momentum")
     @classmethod
@@ -68,10 +94,6 @@ class MocoConfig(_Section):
             raise ValueError(f"moco.bank_momentum={v} is outside [0, 1); InstDisc uses 0.5")
         return v
 
-    @property
-    def use_mlp(self) -> bool:
-        return self.version == "v2" if self.mlp is None else self.mlp
-
 
 class ModelConfig(_Section):
     arch: Literal["small_cnn", "resnet18", "resnet34", "resnet50"] = "resnet18"
@@ -92,13 +114,29 @@ class DigitsConfig(_Section):
     test_fraction: float = Field(0.25, gt=0, lt=1)
     seed: int = 0
 
+    @model_validator(mode="after")
+    def _digit_fits_canvas(self) -> "DigitsConfig":
+        if self.min_scale > self.max_scale:
+            raise ValueError(
+                f"data.digits.min_scale={self.min_scale} is above data.digits.max_scale={self.max_scale}; swap them"
+            )
+        side = round(DIGIT_SIDE * self.max_scale)
+        if side > self.canvas:
+            raise ValueError(
+                f"data.digits.max_scale={self.max_scale} makes digits of {side} px, larger than "
+                f"data.digits.canvas={self.canvas}; use max_scale <= {self.canvas / DIGIT_SIDE:g} or a larger canvas"
+            )
+        return self
+
 
 class DataConfig(_Section):
     dataset: Literal["digits", "imagefolder", "cifar10"] = "digits"
     root: Optional[Path] = None
     train_split: str = "train"
     test_split: str = "test"
-    augment: Union[str, list[dict[str, Any]]] = "moco_v2"
+    augment: Union[str, list[dict[str, Any]]] = Field(
+        "moco_v2", description="moco_v1 | moco_v2 | none, or a list of albumentations ops; preset: moco_v1 (v1), moco_v2 (v2)"
+    )
     image_size: int = Field(32, ge=8)
     loader_workers: Union[int, Literal["auto"]] = "auto"
     on_corrupt: Literal["fail", "skip"] = "fail"
@@ -111,8 +149,10 @@ class TrainConfig(_Section):
     epochs: int = Field(200, ge=1)
     batch_size: int = Field(256, ge=2, description="per worker")
     lr: float = Field(0.03, gt=0)
-    schedule: Literal["cosine", "step"] = "cosine"
-    lr_milestones: list[int] = Field(default_factory=lambda: [120, 160], description="step schedule: epochs")
+    schedule: Literal["cosine", "step"] = Field("cosine", description="preset: step (v1), cosine (v2)")
+    lr_milestones: list[int] = Field(
+        default_factory=list, description="step schedule: epochs of x lr_decay; default 60% and 80% of train.epochs"
+    )
     lr_decay: float = Field(0.1, gt=0, le=1)
     warmup_epochs: int = Field(0, ge=0)
     sgd_momentum: float = Field(0.9, ge=0, lt=1)
@@ -210,6 +250,13 @@ class Config(_Section):
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _apply_preset(cls, raw: Any) -> Any:
+        if isinstance(raw, dict):
+            apply_preset(raw)
+        return raw
+
     @model_validator(mode="after")
     def _cross_field_rules(self) -> "Config":
         check_run_rules(self)
@@ -227,21 +274,36 @@ class Config(_Section):
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
 
 
+def _raw_get(raw: dict[str, Any], dotted: str) -> Any:
+    node: Any = raw
+    for part in dotted.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return None
+        node = node[part]
+    return node
+
+
+def apply_preset(raw: dict[str, Any]) -> None:
+    """Fill, in place, the keys of the ``moco.version`` preset that ``raw`` does not set (see PRESETS), and the
+    step schedule's default milestones (60% and 80% of ``train.epochs``). Explicit keys always win."""
+    version = _raw_get(raw, "moco.version") or "v2"
+    for dotted, value in PRESETS.get(version, {}).items():
+        if _raw_get(raw, dotted) is None:
+            set_dotted(raw, dotted, value)
+    if _raw_get(raw, "train.schedule") == "step" and not _raw_get(raw, "train.lr_milestones"):
+        epochs = _raw_get(raw, "train.epochs") or TrainConfig.model_fields["epochs"].default
+        first = max(1, round(STEP_MILESTONE_FRACTIONS[0] * epochs))
+        set_dotted(raw, "train.lr_milestones", [first, max(first + 1, round(STEP_MILESTONE_FRACTIONS[1] * epochs))])
+
+
 def check_run_rules(cfg: Config) -> None:
-    """Rules that involve several fields; raise ValueError naming the field and the fix."""
+    """Rules that involve several fields and need nothing but the config (no files, no dataset, no
+    albumentations: those are :mod:`mocolab.preflight`'s); raise ValueError naming the field and the fix."""
+    from mocolab.moco.mechanisms import mechanism_class
+    from mocolab.moco.mechanisms.base import DictionarySettings
+
     moco, train, scaling, model, data = cfg.moco, cfg.train, cfg.scaling, cfg.model, cfg.data
-    if moco.mechanism == "moco" and moco.queue_size % cfg.global_batch:
-        raise ValueError(
-            f"moco.queue_size={moco.queue_size} is not a multiple of the global batch "
-            f"{cfg.global_batch} (train.batch_size={train.batch_size} x scaling.num_workers={scaling.num_workers}); "
-            f"use e.g. {max(1, moco.queue_size // cfg.global_batch) * cfg.global_batch}"
-        )
-    if moco.mechanism == "moco" and moco.symmetric and moco.queue_size % (2 * cfg.global_batch):
-        raise ValueError(
-            f"moco.queue_size={moco.queue_size} is not a multiple of twice the global batch {2 * cfg.global_batch}: "
-            "with moco.symmetric the keys of both crops enter the queue each step; "
-            f"use e.g. {max(1, moco.queue_size // (2 * cfg.global_batch)) * 2 * cfg.global_batch}"
-        )
+    mechanism_class(moco.mechanism).check(DictionarySettings.from_config(cfg))
     if model.bn == "shuffle" and scaling.num_workers < 2:
         raise ValueError(
             "model.bn=shuffle needs scaling.num_workers >= 2 (keys are shuffled across workers); "
@@ -261,34 +323,11 @@ def check_run_rules(cfg: Config) -> None:
         raise ValueError("train.amp=true needs scaling.use_gpu=true (bf16 autocast on GPU); CPU runs fp32")
     if model.arch == "small_cnn" and model.cifar_stem:
         raise ValueError("model.cifar_stem applies to ResNets only; set it false for model.arch=small_cnn")
-    if data.dataset in ("imagefolder", "cifar10"):
-        if data.root is None:
-            raise ValueError(f"data.root is required for data.dataset={data.dataset}; give the dataset folder")
-        if not data.root.is_dir():
-            raise ValueError(f"data.root={data.root} does not exist or is not a folder; fix the path")
-        if data.dataset == "imagefolder":
-            for key in ("train_split", "test_split"):
-                split = data.root / getattr(data, key)
-                if not split.is_dir():
-                    raise ValueError(
-                        f"data.{key}: {split} is not a folder; set data.{key} to the split folder's name "
-                        "(train/val for ImageNet, train/test for the shared CIFAR-10 subset)"
-                    )
-    if data.dataset == "digits":
-        from mocolab.data.digits import check_digits_config
-
-        check_digits_config(data.digits)
-    if train.schedule == "step" and any(b <= a for a, b in zip(train.lr_milestones, train.lr_milestones[1:])):
-        raise ValueError(f"train.lr_milestones={train.lr_milestones} must be increasing epochs")
-    if moco.mechanism == "memory_bank" and moco.queue_size > 10_000_000:
-        raise ValueError(f"moco.queue_size={moco.queue_size}: memory_bank draws K negatives per step; use K <= bank size")
-    _check_augment(data)
-
-
-def _check_augment(data: DataConfig) -> None:
-    from mocolab.data.augment import check_policy  # albumentations is heavy: import only when validating
-
-    check_policy(data.augment, data.image_size)
+    if data.dataset in ("imagefolder", "cifar10") and data.root is None:
+        raise ValueError(f"data.root is required for data.dataset={data.dataset}; give the dataset folder")
+    milestones = train.lr_milestones
+    if train.schedule == "step" and any(b <= a for a, b in zip(milestones, milestones[1:])):
+        raise ValueError(f"train.lr_milestones={milestones} must be increasing epochs")
 
 
 def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -1,8 +1,9 @@
-"""``mocolab quickstart``: MoCo on the bundled digits task with 2 Ray workers and shuffle-BN, compared
-with a random-init encoder of the same architecture under the same kNN protocol.
+"""``mocolab quickstart``: MoCo on the bundled digits task with 2 Ray workers and shuffle-BN, then kNN, linear
+eval and detection, each compared with a random-init encoder of the same architecture under the same protocol.
 
-The settings are ``experiments/pretrain/quickstart.yaml`` (the one source of truth; the package ships it
-as ``mocolab/quickstart.yaml``, a link to that file, so the command also works when installed).
+The settings are ``experiments/pretrain/quickstart.yaml`` and, for the evaluations when that file names none,
+``experiments/eval/quickstart.yaml`` (the sources of truth; the package ships them as ``mocolab/quickstart.yaml``
+and ``mocolab/quickstart_evals.yaml``, links to those files, so the command also works when installed).
 """
 
 from __future__ import annotations
@@ -15,15 +16,32 @@ from mocolab.cli import add_overrides_argument
 from mocolab.config import Config, load_config
 
 QUICKSTART_CONFIG = Path(__file__).with_name("quickstart.yaml")
+QUICKSTART_EVALS = Path(__file__).with_name("quickstart_evals.yaml")
+ROW_LABELS = {
+    "lincls_top1": "linear top-1 (%)",
+    "lincls_top5": "linear top-5 (%)",
+    "lincls_fast_top1": "linear top-1, cached features (%)",
+    "lincls_fast_top5": "linear top-5, cached features (%)",
+    "det_AP": "detection AP (%)",
+    "det_AP50": "detection AP50 (%)",
+    "det_AP75": "detection AP75 (%)",
+}
 
 Row = tuple[str, Optional[float], Optional[float]]
 """One line of the comparison table: (metric, random init, MoCo)."""
 
 
 def quickstart_config(seed: Optional[int] = None, overrides: Sequence[str] = ()) -> Config:
-    """The quickstart Config; ``seed`` sets ``train.seed``, ``overrides`` are ``KEY=VALUE`` strings."""
+    """The quickstart Config, with the quickstart's evaluations when it names none; ``seed`` sets
+    ``train.seed``, ``overrides`` are ``KEY=VALUE`` strings."""
     extra = [f"train.seed={seed}"] if seed is not None else []
-    return load_config(QUICKSTART_CONFIG, [*extra, *overrides])
+    cfg = load_config(QUICKSTART_CONFIG, [*extra, *overrides])
+    if cfg.eval.lincls is None and cfg.eval.detection is None:
+        from mocolab.config import EvalConfig, read_yaml
+
+        evals = EvalConfig.model_validate(read_yaml(QUICKSTART_EVALS).get("eval") or {})
+        cfg = cfg.model_copy(update={"eval": evals})
+    return cfg
 
 
 def random_init_knn_top1(cfg: Config) -> float:
@@ -33,11 +51,12 @@ def random_init_knn_top1(cfg: Config) -> float:
 
     from mocolab.data.datasets import dataset_size
     from mocolab.moco.model import MoCo
+    from mocolab.runtime import seed_everything
     from mocolab.train.knn import knn_top1
-    from mocolab.train.pretrain import knn_loaders, seed_everything
+    from mocolab.train.pretrain import knn_loaders
 
     seed_everything(cfg.train.seed)
-    model = MoCo(cfg, num_train_samples=dataset_size(cfg.data))
+    model = MoCo.from_config(cfg, num_train_samples=dataset_size(cfg.data))
     train_loader, test_loader = knn_loaders(cfg)
     return knn_top1(
         model.encoder_q.backbone, train_loader, test_loader, k=cfg.train.knn_k, t=cfg.train.knn_t,
@@ -69,16 +88,25 @@ def format_table(rows: Sequence[Row]) -> str:
     return "\n".join([fmt(header), rule, *map(fmt, lines)])
 
 
+def evaluation_rows(cfg: Config, pretrain_run_id: str) -> list[Row]:
+    """``(metric, random init, MoCo)`` rows for linear eval and detection: MoCo's values as ``run_pretrain`` copied
+    them onto the pretraining run, the random-init baselines run now under the same settings."""
+    from mocolab.evaluate.pipeline import headline_metrics, run_random_baselines
+    from mocolab.tracking import client_for
+
+    moco_metrics = client_for(cfg.tracking.tracking_uri).get_run(pretrain_run_id).data.metrics
+    random_metrics = headline_metrics(run_random_baselines(cfg))
+    return [(ROW_LABELS[name], value, moco_metrics.get(name)) for name, value in random_metrics.items()]
+
+
 def run_quickstart(cfg: Config) -> tuple[str, list[Row]]:
-    """Pretrain per ``cfg`` on Ray, then compare with random init; returns (MLflow run id, table rows)."""
-    from mocolab.train.launch import run_pretrain
+    """Pretrain and evaluate per ``cfg`` on Ray, then compare with random init; returns (MLflow run id, rows)."""
+    from mocolab.orchestrate import run_pretrain
+    from mocolab.tracking import KNN_TOP1
 
     run_id = run_pretrain(cfg)
-    rows: list[Row] = [("kNN top-1 (%)", random_init_knn_top1(cfg), final_metric(cfg, run_id, "knn_top1"))]
-    from mocolab.evaluate.pipeline import quickstart_eval_rows
-
-    rows += quickstart_eval_rows(cfg, run_id)  # linear eval and detection, MoCo vs random init
-    return run_id, rows
+    rows: list[Row] = [("kNN top-1 (%)", random_init_knn_top1(cfg), final_metric(cfg, run_id, KNN_TOP1))]
+    return run_id, rows + evaluation_rows(cfg, run_id)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

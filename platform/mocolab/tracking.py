@@ -14,25 +14,52 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 import yaml
-from mlflow import MlflowClient
-from mlflow.entities import Metric, Param, Run
 
 from mocolab.config import Config, ConfigError
 
-STAGE_TAG = "mocolab.stage"
-PRETRAIN_RUN_TAG = "mocolab.pretrain_run_id"
-INIT_TAG = "mocolab.init"
-SWEEP_TAG = "mocolab.sweep"
+if TYPE_CHECKING:  # mlflow is imported where it is used: the names below import without it
+    from mlflow import MlflowClient
+    from mlflow.entities import Run
+
+# --- tags -------------------------------------------------------------------------------------------
+STAGE_TAG = "mocolab.stage"  # one of the STAGE_* values
+STAGE_PRETRAIN, STAGE_LINCLS, STAGE_DETECTION = "pretrain", "lincls", "detection"
+STAGE_SWEEP, STAGE_BENCH, STAGE_REPRODUCE = "sweep", "bench", "reproduce"
+PRETRAIN_RUN_TAG = "mocolab.pretrain_run_id"  # on an evaluation run: the pretraining run it evaluates
+INIT_TAG = "mocolab.init"  # random | supervised | file | pretrain
+SWEEP_TAG = "mocolab.sweep"  # on a sweep's parent run and its trials
+SWEEP_AXES_TAG = "mocolab.sweep_axes"  # on a sweep's parent run: the swept keys, comma-separated
+TRIAL_ID_TAG = "mocolab.trial_id"  # Ray Tune's trial id of a sweep trial
+STOPPED_EARLY_TAG = "mocolab.stopped_early"  # a trial the scheduler (ASHA) stopped
 GIT_COMMIT_TAG = "mocolab.git_commit"
 NONFINITE_LOSS_TAG = "mocolab.nonfinite_loss"  # set by rank 0 when the loss became NaN/inf: where it happened
 PARENT_RUN_TAG = "mlflow.parentRunId"
 CLAIM_TAG = "mocolab.claim"  # mocolab reproduce: on each claim's sweep run (a child of the stage=reproduce run)
 VERDICT_TAG = "mocolab.verdict"  # reproduced | not_reproduced | inconclusive, on each claim's sweep run
+
+# --- params beyond the flattened config ---------------------------------------------------------------
+EFFECTIVE_K_PARAM = "effective_k"  # the dictionary size K as the paper's Figure 3 counts it (per mechanism)
+
+# --- metrics ------------------------------------------------------------------------------------------
+LOSS, LR, KNN_TOP1 = "loss", "lr", "knn_top1"  # per epoch (step = epoch)
+EPOCH_TIME, THROUGHPUT, CORRUPT_SKIPPED = "epoch_time_s", "throughput_img_s", "corrupt_skipped"
+LINCLS_METRICS = ("lincls_top1", "lincls_top5")
+LINCLS_FAST_METRICS = ("lincls_fast_top1", "lincls_fast_top5")
+DETECTION_METRICS = ("det_AP", "det_AP50", "det_AP75")
+DOWNSTREAM_METRICS = {STAGE_LINCLS: LINCLS_METRICS + LINCLS_FAST_METRICS, STAGE_DETECTION: DETECTION_METRICS}
+"""Headline metrics of each evaluation stage, copied onto the pretraining run."""
+HEADLINE_METRICS = (KNN_TOP1, "lincls_top1", "lincls_fast_top1", "lincls_top5", *DETECTION_METRICS)
+"""What reports tabulate by default, first = primary."""
+
+# --- artifacts ----------------------------------------------------------------------------------------
 CONFIG_ARTIFACT = "config.yaml"
 BACKBONE_ARTIFACT = "backbone.pt"
+SWEEP_ARTIFACT = "sweep.yaml"  # on a sweep's parent run
+BASE_ARTIFACT = "base_config.yaml"  # on a sweep's parent run
+REPORT_ARTIFACT_DIR = "report"  # mocolab report's files on a sweep's parent run
 
 MAX_PARAM_CHARS = 6000
 _SECRET_ENV = re.compile(r"(KEY|SECRET|TOKEN|PASSWORD)$")
@@ -86,19 +113,31 @@ def check_reachable(uri: str, timeout_s: float = 5.0) -> None:
             )
 
 
-def client_for(uri: str) -> MlflowClient:
-    """An MlflowClient on ``uri`` after checking it is reachable."""
-    check_reachable(uri)
+def mlflow_client(uri: str) -> "MlflowClient":
+    """An MlflowClient on ``uri`` (no reachability check: see :func:`client_for`)."""
+    from mlflow import MlflowClient
+
     return MlflowClient(tracking_uri=uri)
 
 
-def experiment_id(client: MlflowClient, name: str) -> str:
+def client_for(uri: str) -> "MlflowClient":
+    """An MlflowClient on ``uri`` after checking it is reachable."""
+    check_reachable(uri)
+    return mlflow_client(uri)
+
+
+def downstream_tag(stage: str) -> str:
+    """The tag on a pretraining run naming its evaluation run of ``stage``: ``mocolab.lincls_run_id``."""
+    return f"mocolab.{stage}_run_id"
+
+
+def experiment_id(client: "MlflowClient", name: str) -> str:
     """The id of experiment ``name``, created if missing."""
     exp = client.get_experiment_by_name(name)
     return exp.experiment_id if exp is not None else client.create_experiment(name)
 
 
-def find_run(client: MlflowClient, experiment: str, run_name: str) -> Optional[Run]:
+def find_run(client: "MlflowClient", experiment: str, run_name: str) -> Optional["Run"]:
     """The newest run called ``run_name`` in ``experiment``, or None."""
     exp = client.get_experiment_by_name(experiment)
     if exp is None:
@@ -126,27 +165,35 @@ def git_commit() -> Optional[str]:
 
 def params_of(cfg: Config) -> dict[str, str]:
     """The flattened config as MLflow params: dotted keys, stringified, credentials removed."""
+    from mocolab.moco.mechanisms import mechanism_class
+    from mocolab.moco.mechanisms.base import DictionarySettings
+
     flat = cfg.flat()
     flat.pop("tracking.tracking_uri", None)
+    flat[EFFECTIVE_K_PARAM] = mechanism_class(cfg.moco.mechanism).effective_k(DictionarySettings.from_config(cfg))
     return {k: redact(str(v))[:MAX_PARAM_CHARS] for k, v in flat.items()}
 
 
-def log_params(client: MlflowClient, run_id: str, params: dict[str, str]) -> None:
+def log_params(client: "MlflowClient", run_id: str, params: dict[str, str]) -> None:
     """Log params in batches (MLflow caps a batch at 100 params)."""
+    from mlflow.entities import Param
+
     items = [Param(k, v) for k, v in params.items()]
     for i in range(0, len(items), 100):
         client.log_batch(run_id, params=items[i : i + 100])
 
 
-def log_metrics(client: MlflowClient, run_id: str, metrics: dict[str, float], step: int) -> None:
+def log_metrics(client: "MlflowClient", run_id: str, metrics: dict[str, float], step: int) -> None:
     """Log numeric metrics at ``step`` in one call; None values are skipped."""
+    from mlflow.entities import Metric
+
     now = int(time.time() * 1000)
     batch = [Metric(k, float(v), now, step) for k, v in metrics.items() if v is not None]
     if batch:
         client.log_batch(run_id, metrics=batch)
 
 
-def log_config_artifact(client: MlflowClient, run_id: str, cfg: Config) -> None:
+def log_config_artifact(client: "MlflowClient", run_id: str, cfg: Config) -> None:
     """Store the resolved config as ``config.yaml`` at the root of the run's artifacts."""
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / CONFIG_ARTIFACT
@@ -172,7 +219,7 @@ def start_pretrain_run(
             )
         client.update_run(existing.info.run_id, status="RUNNING")
         return existing.info.run_id, True
-    tags = {STAGE_TAG: "pretrain", **(extra_tags or {})}
+    tags = {STAGE_TAG: STAGE_PRETRAIN, **(extra_tags or {})}
     commit = git_commit()
     if commit:
         tags[GIT_COMMIT_TAG] = commit
@@ -217,16 +264,16 @@ def record_downstream(
     """Copy an evaluation's headline metrics onto its pretraining run, tagging where they came from."""
     client = client_for(uri)
     log_metrics(client, pretrain_run_id, metrics, step=0)
-    client.set_tag(pretrain_run_id, f"mocolab.{stage}_run_id", source_run_id)
+    client.set_tag(pretrain_run_id, downstream_tag(stage), source_run_id)
 
 
 def end_run(uri: str, run_id: str, status: str = "FINISHED") -> None:
     """Mark a run FINISHED, FAILED or KILLED."""
-    MlflowClient(tracking_uri=uri).set_terminated(run_id, status=status)
+    mlflow_client(uri).set_terminated(run_id, status=status)
 
 
 def log_file(uri: str, run_id: str, path: Path, artifact_path: Optional[str] = None) -> None:
-    MlflowClient(tracking_uri=uri).log_artifact(run_id, str(path), artifact_path)
+    mlflow_client(uri).log_artifact(run_id, str(path), artifact_path)
 
 
 def load_pretrain_artifacts(uri: str, run_id: str) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -238,7 +285,7 @@ def load_pretrain_artifacts(uri: str, run_id: str) -> tuple[dict[str, Any], dict
         run = client.get_run(run_id)
     except Exception as err:  # mlflow raises its own RestException/MlflowException types
         raise ConfigError(f"--pretrain-run {run_id}: no such MLflow run in {uri} ({err})") from None
-    if run.data.tags.get(STAGE_TAG) not in ("pretrain", None):
+    if run.data.tags.get(STAGE_TAG) not in (STAGE_PRETRAIN, None):
         raise ConfigError(f"--pretrain-run {run_id} is a '{run.data.tags.get(STAGE_TAG)}' run, not a pretraining run")
     with tempfile.TemporaryDirectory() as tmp:
         try:
@@ -254,9 +301,9 @@ def load_pretrain_artifacts(uri: str, run_id: str) -> tuple[dict[str, Any], dict
     return config, state
 
 
-def child_runs(uri: str, experiment: str, parent_run_id: str) -> list[Run]:
+def child_runs(uri: str, experiment: str, parent_run_id: str) -> list["Run"]:
     """Runs whose ``mlflow.parentRunId`` is ``parent_run_id``."""
-    client = MlflowClient(tracking_uri=uri)
+    client = mlflow_client(uri)
     exp = client.get_experiment_by_name(experiment)
     if exp is None:
         return []

@@ -14,8 +14,7 @@ from typing import Optional, Sequence
 from mocolab.analysis import plots, runs, summary as summ
 from mocolab.analysis.tables import K
 from mocolab.config import ConfigError
-
-REPORT_ARTIFACT_DIR = "report"
+from mocolab.tracking import REPORT_ARTIFACT_DIR
 
 
 def write_plots(s: summ.Summary, uri: str, out: Path) -> list[Path]:

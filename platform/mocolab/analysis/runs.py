@@ -13,9 +13,7 @@ from mlflow import MlflowClient
 from mlflow.entities import Run
 
 from mocolab.config import ConfigError, absolute_tracking_uri, default_tracking_uri
-from mocolab.tracking import PARENT_RUN_TAG, STAGE_TAG, SWEEP_TAG
-
-SWEEP_AXES_TAG = "mocolab.sweep_axes"
+from mocolab.tracking import PARENT_RUN_TAG, STAGE_PRETRAIN, STAGE_SWEEP, STAGE_TAG, SWEEP_AXES_TAG, SWEEP_TAG
 
 
 def resolve_uri(uri: Optional[str] = None) -> str:
@@ -62,7 +60,7 @@ def find_sweep_parent(uri: str, sweep: str) -> pd.Series:
     """The parent run of sweep ``sweep`` (any experiment); ConfigError if there is none."""
     client = MlflowClient(tracking_uri=uri)
     df = _search(
-        client, _all_experiment_ids(client), f"tags.`{STAGE_TAG}` = 'sweep' and tags.`{SWEEP_TAG}` = '{sweep}'"
+        client, _all_experiment_ids(client), f"tags.`{STAGE_TAG}` = '{STAGE_SWEEP}' and tags.`{SWEEP_TAG}` = '{sweep}'"
     )
     if df.empty:
         raise ConfigError(
@@ -90,7 +88,7 @@ def load_sweep_runs(uri: str, sweep: str) -> tuple[pd.Series, pd.DataFrame]:
     return parent, runs
 
 
-def load_experiment_runs(uri: str, experiment: str, stage: str = "pretrain") -> pd.DataFrame:
+def load_experiment_runs(uri: str, experiment: str, stage: str = STAGE_PRETRAIN) -> pd.DataFrame:
     """The runs of ``experiment`` with ``mocolab.stage=stage``; ConfigError if the experiment is missing."""
     client = MlflowClient(tracking_uri=uri)
     exp = client.get_experiment_by_name(experiment)

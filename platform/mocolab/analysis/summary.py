@@ -10,8 +10,7 @@ import pandas as pd
 
 from mocolab.analysis import tables
 from mocolab.analysis.tables import K, MECHANISM
-
-K_SOURCES = ("moco.queue_size", "train.batch_size", "scaling.num_workers")
+from mocolab.tracking import HEADLINE_METRICS
 
 
 @dataclass
@@ -19,7 +18,7 @@ class Summary:
     """What a report shows about a set of runs."""
 
     title: str
-    runs: pd.DataFrame  # the FINISHED runs (K added for mechanism comparisons)
+    runs: pd.DataFrame  # the FINISHED runs
     axes: list[str]  # the parameters the table is grouped by
     metrics: list[str]
     table: pd.DataFrame  # numbers: axes, n, <metric>_mean, <metric>_std
@@ -37,12 +36,14 @@ class Summary:
 
     def mechanism_grid(self) -> pd.DataFrame:
         """Rows K, one column per mechanism: the paper's Figure 3 as a table."""
-        return tables.pivot_by(self.table, K, MECHANISM, self.primary)
+        grid = tables.pivot_by(self.table, K, MECHANISM, self.primary)
+        grid.index.name = "K"
+        return grid
 
 
 def table_axes(axes: Sequence[str]) -> list[str]:
-    """The grouping keys: a mechanism comparison groups by mechanism and K (negatives), not by the
-    queue size and batch size that make up K."""
+    """The grouping keys: a mechanism comparison groups by mechanism and the effective K each run logged, not
+    by the queue size and batch size that make up K."""
     axes = list(axes)
     if MECHANISM in axes:
         return [MECHANISM, K]
@@ -58,12 +59,10 @@ def summarize(
     if done.empty:
         raise ValueError(f"{title}: none of the {len(runs)} run(s) finished; nothing to tabulate")
     axes = list(axes) if axes else tables.varying_params(done)
-    if MECHANISM in axes:
-        done = tables.with_effective_k(done)
     by = table_axes(axes) or ["train.seed"]
     chosen = tables.available_metrics(done, metrics)
     if not chosen:
-        wanted = list(metrics) if metrics else list(tables.HEADLINE_METRICS)
+        wanted = list(metrics) if metrics else list(HEADLINE_METRICS)
         raise ValueError(f"{title}: no finished run has any of the metrics {wanted}")
     table = tables.ablation_table(done, by, chosen)
     best = tables.best_trial(done, chosen[0])

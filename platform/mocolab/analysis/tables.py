@@ -8,22 +8,14 @@ from __future__ import annotations
 
 from typing import Optional, Sequence
 
-import numpy as np
 import pandas as pd
 
-HEADLINE_METRICS = (
-    "knn_top1",
-    "lincls_top1",
-    "lincls_fast_top1",
-    "lincls_top5",
-    "det_AP",
-    "det_AP50",
-    "det_AP75",
-)
-# Params that differ between trials without being an ablation axis.
-NOT_AXES = ("train.seed", "tracking.", "scaling.storage_path")
+from mocolab.tracking import EFFECTIVE_K_PARAM, HEADLINE_METRICS
+
+# Params that differ between trials without being an ablation axis (the effective K follows the axes).
+NOT_AXES = ("train.seed", "tracking.", "scaling.storage_path", EFFECTIVE_K_PARAM)
 MECHANISM = "moco.mechanism"
-K = "K"
+K = EFFECTIVE_K_PARAM  # the dictionary size each pretraining run logs (see moco/mechanisms)
 
 
 def param_col(key: str) -> str:
@@ -73,19 +65,6 @@ def typed_params(runs: pd.DataFrame, keys: Sequence[str]) -> pd.DataFrame:
         parsed = values.map(_as_number)
         numeric = parsed.map(lambda v: isinstance(v, float)).all()
         out[key] = parsed.astype(float) if numeric else values.astype(str)
-    return out
-
-
-def with_effective_k(runs: pd.DataFrame) -> pd.DataFrame:
-    """Add column ``K``, the number of negatives: the global batch for ``end_to_end`` (the dictionary is
-    the batch), ``moco.queue_size`` for moco and memory_bank (queue length / keys drawn per step)."""
-    out = runs.copy()
-    mechanism = out.get(param_col(MECHANISM), pd.Series("moco", index=out.index)).fillna("moco")
-    queue = pd.to_numeric(out[param_col("moco.queue_size")])
-    batch = pd.to_numeric(out[param_col("train.batch_size")]) * pd.to_numeric(
-        out.get(param_col("scaling.num_workers"), pd.Series(1, index=out.index))
-    )
-    out[param_col(K)] = np.where(mechanism == "end_to_end", batch, queue).astype(int).astype(str)
     return out
 
 

@@ -20,7 +20,6 @@ from typing import Any, Optional
 from mocolab.cli import add_overrides_argument
 
 PARTS = ("step", "reference", "data", "overhead", "fixed", "profile")
-BENCH_STAGE = "bench"
 
 
 def parse_parts(text: str) -> tuple[str, ...]:
@@ -155,7 +154,7 @@ def log_to_mlflow(cfg, result: dict[str, Any], json_path: Path) -> str:
     from mocolab.bench.report import metrics_for_mlflow
 
     params = {f"bench.{k}": v for k, v in result["settings"].items()} | tracking.params_of(cfg)
-    run_id = tracking.start_eval_run(cfg, BENCH_STAGE, params, init="random", run_name=f"bench-{cfg.tracking.run_name}")
+    run_id = tracking.start_eval_run(cfg, tracking.STAGE_BENCH, params, init="random", run_name=f"bench-{cfg.tracking.run_name}")
     tracking.log_metrics(tracking.client_for(cfg.tracking.tracking_uri), run_id, metrics_for_mlflow(result), step=0)
     tracking.log_file(cfg.tracking.tracking_uri, run_id, json_path)
     tracking.end_run(cfg.tracking.tracking_uri, run_id)

@@ -2,8 +2,8 @@
 
 ``StepSpec`` is built from a validated ``Config`` by the ``mocolab bench`` command, or directly from
 arguments by ``platform/benchmarks/step_bench.py`` on machines that have torch but not pydantic
-(the GPU check). ``model_config()`` hands ``MoCo`` a light stand-in carrying exactly the settings it reads,
-so this module and the step benchmark import nothing but torch.
+(the GPU check); ``bench/step.py`` builds mocolab's own ``MoCo`` from it through the model's explicit
+constructor, so this module and the step benchmark import nothing but torch.
 
 ``bn="shuffle"`` is one worker's share of shuffle-BN: the key batch is shuffled, encoded with BN over the
 local batch and unshuffled; the cross-worker gathers are absent on one process.
@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from types import SimpleNamespace
 from typing import Any, Literal, Optional
 
 Precision = Literal["fp32", "bf16"]
@@ -50,43 +49,11 @@ class StepSpec:
             raise ValueError(f"bn={self.bn!r} is not one of {', '.join(BN_MODES)}")
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision={self.precision!r} is not one of {', '.join(PRECISIONS)}")
-        if self.queue_size % self.batch_size:
-            raise ValueError(
-                f"queue_size={self.queue_size} must be a multiple of batch_size={self.batch_size} "
-                "(moco.queue_size vs train.batch_size)"
-            )
         if self.bn == "split" and self.batch_size % self.bn_splits:
             raise ValueError(f"bn_splits={self.bn_splits} must divide batch_size={self.batch_size}")
 
     def replace(self, **changes: Any) -> "StepSpec":
         return dataclasses.replace(self, **changes)
-
-    def model_config(self) -> SimpleNamespace:
-        """The settings ``mocolab.moco.model.MoCo`` reads from a Config, as plain attributes (one worker; bn
-        ``shuffle`` builds plain BN, and ``step.build_model`` turns the key shuffle on)."""
-        return SimpleNamespace(
-            moco=SimpleNamespace(
-                mechanism="moco",
-                version="v2" if self.mlp else "v1",
-                use_mlp=self.mlp,
-                dim=self.dim,
-                queue_size=self.queue_size,
-                momentum=self.momentum,
-                temperature=self.temperature,
-                symmetric=False,
-                bank_momentum=0.5,
-            ),
-            model=SimpleNamespace(
-                arch=self.arch,
-                cifar_stem=self.cifar_stem,
-                bn="plain" if self.bn == "shuffle" else self.bn,
-                bn_splits=self.bn_splits,
-                channels_last=self.channels_last,
-                compile=self.compile,
-            ),
-            scaling=SimpleNamespace(use_gpu=self.device.startswith("cuda"), num_workers=1),
-            global_batch=self.batch_size,
-        )
 
 
 def spec_from_config(cfg, device: str, precision: Optional[str] = None) -> StepSpec:
@@ -118,7 +85,7 @@ def spec_from_config(cfg, device: str, precision: Optional[str] = None) -> StepS
         queue_size=cfg.moco.queue_size,
         momentum=cfg.moco.momentum,
         temperature=cfg.moco.temperature,
-        mlp=cfg.moco.use_mlp,
+        mlp=cfg.moco.mlp,
         lr=cfg.train.lr,
         sgd_momentum=cfg.train.sgd_momentum,
         weight_decay=cfg.train.weight_decay,

@@ -19,7 +19,10 @@ from torch.profiler import record_function
 from mocolab.bench.reference import ReferenceMoCo, reference_step_fn
 from mocolab.bench.spec import StepSpec
 from mocolab.bench.timing import interleaved_throughput
-from mocolab.moco.model import MoCo
+from mocolab.moco.backbones import make_backbone
+from mocolab.moco.mechanisms import build_dictionary
+from mocolab.moco.mechanisms.base import DictionarySettings
+from mocolab.moco.model import Encoder, MoCo
 
 StepFn = Callable[[], torch.Tensor]
 REFERENCE = "reference"
@@ -28,11 +31,21 @@ OPTIMIZER_RANGE = "mocolab.optimizer_step"
 
 
 def build_model(spec: StepSpec) -> MoCo:
-    """mocolab's MoCo for ``spec`` on its device, in training mode, weights drawn from ``spec.seed``."""
+    """mocolab's MoCo for ``spec`` on its device, in training mode, weights drawn from ``spec.seed``. Its queue
+    checks its size against the batch as in a run (a ValueError naming ``moco.queue_size``)."""
     torch.manual_seed(spec.seed)
-    model = MoCo(spec.model_config(), num_train_samples=spec.batch_size)
-    if spec.bn == "shuffle":
-        model.shuffle_keys = True  # one worker's share of shuffle-BN (see spec.py): shuffle the local batch
+    bn = "plain" if spec.bn == "shuffle" else spec.bn  # shuffle: one worker's share (see spec.py)
+    backbone, feat_dim = make_backbone(spec.arch, spec.cifar_stem, bn, spec.bn_splits, spec.channels_last)
+    settings = DictionarySettings(spec.queue_size, spec.dim, global_batch=spec.batch_size)
+    model = MoCo(
+        Encoder(backbone, feat_dim, spec.dim, spec.mlp),
+        build_dictionary("moco", settings),
+        momentum=spec.momentum,
+        temperature=spec.temperature,
+        shuffle_keys=spec.bn == "shuffle" or (spec.bn == "split" and spec.bn_splits > 1),
+        channels_last=spec.channels_last,
+        compile=spec.compile,
+    )
     return model.to(spec.device).train()
 
 

@@ -12,7 +12,7 @@ import difflib
 import inspect
 import random
 import warnings
-from typing import Any, Callable, Union
+from typing import Any, Union
 
 import albumentations as A
 import numpy as np
@@ -24,7 +24,6 @@ NORMALIZE = {"mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225)}
 """ImageNet channel statistics used by every pipeline (as in the MoCo code)."""
 
 AugmentSpec = Union[str, list[dict[str, Any]]]
-Pipeline = Callable[..., dict]
 
 # Ops a custom list may name: albumentations' 2D image transforms (3D and box-only ones excluded).
 VALID_OPS = sorted(

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import time
 from collections import OrderedDict
-from typing import Any, Optional
+from typing import Any
 
 import numpy as np
 import torch
@@ -276,22 +276,17 @@ def predict(model: nn.Module, dataset, indices, device: torch.device, batch_size
 def detection_train_loop(config: dict[str, Any]) -> dict[str, float]:
     """Fine-tune and evaluate the detector on this Ray Train worker; rank 0 returns the AP metrics
     (percent) and timings."""
-    import ray.train
     import ray.train.torch
     from torch.utils.data import DataLoader, DistributedSampler
 
     from mocolab.data.detection import DetectionDataset, collate_detection, read_detection_splits
     from mocolab.evaluate.detection_metrics import coco_ap
-    from mocolab.train.pretrain import seed_everything
+    from mocolab.runtime import start_worker
 
-    cfg = Config.model_validate(config["config"])
+    worker = start_worker(config, seed=config["config"]["eval"]["detection"]["seed"])
+    cfg, rank, world, device = worker.cfg, worker.rank, worker.world_size, worker.device
     det = cfg.eval.detection
     source = config["source"]
-    context = ray.train.get_context()
-    rank, world = context.get_world_rank(), context.get_world_size()
-    device = ray.train.torch.get_device()
-    torch.set_num_threads(max(1, int(cfg.scaling.cpus_per_worker)))
-    seed_everything(det.seed)
 
     train_records, val_records, classes = read_detection_splits(det.data)
     model, layout = build_detector(source.model, det, len(classes))
@@ -322,7 +317,7 @@ def detection_train_loop(config: dict[str, Any]) -> dict[str, float]:
         loss.backward()
         optimizer.step()
         scheduler.step()
-        if rank == 0 and ((iteration + 1) % log_every == 0 or iteration + 1 == det.iterations):
+        if worker.is_chief and ((iteration + 1) % log_every == 0 or iteration + 1 == det.iterations):
             parts = " ".join(f"{k.removeprefix('loss_')} {v.item():.3f}" for k, v in losses.items())
             print(f"[mocolab detect] iter {iteration + 1}/{det.iterations} loss {loss.item():.3f} ({parts})", flush=True)
     train_s = time.perf_counter() - started
@@ -334,7 +329,7 @@ def detection_train_loop(config: dict[str, Any]) -> dict[str, float]:
         gathered: list[Any] = [None] * world
         dist.all_gather_object(gathered, predictions)
         predictions = {k: v for part in gathered for k, v in part.items()}
-    if rank != 0:
+    if not worker.is_chief:
         return {}  # rank 0's return value is the result
     metrics = {**coco_ap(val_records, predictions, len(classes)), "det_train_s": train_s}
     metrics["det_eval_s"] = time.perf_counter() - started

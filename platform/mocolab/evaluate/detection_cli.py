@@ -5,27 +5,18 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from mocolab.config import Config, ConfigError, load_config
-from mocolab.evaluate.detection import check_detection, detection_train_loop
-from mocolab.evaluate.detection_metrics import AP_METRICS
+from mocolab.config import Config, load_config
+from mocolab.evaluate.detection import detection_train_loop
 from mocolab.evaluate.runner import eval_params, run_eval
 from mocolab.evaluate.weights import BackboneSource, add_source_arguments, resolve_source
+from mocolab.tracking import DETECTION_METRICS
 
 
 def run_detection(cfg: Config, source: BackboneSource) -> dict[str, Any]:
     """Fine-tune a Faster R-CNN on ``source``'s backbone per ``cfg.eval.detection`` on Ray Train workers,
-    filed in MLflow. Returns ``det_AP``, ``det_AP50``, ``det_AP75`` (percent), timings and ``run_id``."""
-    from mocolab.data.detection import read_detection_splits
-
+    filed in MLflow. Returns ``det_AP``, ``det_AP50``, ``det_AP75`` (percent), timings and ``run_id``.
+    The caller has run the pre-flight step (which also reads, or makes, the detection data)."""
     det = cfg.eval.detection
-    if det is None:
-        raise ConfigError("the config has no eval.detection section; add one (see experiments/eval/)")
-    check_detection(cfg, source.model, det)
-    try:
-        train, val, classes = read_detection_splits(det.data)  # validates (and makes) the data before Ray starts
-    except ValueError as err:
-        raise ConfigError(str(err)) from None
-    print(f"[mocolab detect] {len(train)} train / {len(val)} val images, classes {classes}", flush=True)
     return run_eval(
         cfg,
         source,
@@ -34,7 +25,7 @@ def run_detection(cfg: Config, source: BackboneSource) -> dict[str, Any]:
         detection_train_loop,
         {"config": cfg.model_dump(mode="json")},
         det.num_workers,
-        AP_METRICS,
+        DETECTION_METRICS,
     )
 
 
@@ -43,8 +34,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
+    from mocolab.preflight import preflight
+
     cfg = load_config(args.config, args.overrides)
     source = resolve_source(cfg, args.pretrain_run, args.weights, args.init)
+    preflight(cfg, ("detection",), source=source)
     metrics = run_detection(cfg, source)
     print(
         f"[mocolab detect] {source.label}: AP {metrics['det_AP']:.2f}  AP50 {metrics['det_AP50']:.2f}  "

@@ -15,8 +15,8 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
 from mocolab.data.detection import DetectionRecord
+from mocolab.tracking import DETECTION_METRICS
 
-AP_METRICS = ("det_AP", "det_AP50", "det_AP75")
 
 
 def coco_ground_truth(records: Sequence[DetectionRecord], num_classes: int) -> COCO:
@@ -65,7 +65,7 @@ def coco_ap(
                 }
             )
     if not detections:
-        return {name: 0.0 for name in AP_METRICS}
+        return {name: 0.0 for name in DETECTION_METRICS}
     gt = coco_ground_truth(records, num_classes)
     with contextlib.redirect_stdout(io.StringIO()):
         dt = gt.loadRes(detections)
@@ -75,4 +75,4 @@ def coco_ap(
         evaluator.accumulate()
         evaluator.summarize()
     # stats[0..2] = AP@[.5:.95], AP@.5, AP@.75; -1 means "no ground truth to score against".
-    return {name: max(float(v), 0.0) * 100.0 for name, v in zip(AP_METRICS, evaluator.stats[:3])}
+    return {name: max(float(v), 0.0) * 100.0 for name, v in zip(DETECTION_METRICS, evaluator.stats[:3])}

@@ -27,13 +27,14 @@ from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler, Subset
 
 from mocolab.config import Config, LinclsConfig
+from mocolab.tracking import LINCLS_FAST_METRICS, LINCLS_METRICS
 
 TOPK = (1, 5)
 
 
 def metric_names(fast: bool) -> tuple[str, str]:
     """``(top1, top5)`` metric names of the full or fast protocol."""
-    return ("lincls_fast_top1", "lincls_fast_top5") if fast else ("lincls_top1", "lincls_top5")
+    return LINCLS_FAST_METRICS if fast else LINCLS_METRICS
 
 
 def make_classifier(feat_dim: int, num_classes: int) -> nn.Linear:
@@ -164,24 +165,19 @@ def evaluate(logits_of, batches, world_size: int) -> tuple[float, float]:
 def lincls_train_loop(config: dict[str, Any]) -> dict[str, float]:
     """Train and evaluate the linear classifier on this Ray Train worker; returns the metrics
     (rank 0's return value becomes the Ray ``Result.return_value``)."""
-    import ray.train
     import ray.train.torch
 
     from mocolab.data.augment import eval_transform
     from mocolab.data.datasets import build_labeled_dataset, collate_skip_corrupt, loader_kwargs, num_classes
     from mocolab.evaluate.weights import BackboneSource, assert_unchanged, load_backbone_state, snapshot
     from mocolab.moco.backbones import build_backbone
-    from mocolab.train.pretrain import seed_everything
+    from mocolab.runtime import start_worker
 
-    cfg = Config.model_validate(config["config"])
+    worker = start_worker(config, seed=config["config"]["eval"]["lincls"]["seed"])
+    cfg, rank, world, device = worker.cfg, worker.rank, worker.world_size, worker.device
     source: BackboneSource = config["source"]
-    lin = cfg.eval.lincls or LinclsConfig()
+    lin = cfg.eval.lincls
     data_cfg = dataset_config(cfg)
-    context = ray.train.get_context()
-    rank, world = context.get_world_rank(), context.get_world_size()
-    device = ray.train.torch.get_device()
-    torch.set_num_threads(max(1, int(cfg.scaling.cpus_per_worker)))
-    seed_everything(lin.seed)
     started = time.perf_counter()
 
     model_cfg = source.model.model_copy(update={"bn": "plain"})
@@ -227,7 +223,7 @@ def lincls_train_loop(config: dict[str, Any]) -> dict[str, float]:
             optimizer.step()
             total += loss.item() * len(labels)
             seen += len(labels)
-        if rank == 0 and (epoch + 1 == lin.epochs or (epoch + 1) % max(1, lin.epochs // 10) == 0):
+        if worker.is_chief and (epoch + 1 == lin.epochs or (epoch + 1) % max(1, lin.epochs // 10) == 0):
             print(f"[mocolab lincls] epoch {epoch + 1}/{lin.epochs} loss {total / max(seen, 1):.4f} lr {lr:.4g}", flush=True)
 
     probe.eval()

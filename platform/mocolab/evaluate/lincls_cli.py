@@ -5,34 +5,24 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from mocolab.config import Config, ConfigError, LinclsConfig, flatten, load_config
+from mocolab.config import Config, LinclsConfig, flatten, load_config
 from mocolab.evaluate.lincls import dataset_config, lincls_train_loop, metric_names
 from mocolab.evaluate.runner import eval_params, run_eval
 from mocolab.evaluate.weights import BackboneSource, add_source_arguments, resolve_source
 
 
-def check_lincls(cfg: Config, source: BackboneSource) -> None:
-    """Refuse, before Ray starts, a linear eval whose data or backbone cannot work."""
-    from mocolab.data.augment import check_policy
-    from mocolab.moco.backbones import build_backbone
-    from mocolab.evaluate.weights import load_backbone_state
-
-    data_cfg = dataset_config(cfg)
-    try:
-        check_policy("none", data_cfg.image_size)
-    except ValueError as err:
-        raise ConfigError(f"eval.lincls.dataset: {err}") from None
-    backbone, _ = build_backbone(source.model.model_copy(update={"bn": "plain"}))
-    load_backbone_state(backbone, source)
+def with_lincls(cfg: Config) -> Config:
+    """``cfg`` with an ``eval.lincls`` section (the paper's protocol by default)."""
+    lin = cfg.eval.lincls or LinclsConfig()
+    return cfg.model_copy(update={"eval": cfg.eval.model_copy(update={"lincls": lin})})
 
 
 def run_lincls(cfg: Config, source: BackboneSource) -> dict[str, Any]:
     """Linear evaluation of ``source``'s backbone per ``cfg.eval.lincls`` (defaults: the paper's) on
     Ray Train workers, filed in MLflow. Returns the metrics (``lincls_top1``/``_top5`` in percent, or
-    ``lincls_fast_*``) and ``run_id``."""
-    lin = cfg.eval.lincls or LinclsConfig()
-    cfg = cfg.model_copy(update={"eval": cfg.eval.model_copy(update={"lincls": lin})})
-    check_lincls(cfg, source)
+    ``lincls_fast_*``) and ``run_id``. The caller has run the pre-flight step."""
+    cfg = with_lincls(cfg)
+    lin = cfg.eval.lincls
     params = eval_params(cfg, "lincls", lin, source)
     params.pop("eval.lincls.dataset", None)
     params.update(flatten(dataset_config(cfg).model_dump(mode="json"), "eval.lincls.dataset."))
@@ -54,10 +44,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
+    from mocolab.preflight import preflight
+
     overrides = list(args.overrides) + (["eval.lincls.fast=true"] if args.fast else [])
-    cfg = load_config(args.config, overrides)
+    cfg = with_lincls(load_config(args.config, overrides))
     source = resolve_source(cfg, args.pretrain_run, args.weights, args.init)
+    preflight(cfg, ("lincls",), source=source)
     metrics = run_lincls(cfg, source)
-    top1, top5 = metric_names(bool(cfg.eval.lincls and cfg.eval.lincls.fast))
+    top1, top5 = metric_names(cfg.eval.lincls.fast)
     print(f"[mocolab lincls] {source.label}: top-1 {metrics[top1]:.2f}%  top-5 {metrics[top5]:.2f}%  (MLflow run {metrics['run_id']})")
     return 0

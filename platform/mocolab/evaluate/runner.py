@@ -1,5 +1,7 @@
 """Run one evaluation on Ray Train workers and file it in MLflow (its own run, linked to its pretraining run).
 
+The command that calls it has run the pre-flight step (data, storage, tracking) already.
+
 The evaluation run is tagged ``mocolab.stage`` and ``mocolab.init`` (plus ``mocolab.pretrain_run_id``
 for a pretrained backbone), gets its eval section as params, and its headline metrics; those are also
 copied onto the pretraining run (``tracking.record_downstream``). A failed fit marks the run FAILED.
@@ -38,13 +40,8 @@ def run_eval(
 ) -> dict[str, Any]:
     """Fit ``loop`` on ``num_workers`` Ray Train workers, log the metrics rank 0 returns to a new
     ``stage`` run, copy the ``headline`` ones onto the pretraining run. Returns the metrics and ``run_id``."""
-    from ray.train import RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
+    from mocolab.runtime import ensure_ray, torch_trainer
 
-    from mocolab.storage import check_storage_path
-    from mocolab.train.launch import ensure_ray
-
-    check_storage_path(cfg.scaling.storage_path)
     uri = cfg.tracking.tracking_uri
     run_name = f"{stage}-{source.label}-{cfg.tracking.run_name}"
     run_id = tracking.start_eval_run(
@@ -52,15 +49,12 @@ def run_eval(
     )
     print(f"[mocolab {stage}] {source.label} backbone ({source.model.arch}): MLflow run {run_id}", flush=True)
     ensure_ray()
-    resources = {"CPU": cfg.scaling.cpus_per_worker}
-    if cfg.scaling.use_gpu:
-        resources["GPU"] = 1
-    trainer = TorchTrainer(
+    trainer = torch_trainer(
         loop,
-        train_loop_config={**loop_config, "source": source, "mlflow_run_id": run_id},
-        scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=cfg.scaling.use_gpu, resources_per_worker=resources),
-        torch_config=TorchConfig(backend="nccl" if cfg.scaling.use_gpu else "gloo"),
-        run_config=RunConfig(name=f"{run_name}-{run_id[:8]}", storage_path=cfg.scaling.storage_path),
+        {**loop_config, "source": source, "mlflow_run_id": run_id},
+        cfg,
+        run_name=f"{run_name}-{run_id[:8]}",
+        num_workers=num_workers,
     )
     try:
         result = trainer.fit()

@@ -55,22 +55,32 @@ def resolve_channels_last(model_cfg, use_gpu: bool) -> bool:
     return use_gpu if model_cfg.channels_last is None else bool(model_cfg.channels_last)
 
 
-def build_backbone(model_cfg, use_gpu: bool = False) -> tuple[nn.Module, int]:
-    """The backbone of ``model.arch`` with BN layers per ``model.bn`` / ``model.bn_splits`` and the memory
-    format per ``model.channels_last``; returns ``(module mapping [B, 3, H, W] -> [B, feat_dim], feat_dim)``."""
-    if model_cfg.arch == "small_cnn":
-        if model_cfg.cifar_stem:
+def make_backbone(
+    arch: str, cifar_stem: bool = False, bn: str = "plain", bn_splits: int = 1, channels_last: bool = False
+) -> tuple[nn.Module, int]:
+    """The backbone ``arch`` with BN layers per ``bn`` / ``bn_splits`` (see norm.convert_batchnorm) in the given
+    memory format; returns ``(module mapping [B, 3, H, W] -> [B, feat_dim], feat_dim)``. Torch only."""
+    if arch == "small_cnn":
+        if cifar_stem:
             raise ValueError("model.cifar_stem applies to ResNets only; set it false for model.arch=small_cnn")
         net = SmallCNN()
         feat_dim = net.out_features
-    elif model_cfg.arch in RESNETS:
-        net, feat_dim = _resnet(model_cfg.arch, model_cfg.cifar_stem)
+    elif arch in RESNETS:
+        net, feat_dim = _resnet(arch, cifar_stem)
     else:
-        raise ValueError(f"model.arch={model_cfg.arch!r} is not one of small_cnn, {', '.join(RESNETS)}")
-    net = convert_batchnorm(net, model_cfg.bn, model_cfg.bn_splits)
-    if resolve_channels_last(model_cfg, use_gpu):
+        raise ValueError(f"model.arch={arch!r} is not one of small_cnn, {', '.join(RESNETS)}")
+    net = convert_batchnorm(net, bn, bn_splits)
+    if channels_last:
         net = net.to(memory_format=torch.channels_last)
     return net, feat_dim
+
+
+def build_backbone(model_cfg, use_gpu: bool = False) -> tuple[nn.Module, int]:
+    """:func:`make_backbone` for a ``model`` config section (``model.channels_last`` resolved for the device)."""
+    return make_backbone(
+        model_cfg.arch, model_cfg.cifar_stem, model_cfg.bn, model_cfg.bn_splits,
+        resolve_channels_last(model_cfg, use_gpu),
+    )
 
 
 def backbone_state_dict(backbone: nn.Module) -> dict[str, torch.Tensor]:

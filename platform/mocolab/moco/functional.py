@@ -92,6 +92,22 @@ def memory_bank_update_(bank: torch.Tensor, index: torch.Tensor, keys: torch.Ten
     bank.index_copy_(0, index, F.normalize(mixed, dim=1))
 
 
+def sample_excluding(n: int, excluded: torch.Tensor, k: int) -> torch.Tensor:
+    """``k`` indices drawn uniformly, with replacement, from ``range(n)`` without the values in ``excluded``
+    (long, on ``excluded``'s device; the global torch RNG of that device draws them).
+
+    The ``r``-th allowed index is ``r`` plus the number of excluded values at or below it, found by one
+    ``searchsorted`` over the sorted excluded values (no ``[n]``-sized mask)."""
+    excluded = torch.unique(excluded)  # sorted
+    allowed = n - excluded.numel()
+    if allowed < 1:
+        raise ValueError(f"sample_excluding: all {n} indices are excluded")
+    draws = torch.randint(allowed, (k,), device=excluded.device)
+    # excluded[j] - j = allowed indices below excluded[j]; draws at or past it skip over excluded[j]
+    allowed_below = excluded - torch.arange(excluded.numel(), device=excluded.device)
+    return draws + torch.searchsorted(allowed_below, draws, right=True)
+
+
 def shuffle_permutation(n: int, generator: Optional[torch.Generator] = None, device=None) -> torch.Tensor:
     """A uniformly random permutation of ``range(n)`` (long), from ``generator`` if given."""
     if generator is not None:

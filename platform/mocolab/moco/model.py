@@ -11,9 +11,11 @@ from torch import nn
 from torch.profiler import record_function
 
 from mocolab.moco.backbones import backbone_state_dict, build_backbone, resolve_channels_last
-from mocolab.moco.dictionary import LOSS_RANGE, QUEUE_UPDATE_RANGE, build_dictionary
-from mocolab.moco.distributed import shuffle_across_workers, unshuffle_across_workers, world_size
+from mocolab.moco.distributed import shuffle_across_workers, unshuffle_across_workers
 from mocolab.moco.functional import infonce_loss, momentum_update_
+from mocolab.moco.mechanisms import build_dictionary
+from mocolab.moco.mechanisms.base import DictionarySettings, KeySource, Mechanism
+from mocolab.moco.mechanisms.queue import LOSS_RANGE, QUEUE_UPDATE_RANGE
 
 # torch.profiler ranges of the step's phases, phase -> range name (``mocolab bench`` breaks the step down by them).
 PHASES = {
@@ -55,38 +57,69 @@ def _recollect_momentum_params(module: "MoCo", _incompatible_keys) -> None:
 
 
 class MoCo(nn.Module):
-    """MoCo pretraining model for ``cfg`` (a :class:`mocolab.config.Config`) over ``num_train_samples`` images.
+    """MoCo pretraining model: a query encoder trained by the optimizer and a contrastive ``dictionary``
+    (a :class:`~mocolab.moco.mechanisms.base.Mechanism`) whose ``key_source`` decides the key pass: a momentum
+    encoder ``encoder_k`` (a frozen copy of ``encoder_q`` moved only by momentum), the query encoder with
+    gradient (end-to-end), or none (keys stored in the dictionary, memory bank).
 
-    ``encoder_q`` is trained by the optimizer. The keys come, per ``moco.mechanism``, from ``encoder_k`` (moco:
-    a frozen copy of ``encoder_q`` updated only by momentum), from ``encoder_q`` without gradient (memory_bank,
-    as InstDisc) or from ``encoder_q`` with gradient (end_to_end). With ``model.bn`` shuffle (several workers) or
-    split (bn_splits > 1), the key batch is shuffled before its encoder and unshuffled after, so that a key is
-    normalised with other samples than its query was (shuffling BN): BN statistics cannot give the positive
-    away. ``dictionary`` holds the queue or the bank (see dictionary.py).
+    ``shuffle_keys``: shuffle the key batch before its encoder and unshuffle after (across the workers of the
+    process group; on one process within the batch), so that a key is normalised with other samples than its
+    query was (shuffling BN). ``symmetric``: both crops serve as query and as key; the loss is the SUM of the
+    two directions' losses, as in the MoCo CIFAR-10 demo. Build it from a config with :meth:`from_config`.
     """
 
-    def __init__(self, cfg, num_train_samples: int) -> None:
+    def __init__(
+        self,
+        encoder: Encoder,
+        dictionary: Mechanism,
+        *,
+        momentum: float,
+        temperature: float,
+        symmetric: bool = False,
+        shuffle_keys: bool = False,
+        channels_last: bool = False,
+        compile: bool = False,
+    ) -> None:
         super().__init__()
-        self.mechanism = cfg.moco.mechanism
-        self.temperature = cfg.moco.temperature
-        self.momentum = cfg.moco.momentum
-        self.symmetric = cfg.moco.symmetric
-        # plain and sync are the no-shuffle ablations; split with one split is plain BN
-        self.shuffle_keys = cfg.model.bn == "shuffle" or (cfg.model.bn == "split" and cfg.model.bn_splits > 1)
-        self.needs_workers = cfg.model.bn == "shuffle"
-        self.channels_last = resolve_channels_last(cfg.model, cfg.scaling.use_gpu)
-        backbone, feat_dim = build_backbone(cfg.model, use_gpu=cfg.scaling.use_gpu)
-        self.encoder_q = Encoder(backbone, feat_dim, cfg.moco.dim, cfg.moco.use_mlp)
-        if self.mechanism == "moco":
-            self.encoder_k = copy.deepcopy(self.encoder_q)
+        if symmetric and dictionary.key_source is KeySource.STORED:
+            raise ValueError(f"moco.symmetric needs a key pass; moco.mechanism={dictionary.name} stores its keys")
+        self.key_source = dictionary.key_source
+        self.momentum = momentum
+        self.temperature = temperature
+        self.symmetric = symmetric
+        self.shuffle_keys = shuffle_keys
+        self.channels_last = channels_last
+        self.encoder_q = encoder
+        if self.key_source is KeySource.MOMENTUM_ENCODER:
+            self.encoder_k = copy.deepcopy(encoder)
             self.encoder_k.requires_grad_(False)
             self._collect_momentum_params()
             self.register_load_state_dict_post_hook(_recollect_momentum_params)
-        self.dictionary = build_dictionary(cfg, num_train_samples)
-        if cfg.model.compile:
+        self.dictionary = dictionary
+        if compile:
             self.encoder_q.compile()
-            if self.mechanism == "moco":
+            if self.key_source is KeySource.MOMENTUM_ENCODER:
                 self.encoder_k.compile()
+
+    @classmethod
+    def from_config(cls, cfg, num_train_samples: int) -> "MoCo":
+        """The model of a :class:`mocolab.config.Config` over ``num_train_samples`` training images.
+
+        ``model.bn`` shuffle shuffles the keys across workers; split (with more than one split) emulates it on
+        one worker; plain and sync are the no-shuffle ablations."""
+        model = cfg.model
+        backbone, feat_dim = build_backbone(model, use_gpu=cfg.scaling.use_gpu)
+        dictionary = build_dictionary(cfg.moco.mechanism, DictionarySettings.from_config(cfg, num_train_samples))
+        return cls(
+            Encoder(backbone, feat_dim, cfg.moco.dim, cfg.moco.mlp),
+            dictionary,
+            momentum=cfg.moco.momentum,
+            temperature=cfg.moco.temperature,
+            symmetric=cfg.moco.symmetric,
+            shuffle_keys=model.bn == "shuffle" or (model.bn == "split" and model.bn_splits > 1),
+            channels_last=resolve_channels_last(model, cfg.scaling.use_gpu),
+            compile=model.compile,
+        )
 
     def _collect_momentum_params(self) -> None:
         """The parameter lists of the momentum update, built once (again after a load that assigns tensors)."""
@@ -97,12 +130,7 @@ class MoCo(nn.Module):
         """One step's math: queries, momentum update, keys (shuffle-BN), InfoNCE loss, dictionary update.
 
         ``im_q``, ``im_k``: the two crops ``[B, 3, H, W]``; ``index``: the samples' dataset indices ``[B]``
-        (used by memory_bank)."""
-        if self.needs_workers and world_size() < 2:
-            raise RuntimeError(
-                "model.bn=shuffle shuffles keys across workers but this process group has one worker; "
-                "use scaling.num_workers >= 2, or model.bn=split on one worker"
-            )
+        (used by the memory bank)."""
         if self.channels_last:
             im_q = im_q.contiguous(memory_format=torch.channels_last)
             im_k = im_k.contiguous(memory_format=torch.channels_last)
@@ -110,24 +138,22 @@ class MoCo(nn.Module):
         directions = ((0, 1), (1, 0)) if self.symmetric else ((0, 1),)
         with record_function(PHASES["query_forward"]):
             queries = [self.encoder_q(crops[q]) for q, _ in directions]
-        keys = self._encode_keys([crops[k] for _, k in directions])
+        keys = None
+        if self.key_source is not KeySource.STORED:
+            keys = [k.float() for k in self._encode_keys([crops[k] for _, k in directions])]
         with torch.autocast(im_q.device.type, enabled=False):  # logits in fp32 against the fp32 dictionary
-            logits, labels = self.dictionary(
-                [q.float() for q in queries], [k.float() for k in keys], index, self.temperature
-            )
+            logits, labels = self.dictionary([q.float() for q in queries], keys, index, self.temperature)
             with record_function(PHASES["loss"]):
-                loss = infonce_loss(logits, labels)
+                loss = infonce_loss(logits, labels) * len(directions)  # symmetric: sum of the two directions' means
         return MocoOutput(loss, logits, labels)
 
     def _encode_keys(self, crops: list[torch.Tensor]) -> list[torch.Tensor]:
-        if self.mechanism == "end_to_end":
+        if self.key_source is KeySource.QUERY_ENCODER:
             return [self._key_pass(self.encoder_q, crop) for crop in crops]
         with torch.no_grad():
-            if self.mechanism == "moco":
-                with record_function(PHASES["momentum_update"]):
-                    momentum_update_(self._momentum_target, self._momentum_source, self.momentum)
-                return [self._key_pass(self.encoder_k, crop) for crop in crops]
-            return [self._key_pass(self.encoder_q, crop) for crop in crops]
+            with record_function(PHASES["momentum_update"]):
+                momentum_update_(self._momentum_target, self._momentum_source, self.momentum)
+            return [self._key_pass(self.encoder_k, crop) for crop in crops]
 
     def _key_pass(self, encoder: nn.Module, crop: torch.Tensor) -> torch.Tensor:
         if not self.shuffle_keys:

@@ -27,10 +27,8 @@ from mocolab.reproduce.claims import CLAIMS_DIR, Claim, grid_settings, list_clai
 from mocolab.reproduce.estimate import minutes, schedule_seconds, trial_seconds
 from mocolab.tune.spec import SEED_KEY, SweepSpec, prepare_sweep, trial_config
 
-STAGE = "reproduce"
 DEFAULT_EXPERIMENT = "reproduce"
 BASELINE_METRIC = "random_init_knn_top1"  # on each claim's sweep run, step = seed
-REPORT_ARTIFACT_DIR = "report"
 
 
 class ReproductionInterrupted(RuntimeError):
@@ -54,26 +52,23 @@ def plan_claim(name: str, run_name: str, seeds: Optional[list[int]], overrides: 
     """Load claim ``name``, name its sweep ``<run_name>-<claim>``, apply ``seeds`` and ``overrides``, validate every
     trial and estimate its wall time. Every trial must share the images and the architecture (one random-init
     baseline per seed serves all rows)."""
-    from mocolab.data.datasets import dataset_size
+    from mocolab.preflight import preflight
 
     claim, spec, path = load_claim(name)
     updates: dict[str, Any] = {"name": f"{run_name}-{claim.claim}"}
     if seeds is not None:
         updates["seeds"] = seeds
     spec = spec.model_copy(update=updates)
-    base, first = prepare_sweep(spec, path.parent, [*overrides, f"tracking.experiment={experiment}"])
-    trials = [
-        trial_config(spec, base, {**setting, SEED_KEY: seed}, run_name=f"{spec.name}-plan")
-        for setting in grid_settings(spec)
-        for seed in (spec.seeds or [first.train.seed])
-    ]
+    base, trials = prepare_sweep(spec, path.parent, [*overrides, f"tracking.experiment={experiment}"])
     shared = {(t.data.model_dump_json(exclude={"augment"}), t.model.arch) for t in trials}
     if len(shared) > 1:
         raise ConfigError(f"{path}: every row of a claim must use the same images (data.* but data.augment) and "
                           "model.arch: one random-init baseline per seed serves all rows; split the claim")
-    sizes = dataset_size(first.data, "train"), dataset_size(first.data, "test")
+    checked = preflight(trials, ("pretrain",), quiet=True)  # data, mechanisms against the data, storage, tracking
+    key = trials[0].data.model_dump_json()
+    sizes = checked.train_images[key], checked.test_images[key]
     seconds = schedule_seconds([trial_seconds(t, *sizes) for t in trials], spec.max_concurrent_trials)
-    return Plan(claim, path, spec, base, first, trials, seconds)
+    return Plan(claim, path, spec, base, trials[0], trials, seconds)
 
 
 def plan_text(plans: list[Plan]) -> str:
@@ -93,7 +88,7 @@ def find_parent(uri: str, experiment: str, name: Optional[str]) -> Optional[Any]
     exp = client.get_experiment_by_name(experiment)
     if exp is None:
         return None
-    query = f"tags.`{tracking.STAGE_TAG}` = '{STAGE}'"
+    query = f"tags.`{tracking.STAGE_TAG}` = '{tracking.STAGE_REPRODUCE}'"
     if name:
         query += f" and attributes.run_name = '{name}'"
     runs = client.search_runs([exp.experiment_id], filter_string=query, order_by=["attributes.start_time DESC"], max_results=1)
@@ -115,7 +110,7 @@ def command_text(args: argparse.Namespace, claims: list[str]) -> str:
 def start_parent(uri: str, experiment: str, run_name: str, claims: list[str], seeds: Optional[list[int]], command: str) -> str:
     """Create the parent run of a reproduction."""
     client = tracking.client_for(uri)
-    tags = {tracking.STAGE_TAG: STAGE}
+    tags = {tracking.STAGE_TAG: tracking.STAGE_REPRODUCE}
     commit = tracking.git_commit()
     if commit:
         tags[tracking.GIT_COMMIT_TAG] = commit
@@ -225,18 +220,16 @@ def main(args: argparse.Namespace) -> int:
         parent = find_parent(resolve_uri(), args.experiment, args.resume or None)
         if parent is None:
             raise ConfigError(f"--resume: no reproduction {args.resume or ''} in experiment '{args.experiment}'; drop --resume")
-    run_name = parent.info.run_name if parent else new_run_name(STAGE)
+    run_name = parent.info.run_name if parent else new_run_name(tracking.STAGE_REPRODUCE)
     names = args.claims or (parent.data.params["claims"].split(",") if parent else list_claims())
     plans = [plan_claim(name, run_name, seeds, args.overrides, args.experiment) for name in names]
     command = command_text(args, names if args.claims else [])
     print(f"reproduction '{run_name}': {len(plans)} claim(s), all trial configs valid\n{plan_text(plans)}", flush=True)
     if args.list or args.dry_run:
         return 0
-    from mocolab.storage import check_storage_path
-    from mocolab.train.launch import ensure_ray
+    from mocolab.runtime import ensure_ray
 
     uri = plans[0].first.tracking.tracking_uri
-    check_storage_path(plans[0].first.scaling.storage_path)
     parent_id = parent.info.run_id if parent else start_parent(uri, args.experiment, run_name, names, seeds, command)
     tracking.client_for(uri).update_run(parent_id, status="RUNNING")
     ensure_ray()
@@ -262,7 +255,7 @@ def main(args: argparse.Namespace) -> int:
     report = write_report(reports, out, report_header(run_name, command, time.time() - started, plans))
     client = tracking.client_for(uri)
     for path in sorted(out.iterdir()):
-        client.log_artifact(parent_id, str(path), REPORT_ARTIFACT_DIR)
+        client.log_artifact(parent_id, str(path), tracking.REPORT_ARTIFACT_DIR)
     counts = {f"claims_{v}": sum(r.verdict == v for r in reports) for v in ("reproduced", "not_reproduced", "inconclusive")}
     tracking.log_metrics(client, parent_id, {**counts, "wall_seconds": time.time() - started}, step=0)
     tracking.end_run(uri, parent_id, "FINISHED")

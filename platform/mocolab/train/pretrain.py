@@ -17,7 +17,6 @@ the latest one; the driver turns the tag into :class:`NonFiniteLossError`.
 from __future__ import annotations
 
 import math
-import random
 import sys
 import tempfile
 import time
@@ -25,12 +24,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, DistributedSampler
 
+from mocolab import tracking
 from mocolab.config import Config, TrainConfig
+from mocolab.runtime import seed_everything, start_worker
 from mocolab.train.checkpoint import capture_rng_state, load_checkpoint, restore_rng_state, save_checkpoint
 
 BACKBONE_FILE = "backbone.pt"
@@ -55,12 +55,6 @@ def lr_factor(step: int, steps_per_epoch: int, train: TrainConfig) -> float:
         span = max(train.epochs - train.warmup_epochs, 1)
         return 0.5 * (1.0 + math.cos(math.pi * min((epoch - train.warmup_epochs) / span, 1.0)))
     return train.lr_decay ** sum(int(epoch) >= m for m in train.lr_milestones)
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
 
 
 def loop_config(cfg: Config, mlflow_run_id: str) -> dict[str, Any]:
@@ -103,27 +97,24 @@ class _Tracker:
         self.run_id = run_id
         self.epochs = cfg.train.epochs
         if active:
-            from mocolab import tracking
-
-            self._tracking = tracking
             self._client = tracking.client_for(cfg.tracking.tracking_uri)
 
     def nonfinite_loss(self, epoch: int, global_step: int, loss: float) -> None:
         if not self.active:
             return
         where = f"loss {loss} in epoch {epoch} at global step {global_step}"
-        self._client.set_tag(self.run_id, self._tracking.NONFINITE_LOSS_TAG, where)
+        self._client.set_tag(self.run_id, tracking.NONFINITE_LOSS_TAG, where)
         progress(f"[mocolab] {where}: stopping without retry")
 
     def epoch(self, epoch: int, metrics: dict[str, Optional[float]]) -> None:
         if not self.active:
             return
-        self._tracking.log_metrics(self._client, self.run_id, metrics, step=epoch)
-        knn = metrics.get("knn_top1")
+        tracking.log_metrics(self._client, self.run_id, metrics, step=epoch)
+        knn = metrics.get(tracking.KNN_TOP1)
         knn_text = f"knn_top1 {knn:5.2f}%" if knn is not None else "knn_top1   -   "
         progress(
             f"[mocolab] epoch {epoch:>4}/{self.epochs}  loss {metrics['loss']:.4f}  {knn_text}  "
-            f"lr {metrics['lr']:.4g}  {metrics['throughput_img_s']:.0f} img/s  {metrics['epoch_time_s']:.1f} s"
+            f"lr {metrics[tracking.LR]:.4g}  {metrics[tracking.THROUGHPUT]:.0f} img/s  {metrics[tracking.EPOCH_TIME]:.1f} s"
         )
 
 
@@ -153,11 +144,6 @@ def _pretrain_loader(cfg: Config, rank: int, world_size: int) -> tuple[DataLoade
         collate_fn=collate_keep_batch_size,  # skipped corrupt images: equal batches on every rank
         **loader_kwargs(cfg.data, cfg.scaling.cpus_per_worker, cfg.scaling.use_gpu),
     )
-    if len(loader) == 0:
-        raise ValueError(
-            f"{len(dataset)} training images are fewer than one global batch of {cfg.global_batch} "
-            "(train.batch_size x scaling.num_workers); lower train.batch_size or raise data.limit_train"
-        )
     return loader, sampler
 
 
@@ -210,8 +196,6 @@ def _write_checkpoint(
     config: dict[str, Any], final: bool,
 ) -> None:
     """Write the checkpoint (plus ``backbone.pt`` after the last epoch) into ``tmp``."""
-    from mocolab.tracking import redact_tree
-
     save_checkpoint(
         tmp,
         {
@@ -222,7 +206,7 @@ def _write_checkpoint(
             "global_step": global_step,
             "rng": rng,
             "mlflow_run_id": run_id,
-            "config": redact_tree(config),  # checkpoints may sit in shared storage: no credentials
+            "config": tracking.redact_tree(config),  # checkpoints may sit in shared storage: no credentials
         },
     )
     if final:
@@ -237,18 +221,13 @@ def train_loop(config_dict: dict[str, Any]) -> None:
     from mocolab.moco.model import MoCo
     from mocolab.train.knn import knn_top1
 
-    cfg = Config.model_validate(config_dict["config"])
+    # the same initial weights on every rank (DDP also broadcasts rank 0's)
+    worker = start_worker(config_dict, seed=config_dict["config"]["train"]["seed"])
+    cfg, rank, world_size, device = worker.cfg, worker.rank, worker.world_size, worker.device
     run_id, train = config_dict["mlflow_run_id"], cfg.train
-    context = ray.train.get_context()
-    rank, world_size = context.get_world_rank(), context.get_world_size()
-    device = ray.train.torch.get_device()
-
-    if train.deterministic:
-        torch.use_deterministic_algorithms(True, warn_only=True)
-    seed_everything(train.seed)  # the same initial weights on every rank (DDP also broadcasts rank 0's)
     loader, sampler = _pretrain_loader(cfg, rank, world_size)
     steps_per_epoch = len(loader)
-    model = MoCo(cfg, num_train_samples=len(loader.dataset))  # handles model.channels_last and model.compile
+    model = MoCo.from_config(cfg, num_train_samples=len(loader.dataset))  # model.channels_last, model.compile
     # forward_sync_buffers=False: buffers are synced from rank 0 once at wrap time; after that every rank
     # enqueues the same gathered keys, so the queue stays identical without re-sending it (and the BN
     # running stats) at every forward.
@@ -265,13 +244,13 @@ def train_loop(config_dict: dict[str, Any]) -> None:
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         start_epoch, global_step = _restore(checkpoint, model, optimizer, scheduler, rank, train.seed)
-        if rank == 0:
+        if worker.is_chief:
             progress(f"[mocolab] resumed from epoch {start_epoch} (global step {global_step})")
     else:
         seed_everything(train.seed + rank)  # different augmentations on every rank
 
-    tracker = _Tracker(cfg, run_id, active=rank == 0)
-    knn_data = knn_loaders(cfg) if rank == 0 and train.knn_every else None
+    tracker = _Tracker(cfg, run_id, active=worker.is_chief)
+    knn_data = knn_loaders(cfg) if worker.is_chief and train.knn_every else None
     autocast = torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=train.amp)
     nan_epoch = config_dict.get(INJECT_NAN_KEY)
 
@@ -291,19 +270,19 @@ def train_loop(config_dict: dict[str, Any]) -> None:
         save_now = epoch % train.checkpoint_every == 0 or last_epoch
         rng_states = _gather_rng_states(world_size) if save_now else None  # before kNN: it draws no RNG
         metrics: dict[str, Optional[float]] = {
-            "loss": stats.loss,
-            "lr": stats.last_lr,
-            "epoch_time_s": epoch_time,
-            "throughput_img_s": stats.images / epoch_time,
-            "corrupt_skipped": float(corrupt),
-            "knn_top1": None,
+            tracking.LOSS: stats.loss,
+            tracking.LR: stats.last_lr,
+            tracking.EPOCH_TIME: epoch_time,
+            tracking.THROUGHPUT: stats.images / epoch_time,
+            tracking.CORRUPT_SKIPPED: float(corrupt),
+            tracking.KNN_TOP1: None,
         }
         if knn_data is not None and (epoch % train.knn_every == 0 or last_epoch):
             backbone = _unwrap(model).encoder_q.backbone
-            metrics["knn_top1"] = knn_top1(backbone, *knn_data, k=train.knn_k, t=train.knn_t, device=device)
+            metrics[tracking.KNN_TOP1] = knn_top1(backbone, *knn_data, k=train.knn_k, t=train.knn_t, device=device)
         tracker.epoch(epoch, metrics)
         report = {"epoch": epoch, **{k: v for k, v in metrics.items() if v is not None}}
-        if save_now and rank == 0:
+        if save_now and worker.is_chief:
             with tempfile.TemporaryDirectory(prefix="mocolab-ckpt-") as tmp:
                 _write_checkpoint(
                     tmp, model, optimizer, scheduler, epoch, global_step, rng_states, run_id,

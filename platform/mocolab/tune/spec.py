@@ -279,27 +279,17 @@ def _checked_assignments(spec: SweepSpec) -> list[dict[str, Any]]:
     return out
 
 
-def validate_trials(spec: SweepSpec, base: dict[str, Any]) -> Config:
-    """Build every trial config the sweep can produce (see ``_checked_assignments``); return the first.
+def validate_trials(spec: SweepSpec, base: dict[str, Any]) -> list[Config]:
+    """Build every trial config the sweep can produce (see ``_checked_assignments``) with the schema's rules;
+    return them (the first is the first trial's). The checks that need files or data run in the pre-flight
+    step over the returned configs (``mocolab sweep`` does it before Ray starts).
 
     Raises ConfigError naming the key and value of the first invalid trial."""
-    from mocolab.data.datasets import dataset_size
-    from mocolab.moco.dictionary import check_mechanism
-
-    sizes: dict[str, int] = {}  # training set size per data section, listed only when a memory bank needs it
-    first: Optional[Config] = None
-    for i, assignment in enumerate(_checked_assignments(spec)):
-        cfg = trial_config(spec, base, assignment, run_name=f"{spec.name}-check-{i}")
-        first = first or cfg
-        if cfg.moco.mechanism == "memory_bank":
-            key = cfg.data.model_dump_json()
-            sizes.setdefault(key, dataset_size(cfg.data))
-        try:
-            check_mechanism(cfg, sizes.get(cfg.data.model_dump_json(), 0))
-        except ValueError as err:
-            values = ", ".join(f"{k}={v!r}" for k, v in assignment.items())
-            raise ConfigError(f"sweep '{spec.name}': the trial with {values} is invalid: {err}") from None
-    assert first is not None
+    checked = [
+        trial_config(spec, base, assignment, run_name=f"{spec.name}-check-{i}")
+        for i, assignment in enumerate(_checked_assignments(spec))
+    ]
+    first = checked[0]
     if spec.scheduler.type == "asha" and first.train.knn_every != 1:
         raise ConfigError(
             f"sweep '{spec.name}': scheduler asha compares knn_top1 every epoch; "
@@ -307,7 +297,7 @@ def validate_trials(spec: SweepSpec, base: dict[str, Any]) -> Config:
         )
     if spec.search == "optuna" and first.train.knn_every == 0:
         raise ConfigError(f"sweep '{spec.name}': search optuna maximises knn_top1; set train.knn_every >= 1")
-    return first
+    return checked
 
 
 def parse_sweep(raw: dict[str, Any], source: str = "sweep file") -> SweepSpec:
@@ -321,8 +311,9 @@ def parse_sweep(raw: dict[str, Any], source: str = "sweep file") -> SweepSpec:
 
 def load_sweep(
     path: Union[str, Path], overrides: tuple[str, ...] | list[str] = (), name: Optional[str] = None
-) -> tuple[SweepSpec, dict[str, Any], Config]:
-    """Read and validate a sweep file: ``(spec, raw base config, first trial's Config)``.
+) -> tuple[SweepSpec, dict[str, Any], list[Config]]:
+    """Read and validate a sweep file: ``(spec, raw base config, the checked trial Configs)``, the first of
+    which is the first trial's.
 
     ``overrides`` (``--set KEY=VALUE``) apply to the base config of every trial; ``name`` replaces
     the sweep's name. Every trial config is validated here, before anything runs. The tracking URI
@@ -333,22 +324,24 @@ def load_sweep(
     if name is not None:
         raw["name"] = name
     spec = parse_sweep(raw, source=f"sweep file {path}")
-    base, first = prepare_sweep(spec, path.parent, overrides)
-    return spec, base, first
+    base, checked = prepare_sweep(spec, path.parent, overrides)
+    return spec, base, checked
 
 
 def prepare_sweep(
     spec: SweepSpec, sweep_dir: Path, overrides: tuple[str, ...] | list[str] = ()
-) -> tuple[dict[str, Any], Config]:
+) -> tuple[dict[str, Any], list[Config]]:
     """The raw base config of a parsed sweep (``base.config`` relative to ``sweep_dir``, then ``overrides``)
-    and its first trial's Config, with every trial validated and the tracking URI and storage path made
-    absolute in the base."""
+    and its checked trial Configs (the first is the first trial's), with the tracking URI and storage path
+    made absolute in the base."""
     base = base_raw(spec, sweep_dir, overrides)
-    first = validate_trials(spec, base)
+    checked = validate_trials(spec, base)
+    first = checked[0]
     set_dotted(base, "tracking.tracking_uri", first.tracking.tracking_uri)
     storage = first.scaling.storage_path
     if "://" not in storage:  # the schema's default is relative; Tune needs it absolute
         storage = str(Path(storage).resolve())
         set_dotted(base, "scaling.storage_path", storage)
-        first.scaling.storage_path = storage
-    return base, first
+        for cfg in checked:
+            cfg.scaling.storage_path = storage
+    return base, checked

@@ -1,8 +1,8 @@
 """``mocolab sweep SWEEP.yaml``: Ray Tune over a sweep file, one MLflow child run per trial.
 
-Train V2 pattern: each trial is a function trainable (holding no CPU) that builds a ``TorchTrainer``
-with ``train.launch.build_trainer`` and forwards its per-epoch reports to Tune with
-``TuneReportCallback``. The sweep has a parent MLflow run (``mocolab.stage=sweep``); each trial's
+Train V2 pattern: each trial is a function trainable (holding no CPU) that runs
+``orchestrate.pretrain_and_evaluate`` (a ``TorchTrainer`` per trial) and forwards its per-epoch reports to
+Tune with ``TuneReportCallback``. The driver runs the pre-flight step over every trial config before Ray starts. The sweep has a parent MLflow run (``mocolab.stage=sweep``); each trial's
 pretraining run is its child, named ``<sweep>-<trial number>`` so that ``--resume`` (Tuner.restore)
 continues unfinished trials in the same MLflow run and Ray Train checkpoint, and never re-runs or
 duplicates a finished one.
@@ -20,15 +20,10 @@ from typing import Any, Callable, Optional
 import yaml
 
 from mocolab import tracking
-from mocolab.analysis.runs import SWEEP_AXES_TAG
 from mocolab.cli import add_overrides_argument
 from mocolab.config import Config, ConfigError
 from mocolab.tune.spec import SEED_KEY, SweepSpec, assignment_of, load_sweep, trial_config
 
-TRIAL_ID_TAG = "mocolab.trial_id"
-STOPPED_EARLY_TAG = "mocolab.stopped_early"
-SWEEP_ARTIFACT = "sweep.yaml"
-BASE_ARTIFACT = "base_config.yaml"
 TRIAL_MEMORY_BYTES = 256 * 1024**2
 _COUNTER = re.compile(r"_(\d+)$")
 
@@ -106,32 +101,24 @@ def make_trial_fn(spec: SweepSpec, base: dict[str, Any], parent_run_id: str) -> 
         from ray import tune
         from ray.tune.integration.ray_train import TuneReportCallback
 
-        from mocolab.train.launch import build_trainer, finish_pretrain_run
+        from mocolab.orchestrate import pretrain_and_evaluate
 
         trial_id = tune.get_context().get_trial_id()
         run_name = trial_run_name(spec.name, trial_id)
         cfg = trial_config(spec, base, assignment_from(params), run_name=run_name, cwd=launch_dir)
-        uri = cfg.tracking.tracking_uri
-        client = tracking.client_for(uri)
+        client = tracking.client_for(cfg.tracking.tracking_uri)
         existing = tracking.find_run(client, cfg.tracking.experiment, cfg.tracking.run_name)
         if existing is not None:
             _check_same_trial(existing, cfg, spec.axes)
             if existing.info.status == "FINISHED":  # finished before an interruption: keep it, run nothing
                 _report_final_metrics(client, existing.info.run_id)
                 return
-        run_id, _ = tracking.start_pretrain_run(
-            cfg, parent_run_id=parent_run_id, extra_tags={tracking.SWEEP_TAG: spec.name, TRIAL_ID_TAG: trial_id}
+        run_id = pretrain_and_evaluate(
+            cfg,
+            parent_run_id=parent_run_id,
+            extra_tags={tracking.SWEEP_TAG: spec.name, tracking.TRIAL_ID_TAG: trial_id},
+            callbacks=[TuneReportCallback()],
         )
-        try:
-            result = build_trainer(cfg, run_id, callbacks=[TuneReportCallback()]).fit()
-        except Exception:
-            tracking.end_run(uri, run_id, "FAILED")
-            raise
-        finish_pretrain_run(cfg, run_id, result)  # backbone.pt, FINISHED (FAILED on a NaN loss)
-        if cfg.eval.lincls is not None or cfg.eval.detection is not None:
-            from mocolab.evaluate.pipeline import run_configured_evals
-
-            run_configured_evals(cfg, run_id)
         _report_final_metrics(client, run_id)
 
     return run_trial
@@ -146,12 +133,12 @@ def _trial_status_callback(spec: SweepSpec, cfg: Config):
             self.sweep, self.uri, self.experiment = sweep, uri, experiment
 
         def _set_status(self, trial: Any, status: str, only_if_running: bool) -> None:
-            client = tracking.MlflowClient(tracking_uri=self.uri)
+            client = tracking.mlflow_client(self.uri)
             run = tracking.find_run(client, self.experiment, trial_run_name(self.sweep, trial.trial_id))
             if run is None or (only_if_running and run.info.status != "RUNNING"):
                 return
             if status == "FINISHED":  # still running when Tune completed it: stopped by the scheduler
-                client.set_tag(run.info.run_id, STOPPED_EARLY_TAG, "true")
+                client.set_tag(run.info.run_id, tracking.STOPPED_EARLY_TAG, "true")
             client.set_terminated(run.info.run_id, status=status)
 
         def on_trial_error(self, iteration, trials, trial, **info):
@@ -171,7 +158,7 @@ def find_sweep_run(uri: str, experiment: str, sweep: str) -> Optional[Any]:
         return None
     runs = client.search_runs(
         [exp.experiment_id],
-        filter_string=f"tags.`{tracking.STAGE_TAG}` = 'sweep' and tags.`{tracking.SWEEP_TAG}` = '{sweep}'",
+        filter_string=f"tags.`{tracking.STAGE_TAG}` = '{tracking.STAGE_SWEEP}' and tags.`{tracking.SWEEP_TAG}` = '{sweep}'",
         order_by=["attributes.start_time DESC"],
     )
     return runs[0] if runs else None
@@ -194,7 +181,9 @@ def start_sweep_run(
             f"sweep '{spec.name}' already exists in experiment '{experiment}' (MLflow run {existing.info.run_id}); "
             "continue it with --resume or start another with --name NEW_NAME"
         )
-    tags = {tracking.STAGE_TAG: "sweep", tracking.SWEEP_TAG: spec.name, SWEEP_AXES_TAG: ",".join(spec.axes)}
+    tags = {
+        tracking.STAGE_TAG: tracking.STAGE_SWEEP, tracking.SWEEP_TAG: spec.name, tracking.SWEEP_AXES_TAG: ",".join(spec.axes)
+    }
     tags.update(extra_tags or {})
     commit = tracking.git_commit()
     if commit:
@@ -213,7 +202,7 @@ def start_sweep_run(
         },
     )
     with tempfile.TemporaryDirectory() as tmp:
-        for name, data in ((SWEEP_ARTIFACT, spec.model_dump(mode="json")), (BASE_ARTIFACT, base)):
+        for name, data in ((tracking.SWEEP_ARTIFACT, spec.model_dump(mode="json")), (tracking.BASE_ARTIFACT, base)):
             path = Path(tmp) / name
             path.write_text(tracking.redact(yaml.safe_dump(data, sort_keys=False)))
             client.log_artifact(run_id, str(path))
@@ -307,14 +296,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    spec, base, cfg = load_sweep(args.sweep_file, args.overrides, name=args.name)
+    from mocolab.preflight import configured_stages, preflight
+
+    spec, base, checked = load_sweep(args.sweep_file, args.overrides, name=args.name)
+    cfg = checked[0]
+    preflight(checked, configured_stages(cfg))
     print(f"sweep '{spec.name}': {count_trials(spec)} trial(s) over {spec.axes or ['seeds']}, all configs valid")
     if args.dry_run:
         return 0
-    from mocolab.storage import check_storage_path
-    from mocolab.train.launch import ensure_ray
+    from mocolab.runtime import ensure_ray
 
-    check_storage_path(cfg.scaling.storage_path)
     ensure_ray()
     parent_run_id, failed, unfinished = run_sweep(spec, base, cfg, resume=args.resume)
     if unfinished:

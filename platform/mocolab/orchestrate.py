@@ -1,0 +1,74 @@
+"""Pretrain, then evaluate: the one sequence behind ``mocolab pretrain``, ``mocolab quickstart`` and every sweep
+trial, above ``train/`` (pretraining) and ``evaluate/`` (the ``eval.*`` sections).
+
+The caller has run the pre-flight step (:mod:`mocolab.preflight`) for the whole command; nothing here checks
+files or data again.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any, Optional, Sequence
+
+from mocolab import tracking
+from mocolab.cli import add_overrides_argument
+from mocolab.config import Config, load_config
+from mocolab.train.pretrain import NonFiniteLossError
+
+
+def pretrain_and_evaluate(
+    cfg: Config,
+    parent_run_id: Optional[str] = None,
+    extra_tags: Optional[dict[str, str]] = None,
+    callbacks: Sequence[Any] = (),
+) -> str:
+    """Pretrain per ``cfg`` (resuming an unfinished run of the same ``tracking.run_name``), then run the
+    evaluations ``cfg.eval`` names, each its own MLflow run linked to this one. Returns the MLflow run id.
+
+    ``parent_run_id`` / ``extra_tags`` file the run under a sweep; ``callbacks`` go to the Ray run (Tune's).
+    Raises RunFinishedError (a ConfigError) if the name belongs to a finished run."""
+    from mocolab.runtime import ensure_ray
+    from mocolab.train.launch import fit_pretrain
+
+    run_id, resumed = tracking.start_pretrain_run(cfg, parent_run_id, extra_tags)
+    print(
+        f"[mocolab] {'resuming' if resumed else 'starting'} run '{cfg.tracking.run_name}' "
+        f"(MLflow run {run_id}, experiment '{cfg.tracking.experiment}', {tracking.redact(cfg.tracking.tracking_uri)})",
+        flush=True,
+    )
+    if resumed:  # a NaN recorded by an earlier attempt is not this attempt's
+        client = tracking.client_for(cfg.tracking.tracking_uri)
+        if tracking.NONFINITE_LOSS_TAG in client.get_run(run_id).data.tags:
+            client.delete_tag(run_id, tracking.NONFINITE_LOSS_TAG)
+    ensure_ray()
+    fit_pretrain(cfg, run_id, callbacks)
+    if cfg.eval.lincls is not None or cfg.eval.detection is not None:
+        from mocolab.evaluate.pipeline import run_configured_evals
+
+        run_configured_evals(cfg, run_id)
+    return run_id
+
+
+def run_pretrain(cfg: Config) -> str:
+    """The ``mocolab pretrain`` command on a loaded config: pre-flight, then :func:`pretrain_and_evaluate`."""
+    from mocolab.preflight import configured_stages, preflight
+
+    preflight(cfg, configured_stages(cfg))
+    return pretrain_and_evaluate(cfg)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("config", help="YAML config (see experiments/pretrain/)")
+    add_overrides_argument(parser)
+
+
+def main(args: argparse.Namespace) -> int:
+    cfg = load_config(args.config, args.overrides)
+    try:
+        run_id = run_pretrain(cfg)
+    except NonFiniteLossError as err:
+        print(f"mocolab pretrain: {err}", file=sys.stderr)
+        return 1
+    print(f"[mocolab] run '{cfg.tracking.run_name}' finished: MLflow run {run_id}", flush=True)
+    return 0
