@@ -17,7 +17,8 @@ dictionary:
 - ``drift``: mean cosine between a fixed probe batch's keys at the start and at the end of the epoch (how fast
   the key encoder's embedding moves in an epoch).
 
-With ``--fresh-queue`` every queue key is encoded again by the current key encoder after each step: a
+``--switch EPOCH:M`` sets the momentum to ``M`` after epoch ``EPOCH`` (e.g. start at 0.99, continue at 0.9: is
+the failure an early-training event?). With ``--fresh-queue`` every queue key is encoded again by the current key encoder after each step: a
 dictionary with no stale keys (an intervention, ~K/B times the key encoder's work), to tell staleness apart from
 the key encoder's speed as such.
 
@@ -82,7 +83,7 @@ def staleness(model: MoCo, crops: KeyCrops, batch: int, now: int) -> tuple[float
     return float(cos[order[:quarter]].mean()), float(cos[order[-quarter:]].mean())
 
 
-def run(cfg, epochs: int, log_every_step: bool, fresh_queue: bool = False) -> list[dict]:
+def run(cfg, epochs: int, log_every_step: bool, fresh_queue: bool = False, switch: tuple[int, float] | None = None) -> list[dict]:
     torch.set_num_threads(1)
     seed_everything(cfg.train.seed)
     dataset = build_pretrain_dataset(cfg.data)
@@ -105,7 +106,11 @@ def run(cfg, epochs: int, log_every_step: bool, fresh_queue: bool = False) -> li
     if queue_mode:  # keys of the step (in shuffled order: only their mean is used)
         model.encoder_k.register_forward_hook(lambda m, i, o: captured.__setitem__("k_shuffled", o.detach()))
     step, rows = 0, []
+    init_knn = knn_top1(model.encoder_q.backbone, *knn_data, k=cfg.train.knn_k, t=cfg.train.knn_t)
+    print(json.dumps({"epoch": 0, "knn_top1": round(init_knn, 4)}), flush=True)  # the random-init level
     for epoch in range(1, epochs + 1):
+        if switch is not None and epoch == switch[0] + 1:
+            model.momentum = switch[1]
         started = time.process_time()
         model.train()
         with torch.no_grad(), torch.random.fork_rng():  # diagnostics leave the training RNG alone
@@ -140,7 +145,7 @@ def run(cfg, epochs: int, log_every_step: bool, fresh_queue: bool = False) -> li
             step += 1
         train_cpu = time.process_time() - started
         row = {k: v / len(loader) for k, v in sums.items()}
-        row.update(epoch=epoch, step=step, train_cpu_s=round(train_cpu, 1))
+        row.update(epoch=epoch, step=step, momentum=model.momentum, train_cpu_s=round(train_cpu, 1))
         with torch.no_grad(), torch.random.fork_rng():
             probe_after = model._key_pass(copy.deepcopy(model.encoder_k if queue_mode else model.encoder_q), probe)
             row["drift"] = float((probe_before * probe_after).sum(1).mean())
@@ -163,11 +168,16 @@ def main() -> None:
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--epochs", type=int, default=12)
     parser.add_argument("--fresh-queue", action="store_true", help="re-encode the whole queue after every step")
+    parser.add_argument("--switch", metavar="EPOCH:M", help="set moco.momentum to M after epoch EPOCH")
     args = parser.parse_args()
+    switch = None
+    if args.switch:
+        epoch, momentum = args.switch.split(":")
+        switch = (int(epoch), float(momentum))
     cfg = load_config(args.config, SWEEP_BASE + [f"train.epochs={args.epochs}"] + args.overrides)
     print(json.dumps({"config": {k: v for k, v in cfg.flat().items() if k.startswith(("moco.", "train.lr", "model.bn",
                                                                                         "data.digits", "train.batch"))}}))
-    run(cfg, args.epochs, log_every_step=True, fresh_queue=args.fresh_queue)
+    run(cfg, args.epochs, log_every_step=True, fresh_queue=args.fresh_queue, switch=switch)
 
 
 if __name__ == "__main__":

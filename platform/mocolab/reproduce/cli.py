@@ -28,6 +28,7 @@ from mocolab.reproduce.estimate import minutes, schedule_seconds, trial_seconds
 from mocolab.tune.spec import SEED_KEY, SweepSpec, prepare_sweep, trial_config
 
 DEFAULT_EXPERIMENT = "reproduce"
+FINDINGS = CLAIMS_DIR / "FINDINGS.md"  # the investigations behind the claims, appended to every report
 BASELINE_METRIC = "random_init_knn_top1"  # on each claim's sweep run, step = seed
 
 
@@ -230,9 +231,9 @@ def main(args: argparse.Namespace) -> int:
     from mocolab.runtime import ensure_ray
 
     uri = plans[0].first.tracking.tracking_uri
+    ensure_ray()  # before the parent run: a Ray that does not start leaves no run behind
     parent_id = parent.info.run_id if parent else start_parent(uri, args.experiment, run_name, names, seeds, command)
     tracking.client_for(uri).update_run(parent_id, status="RUNNING")
-    ensure_ray()
     started = time.time()
     reports = []
     try:
@@ -252,7 +253,8 @@ def main(args: argparse.Namespace) -> int:
     from mocolab.reproduce.report import write_report
 
     out = args.out or Path("reports") / run_name
-    report = write_report(reports, out, report_header(run_name, command, time.time() - started, plans))
+    findings = FINDINGS.read_text() if FINDINGS.is_file() else ""
+    report = write_report(reports, out, report_header(run_name, command, time.time() - started, plans), findings)
     client = tracking.client_for(uri)
     for path in sorted(out.iterdir()):
         client.log_artifact(parent_id, str(path), tracking.REPORT_ARTIFACT_DIR)

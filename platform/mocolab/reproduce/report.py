@@ -163,14 +163,15 @@ def summary_markdown(reports: Sequence[ClaimReport]) -> str:
     return to_markdown(pd.DataFrame(rows))
 
 
-def write_report(reports: Sequence[ClaimReport], out: Path, header: str) -> Path:
-    """``report.md`` (``header``, the summary table, one section per claim) and each claim's PNG in ``out``."""
+def write_report(reports: Sequence[ClaimReport], out: Path, header: str, appendix: str = "") -> Path:
+    """``report.md`` (``header``, the summary table, one section per claim, ``appendix``) and each claim's PNG
+    in ``out``."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     for rep in reports:
         rep.figure = plot_claim(rep, out / f"{rep.claim.claim}.png").name
     text = "\n".join([header.strip(), "", "## Summary", "", summary_markdown(reports), ""]
-                     + [claim_markdown(rep) for rep in reports])
+                     + [claim_markdown(rep) for rep in reports] + [appendix.strip(), ""])
     path = out / "report.md"
     path.write_text(text)
     return path
