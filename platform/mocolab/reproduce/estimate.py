@@ -13,7 +13,7 @@ from typing import Iterable
 
 TRAIN_SECONDS_PER_IMAGE = 2.2e-3
 """One training image (both crops: query forward + backward, key forward) at 16 px, moco, small_cnn."""
-KNN_SECONDS_PER_IMAGE = 0.4e-3
+KNN_SECONDS_PER_IMAGE = 0.35e-3
 """One image of the kNN monitor (train bank + test queries, one forward each) at 16 px."""
 TRIAL_OVERHEAD_SECONDS = 25.0
 """Per trial: Ray Train worker group start, MLflow run, checkpoints, final backbone."""
