@@ -186,7 +186,7 @@ def report_header(run_name: str, command: str, seconds: float, plans: list[Plan]
     return f"""# Reproduction of the MoCo papers' claims at CPU scale
 
 `{command}` (reproduction `{run_name}`, commit `{commit[:12]}`,
-{time.strftime("%Y-%m-%d %H:%M")}, {minutes(seconds)} wall; expected {minutes(sum(p.seconds for p in plans))}).
+{time.strftime("%Y-%m-%d %H:%M")}; this invocation {minutes(seconds)} wall, expected {minutes(sum(p.seconds for p in plans))} on 2 quiet cores).
 
 **Rule.** Every setting runs with the same seeds; a check pairs two quantities seed by seed and puts a two-sided
 {level}% Student-t interval on their mean difference (so each bound is a one-sided test at alpha = {ALPHA}):
