@@ -18,6 +18,7 @@ SUBCOMMANDS = {
     "detect": ("mocolab.evaluate.detection_cli", "Faster R-CNN transfer, COCO-style AP"),
     "sweep": ("mocolab.tune.sweep", "Ray Tune sweep from a sweep file (experiments/sweeps/)"),
     "report": ("mocolab.analysis.report", "ablation tables, plots and a markdown report from MLflow"),
+    "reproduce": ("mocolab.reproduce.cli", "the MoCo papers' claims at CPU scale over seeds, with verdicts and a report"),
     "bench": ("mocolab.bench.cli", "step, reference-loop, data-pipeline and overhead benchmarks"),
     "export": ("mocolab.weights_io.export", "write a backbone as torchvision keys or a detectron2 .pkl"),
     "config": ("mocolab.config_cli", "print a config as it resolves (preset, --set overrides, absolute paths) in YAML"),

@@ -42,6 +42,8 @@ NONFINITE_LOSS_TAG = "mocolab.nonfinite_loss"  # set by rank 0 when the loss bec
 RESUME_FALLBACK_TAG = "mocolab.resume_fallback"  # set by rank 0 when it resumed from an older checkpoint: why
 NO_LOADABLE_CHECKPOINT_TAG = "mocolab.no_loadable_checkpoint"  # set by rank 0 when no checkpoint of the run loads
 PARENT_RUN_TAG = "mlflow.parentRunId"
+CLAIM_TAG = "mocolab.claim"  # mocolab reproduce: on each claim's sweep run (a child of the stage=reproduce run)
+VERDICT_TAG = "mocolab.verdict"  # reproduced | not_reproduced | inconclusive, on each claim's sweep run
 
 # --- MLflow's own names that mocolab fills (the UI's runs table shows them) ---------------------------
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"  # on an experiment

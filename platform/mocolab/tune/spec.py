@@ -329,7 +329,17 @@ def load_sweep(
     if name is not None:
         raw["name"] = name
     spec = parse_sweep(raw, source=f"sweep file {path}")
-    base = base_raw(spec, path.parent, overrides)
+    base, checked = prepare_sweep(spec, path.parent, overrides)
+    return spec, base, checked
+
+
+def prepare_sweep(
+    spec: SweepSpec, sweep_dir: Path, overrides: tuple[str, ...] | list[str] = ()
+) -> tuple[dict[str, Any], list[Config]]:
+    """The raw base config of a parsed sweep (``base.config`` relative to ``sweep_dir``, then ``overrides``)
+    and its checked trial Configs (the first is the first trial's), with the tracking URI and storage path
+    made absolute in the base."""
+    base = base_raw(spec, sweep_dir, overrides)
     checked = validate_trials(spec, base)
     first = checked[0]
     set_dotted(base, "tracking.tracking_uri", first.tracking.tracking_uri)
@@ -339,4 +349,4 @@ def load_sweep(
         set_dotted(base, "scaling.storage_path", storage)
         for cfg in checked:
             cfg.scaling.storage_path = storage
-    return spec, base, checked
+    return base, checked

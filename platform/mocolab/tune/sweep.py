@@ -165,8 +165,10 @@ def find_sweep_run(uri: str, experiment: str, sweep: str) -> Optional[Any]:
     return runs[0] if runs else None
 
 
-def start_sweep_run(spec: SweepSpec, base: dict[str, Any], cfg: Config, resume: bool) -> str:
-    """Create the sweep's parent run, or reopen it with ``resume``; refuse a name already used."""
+def start_sweep_run(
+    spec: SweepSpec, base: dict[str, Any], cfg: Config, resume: bool, extra_tags: Optional[dict[str, str]] = None
+) -> str:
+    """Create the sweep's parent run (with ``extra_tags``), or reopen it with ``resume``; refuse a name already used."""
     uri, experiment = cfg.tracking.tracking_uri, cfg.tracking.experiment
     existing = find_sweep_run(uri, experiment, spec.name)
     client = tracking.client_for(uri)
@@ -184,6 +186,7 @@ def start_sweep_run(spec: SweepSpec, base: dict[str, Any], cfg: Config, resume: 
         tracking.STAGE_TAG: tracking.STAGE_SWEEP, tracking.SWEEP_TAG: spec.name, tracking.SWEEP_AXES_TAG: ",".join(spec.axes),
         **tracking.source_tags(),
     }
+    tags.update(extra_tags or {})
     run = client.create_run(tracking.experiment_id(client, experiment), run_name=spec.name, tags=tags)
     run_id = run.info.run_id
     tracking.log_params(
@@ -257,12 +260,15 @@ def build_tuner(spec: SweepSpec, base: dict[str, Any], cfg: Config, parent_run_i
     )
 
 
-def run_sweep(spec: SweepSpec, base: dict[str, Any], cfg: Config, resume: bool = False) -> tuple[str, int, int]:
-    """Run (or resume) the sweep on the current Ray cluster.
+def run_sweep(
+    spec: SweepSpec, base: dict[str, Any], cfg: Config, resume: bool = False, extra_tags: Optional[dict[str, str]] = None
+) -> tuple[str, int, int]:
+    """Run (or resume) the sweep on the current Ray cluster; ``extra_tags`` go on a new parent run
+    (``mocolab reproduce`` makes it the child of its own run).
 
     Returns ``(parent MLflow run id, failed trials, unfinished trials)``; unfinished trials (an
     interrupted sweep) leave the parent run KILLED, to be continued with ``--resume``."""
-    parent_run_id = start_sweep_run(spec, base, cfg, resume)
+    parent_run_id = start_sweep_run(spec, base, cfg, resume, extra_tags)
     uri = cfg.tracking.tracking_uri
     try:
         results = build_tuner(spec, base, cfg, parent_run_id, resume).fit()

@@ -1,0 +1,267 @@
+"""``mocolab reproduce [CLAIM ...]``: the MoCo papers' claims at CPU scale, >= 3 seeds per setting, with verdicts.
+
+Every claim (``experiments/reproduce/<claim>.yaml``, see :mod:`mocolab.reproduce.claims`) runs as a sweep
+(:mod:`mocolab.tune.sweep`, one Ray Train worker per trial) whose MLflow run is a child of one parent run
+(``mocolab.stage=reproduce``) and carries ``mocolab.claim`` and ``mocolab.verdict``. The random-init encoder of
+every seed is measured under the same kNN protocol. The report (``report.md`` and one PNG per claim) goes to
+``--out`` and onto the parent run. ``--resume`` continues the latest (or a named) reproduction: finished claims
+are read back, unfinished sweeps resume where they stopped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+import pandas as pd
+
+from mocolab import tracking
+from mocolab.cli import add_overrides_argument
+from mocolab.config import Config, ConfigError, new_run_name
+from mocolab.reproduce.claims import CLAIMS_DIR, Claim, grid_settings, list_claims, load_claim
+from mocolab.reproduce.estimate import minutes, schedule_seconds, trial_seconds
+from mocolab.tune.spec import SEED_KEY, SweepSpec, prepare_sweep, trial_config
+
+DEFAULT_EXPERIMENT = "reproduce"
+FINDINGS = CLAIMS_DIR / "FINDINGS.md"  # the investigations behind the claims, appended to every report
+BASELINE_METRIC = "random_init_knn_top1"  # on each claim's sweep run, step = seed
+
+
+class ReproductionInterrupted(RuntimeError):
+    """A claim's sweep stopped with unfinished trials: continue with ``--resume``."""
+
+
+@dataclass
+class Plan:
+    """One claim, ready to run: its validated sweep and the config of every trial."""
+
+    claim: Claim
+    path: Path
+    spec: SweepSpec
+    base: dict[str, Any]
+    first: Config
+    trials: list[Config]
+    seconds: float
+
+
+def plan_claim(name: str, run_name: str, seeds: Optional[list[int]], overrides: list[str], experiment: str) -> Plan:
+    """Load claim ``name``, name its sweep ``<run_name>-<claim>``, apply ``seeds`` and ``overrides``, validate every
+    trial and estimate its wall time. Every trial must share the images and the architecture (one random-init
+    baseline per seed serves all rows)."""
+    from mocolab.preflight import preflight
+
+    claim, spec, path = load_claim(name)
+    updates: dict[str, Any] = {"name": f"{run_name}-{claim.claim}"}
+    if seeds is not None:
+        updates["seeds"] = seeds
+    spec = spec.model_copy(update=updates)
+    base, trials = prepare_sweep(spec, path.parent, [*overrides, f"tracking.experiment={experiment}"])
+    shared = {(t.data.model_dump_json(exclude={"augment"}), t.model.arch) for t in trials}
+    if len(shared) > 1:
+        raise ConfigError(f"{path}: every row of a claim must use the same images (data.* but data.augment) and "
+                          "model.arch: one random-init baseline per seed serves all rows; split the claim")
+    checked = preflight(trials, ("pretrain",), quiet=True)  # data, mechanisms against the data, storage, tracking
+    key = trials[0].data.model_dump_json()
+    sizes = checked.train_images[key], checked.test_images[key]
+    seconds = schedule_seconds([trial_seconds(t, *sizes) for t in trials], spec.max_concurrent_trials)
+    return Plan(claim, path, spec, base, trials[0], trials, seconds)
+
+
+def plan_text(plans: list[Plan]) -> str:
+    """The plan: per claim, its trials and expected time, and the total."""
+    lines = []
+    for p in plans:
+        lines.append(f"  {p.claim.claim:<12} {len(p.trials):>3} trials, {p.spec.max_concurrent_trials} at a time: "
+                     f"~{minutes(p.seconds)}  ({p.claim.title})")
+    total = sum(p.seconds for p in plans)
+    lines.append(f"  expected total ~{minutes(total)} on 2 quiet CPU cores (per-trial estimate: mocolab.reproduce.estimate)")
+    return "\n".join(lines)
+
+
+def find_parent(uri: str, experiment: str, name: Optional[str]) -> Optional[Any]:
+    """The reproduction parent run called ``name``, or the newest one when ``name`` is None."""
+    client = tracking.client_for(uri)
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        return None
+    query = f"tags.`{tracking.STAGE_TAG}` = '{tracking.STAGE_REPRODUCE}'"
+    if name:
+        query += f" and attributes.run_name = '{name}'"
+    runs = client.search_runs([exp.experiment_id], filter_string=query, order_by=["attributes.start_time DESC"], max_results=1)
+    return runs[0] if runs else None
+
+
+def command_text(args: argparse.Namespace, claims: list[str]) -> str:
+    """The command line that makes this reproduction (``--resume`` and ``--out`` left out)."""
+    parts = ["mocolab", "reproduce", *claims]
+    if args.seeds is not None:
+        parts += ["--seeds", str(args.seeds)]
+    if args.experiment != DEFAULT_EXPERIMENT:
+        parts += ["--experiment", args.experiment]
+    for override in args.overrides:
+        parts += ["--set", override]
+    return tracking.redact(" ".join(map(shlex.quote, parts)))
+
+
+def start_parent(uri: str, experiment: str, run_name: str, claims: list[str], seeds: Optional[list[int]], command: str) -> str:
+    """Create the parent run of a reproduction."""
+    client = tracking.client_for(uri)
+    tags = {tracking.STAGE_TAG: tracking.STAGE_REPRODUCE}
+    commit = tracking.git_commit()
+    if commit:
+        tags[tracking.GIT_COMMIT_TAG] = commit
+    run = client.create_run(tracking.experiment_id(client, experiment), run_name=run_name, tags=tags)
+    from mocolab.analysis.verdict import ALPHA
+
+    tracking.log_params(client, run.info.run_id, {
+        "claims": ",".join(claims), "seeds": "claim files" if seeds is None else ",".join(map(str, seeds)),
+        "alpha": str(ALPHA), "command": command,
+    })
+    return run.info.run_id
+
+
+def run_claim(plan: Plan, parent_id: str) -> str:
+    """Run (or resume, or read back when finished) the claim's sweep under the parent; its MLflow run id."""
+    from mocolab.tune.sweep import find_sweep_run, run_sweep
+
+    cfg = plan.first
+    existing = find_sweep_run(cfg.tracking.tracking_uri, cfg.tracking.experiment, plan.spec.name)
+    if existing is not None and existing.info.status == "FINISHED":
+        print(f"[reproduce] {plan.claim.claim}: sweep '{plan.spec.name}' already finished; reading its runs", flush=True)
+        return existing.info.run_id
+    tags = {tracking.PARENT_RUN_TAG: parent_id, tracking.CLAIM_TAG: plan.claim.claim}
+    sweep_id, failed, unfinished = run_sweep(plan.spec, plan.base, cfg, resume=existing is not None, extra_tags=tags)
+    if unfinished:
+        raise ReproductionInterrupted(f"sweep '{plan.spec.name}' stopped with {unfinished} unfinished trial(s)")
+    if failed:
+        print(f"[reproduce] {plan.claim.claim}: {failed} trial(s) failed; their seeds are left out of the pairs", flush=True)
+    return sweep_id
+
+
+def random_init_baselines(plan: Plan) -> pd.Series:
+    """kNN top-1 of the random-init encoder of every seed (the pretraining runs' starting points)."""
+    from mocolab.quickstart import random_init_knn_top1
+
+    first_setting = grid_settings(plan.spec)[0]
+    values = {}
+    for seed in plan.spec.seeds or [plan.first.train.seed]:
+        cfg = trial_config(plan.spec, plan.base, {**first_setting, SEED_KEY: seed}, run_name=f"{plan.spec.name}-init")
+        values[seed] = random_init_knn_top1(cfg)
+    return pd.Series(values, dtype=float).sort_index()
+
+
+def evaluate_plan(plan: Plan, sweep_id: str):
+    """Read the claim's runs, measure the baselines, decide the checks, tag and annotate the sweep run."""
+    from mocolab.analysis.runs import load_sweep_runs, metric_history
+    from mocolab.reproduce.evidence import evaluate_claim, rows_table, settings_of_runs
+    from mocolab.reproduce.report import ClaimReport
+
+    uri = plan.first.tracking.tracking_uri
+    _, runs = load_sweep_runs(uri, plan.spec.name)
+    baselines = random_init_baselines(plan)
+    verdict, results = evaluate_claim(plan.claim, runs, baselines)
+    labels = settings_of_runs(runs, plan.claim)
+    history = metric_history(uri, list(labels.index), "loss")
+    curves = history.assign(setting=history["run_id"].map(labels),
+                            seed=history["run_id"].map(runs.set_index("run_id")[f"params.{SEED_KEY}"]))
+    client = tracking.client_for(uri)
+    for seed, value in baselines.items():
+        tracking.log_metrics(client, sweep_id, {BASELINE_METRIC: value}, step=int(seed))
+    client.set_tag(sweep_id, tracking.VERDICT_TAG, verdict)
+    tracking.log_file(uri, sweep_id, plan.path, "claim")
+    table = rows_table(plan.claim, runs)
+    return ClaimReport(plan.claim, plan.spec.name, table, baselines, results, verdict, curves)
+
+
+def report_header(run_name: str, command: str, seconds: float, plans: list[Plan]) -> str:
+    from mocolab.analysis.verdict import ALPHA
+
+    commit = tracking.git_commit() or "unknown"
+    level = round(100 * (1 - 2 * ALPHA))
+    return f"""# Reproduction of the MoCo papers' claims at CPU scale
+
+`{command}` (reproduction `{run_name}`, commit `{commit[:12]}`,
+{time.strftime("%Y-%m-%d %H:%M")}; this invocation {minutes(seconds)} wall, expected {minutes(sum(p.seconds for p in plans))} on 2 quiet cores).
+
+**Rule.** Every setting runs with the same seeds; a check pairs two quantities seed by seed and puts a two-sided
+{level}% Student-t interval on their mean difference (so each bound is a one-sided test at alpha = {ALPHA}):
+*reproduced* when the interval lies on the claimed side of the threshold (0 or the stated margin), *not
+reproduced* when it lies on the other side, *inconclusive* when it straddles it. A claim is reproduced when all
+its checks are, not reproduced when any is not. The metric is the kNN monitor's top-1 on the made digits task's
+test split after the last epoch (weighted kNN, k=200), the paper's is ImageNet linear top-1: compare directions,
+not values. "Random init" is the same encoder at its initialization (same seed), measured the same way.
+"""
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("claims", nargs="*", metavar="CLAIM", help=f"claims to run (default: all in {CLAIMS_DIR})")
+    parser.add_argument("--list", action="store_true", help="list the claims with their trials and expected time")
+    parser.add_argument("--dry-run", action="store_true", help="validate every claim and trial, print the plan, stop")
+    parser.add_argument("--seeds", type=int, help="seeds 0..N-1 for every setting (default: the claim files', 3)")
+    parser.add_argument("--resume", nargs="?", const="", metavar="NAME",
+                        help="continue the newest (or the named) reproduction: finished claims are read back")
+    parser.add_argument("--experiment", default=DEFAULT_EXPERIMENT, help="MLflow experiment (default: reproduce)")
+    parser.add_argument("--out", type=Path, help="report folder (default: reports/<reproduction name>/)")
+    add_overrides_argument(parser, "override a key of every claim's base run config (repeatable)")
+
+
+def main(args: argparse.Namespace) -> int:
+    if args.seeds is not None and args.seeds < 1:
+        raise ConfigError(f"--seeds {args.seeds}: give at least 1 (the claims need >= 3 for a verdict)")
+    seeds = list(range(args.seeds)) if args.seeds is not None else None
+    parent = None
+    if args.resume is not None:
+        from mocolab.analysis.runs import resolve_uri
+
+        parent = find_parent(resolve_uri(), args.experiment, args.resume or None)
+        if parent is None:
+            raise ConfigError(f"--resume: no reproduction {args.resume or ''} in experiment '{args.experiment}'; drop --resume")
+    run_name = parent.info.run_name if parent else new_run_name(tracking.STAGE_REPRODUCE)
+    names = args.claims or (parent.data.params["claims"].split(",") if parent else list_claims())
+    plans = [plan_claim(name, run_name, seeds, args.overrides, args.experiment) for name in names]
+    command = command_text(args, names if args.claims else [])
+    print(f"reproduction '{run_name}': {len(plans)} claim(s), all trial configs valid\n{plan_text(plans)}", flush=True)
+    if args.list or args.dry_run:
+        return 0
+    from mocolab.runtime import ensure_ray
+
+    uri = plans[0].first.tracking.tracking_uri
+    ensure_ray()  # before the parent run: a Ray that does not start leaves no run behind
+    parent_id = parent.info.run_id if parent else start_parent(uri, args.experiment, run_name, names, seeds, command)
+    tracking.client_for(uri).update_run(parent_id, status="RUNNING")
+    started = time.time()
+    reports = []
+    try:
+        for plan in plans:
+            print(f"[reproduce] {plan.claim.claim}: {len(plan.trials)} trials, expected ~{minutes(plan.seconds)}", flush=True)
+            claim_started = time.time()
+            sweep_id = run_claim(plan, parent_id)
+            reports.append(evaluate_plan(plan, sweep_id))
+            print(f"[reproduce] {plan.claim.claim}: {reports[-1].verdict} ({minutes(time.time() - claim_started)})", flush=True)
+    except BaseException as err:
+        tracking.end_run(uri, parent_id, "KILLED")
+        print(f"[reproduce] interrupted; continue with: mocolab reproduce --resume {run_name}", file=sys.stderr)
+        if isinstance(err, ReproductionInterrupted):
+            print(f"[reproduce] {err}", file=sys.stderr)
+            return 1
+        raise
+    from mocolab.reproduce.report import write_report
+
+    out = args.out or Path("reports") / run_name
+    findings = FINDINGS.read_text() if FINDINGS.is_file() else ""
+    report = write_report(reports, out, report_header(run_name, command, time.time() - started, plans), findings)
+    client = tracking.client_for(uri)
+    for path in sorted(out.iterdir()):
+        client.log_artifact(parent_id, str(path), tracking.REPORT_ARTIFACT_DIR)
+    counts = {f"claims_{v}": sum(r.verdict == v for r in reports) for v in ("reproduced", "not_reproduced", "inconclusive")}
+    tracking.log_metrics(client, parent_id, {**counts, "wall_seconds": time.time() - started}, step=0)
+    tracking.end_run(uri, parent_id, "FINISHED")
+    print(f"[reproduce] report: {report}  (MLflow parent run {parent_id})")
+    for r in reports:
+        print(f"  {r.claim.claim:<12} {r.verdict}")
+    return 0

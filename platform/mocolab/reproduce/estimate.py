@@ -1,0 +1,52 @@
+"""Expected wall time of a reproduction: a per-trial estimate calibrated on the project's 2-core CPU machine
+(one Ray Train worker holding one core per trial), and the schedule of a sweep's trials over its slots.
+
+Calibration (small_cnn on the made digits task at 16 px, one thread, CPU seconds, so that load from other
+processes does not inflate it): ``platform/benchmarks/momentum_probe.py`` and ``mocolab sweep`` runs; see the
+constants. Other architectures are not calibrated: their trials are estimated as small_cnn's, scaled by pixels.
+"""
+
+from __future__ import annotations
+
+import heapq
+from typing import Iterable
+
+TRAIN_SECONDS_PER_IMAGE = 2.2e-3
+"""One training image (both crops: query forward + backward, key forward) at 16 px, moco, small_cnn."""
+KNN_SECONDS_PER_IMAGE = 0.35e-3
+"""One image of the kNN monitor (train bank + test queries, one forward each) at 16 px."""
+TRIAL_OVERHEAD_SECONDS = 25.0
+"""Per trial: Ray Train worker group start, MLflow run, checkpoints, final backbone."""
+MECHANISM_FACTOR = {"moco": 1.0, "memory_bank": 1.0, "end_to_end": 1.5}
+"""end_to_end back-propagates through the keys too."""
+REFERENCE_SIDE = 16
+
+
+def trial_seconds(cfg, train_images: int, test_images: int) -> float:
+    """Expected wall time of one trial of ``cfg`` (a Config) on ``train_images`` / ``test_images`` images."""
+    pixels = (cfg.data.image_size / REFERENCE_SIDE) ** 2
+    per_epoch = train_images * TRAIN_SECONDS_PER_IMAGE * MECHANISM_FACTOR[cfg.moco.mechanism] * pixels
+    if cfg.moco.symmetric:
+        per_epoch *= 2
+    knn_epochs = 0
+    if cfg.train.knn_every:
+        knn_epochs = cfg.train.epochs // cfg.train.knn_every + (cfg.train.epochs % cfg.train.knn_every != 0)
+    knn = knn_epochs * (train_images + test_images) * KNN_SECONDS_PER_IMAGE * pixels
+    cores = max(cfg.scaling.num_workers * cfg.scaling.cpus_per_worker, 1.0)
+    return TRIAL_OVERHEAD_SECONDS + (cfg.train.epochs * per_epoch) / cores + knn
+
+
+def schedule_seconds(durations: Iterable[float], slots: int) -> float:
+    """Wall time of trials started in order, each on the first free of ``slots`` (as Tune starts a grid)."""
+    if slots < 1:
+        raise ValueError(f"slots={slots} must be >= 1")
+    free_at = [0.0] * slots
+    for duration in durations:
+        start = heapq.heappop(free_at)
+        heapq.heappush(free_at, start + duration)
+    return max(free_at)
+
+
+def minutes(seconds: float) -> str:
+    """``12.5 min``."""
+    return f"{seconds / 60:.1f} min"

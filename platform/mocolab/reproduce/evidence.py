@@ -1,0 +1,135 @@
+"""From a claim's finished runs to its table rows and check verdicts: pure pandas on a runs frame
+(``mlflow.search_runs`` columns: ``params.<dotted key>``, ``metrics.<name>``, ``status``), no MLflow calls.
+
+Values are paired by ``train.seed``: a check compares, seed by seed, the final metric of setting ``a`` with
+that of ``b`` (or with the random-init encoder of that seed, or a number); seeds missing on either side are
+left out of the pairs and the count says so.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional, Union
+
+import pandas as pd
+
+from mocolab.analysis.tables import finished
+from mocolab.analysis.verdict import Interval, combine, decide, paired_interval
+from mocolab.reproduce.claims import RANDOM_INIT, Check, Claim, Setting, matches
+from mocolab.tune.spec import SEED_KEY
+
+LOSS_TO_CHANCE = "loss_to_chance"
+
+
+def setting_label(setting: Setting) -> str:
+    """``moco.momentum=0.9, moco.queue_size=1024``: how a setting is named in tables, plots and checks."""
+    return ", ".join(f"{key}={value}" for key, value in setting.items())
+
+
+def negatives(params: pd.Series) -> int:
+    """Negatives per query of a run: the queue (moco) or K drawn (memory_bank); the global batch - 1 for
+    end_to_end, whose dictionary is the batch."""
+    if params.get("params.moco.mechanism", "moco") == "end_to_end":
+        return int(params["params.train.batch_size"]) * int(params.get("params.scaling.num_workers", 1)) - 1
+    return int(params["params.moco.queue_size"])
+
+
+def settings_of_runs(runs: pd.DataFrame, claim: Claim) -> pd.Series:
+    """The label of the grid setting each run has (indexed by ``run_id``; runs of no grid setting left out)."""
+    labels = {}
+    grid = claim.grid()
+    for _, row in runs.iterrows():
+        for setting in grid:
+            if matches(claim.resolve(setting), _trial_setting(row, list(setting))):
+                labels[row["run_id"]] = setting_label(setting)
+                break
+    return pd.Series(labels, dtype=object)
+
+
+def final_metric(runs: pd.DataFrame, metric: str) -> pd.Series:
+    """The final value of ``metric`` per run (``loss_to_chance``: final loss / ln(1 + negatives))."""
+    if metric == LOSS_TO_CHANCE:
+        chance = runs.apply(lambda row: math.log(1 + negatives(row)), axis=1)
+        return pd.to_numeric(runs["metrics.loss"]) / chance
+    column = f"metrics.{metric}"
+    return pd.to_numeric(runs[column]) if column in runs else pd.Series(float("nan"), index=runs.index)
+
+
+def _trial_setting(row: pd.Series, keys: list[str]) -> Setting:
+    return {key: row.get(f"params.{key}") for key in keys}
+
+
+def by_seed(runs: pd.DataFrame, setting: Setting, metric: str) -> pd.Series:
+    """``metric`` of the finished runs of ``setting`` (values as logged: named values resolved), indexed by seed
+    (NaN values dropped)."""
+    done = finished(runs)
+    if done.empty:
+        return pd.Series(dtype=float)
+    keys = list(setting)
+    chosen = done[done.apply(lambda row: matches(setting, _trial_setting(row, keys)), axis=1)]
+    values = final_metric(chosen, metric) if not chosen.empty else pd.Series(dtype=float)
+    seeds = pd.to_numeric(chosen.get(f"params.{SEED_KEY}", pd.Series(dtype=float))).astype("Int64")
+    return pd.Series(values.to_numpy(), index=seeds.to_numpy(), dtype=float).dropna().sort_index()
+
+
+@dataclass(frozen=True)
+class CheckResult:
+    """A check's paired values, interval and verdict."""
+
+    check: Check
+    metric: str
+    a: pd.Series  # by seed
+    b: Union[pd.Series, float]
+    interval: Optional[Interval]
+    verdict: str
+
+    @property
+    def text(self) -> str:
+        """``a RELATION b`` in words, with the margin."""
+        b = self.check.b
+        right = setting_label(b) if isinstance(b, dict) else ("random init" if b == RANDOM_INIT else f"{b:g}")
+        margin = f" (margin {self.check.margin:g})" if self.check.margin else ""
+        return f"{setting_label(self.check.a)} {self.check.relation} {right}{margin}"
+
+
+def evaluate_check(claim: Claim, check: Check, runs: pd.DataFrame, baselines: pd.Series) -> CheckResult:
+    """Pair the check's two sides by seed and decide it; ``baselines``: random-init kNN top-1 by seed."""
+    metric = claim.metric_of(check)
+    a = by_seed(runs, claim.resolve(check.a), metric)
+    if isinstance(check.b, dict):
+        b: Union[pd.Series, float] = by_seed(runs, claim.resolve(check.b), metric)
+    elif check.b == RANDOM_INIT:
+        b = baselines.dropna().sort_index()
+    else:
+        b = float(check.b)
+    if isinstance(b, pd.Series):
+        seeds = a.index.intersection(b.index)
+        a, b = a.loc[seeds], b.loc[seeds]
+    if a.empty:
+        return CheckResult(check, metric, a, b, None, "inconclusive")
+    interval = paired_interval(a.to_numpy(), b.to_numpy() if isinstance(b, pd.Series) else b)
+    return CheckResult(check, metric, a, b, interval, decide(interval, check.relation, check.margin))
+
+
+def evaluate_claim(claim: Claim, runs: pd.DataFrame, baselines: pd.Series) -> tuple[str, list[CheckResult]]:
+    """Every check's result and the claim's verdict (all reproduced / any not reproduced / else inconclusive)."""
+    results = [evaluate_check(claim, check, runs, baselines) for check in claim.checks]
+    return combine(r.verdict for r in results), results
+
+
+def rows_table(claim: Claim, runs: pd.DataFrame, metrics: tuple[str, ...] = ("knn_top1", "loss")) -> pd.DataFrame:
+    """One row per grid setting: ``setting``, the paper's value, and ``n``, ``<metric>_mean``, ``<metric>_std``
+    over seeds for each metric (the final epoch's value)."""
+    rows = []
+    for setting in claim.grid():
+        paper = next((r.value for r in claim.paper.rows if matches(r.setting, setting)), None)
+        row: dict = {"setting": setting_label(setting), "paper": paper}
+        for metric in metrics:
+            values = by_seed(runs, claim.resolve(setting), metric)
+            row["n"] = max(row.get("n", 0), len(values))
+            row[f"{metric}_mean"] = values.mean() if len(values) else float("nan")
+            row[f"{metric}_std"] = values.std() if len(values) > 1 else float("nan")
+        rows.append(row)
+    return pd.DataFrame(rows)
+

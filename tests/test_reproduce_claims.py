@@ -1,0 +1,138 @@
+"""Claim files, their evidence (runs -> paired values -> verdicts) and the report, on synthetic runs (no Ray)."""
+
+import math
+
+import pandas as pd
+import pytest
+
+from mocolab.analysis.verdict import INCONCLUSIVE, NOT_REPRODUCED, REPRODUCED
+from mocolab.config import ConfigError
+from mocolab.reproduce.claims import CLAIMS_DIR, list_claims, load_claim, parse_claim, same_value
+from mocolab.reproduce.evidence import by_seed, evaluate_claim, rows_table, settings_of_runs
+from mocolab.reproduce.report import ClaimReport, write_report
+
+CONFIG = str(CLAIMS_DIR / "configs" / "digits_v1.yaml")
+
+
+def raw_claim(**extra):
+    raw = {
+        "claim": "toy",
+        "title": "Toy momentum",
+        "paper": {"source": "a table", "rows": [{"setting": {"moco.momentum": 0.9}, "value": 55.2}]},
+        "departures": "small",
+        "chosen": "before",
+        "sweep": {"base": {"config": CONFIG}, "space": {"moco.momentum": {"grid": [0.0, 0.9, 0.99]}}, "seeds": [0, 1, 2]},
+        "checks": [
+            {"name": "0.99 beats 0.9", "a": {"moco.momentum": 0.99}, "relation": ">", "b": {"moco.momentum": 0.9}},
+            {"name": "m=0 at most random init", "a": {"moco.momentum": 0.0}, "relation": "<=", "b": "random_init",
+             "margin": 2.0},
+            {"name": "m=0 loss near chance", "a": {"moco.momentum": 0.0}, "metric": "loss_to_chance",
+             "relation": ">=", "b": 0.9},
+        ],
+    }
+    raw.update(extra)
+    return raw
+
+
+def runs_frame(knn: dict, loss: dict, status: dict | None = None) -> pd.DataFrame:
+    """An mlflow.search_runs-like frame: knn/loss map (momentum, seed) -> final value."""
+    rows = []
+    for (momentum, seed), value in knn.items():
+        rows.append({
+            "run_id": f"r{momentum}-{seed}", "status": (status or {}).get((momentum, seed), "FINISHED"),
+            "params.moco.momentum": str(momentum), "params.train.seed": str(seed), "params.moco.mechanism": "moco",
+            "params.moco.queue_size": "1024", "params.train.batch_size": "64", "params.scaling.num_workers": "1",
+            "metrics.knn_top1": value, "metrics.loss": loss[(momentum, seed)],
+        })
+    return pd.DataFrame(rows)
+
+
+KNN = {(0.0, s): v for s, v in enumerate([40.0, 41.0, 39.5])}
+KNN.update({(0.9, s): v for s, v in enumerate([50.0, 53.0, 48.0])})
+KNN.update({(0.99, s): v for s, v in enumerate([70.0, 72.0, 69.0])})
+LOSS = {key: (6.9 if key[0] == 0.0 else 4.5) for key in KNN}
+BASELINES = pd.Series({0: 46.0, 1: 45.0, 2: 47.0})
+
+
+def test_committed_claims_load_and_validate():
+    names = list_claims()
+    assert {"momentum", "dictionary", "mechanisms", "bn", "v2", "temperature"} <= set(names)
+    for name in names:
+        claim, spec, path = load_claim(name)
+        assert claim.claim == path.stem and len(spec.seeds) >= 3 and claim.checks
+
+
+def test_bad_claims_are_refused_naming_the_field():
+    with pytest.raises(ConfigError, match=r"checks\[0\].a=.*selects no trial"):
+        parse_claim(raw_claim(checks=[{"name": "x", "a": {"moco.momentum": 0.5}, "relation": ">", "b": 1.0}]), "toy")
+    with pytest.raises(ConfigError, match="relation"):
+        parse_claim(raw_claim(checks=[{"name": "x", "a": {"moco.momentum": 0.9}, "relation": "!=", "b": 1.0}]), "toy")
+    with pytest.raises(ConfigError, match="sweep.name"):
+        parse_claim(raw_claim(sweep={"name": "mine", "space": {}}), "toy")
+    with pytest.raises(ConfigError, match="random_init compares kNN"):
+        parse_claim(raw_claim(checks=[{"name": "x", "a": {"moco.momentum": 0.9}, "metric": "loss", "relation": "<=",
+                                       "b": "random_init"}]), "toy")
+    with pytest.raises(ConfigError, match="grid axes"):
+        parse_claim(raw_claim(sweep={"space": {"moco.momentum": {"uniform": [0.9, 0.99]}}, "search": "random"}), "toy")
+
+
+def test_named_values_are_resolved_for_the_trials_and_kept_for_labels():
+    ops = [{"op": "RandomResizedCrop", "scale": [0.4, 1.0]}]
+    raw = raw_claim(values={"data.augment": {"crop": ops}},
+                    sweep={"base": {"config": CONFIG}, "seeds": [0, 1],
+                           "space": {"moco.momentum, data.augment": {"grid": [[0.9, "crop"], [0.99, "crop"]]}}},
+                    checks=[{"name": "x", "a": {"moco.momentum": 0.99, "data.augment": "crop"}, "relation": ">",
+                             "b": {"moco.momentum": 0.9}}],
+                    paper={"source": "s", "rows": []})
+    claim, spec = parse_claim(raw, "toy")
+    assert spec.space["moco.momentum, data.augment"].grid == [[0.9, ops], [0.99, ops]]
+    assert claim.grid() == [{"moco.momentum": 0.9, "data.augment": "crop"}, {"moco.momentum": 0.99, "data.augment": "crop"}]
+    assert claim.resolve({"data.augment": "crop"}) == {"data.augment": ops}
+    assert same_value(ops, str(ops)) and not same_value(ops, str(ops[:0]))  # an MLflow param holds str(list)
+
+
+def test_evidence_pairs_by_seed_and_decides():
+    claim, _ = parse_claim(raw_claim(), "toy")
+    runs = runs_frame(KNN, LOSS)
+    verdict, results = evaluate_claim(claim, runs, BASELINES)
+    by_name = {r.check.name: r for r in results}
+    assert by_name["0.99 beats 0.9"].verdict == REPRODUCED
+    assert list(by_name["0.99 beats 0.9"].a.index) == [0, 1, 2]
+    assert by_name["m=0 at most random init"].verdict == REPRODUCED  # 40 vs 46: far below
+    near = by_name["m=0 loss near chance"]
+    assert near.a.iloc[0] == pytest.approx(6.9 / math.log(1025)) and near.verdict == REPRODUCED
+    assert verdict == REPRODUCED
+
+
+def test_a_reversed_effect_is_not_reproduced_and_the_claim_follows():
+    claim, _ = parse_claim(raw_claim(), "toy")
+    knn = dict(KNN)
+    knn.update({(0.99, s): v for s, v in enumerate([40.0, 42.0, 41.0])})  # 0.99 now far below 0.9
+    verdict, results = evaluate_claim(claim, runs_frame(knn, LOSS), BASELINES)
+    assert results[0].verdict == NOT_REPRODUCED and verdict == NOT_REPRODUCED
+
+
+def test_unfinished_runs_drop_their_seed_from_the_pairs():
+    claim, _ = parse_claim(raw_claim(), "toy")
+    runs = runs_frame(KNN, LOSS, status={(0.99, 2): "FAILED", (0.99, 1): "FAILED"})
+    _, results = evaluate_claim(claim, runs, BASELINES)
+    assert results[0].interval.n == 1 and results[0].verdict == INCONCLUSIVE
+    assert list(by_seed(runs, {"moco.momentum": 0.99}, "knn_top1").index) == [0]
+
+
+def test_rows_table_and_report(tmp_path):
+    claim, _ = parse_claim(raw_claim(), "toy")
+    runs = runs_frame(KNN, LOSS)
+    table = rows_table(claim, runs)
+    assert list(table["setting"]) == ["moco.momentum=0.0", "moco.momentum=0.9", "moco.momentum=0.99"]
+    assert table.loc[1, "paper"] == 55.2 and table.loc[2, "knn_top1_mean"] == pytest.approx(70.333, abs=1e-3)
+    labels = settings_of_runs(runs, claim)
+    curves = pd.DataFrame([{"run_id": rid, "step": e, "value": 7 - e, "setting": labels[rid], "seed": rid[-1]}
+                           for rid in labels.index for e in range(1, 4)])
+    verdict, results = evaluate_claim(claim, runs, BASELINES)
+    report = ClaimReport(claim, "rep-toy", table, BASELINES, results, verdict, curves)
+    path = write_report([report], tmp_path, "# Header")
+    text = path.read_text()
+    assert (tmp_path / "toy.png").stat().st_size > 1000
+    assert "## Toy momentum (`toy`): reproduced" in text and "55.2" in text and "70.3 ± 1.5" in text
+    assert "0.99 beats 0.9" in text and "[90% CI]" in text and "![toy](toy.png)" in text

@@ -1,0 +1,88 @@
+"""``mocolab reproduce`` end to end on a tiny claim: Ray trials, MLflow parent/child runs, verdict tags, report,
+and ``--resume`` reading a finished reproduction back without training again."""
+
+import pytest
+import yaml
+from mlflow import MlflowClient
+
+from mocolab import tracking
+from mocolab.cli import main
+from mocolab.reproduce.claims import CLAIMS_DIR
+
+
+def tiny_claim(folder):
+    claim = {
+        "claim": "tiny",
+        "title": "Tiny momentum",
+        "paper": {"source": "none", "rows": [{"setting": {"moco.momentum": 0.99}, "value": 57.8}]},
+        "departures": "tiny",
+        "chosen": "for the test",
+        "sweep": {
+            "base": {
+                "config": str(CLAIMS_DIR / "configs" / "digits_v1.yaml"),
+                "data.limit_train": 256, "data.limit_test": 128, "train.epochs": 1, "train.batch_size": 32,
+                "moco.queue_size": 64, "train.knn_every": 1, "train.checkpoint_every": 1,
+            },
+            "space": {"moco.momentum": {"grid": [0.0, 0.99]}},
+            "seeds": [0, 1],
+            "resources": {"workers": 1, "cpus_per_worker": 1},
+            "max_concurrent_trials": 2,
+        },
+        "checks": [{"name": "0.99 beats 0", "a": {"moco.momentum": 0.99}, "relation": ">", "b": {"moco.momentum": 0.0}}],
+    }
+    path = folder / "tiny.yaml"
+    path.write_text(yaml.safe_dump(claim, sort_keys=False))
+    return path
+
+
+@pytest.mark.slow
+def test_reproduce_tiny_claim_end_to_end(ray_local, mlflow_uri, tmp_path, capsys):
+    path = tiny_claim(tmp_path)
+    out = tmp_path / "report"
+    assert main(["reproduce", str(path), "--out", str(out), "--set", f"scaling.storage_path={tmp_path / 'ray'}"]) == 0
+    client = MlflowClient(tracking_uri=mlflow_uri)
+    exp = client.get_experiment_by_name("reproduce")
+    parents = client.search_runs([exp.experiment_id], filter_string=f"tags.`{tracking.STAGE_TAG}` = 'reproduce'")
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    parent = parents[0]
+    sweeps = client.search_runs([exp.experiment_id], filter_string=f"tags.`{tracking.PARENT_RUN_TAG}` = '{parent.info.run_id}'")
+    assert len(sweeps) == 1
+    sweep = sweeps[0]
+    assert sweep.data.tags[tracking.CLAIM_TAG] == "tiny"
+    assert sweep.data.tags[tracking.VERDICT_TAG] in ("reproduced", "not_reproduced", "inconclusive")
+    trials = client.search_runs([exp.experiment_id], filter_string=f"tags.`{tracking.PARENT_RUN_TAG}` = '{sweep.info.run_id}'")
+    assert len(trials) == 4 and all(t.info.status == "FINISHED" for t in trials)
+    assert [m.step for m in client.get_metric_history(sweep.info.run_id, "random_init_knn_top1")] == [0, 1]
+    text = (out / "report.md").read_text()
+    assert "## Tiny momentum (`tiny`)" in text and "57.8" in text and (out / "tiny.png").is_file()
+    logged = {a.path for a in client.list_artifacts(parent.info.run_id, "report")}
+    assert {"report/report.md", "report/tiny.png"} <= logged
+    printed = capsys.readouterr().out
+    assert "expected total" in printed
+
+    # --resume of the finished reproduction reads the sweep back: no new trial runs, the same verdict
+    again = tmp_path / "again"
+    assert main(["reproduce", "--resume", "--out", str(again), "--set", f"scaling.storage_path={tmp_path / 'ray'}",
+                 str(path)]) == 0
+    assert "already finished" in capsys.readouterr().out
+    trials_after = client.search_runs([exp.experiment_id], filter_string=f"tags.`{tracking.STAGE_TAG}` = 'pretrain'")
+    assert len(trials_after) == 4
+    assert (again / "report.md").read_text().split("## Summary")[1] == text.split("## Summary")[1]
+
+
+def test_dry_run_validates_and_prints_the_plan(mlflow_uri, tmp_path, capsys):
+    path = tiny_claim(tmp_path)
+    assert main(["reproduce", str(path), "--dry-run", "--seeds", "3"]) == 0
+    printed = capsys.readouterr().out
+    assert "tiny" in printed and "6 trials" in printed and "expected total" in printed
+
+
+def test_bad_claim_is_refused_before_anything_runs(mlflow_uri, tmp_path, capsys):
+    path = tiny_claim(tmp_path)
+    raw = yaml.safe_load(path.read_text())
+    raw["sweep"]["base"]["moco.queue_size"] = 100  # not a multiple of the batch
+    path.write_text(yaml.safe_dump(raw))
+    assert main(["reproduce", str(path), "--dry-run"]) == 2
+    assert "moco.queue_size=100" in capsys.readouterr().err
+    assert main(["reproduce", "no-such-claim", "--dry-run"]) == 2
+    assert "no claim 'no-such-claim'" in capsys.readouterr().err
