@@ -80,7 +80,7 @@ def test_nonfinite_loss_stops_without_retry_and_keeps_last_good_checkpoint(ray_l
     trainer.train_loop_config[INJECT_NAN_KEY] = 2
     result = trainer.fit()  # returns: a retryable worker failure would have been retried, then raised
 
-    with pytest.raises(NonFiniteLossError, match="NaN/inf loss nan in epoch 2 at global step 4") as err:
+    with pytest.raises(NonFiniteLossError, match="NaN/inf loss in epoch 2 at global step 4") as err:
         finish_pretrain_run(cfg, run_id, result)
     assert str(result.checkpoint.path) in str(err.value)
     assert load_checkpoint(result.checkpoint.path)["epoch"] == 1

@@ -181,14 +181,17 @@ def log_params(client: "MlflowClient", run_id: str, params: dict[str, str]) -> N
         client.log_batch(run_id, params=items[i : i + 100])
 
 
-def log_metrics(client: "MlflowClient", run_id: str, metrics: dict[str, float], step: int) -> None:
-    """Log numeric metrics at ``step`` in one call; None values are skipped."""
+def log_metrics(client: "MlflowClient", run_id: str, metrics: dict[str, float], step: int, wait: bool = True) -> Any:
+    """Log numeric metrics at ``step`` in one call; None values are skipped. With ``wait=False`` the call returns at
+    once and MLflow writes in a background thread: the result (``None`` if nothing was logged) has ``wait()``, which
+    must be called before the run's metrics are read elsewhere."""
     from mlflow.entities import Metric
 
     now = int(time.time() * 1000)
     batch = [Metric(k, float(v), now, step) for k, v in metrics.items() if v is not None]
     if batch:
-        client.log_batch(run_id, metrics=batch)
+        return client.log_batch(run_id, metrics=batch, synchronous=wait)
+    return None
 
 
 def log_config_artifact(client: "MlflowClient", run_id: str, cfg: Config) -> None:
@@ -308,3 +311,4 @@ def child_runs(uri: str, experiment: str, parent_run_id: str) -> list["Run"]:
     return list(
         client.search_runs([exp.experiment_id], filter_string=f"tags.`{PARENT_RUN_TAG}` = '{parent_run_id}'")
     )
+
