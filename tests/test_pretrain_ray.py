@@ -53,6 +53,8 @@ def test_two_worker_run_lands_in_mlflow(ray_local, mlflow_uri, tmp_path):
         assert [m.step for m in client.get_metric_history(run_id, name)] == [1, 2], name
     assert 0 <= run.data.metrics["knn_top1"] <= 100
     assert run.data.metrics["throughput_img_s"] > 0
+    assert run.data.metrics[tracking.WORKER_SECONDS] > 2 * 5  # 2 workers for the fit's seconds
+    assert run.data.metrics[tracking.DEVICE_HOURS] == pytest.approx(run.data.metrics[tracking.WORKER_SECONDS] / 3600)
 
     artifacts = {a.path for a in client.list_artifacts(run_id)}
     assert {"config.yaml", "backbone.pt"} <= artifacts
