@@ -7,19 +7,20 @@ import json
 import mlflow
 import pytest
 
-from mocolab.bench.report import RESULT_KEYS, SHUFFLE_TITLE
+from mocolab.bench.report import RESULT_KEYS, SHUFFLE_TITLE, SPREAD_KEYS, empty_result, result_table, set_spread
 from mocolab.bench.shuffle import ANALYTIC_WORKERS, TIMED_WORKERS, bytes_received_per_worker
+from mocolab.bench.spread import Spread
 from mocolab.cli import main
 
-# The quickstart config made tiny: 16 images a step, 2 steps timed once.
-TINY = ["--set", "train.batch_size=16", "--set", "moco.queue_size=256", "--steps", "2", "--repeats", "1",
-        "--data-images", "32"]
+# The quickstart config made tiny: 16 images a step, 2 steps timed in each of 2 repetitions.
+TINY = ["--set", "train.batch_size=16", "--set", "moco.queue_size=256", "--steps", "2", "--repeats", "2"]
 MEASURED_BY = {
     "step": {"step_img_s"},
     "reference": {"step_img_s", "reference_img_s", "ratio_vs_reference"},
-    "data": {"data_img_s_per_worker"},
+    "data": {"step_img_s", "data_img_s_per_worker", "data_vs_step"},
     "profile": {"momentum_queue_fraction", "profile"},
-    "overhead": {"epoch_img_s", "bare_img_s", "platform_overhead", "startup_s"},
+    "launcher": {"epoch_img_s", "launcher_img_s", "epoch_ratio_vs_launcher", "loop_ratio_vs_launcher",
+                 "between_epochs_s", "launcher_between_epochs_s", "knn_s", "knn_vs_epoch"},
     "fixed": {"startup_s", "checkpoint_save_s", "checkpoint_load_s", "checkpoint_mb"},
     "shuffle": {"shuffle"},
 }
@@ -31,13 +32,13 @@ def _run_bench(tmp_path, parts: str, *extra: str) -> dict:
     return json.loads(out.read_text())
 
 
-def _check_record(record: dict, parts: list[str]) -> None:
+def _check_record(record: dict, parts: list[str], repeats: int = 2) -> None:
     measured = set().union(*(MEASURED_BY[p] for p in parts))
-    if {"step", "data"} <= set(parts):
-        measured.add("data_vs_step")
-    if {"data", "overhead"} <= set(parts):
-        measured.add("overhead_excl_data")  # the quickstart loads data in the training process
     assert set(RESULT_KEYS) <= set(record)
+    assert set(record["spread"]) == measured & set(SPREAD_KEYS)
+    for key, spread in record["spread"].items():
+        assert spread["min"] <= spread["median"] == record[key] <= spread["max"]
+        assert spread["repeats"] == (repeats if key in MEASURED_BY["launcher"] else 2)
     for key in RESULT_KEYS:
         if key not in measured:
             assert record[key] is None, key
@@ -49,7 +50,8 @@ def _check_record(record: dict, parts: list[str]) -> None:
         else:
             assert isinstance(record[key], float), key
     positive = measured & {"step_img_s", "reference_img_s", "ratio_vs_reference", "data_img_s_per_worker",
-                           "epoch_img_s", "bare_img_s", "startup_s", "checkpoint_mb"}
+                           "epoch_img_s", "launcher_img_s", "epoch_ratio_vs_launcher", "loop_ratio_vs_launcher",
+                           "knn_s", "knn_vs_epoch", "startup_s", "checkpoint_mb"}
     assert all(record[k] > 0 for k in positive)
     assert record["settings"]["device"] == "cpu" and record["settings"]["arch"] == "small_cnn"
     assert record["settings"]["bn"] == "shuffle"  # the quickstart's 2-worker shuffle-BN, one worker's share
@@ -58,19 +60,34 @@ def _check_record(record: dict, parts: list[str]) -> None:
 def test_bench_step_reference_data_and_profile_write_their_keys_as_fractions(tmp_path, capsys):
     record = _run_bench(tmp_path, "step,reference,data,profile")
     _check_record(record, ["step", "reference", "data", "profile"])
-    assert record["ratio_vs_reference"] == pytest.approx(record["step_img_s"] / record["reference_img_s"])
     assert record["momentum_queue_fraction"] == pytest.approx(
         record["profile"]["momentum_update"] + record["profile"]["queue_update"]
     )
     table = capsys.readouterr().out
-    assert "ratio_vs_reference" in table and "profile.backward" in table
+    assert "ratio_vs_reference" in table and "profile.backward" in table and "x2 +-" in table
 
 
 @pytest.mark.slow
-def test_bench_overhead_and_fixed_costs_time_a_real_two_worker_pretraining_run(tmp_path):
-    record = _run_bench(tmp_path, "step,data,overhead,fixed", "--epochs", "1", "--set", "data.digits.copies=1")
-    _check_record(record, ["step", "data", "overhead", "fixed"])
-    assert record["platform_overhead"] == pytest.approx(1 - record["epoch_img_s"] / record["bare_img_s"])
+def test_bench_launcher_and_fixed_costs_time_real_two_worker_runs_in_alternation(tmp_path):
+    record = _run_bench(tmp_path, "launcher,fixed", "--rounds", "2", "--epochs", "2", "--set", "data.digits.copies=1",
+                        "--set", "data.digits.test_fraction=0.5")
+    _check_record(record, ["launcher", "fixed"], repeats=2)
+    assert record["between_epochs_s"] >= 0 and record["launcher_between_epochs_s"] >= 0
+
+
+def test_the_table_withholds_the_verdict_on_a_ratio_whose_repetitions_disagree():
+    result = empty_result()
+    set_spread(result, "epoch_ratio_vs_launcher", Spread.of([0.90, 0.97, 1.02]))
+    set_spread(result, "ratio_vs_reference", Spread.of([1.05, 1.06, 1.07]))
+    table = result_table(result)
+    (noisy,) = [line for line in table.splitlines() if line.startswith("epoch_ratio_vs_launcher")]
+    assert "0.970 [0.900, 1.020] x3 +-7.2%" in noisy and "too noisy for a verdict" in noisy and "ok" not in noisy
+    (quiet,) = [line for line in table.splitlines() if line.startswith("ratio_vs_reference")]
+    assert quiet.endswith("ok")
+    assert table.splitlines()[-1].startswith("the machine is too noisy for a verdict on epoch_ratio_vs_launcher:")
+    result["spread"]["epoch_ratio_vs_launcher"] = Spread.of([0.93, 0.94, 0.95]).as_dict()
+    result["epoch_ratio_vs_launcher"] = 0.94
+    assert "MISS" in result_table(result) and "too noisy" not in result_table(result)
 
 
 def test_bench_shuffle_gives_bytes_for_2_to_64_workers_beside_times_on_2_and_4_gloo_processes(tmp_path, capsys):
@@ -93,24 +110,27 @@ def test_bench_shuffle_gives_bytes_for_2_to_64_workers_beside_times_on_2_and_4_g
 
 
 def test_bench_logs_a_run_tagged_stage_bench_to_mlflow(tmp_path, mlflow_uri):
-    record = _run_bench(tmp_path, "step", "--mlflow")
+    record = _run_bench(tmp_path, "step,reference", "--mlflow")
     runs = mlflow.search_runs(experiment_names=["quickstart"], filter_string="tags.`mocolab.stage` = 'bench'")
     assert len(runs) == 1
     assert runs.iloc[0]["metrics.step_img_s"] == pytest.approx(record["step_img_s"])
+    spread = record["spread"]["ratio_vs_reference"]
+    assert runs.iloc[0]["metrics.ratio_vs_reference_min"] == pytest.approx(spread["min"])
+    assert runs.iloc[0]["metrics.ratio_vs_reference_max"] == pytest.approx(spread["max"])
     assert runs.iloc[0]["params.bench.arch"] == "small_cnn"
 
 
 def test_bench_refuses_an_unknown_part_naming_the_valid_ones(capsys):
     with pytest.raises(SystemExit):
         main(["bench", "--what", "step,speed"])
-    expected = "unknown part(s) ['speed']; choose from step,reference,data,overhead,fixed,profile,shuffle"
+    expected = "unknown part(s) ['speed']; choose from step,reference,data,launcher,fixed,profile,shuffle"
     assert expected in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(
     "argv, message",
     [
-        (["--precision", "bf16", "--device", "cpu"], "precision bf16 is for CUDA devices"),
+        (["--epochs", "1"], "--epochs=1 must be >= 2"),
         (["--steps", "0"], "--steps=0 must be >= 1"),
         (["--set", "moco.mechanism=end_to_end"], "the step benchmark covers moco.mechanism=moco"),
     ],

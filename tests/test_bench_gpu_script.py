@@ -43,7 +43,8 @@ def test_step_bench_runs_on_cpu_with_torch_alone(tmp_path):
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     record = json.loads(out.read_text())
-    assert set(record["img_s"]) == {"mocolab fp32", "mocolab bf16", "mocolab bf16+cl", "reference"}
+    assert set(record["img_s"]) == {"mocolab fp32", "mocolab bf16", "mocolab fp16", "mocolab bf16+cl", "reference"}
+    assert record["spread"]["reference"] == {"min": 1.0, "median": 1.0, "max": 1.0, "repeats": 1}
     assert record["ratio_vs_reference"]["reference"] == 1.0
     assert sum(v for k, v in record["profile_bf16_cl"].items() if k != "momentum_queue_fraction") <= 1.0 + 1e-9
     assert "vs reference fp32" in proc.stdout and "momentum_queue_fraction" in proc.stdout

@@ -6,12 +6,11 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from torch.autograd import DeviceType
-
 from mocolab.bench.profile import STEP_RANGE, phase_fractions, profile_step
 from mocolab.bench.spec import StepSpec
-from mocolab.bench.step import BACKWARD_RANGE, OPTIMIZER_RANGE
 from mocolab.moco.model import PHASES
+from mocolab.train.step import BACKWARD_RANGE, OPTIMIZER_RANGE
+from torch.autograd import DeviceType
 
 
 def _event(name: str, cpu_us: float = 0.0, device_us: float = 0.0, self_device_us: float = 0.0,

@@ -1,4 +1,4 @@
-"""The benchmark's reference loop does the same math as mocolab's step; timing helpers; spec checks."""
+"""The benchmark's reference loop does the same math as mocolab's step; timing and spread helpers; spec checks."""
 
 from __future__ import annotations
 
@@ -7,8 +7,9 @@ import torch
 
 from mocolab.bench.reference import ReferenceMoCo
 from mocolab.bench.spec import StepSpec
-from mocolab.bench.step import REFERENCE, build_model, compare_steps, make_optimizer, synthetic_batch
-from mocolab.bench.timing import interleaved_throughput
+from mocolab.bench.spread import Spread
+from mocolab.bench.step import REFERENCE, build_model, compare_steps, synthetic_batch, train_step
+from mocolab.bench.timing import interleaved_rates
 
 TINY = StepSpec(arch="small_cnn", image_size=12, batch_size=8, bn="split", bn_splits=2, dim=16, queue_size=32,
                 momentum=0.9, temperature=0.2)
@@ -21,11 +22,11 @@ TINY = StepSpec(arch="small_cnn", image_size=12, batch_size=8, bn="split", bn_sp
 )
 def test_reference_loop_computes_mocolabs_loss_queue_and_weights_over_three_steps(spec):
     torch.set_num_threads(1)
-    model = build_model(spec)
+    step_m = train_step(spec)
+    model, opt_m = step_m.model, step_m.optimizer
     assert model.shuffle_keys == (spec.bn != "plain")
     reference = ReferenceMoCo(model.encoder_q, model.dictionary.queue, spec.momentum, spec.temperature,
                               shuffle=model.shuffle_keys)
-    opt_m = make_optimizer(model, spec)
     opt_r = torch.optim.SGD(reference.encoder_q.parameters(), lr=spec.lr, momentum=spec.sgd_momentum,
                             weight_decay=spec.weight_decay)
     im_q, im_k, index = synthetic_batch(spec)
@@ -57,28 +58,41 @@ def test_reference_loop_differs_when_the_shuffle_does_with_split_bn():
     assert not torch.allclose(loss_m, loss_r)
 
 
-def test_compare_steps_reports_every_contender_and_the_ratio():
+def test_compare_steps_reports_every_contender_and_each_repetitions_ratio():
     torch.set_num_threads(1)
-    result = compare_steps({"mocolab": TINY}, steps=2, repeats=2, warmup=1)
-    assert set(result.img_s) == {"mocolab", REFERENCE}
+    result = compare_steps({"mocolab": TINY}, steps=2, repeats=3, warmup=1, extra={"noop": lambda: None})
+    assert set(result.rates) == {"mocolab", REFERENCE, "noop"} and all(len(v) == 3 for v in result.rates.values())
     assert all(v > 0 for v in result.img_s.values())
-    assert result.ratio("mocolab") == pytest.approx(result.img_s["mocolab"] / result.img_s[REFERENCE])
+    ratios = [m / r for m, r in zip(result.rates["mocolab"], result.rates[REFERENCE])]
+    assert result.ratio("mocolab") == Spread.of(ratios)
+    assert result.ratio("noop", over="mocolab").median > 1  # doing nothing is faster than a step
+    assert compare_steps({"mocolab": TINY}, with_reference=False, steps=1, repeats=1, warmup=0).ratio("mocolab") is None
 
 
-def test_interleaved_throughput_alternates_order_and_counts_images():
+def test_interleaved_rates_alternate_order_and_keep_every_repetition():
     calls: list[str] = []
-    rates = interleaved_throughput(
+    rates = interleaved_rates(
         {"a": lambda: calls.append("a"), "b": lambda: calls.append("b")},
         images_per_step=4, steps=2, repeats=3, warmup=1, device=torch.device("cpu"),
     )
     assert calls == ["a", "b"] + ["a", "a", "b", "b"] + ["b", "b", "a", "a"] + ["a", "a", "b", "b"]
-    assert set(rates) == {"a", "b"} and all(r > 0 for r in rates.values())
+    assert set(rates) == {"a", "b"} and all(len(r) == 3 and min(r) > 0 for r in rates.values())
     with pytest.raises(ValueError, match="repeats"):
-        interleaved_throughput({"a": lambda: None}, 1, steps=1, repeats=0, warmup=0, device=torch.device("cpu"))
+        interleaved_rates({"a": lambda: None}, 1, steps=1, repeats=0, warmup=0, device=torch.device("cpu"))
+
+
+def test_a_spread_wider_than_five_percent_of_its_median_is_noisy():
+    quiet = Spread.of([0.97, 1.0, 1.04])
+    assert (quiet.min, quiet.median, quiet.max, quiet.repeats) == (0.97, 1.0, 1.04, 3)
+    assert quiet.relative == pytest.approx(0.04) and not quiet.noisy
+    assert Spread.of([0.94, 1.0, 1.01]).noisy and Spread.of([1.0, 1.0, 1.06]).noisy
+    assert Spread.from_dict(quiet.as_dict()) == quiet
+    with pytest.raises(ValueError, match="at least one value"):
+        Spread.of([])
 
 
 def test_step_spec_refuses_sizes_the_queue_cannot_hold():
     with pytest.raises(ValueError, match="moco.queue_size=100 is not a multiple of the global batch 8"):
         build_model(TINY.replace(queue_size=100))
     with pytest.raises(ValueError, match="precision"):
-        TINY.replace(precision="fp16")
+        TINY.replace(precision="fp8")

@@ -113,8 +113,25 @@ def test_sync_bn_refused_on_cpu():
     build_config({"model": {"bn": "sync"}, "scaling": {"use_gpu": True}})
 
 
-def test_amp_refused_on_cpu():
-    refused({"train": {"amp": True}}, "train.amp", "use_gpu")
+@pytest.mark.parametrize("value, amp", [("bf16", "bf16"), ("fp16", "fp16"), ("off", "off"), (False, "off"), (True, "bf16")])
+def test_amp_names_the_precision_on_any_device(value, amp):
+    cfg = build_config({"train": {"amp": value}})  # CPU: autocast and the fp16 GradScaler run there too
+    assert cfg.train.amp == amp
+    assert build_config(cfg.model_dump(mode="json")).train.amp == amp  # a resolved config reloads unchanged
+
+
+def test_amp_yaml_off_and_unknown_precisions(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("train:\n  amp: off\n")  # YAML 1.1 reads off as false
+    assert load_config(path).train.amp == "off"
+    assert load_config(path, ["train.amp=fp16"]).train.amp == "fp16"
+    refused({"train": {"amp": "fp8"}}, "train.amp", "bf16", "fp16", "off")
+
+
+def test_finiteness_check_interval_and_price_must_be_positive():
+    refused({"train": {"check_finite_every": 0}}, "train.check_finite_every")
+    refused({"tracking": {"price_per_device_hour": -1}}, "tracking.price_per_device_hour")
+    assert build_config({"tracking": {"price_per_device_hour": 2.5}}).tracking.price_per_device_hour == 2.5
 
 
 def test_cifar_stem_only_for_resnets():

@@ -56,6 +56,9 @@ def test_lincls_full_and_fast_on_ray(ray_local, mlflow_uri, tmp_path):
     assert run.data.tags[tracking.PRETRAIN_RUN_TAG] == pretrain_id
     assert run.data.tags[tracking.INIT_TAG] == "pretrain"
     assert run.data.params["eval.lincls.lr"] == "1.0" and run.data.params["eval.lincls.dataset.dataset"] == "digits"
+    # compute accounting: 2 workers x 1 CPU for the fit's wall time
+    assert run.data.metrics[tracking.DEVICE_HOURS] == pytest.approx(run.data.metrics[tracking.WORKER_SECONDS] / 3600)
+    assert run.data.metrics[tracking.WORKER_SECONDS] > 2 * 5  # a Ray Train fit takes seconds on each worker
     pretrain = client.get_run(pretrain_id)
     assert pretrain.data.metrics["lincls_top1"] == pytest.approx(metrics["lincls_top1"])
     assert pretrain.data.tags["mocolab.lincls_run_id"] == metrics["run_id"]

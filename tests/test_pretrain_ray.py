@@ -53,6 +53,8 @@ def test_two_worker_run_lands_in_mlflow(ray_local, mlflow_uri, tmp_path):
         assert [m.step for m in client.get_metric_history(run_id, name)] == [1, 2], name
     assert 0 <= run.data.metrics["knn_top1"] <= 100
     assert run.data.metrics["throughput_img_s"] > 0
+    assert run.data.metrics[tracking.WORKER_SECONDS] > 2 * 5  # 2 workers for the fit's seconds
+    assert run.data.metrics[tracking.DEVICE_HOURS] == pytest.approx(run.data.metrics[tracking.WORKER_SECONDS] / 3600)
 
     artifacts = {a.path for a in client.list_artifacts(run_id)}
     assert {"config.yaml", "backbone.pt"} <= artifacts
@@ -80,7 +82,7 @@ def test_nonfinite_loss_stops_without_retry_and_keeps_last_good_checkpoint(ray_l
     trainer.train_loop_config[INJECT_NAN_KEY] = 2
     result = trainer.fit()  # returns: a retryable worker failure would have been retried, then raised
 
-    with pytest.raises(NonFiniteLossError, match="NaN/inf loss nan in epoch 2 at global step 4") as err:
+    with pytest.raises(NonFiniteLossError, match="NaN/inf loss in epoch 2 at global step 4") as err:
         finish_pretrain_run(cfg, run_id, result)
     assert str(result.checkpoint.path) in str(err.value)
     assert load_checkpoint(result.checkpoint.path)["epoch"] == 1

@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
-# GPU check of mocolab's MoCo step: fp32, bf16 autocast, and bf16 + channels_last against the plain fp32
-# reference loop (same process, interleaved), for ResNet-50 at 224 and the CIFAR demo's ResNet-18 at 32, plus the
-# torch.profiler breakdown (targets: bf16+cl >= 1.5x the reference at ResNet-50/224; momentum + queue update
-# <= 0.03 of the step). Installs nothing: needs python3 with torch and torchvision (no Ray, MLflow, pydantic).
+# GPU check of mocolab's own training step (mocolab.train.step.TrainStep on mocolab.moco.model.MoCo, what every
+# worker runs): fp32, bf16 autocast, fp16 autocast + GradScaler, and bf16 + channels_last against the plain fp32
+# reference loop (same process, interleaved, each ratio with its spread over the repetitions), for ResNet-50 at
+# 224 and the CIFAR demo's ResNet-18 at 32, plus the torch.profiler breakdown (targets: bf16+cl >= 1.5x the
+# reference at ResNet-50/224; momentum + queue update <= 0.03 of the step). Installs nothing: needs python3 with
+# torch and torchvision (no Ray, MLflow, pydantic).
 #
 #   platform/benchmarks/gpu_check.sh            # on a machine with a CUDA GPU (about 2 minutes)
 #   platform/benchmarks/gpu_check.sh --smoke    # tiny sizes on the CPU: checks that the script runs

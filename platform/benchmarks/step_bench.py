@@ -1,7 +1,9 @@
-"""Step benchmark that needs only torch + torchvision (no pydantic, Ray, MLflow, albumentations): mocolab's
-MoCo step in fp32, bf16 autocast, and bf16 + channels_last, against the fp32 reference loop, interleaved in one
-process, plus the torch.profiler breakdown of the bf16 step. Run by ``gpu_check.sh``; works from a plain
-checkout (it puts ``platform/`` on the import path itself).
+"""Step benchmark that needs only torch + torchvision (no pydantic, Ray, MLflow, albumentations): mocolab's own
+training step (``mocolab.train.step.TrainStep`` on ``mocolab.moco.model.MoCo``, what every worker runs) in fp32,
+bf16 autocast, fp16 autocast with its GradScaler, and bf16 + channels_last, against the fp32 reference loop,
+interleaved in one process, each ratio with its spread over the repetitions, plus the torch.profiler breakdown of
+the bf16 + channels_last step. Run by ``gpu_check.sh``; works from a plain checkout (it puts ``platform/`` on the
+import path itself).
 
     python platform/benchmarks/step_bench.py --device cuda --arch resnet50 --image-size 224 --batch-size 64
 """
@@ -18,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # platform/: impor
 import torch  # noqa: E402
 
 from mocolab.bench.profile import profile_step  # noqa: E402
-from mocolab.bench.report import format_table, format_value  # noqa: E402
+from mocolab.bench.report import format_spread, format_table, format_value  # noqa: E402
 from mocolab.bench.spec import StepSpec  # noqa: E402
 from mocolab.bench.step import REFERENCE, compare_steps  # noqa: E402
 
@@ -48,7 +50,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def variants(args: argparse.Namespace) -> dict[str, StepSpec]:
-    """The contenders: fp32 and bf16 autocast (contiguous), bf16 + channels_last (+ compiled when asked)."""
+    """The contenders: fp32, bf16 and fp16 autocast (contiguous), bf16 + channels_last (+ compiled when asked)."""
     base = StepSpec(
         arch=args.arch, image_size=args.image_size, batch_size=args.batch_size, cifar_stem=args.cifar_stem,
         bn=args.bn, bn_splits=args.bn_splits, dim=args.dim, queue_size=args.queue_size, momentum=args.momentum,
@@ -57,6 +59,7 @@ def variants(args: argparse.Namespace) -> dict[str, StepSpec]:
     specs = {
         "mocolab fp32": base,
         "mocolab bf16": base.replace(precision="bf16"),
+        "mocolab fp16": base.replace(precision="fp16"),
         "mocolab bf16+cl": base.replace(precision="bf16", channels_last=True),
     }
     if args.compile:
@@ -73,13 +76,17 @@ def main(argv: list[str] | None = None) -> int:
     first = next(iter(specs.values()))
     device_name = torch.cuda.get_device_name(args.device) if args.device.startswith("cuda") else "cpu"
     comparison = compare_steps(specs, steps=args.steps, repeats=args.repeats, warmup=args.warmup)
-    rows = [[name, format_value(rate), f"{comparison.ratio(name):.2f}x"] for name, rate in comparison.img_s.items()]
+    ratios = {name: comparison.ratio(name) for name in comparison.rates}
+    rows = [[name, format_value(rate), format_spread(ratios[name])] for name, rate in comparison.img_s.items()]
     title = (f"{first.arch}{'-cifar' if first.cifar_stem else ''}@{first.image_size} batch {first.batch_size} "
              f"K={first.queue_size} bn={first.bn} on {device_name}, torch {torch.__version__}")
     print(title)
-    print(format_table(rows, ["step", "img/s", f"vs {REFERENCE} fp32"]))
-    record = {"title": title, "img_s": comparison.img_s,
-              "ratio_vs_reference": {n: comparison.ratio(n) for n in comparison.img_s}}
+    print(format_table(rows, ["step", "img/s", f"vs {REFERENCE} fp32 [min, max] xrepeats"]))
+    noisy = [name for name, ratio in ratios.items() if ratio.noisy]
+    if noisy:
+        print(f"too noisy for a verdict on {', '.join(noisy)}: rerun with more --repeats or on a quiet machine")
+    record = {"title": title, "img_s": comparison.img_s, "ratio_vs_reference": {n: r.median for n, r in ratios.items()},
+              "spread": {n: r.as_dict() for n, r in ratios.items()}}
     if args.profile_steps > 0:
         fractions = profile_step(specs["mocolab bf16+cl"], steps=args.profile_steps, warmup=args.warmup)
         record["profile_bf16_cl"] = fractions

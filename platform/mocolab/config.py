@@ -171,7 +171,16 @@ class TrainConfig(_Section):
     sgd_momentum: float = Field(0.9, ge=0, lt=1)
     weight_decay: float = Field(1e-4, ge=0)
     seed: int = 0
-    amp: bool = False
+    amp: Literal["bf16", "fp16", "off"] = Field(
+        "off",
+        description="autocast precision of the step: bf16 (A100/H100, CPU), fp16 with a GradScaler (V100/T4), off = "
+        "fp32; YAML's false/off read as off",
+    )
+    check_finite_every: int = Field(
+        100, ge=1,
+        description="steps between checks that the loss stayed finite (one host read + all-reduce each, and at "
+        "every epoch end); a NaN/inf stops the run at the next check, naming the step where it first appeared",
+    )
     deterministic: bool = False
     checkpoint_every: int = Field(1, ge=1, description="epochs between checkpoints")
     keep_checkpoints: int = Field(2, ge=1)
@@ -183,7 +192,19 @@ class TrainConfig(_Section):
     )
     knn_k: int = Field(200, ge=1)
     knn_t: float = Field(0.1, gt=0)
+    knn_bank_images: Optional[int] = Field(
+        None, gt=0, description="kNN monitor: at most this many training images as its bank, evenly spaced (all: null)"
+    )
+    knn_test_images: Optional[int] = Field(
+        None, gt=0, description="kNN monitor: at most this many test images as its queries, evenly spaced (all: null)"
+    )
     max_failures: int = Field(0, ge=0, description="Ray Train FailureConfig retries of a failed worker group")
+
+    @field_validator("amp", mode="before")
+    @classmethod
+    def _yaml_off(cls, v: Any) -> Any:
+        """YAML reads ``off``/``false`` as False; ``true`` was the bf16 switch before train.amp named the precision."""
+        return {False: "off", True: "bf16"}.get(v, v) if isinstance(v, bool) else v
 
 
 class ScalingConfig(_Section):
@@ -222,6 +243,10 @@ class TrackingConfig(_Section):
     )
     system_metrics_interval_s: float = Field(
         10.0, ge=0, description="seconds between system-metric samples (CPU, memory, GPU) of a pretraining run; 0: off"
+    )
+    price_per_device_hour: Optional[float] = Field(
+        None, gt=0,
+        description="price of one device-hour (a GPU-hour with scaling.use_gpu, else a CPU-hour); runs then log cost",
     )
 
 
@@ -372,8 +397,6 @@ def check_run_rules(cfg: Config) -> None:
             "model.bn=sync uses torch.nn.SyncBatchNorm, which runs only on CUDA; set scaling.use_gpu=true "
             "or choose model.bn=shuffle|split|plain on CPU"
         )
-    if train.amp and not scaling.use_gpu:
-        raise ValueError("train.amp=true needs scaling.use_gpu=true (bf16 autocast on GPU); CPU runs fp32")
     if model.arch == "small_cnn" and model.cifar_stem:
         raise ValueError("model.cifar_stem applies to ResNets only; set it false for model.arch=small_cnn")
     if data.dataset in ("imagefolder", "cifar10", "folder") and data.root is None:

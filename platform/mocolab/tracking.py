@@ -16,11 +16,14 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional
 
 import yaml
 
+from mocolab import compute
 from mocolab.config import Config, ConfigError
 
 if TYPE_CHECKING:  # mlflow is imported where it is used: the names below import without it
@@ -68,6 +71,10 @@ DOWNSTREAM_METRICS = {STAGE_LINCLS: LINCLS_METRICS + LINCLS_FAST_METRICS, STAGE_
 """Headline metrics of each evaluation stage, copied onto the pretraining run."""
 HEADLINE_METRICS = (KNN_TOP1, "lincls_top1", "lincls_fast_top1", "lincls_top5", *DETECTION_METRICS)
 """What reports tabulate by default, first = primary."""
+WORKER_SECONDS, DEVICE_HOURS, COST = "worker_seconds", "device_hours", "cost"
+"""Compute accounting (``mocolab/compute.py``), step 0, on every pretraining and evaluation run at the end of each
+attempt (totals over its attempts) and on a sweep's parent run (totals over its trials and their evaluations);
+``cost`` only with ``tracking.price_per_device_hour``."""
 
 # --- artifacts ----------------------------------------------------------------------------------------
 CONFIG_ARTIFACT = "config.yaml"
@@ -237,14 +244,17 @@ def log_params(client: "MlflowClient", run_id: str, params: dict[str, str]) -> N
         client.log_batch(run_id, params=items[i : i + 100])
 
 
-def log_metrics(client: "MlflowClient", run_id: str, metrics: dict[str, float], step: int) -> None:
-    """Log numeric metrics at ``step`` in one call; None values are skipped."""
+def log_metrics(client: "MlflowClient", run_id: str, metrics: dict[str, float], step: int, wait: bool = True) -> Any:
+    """Log numeric metrics at ``step`` in one call; None values are skipped. With ``wait=False`` the call returns at
+    once and MLflow writes in a background thread: the result (``None`` if nothing was logged) has ``wait()``, which
+    must be called before the run's metrics are read elsewhere."""
     from mlflow.entities import Metric
 
     now = int(time.time() * 1000)
     batch = [Metric(k, float(v), now, step) for k, v in metrics.items() if v is not None]
     if batch:
-        client.log_batch(run_id, metrics=batch)
+        return client.log_batch(run_id, metrics=batch, synchronous=wait)
+    return None
 
 
 def log_config_artifact(client: "MlflowClient", run_id: str, cfg: Config) -> None:
@@ -458,3 +468,54 @@ def log_backbone_model(
             registered_model_name=register_as,
         )
     return info.model_uri
+def usage_of(run: "Run") -> compute.ComputeUsage:
+    """The compute a run has logged so far (zero if none)."""
+    metrics = run.data.metrics
+    return compute.ComputeUsage(metrics.get(WORKER_SECONDS, 0.0), metrics.get(DEVICE_HOURS, 0.0), metrics.get(COST))
+
+
+def log_usage(client: "MlflowClient", run_id: str, usage: compute.ComputeUsage) -> None:
+    log_metrics(client, run_id, {WORKER_SECONDS: usage.worker_seconds, DEVICE_HOURS: usage.device_hours,
+                                 COST: usage.cost}, step=0)
+
+
+@contextmanager
+def compute_recorded(cfg: Config, run_id: str, num_workers: int) -> Iterator[None]:
+    """Time the block (a Ray Train fit of ``num_workers`` workers of ``cfg.scaling``) and add its usage to run
+    ``run_id``'s totals, whether it ends, fails or is interrupted (if the block raised, a failure to log only
+    prints a warning, so that the block's own exception is the one raised)."""
+    started = time.monotonic()
+
+    def record() -> None:
+        attempt = compute.usage(
+            time.monotonic() - started, num_workers,
+            compute.devices_per_worker(cfg.scaling.use_gpu, cfg.scaling.cpus_per_worker),
+            cfg.tracking.price_per_device_hour,
+        )
+        client = mlflow_client(cfg.tracking.tracking_uri)
+        log_usage(client, run_id, usage_of(client.get_run(run_id)) + attempt)
+
+    try:
+        yield
+    except BaseException:
+        try:
+            record()
+        except Exception as err:  # mlflow raises its own exception types
+            print(f"[mocolab] could not log the compute of run {run_id}: {err}", file=sys.stderr, flush=True)
+        raise
+    record()
+
+
+def sweep_usage(uri: str, experiment: str, parent_run_id: str) -> compute.ComputeUsage:
+    """The compute of a sweep: its trials' pretraining runs and the evaluation runs of those."""
+    client = mlflow_client(uri)
+    trials = child_runs(uri, experiment, parent_run_id)
+    trial_ids = {run.info.run_id for run in trials}
+    exp = client.get_experiment_by_name(experiment)
+    evals = [
+        run for stage in (STAGE_LINCLS, STAGE_DETECTION)
+        for run in client.search_runs([exp.experiment_id], filter_string=f"tags.`{STAGE_TAG}` = '{stage}'",
+                                      max_results=50000)
+        if run.data.tags.get(PRETRAIN_RUN_TAG) in trial_ids
+    ] if exp is not None else []
+    return compute.total(usage_of(run) for run in [*trials, *evals])

@@ -1,4 +1,5 @@
-"""Matplotlib PNGs (Agg backend, no display): ablation curves, accuracy vs K per mechanism, learning curves."""
+"""Matplotlib PNGs (Agg backend, no display): ablation curves, accuracy vs K per mechanism, learning curves,
+accuracy vs device-hours."""
 
 from __future__ import annotations
 
@@ -66,6 +67,20 @@ def plot_learning_curves(history: pd.DataFrame, labels: dict[str, str], metric: 
     ax.set_xlabel("epoch")
     ax.set_ylabel(metric)
     if len(labels) <= 12:
+        ax.legend(fontsize="small")
+    ax.grid(alpha=0.3)
+    return _save(fig, path)
+
+
+def plot_accuracy_vs_device_hours(points: pd.DataFrame, metric: str, path: Path) -> Path:
+    """``metric`` against the device-hours of each run (``points``: columns ``device_hours``, ``metric``,
+    ``label``), one marker per run with its label: what each setting bought for its compute."""
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for label, rows in points.groupby("label", sort=True):
+        ax.scatter(rows["device_hours"], rows[metric], label=str(label))
+    ax.set_xlabel("device-hours (pretraining)")
+    ax.set_ylabel(metric)
+    if points["label"].nunique() <= 12:
         ax.legend(fontsize="small")
     ax.grid(alpha=0.3)
     return _save(fig, path)

@@ -18,8 +18,9 @@ from mocolab.tracking import REPORT_ARTIFACT_DIR
 
 
 def write_plots(s: summ.Summary, uri: str, out: Path) -> list[Path]:
-    """The summary's PNGs: the ablation curve (one swept parameter) or accuracy vs K (mechanisms), and
-    the learning curves of the primary metric where it has a per-epoch history."""
+    """The summary's PNGs: the ablation curve (one swept parameter) or accuracy vs K (mechanisms), the
+    learning curves of the primary metric where it has a per-epoch history, and the primary metric against
+    each run's device-hours where the runs logged them."""
     written = []
     if s.is_mechanism_comparison:
         written.append(plots.plot_accuracy_vs_k(s.table, s.primary, out / "accuracy_vs_k.png"))
@@ -30,6 +31,9 @@ def write_plots(s: summ.Summary, uri: str, out: Path) -> list[Path]:
     if history["step"].nunique() > 1:
         labels = {r["run_id"]: summ.run_label(r, [a for a in s.axes if a != K]) for _, r in s.runs.iterrows()}
         written.append(plots.plot_learning_curves(history, labels, s.primary, out / "learning_curves.png"))
+    points = summ.compute_points(s)
+    if not points.empty:
+        written.append(plots.plot_accuracy_vs_device_hours(points, s.primary, out / "accuracy_vs_device_hours.png"))
     return written
 
 

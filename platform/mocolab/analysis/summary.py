@@ -10,7 +10,7 @@ import pandas as pd
 
 from mocolab.analysis import tables
 from mocolab.analysis.tables import K, MECHANISM
-from mocolab.tracking import HEADLINE_METRICS
+from mocolab.tracking import DEVICE_HOURS, HEADLINE_METRICS
 
 
 @dataclass
@@ -85,6 +85,22 @@ def run_label(run: pd.Series, axes: Sequence[str]) -> str:
     if seed is not None:
         parts.append(f"seed={seed}")
     return " ".join(parts)
+
+
+def compute_points(summary: Summary) -> pd.DataFrame:
+    """One row per finished run that logged its device-hours and the primary metric: ``device_hours``, the metric,
+    and the run's ``label`` (its values of the summary's axes: the seeds of a setting share a label)."""
+    runs, metric = summary.runs, summary.primary
+    columns = [DEVICE_HOURS, metric, "label"]
+    if tables.metric_col(DEVICE_HOURS) not in runs or tables.metric_col(metric) not in runs:
+        return pd.DataFrame(columns=columns)
+    axes = [a for a in summary.axes if a != K]
+    points = pd.DataFrame({
+        DEVICE_HOURS: pd.to_numeric(runs[tables.metric_col(DEVICE_HOURS)]),
+        metric: pd.to_numeric(runs[tables.metric_col(metric)]),
+        "label": [" ".join(f"{a}={run.get(tables.param_col(a))}" for a in axes) or "runs" for _, run in runs.iterrows()],
+    })
+    return points.dropna(subset=[DEVICE_HOURS, metric]).reset_index(drop=True)
 
 
 def comparison(runs: pd.DataFrame, metrics: Optional[Sequence[str]] = None) -> pd.DataFrame:

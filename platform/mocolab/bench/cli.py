@@ -1,13 +1,16 @@
-"""``mocolab bench``: where a MoCo run's time goes, and how mocolab's step compares with a plain reference loop.
+"""``mocolab bench``: where a MoCo run's time goes, and how mocolab compares with what a user would run instead.
 
 Parts (``--what``, default all): ``step`` (mocolab's training step, images/s of one worker), ``reference``
-(the textbook loop side by side, and the ratio), ``data`` (one loader worker's decode + two-crop augment),
-``overhead`` (a real ``mocolab pretrain`` run's epoch throughput against the bare step in as many
-processes as workers), ``fixed`` (command start to first step; checkpoint save/load time and size),
-``profile`` (``torch.profiler`` breakdown of the step), ``shuffle`` (shuffle-BN's bytes per worker per step
-for 2 to 64 workers and its time on 2 and 4 gloo processes, all-gather against all-to-all). With no
-``--config`` it benchmarks the quickstart config on its bundled digits. Prints a table; ``--json`` writes the
-record, ``--mlflow`` logs it as a run tagged ``mocolab.stage=bench``.
+(the textbook loop side by side, and the ratio), ``data`` (one loader worker's decode + two-crop augment, timed
+in alternation with the step), ``launcher`` (whole epochs of a real ``mocolab pretrain`` run against the same
+config trained the official launcher's way, torch.multiprocessing spawn + DDP without Ray or MLflow, in
+alternating rounds; and one evaluation of the distributed kNN monitor), ``fixed`` (command start to first step;
+checkpoint save/load time and size), ``profile`` (``torch.profiler`` breakdown of the step), ``shuffle``
+(shuffle-BN's bytes per worker per step for 2 to 64 workers and its time on 2 and 4 gloo processes, all-gather
+against all-to-all). Every ratio comes with its spread over repetitions; where it is wider than +-5 % the table
+says the machine is too noisy instead of giving a verdict. With no ``--config`` it benchmarks the quickstart
+config on its bundled digits. Prints a table; ``--json`` writes the record, ``--mlflow`` logs it as a run tagged
+``mocolab.stage=bench``.
 """
 
 from __future__ import annotations
@@ -15,12 +18,13 @@ from __future__ import annotations
 import argparse
 import tempfile
 import time
+from statistics import median
 from pathlib import Path
 from typing import Any, Optional
 
 from mocolab.cli import add_overrides_argument
 
-PARTS = ("step", "reference", "data", "overhead", "fixed", "profile", "shuffle")
+PARTS = ("step", "reference", "data", "launcher", "fixed", "profile", "shuffle")
 
 
 def parse_parts(text: str) -> tuple[str, ...]:
@@ -41,17 +45,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="log the results to the config's MLflow store (run tagged mocolab.stage=bench)")
     parser.add_argument("--device", choices=("cpu", "cuda"), default=None,
                         help="device of the step benchmarks (default: cuda if available, else cpu)")
-    parser.add_argument("--precision", choices=("fp32", "bf16"), default=None,
-                        help="step precision (default: the config's: bf16 autocast on cuda with train.amp, else fp32)")
-    parser.add_argument("--steps", type=int, default=10, help="timed steps per repetition (default 10)")
+    parser.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default=None,
+                        help="step precision (default: the config's train.amp; off = fp32)")
+    parser.add_argument("--steps", type=int, default=10, help="timed steps (and data batches) per repetition (default 10)")
     parser.add_argument("--repeats", type=int, default=5,
-                        help="interleaved repetitions of step and reference; the median counts (default 5)")
+                        help="interleaved repetitions of step, reference and data; ratios per repetition (default 5)")
     parser.add_argument("--what", type=parse_parts, default=PARTS, metavar="PARTS",
                         help=f"comma-separated parts to run (default: all of {','.join(PARTS)})")
-    parser.add_argument("--epochs", type=int, default=2,
-                        help="epochs of the timed pretraining run of overhead/fixed; the last one counts (default 2)")
-    parser.add_argument("--data-images", type=int, default=512,
-                        help="images timed through the data pipeline (default 512)")
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="launcher: alternating rounds of a mocolab run and a launcher run (default 3)")
+    parser.add_argument("--epochs", type=int, default=3,
+                        help="epochs of each timed run of launcher/fixed; all but the first count (default 3)")
 
 
 def _check_args(args: argparse.Namespace) -> str:
@@ -60,9 +64,11 @@ def _check_args(args: argparse.Namespace) -> str:
 
     from mocolab.config import ConfigError
 
-    for name in ("steps", "repeats", "epochs", "data_images"):
+    for name in ("steps", "repeats", "rounds"):
         if getattr(args, name) < 1:
-            raise ConfigError(f"--{name.replace('_', '-')}={getattr(args, name)} must be >= 1")
+            raise ConfigError(f"--{name}={getattr(args, name)} must be >= 1")
+    if args.epochs < 2:
+        raise ConfigError(f"--epochs={args.epochs} must be >= 2 (the first epoch of a timed run is warm-up)")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("--device cuda: this machine has no CUDA device visible to torch; use --device cpu")
@@ -80,14 +86,13 @@ def step_spec(cfg, device: str, precision: Optional[str]):
         raise ConfigError(str(err)) from None
 
 
-def run_bench(cfg, spec, parts: tuple[str, ...], steps: int, repeats: int, epochs: int, data_images: int,
+def run_bench(cfg, spec, parts: tuple[str, ...], steps: int, repeats: int, rounds: int, epochs: int,
               workdir: Path) -> dict[str, Any]:
     """Run the chosen parts of the benchmark of ``spec`` (the step of ``cfg``) and return the JSON record
-    (``report.RESULT_KEYS`` plus the settings under ``settings``)."""
+    (``report.RESULT_KEYS``, the ratios' ``spread`` and the settings under ``settings``)."""
     import torch
 
-    from mocolab.bench.report import empty_result
-    from mocolab.bench.spec import spec_from_config
+    from mocolab.bench.report import empty_result, set_spread
 
     device = spec.device
     threads = torch.get_num_threads() if device == "cuda" else max(1, int(cfg.scaling.cpus_per_worker))
@@ -96,48 +101,39 @@ def run_bench(cfg, spec, parts: tuple[str, ...], steps: int, repeats: int, epoch
     result["settings"] = {**{k: getattr(spec, k) for k in spec.__dataclass_fields__}, "threads": threads,
                           "torch": torch.__version__, "parts": list(parts)}
 
-    if "step" in parts or "reference" in parts:
+    if {"step", "reference", "data"} & set(parts):
+        from mocolab.bench.data import data_contender
         from mocolab.bench.step import REFERENCE, compare_steps
 
-        comparison = compare_steps({"mocolab": spec}, with_reference="reference" in parts,
-                                   steps=steps, repeats=repeats, warmup=max(2, steps // 5))
+        extra = {"data": data_contender(cfg.data, cfg.train.batch_size, cfg.train.seed)} if "data" in parts else {}
+        comparison = compare_steps({"mocolab": spec}, with_reference="reference" in parts, steps=steps,
+                                   repeats=repeats, warmup=max(2, steps // 5), extra=extra)
         result["step_img_s"] = comparison.img_s["mocolab"]
-        result["reference_img_s"] = comparison.img_s.get(REFERENCE)
-        result["ratio_vs_reference"] = comparison.ratio("mocolab")
-    if "data" in parts:
-        from mocolab.bench.data import data_throughput
+        if "reference" in parts:
+            result["reference_img_s"] = comparison.img_s[REFERENCE]
+            set_spread(result, "ratio_vs_reference", comparison.ratio("mocolab"))
+        if "data" in parts:
+            result["data_img_s_per_worker"] = comparison.img_s["data"]
+            set_spread(result, "data_vs_step", comparison.ratio("data", over="mocolab"))
+    first_run = None
+    if "launcher" in parts:
+        from mocolab.bench.launcher import compare_with_launcher
 
-        result["data_img_s_per_worker"] = data_throughput(cfg.data, cfg.train.batch_size, data_images, cfg.train.seed)
-        if result["step_img_s"]:
-            result["data_vs_step"] = result["data_img_s_per_worker"] / result["step_img_s"]
-    if "overhead" in parts or "fixed" in parts:
-        from mocolab.bench.overhead import (
-            concurrent_step_throughput,
-            platform_overhead,
-            run_timed_pretrain,
-            serial_data_throughput,
-        )
-        from mocolab.data.datasets import resolve_loader_workers
-
-        times = run_timed_pretrain(cfg, workdir / "pretrain", epochs=epochs)
-        result["startup_s"] = times.startup_s
-        if "overhead" in parts:
-            run_device = "cuda" if cfg.scaling.use_gpu else "cpu"
-            bare_spec = spec_from_config(cfg, run_device)
-            result["epoch_img_s"] = times.epoch_img_s[-1]
-            result["bare_img_s"] = concurrent_step_throughput(
-                bare_spec, processes=cfg.scaling.num_workers, threads=max(1, int(cfg.scaling.cpus_per_worker)),
-                steps=steps, repeats=max(1, repeats // 2),
-            )
-            result["platform_overhead"] = platform_overhead(result["epoch_img_s"], result["bare_img_s"])
-            if result["data_img_s_per_worker"] and resolve_loader_workers(cfg.data, cfg.scaling.cpus_per_worker) == 0:
-                serial = serial_data_throughput(
-                    result["bare_img_s"], result["data_img_s_per_worker"], cfg.scaling.num_workers
-                )
-                result["overhead_excl_data"] = platform_overhead(result["epoch_img_s"], serial)
+        launcher = compare_with_launcher(cfg, epochs, rounds, workdir / "launcher")
+        first_run = launcher.mocolab[0]
+        result["epoch_img_s"] = median([m.epochs.img_s for m in launcher.mocolab])
+        result["launcher_img_s"] = median([b.epochs.img_s for b in launcher.launcher])
+        set_spread(result, "epoch_ratio_vs_launcher", launcher.epoch_ratio())
+        set_spread(result, "loop_ratio_vs_launcher", launcher.loop_ratio())
+        result["between_epochs_s"] = median([m.epochs.between_epochs_s for m in launcher.mocolab])
+        result["launcher_between_epochs_s"] = median([b.epochs.between_epochs_s for b in launcher.launcher])
+        result["knn_s"] = median([b.knn_s for b in launcher.launcher])
+        set_spread(result, "knn_vs_epoch", launcher.knn_vs_epoch())
     if "fixed" in parts:
         from mocolab.bench.fixed import checkpoint_cost
+        from mocolab.bench.pretrain_run import run_timed_pretrain
 
+        result["startup_s"] = (first_run or run_timed_pretrain(cfg, workdir / "pretrain", epochs=epochs)).startup_s
         cost = checkpoint_cost(spec, cfg.model_dump(mode="json"), directory=workdir)
         result.update(checkpoint_save_s=cost.save_s, checkpoint_load_s=cost.load_s, checkpoint_mb=cost.size_mb)
     if "profile" in parts:
@@ -176,7 +172,7 @@ def main(args: argparse.Namespace) -> int:
     cfg = load_config(args.config or QUICKSTART_CONFIG, args.overrides)
     spec = step_spec(cfg, device, args.precision)
     with tempfile.TemporaryDirectory(prefix="mocolab-bench-") as tmp:
-        result = run_bench(cfg, spec, args.what, args.steps, args.repeats, args.epochs, args.data_images, Path(tmp))
+        result = run_bench(cfg, spec, args.what, args.steps, args.repeats, args.rounds, args.epochs, Path(tmp))
         result["settings"]["config"] = str(args.config or QUICKSTART_CONFIG)
         result["settings"]["bench_wall_s"] = time.time() - started
         print(f"mocolab bench: {result['settings']['config']} ({device}, {result['settings']['threads']} threads)")

@@ -1,5 +1,5 @@
 """Data pipeline throughput: images/s one DataLoader worker process turns out (decode, two-crop augment,
-collate), compared with what the step consumes.
+collate), timed in alternation with the step it feeds.
 
 Measured in this process with one thread for torch and OpenCV, like a DataLoader worker (torch gives each
 worker one thread; OpenCV is pinned here as well so that the number is per worker process, not per machine).
@@ -7,9 +7,9 @@ worker one thread; OpenCV is pinned here as well so that the number is per worke
 
 from __future__ import annotations
 
-import time
+import sys
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Iterator
 
 import cv2
 import torch
@@ -31,22 +31,17 @@ def single_threaded() -> Iterator[None]:
         cv2.setNumThreads(cv2_threads)
 
 
-def data_throughput(data_cfg, batch_size: int, images: int = 512, seed: int = 0) -> float:
-    """Images/s of ``data_cfg``'s pretraining pipeline in one worker process: ``images`` random training
-    images (at least one batch) decoded, augmented twice and collated, after one untimed warm-up batch."""
+def data_contender(data_cfg, batch_size: int, seed: int = 0) -> Callable[[], object]:
+    """A callable that loads one batch of ``batch_size`` random training images of ``data_cfg``'s pretraining
+    pipeline (decode, two crops, collate) on one thread, for ``timing.interleaved_rates``."""
     dataset = build_pretrain_dataset(data_cfg)
-    sampler = RandomSampler(dataset, replacement=True, num_samples=images + batch_size,
+    sampler = RandomSampler(dataset, replacement=True, num_samples=sys.maxsize,
                             generator=torch.Generator().manual_seed(seed))
-    loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=0,
-                        collate_fn=collate_skip_corrupt, drop_last=True)
-    with single_threaded():
-        batches = iter(loader)
-        next(batches)  # warm-up: first-call allocations, lazy imports
-        count = 0
-        start = time.perf_counter()
-        for batch, skipped in batches:
-            count += batch[0].shape[0] + skipped
-        seconds = time.perf_counter() - start
-    if count == 0:
-        raise ValueError(f"images={images} is below one batch of {batch_size}; time more images")
-    return count / seconds
+    batches = iter(DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=0,
+                              collate_fn=collate_skip_corrupt, drop_last=True))
+
+    def load_batch() -> object:
+        with single_threaded():
+            return next(batches)
+
+    return load_batch

@@ -1,8 +1,8 @@
-"""Fixed costs of a run besides start-up (see ``overhead.py``): checkpoint save and load time and size.
+"""Fixed costs of a run besides start-up (see ``pretrain_run.py``): checkpoint save and load time and size.
 
-The checkpoint holds what the training loop saves (ARCHITECTURE.md: both encoders, heads, queue and
-pointer, optimizer with its momentum buffers, scheduler, counters, RNG state, config), written and read
-with ``train/checkpoint.py`` itself.
+The checkpoint holds what the training loop saves (ARCHITECTURE.md: both encoders, heads, queue and pointer,
+optimizer with its momentum buffers, fp16 loss scaler, scheduler, counters, RNG state, config), written and
+read with ``train/checkpoint.py`` itself.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from mocolab.bench.spec import StepSpec
-from mocolab.bench.step import build_model, make_optimizer, mocolab_step_fn
+from mocolab.bench.step import synthetic_batch, train_step
 from mocolab.train.checkpoint import CHECKPOINT_FILE, capture_rng_state, load_checkpoint, save_checkpoint
 
 
@@ -29,14 +29,14 @@ class CheckpointCost:
 
 def training_state(spec: StepSpec, config: dict[str, Any]) -> dict[str, Any]:
     """A checkpoint dict with the training loop's contents after one step of ``spec`` (optimizer buffers set)."""
-    model = build_model(spec)
-    optimizer = make_optimizer(model, spec)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
-    mocolab_step_fn(model, optimizer, spec)()
+    step = train_step(spec)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(step.optimizer, lambda _: 1.0)
+    step(*synthetic_batch(spec))
     scheduler.step()
     return {
-        "model": model.state_dict(),
-        "optimizer": optimizer.state_dict(),
+        "model": step.model.state_dict(),
+        "optimizer": step.optimizer.state_dict(),
+        "scaler": step.scaler.state_dict(),
         "scheduler": scheduler.state_dict(),
         "epoch": 1,
         "global_step": 1,

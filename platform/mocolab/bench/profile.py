@@ -17,8 +17,9 @@ from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile, record_function
 
 from mocolab.bench.spec import StepSpec
-from mocolab.bench.step import BACKWARD_RANGE, OPTIMIZER_RANGE, build_model, make_optimizer, mocolab_step_fn
+from mocolab.bench.step import mocolab_contender
 from mocolab.moco.model import PHASES
+from mocolab.train.step import BACKWARD_RANGE, OPTIMIZER_RANGE
 
 STEP_RANGE = "mocolab.step"
 
@@ -62,8 +63,7 @@ def phase_fractions(events: Iterable[Any], cuda: bool) -> dict[str, float]:
 def profile_step(spec: StepSpec, steps: int = 5, warmup: int = 3) -> dict[str, float]:
     """Profile ``steps`` steps of mocolab's step for ``spec`` after ``warmup`` untimed ones; the phase fractions
     and ``momentum_queue_fraction`` (momentum update + queue update, the issue's <= 0.03 target)."""
-    model = build_model(spec)
-    step = mocolab_step_fn(model, make_optimizer(model, spec), spec)
+    step = mocolab_contender(spec)
     for _ in range(warmup):
         step()
     cuda = torch.device(spec.device).type == "cuda"

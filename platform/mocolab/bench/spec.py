@@ -15,8 +15,9 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any, Literal, Optional
 
-Precision = Literal["fp32", "bf16"]
-PRECISIONS = ("fp32", "bf16")
+Precision = Literal["fp32", "bf16", "fp16"]
+PRECISIONS = ("fp32", "bf16", "fp16")
+AMP_OF_PRECISION = {"fp32": "off", "bf16": "bf16", "fp16": "fp16"}  # precision -> train.amp
 BN_MODES = ("shuffle", "split", "plain")
 
 
@@ -38,7 +39,7 @@ class StepSpec:
     lr: float = 0.03
     sgd_momentum: float = 0.9
     weight_decay: float = 1e-4
-    precision: Precision = "fp32"
+    precision: Precision = "fp32"  # fp32, or autocast to bf16 / fp16 (with a GradScaler) as train.amp does
     channels_last: bool = False
     compile: bool = False
     device: str = "cpu"
@@ -55,12 +56,17 @@ class StepSpec:
     def replace(self, **changes: Any) -> "StepSpec":
         return dataclasses.replace(self, **changes)
 
+    @property
+    def amp(self) -> str:
+        """The ``train.amp`` value of this precision."""
+        return AMP_OF_PRECISION[self.precision]
+
 
 def spec_from_config(cfg, device: str, precision: Optional[str] = None) -> StepSpec:
     """The step one worker of ``cfg`` runs, on ``device``. ``precision`` defaults to what the training loop
-    runs: bf16 autocast on CUDA with ``train.amp``, else fp32. ``model.bn=shuffle`` becomes one worker's share
-    of it; ``sync`` (BN statistics over all workers, no shuffle) becomes plain BN. Raises ValueError for
-    settings the benchmark does not cover."""
+    runs: ``train.amp`` (off = fp32). ``model.bn=shuffle`` becomes one worker's share of it; ``sync`` (BN
+    statistics over all workers, no shuffle) becomes plain BN. Raises ValueError for settings the benchmark does
+    not cover."""
     if cfg.moco.mechanism != "moco" or cfg.moco.symmetric:
         raise ValueError(
             f"the step benchmark covers moco.mechanism=moco with moco.symmetric=false (the reference loop's "
@@ -68,9 +74,7 @@ def spec_from_config(cfg, device: str, precision: Optional[str] = None) -> StepS
         )
     cuda = device.startswith("cuda")
     if precision is None:
-        precision = "bf16" if cuda and cfg.train.amp else "fp32"
-    if precision == "bf16" and not cuda:
-        raise ValueError("precision bf16 is for CUDA devices (autocast on GPU); use fp32 with --device cpu")
+        precision = {amp: name for name, amp in AMP_OF_PRECISION.items()}[cfg.train.amp]
     bn = {"sync": "plain"}.get(cfg.model.bn, cfg.model.bn)
     splits = cfg.model.bn_splits if bn == "split" else 1
     channels_last = cuda if cfg.model.channels_last is None else cfg.model.channels_last

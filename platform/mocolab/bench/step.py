@@ -1,10 +1,10 @@
 """Step throughput: mocolab's MoCo training step against the plain reference loop, side by side.
 
-mocolab's step is what ``train/pretrain.py`` runs per batch: ``MoCo.forward`` (query forward, fused
-momentum update, key forward with shuffle-BN, InfoNCE, enqueue) under bf16 autocast when asked,
-``zero_grad(set_to_none=True)``, backward, SGD step. Inputs are fixed synthetic crops already on the
-device, so data loading is excluded (``data.py`` times it); the loop's per-step loss all-reduce and
-finiteness check, like the gradient all-reduce, are platform costs (``overhead.py``). Torch only.
+mocolab's step is the training loop's own :class:`~mocolab.train.step.TrainStep`: ``MoCo.forward`` (query forward,
+fused momentum update, key forward with shuffle-BN, InfoNCE, enqueue) under the spec's autocast precision,
+``zero_grad(set_to_none=True)``, backward (GradScaler for fp16), SGD step. Inputs are fixed synthetic crops
+already on the device, so data loading is excluded (``data.py`` times it); the gradient all-reduce and the rest
+of a real epoch are compared with a plain DDP launcher in ``launcher.py``. Torch only.
 """
 
 from __future__ import annotations
@@ -14,20 +14,19 @@ from dataclasses import dataclass
 from typing import Optional
 
 import torch
-from torch.profiler import record_function
 
 from mocolab.bench.reference import ReferenceMoCo, reference_step_fn
 from mocolab.bench.spec import StepSpec
-from mocolab.bench.timing import interleaved_throughput
+from mocolab.bench.spread import Spread
+from mocolab.bench.timing import interleaved_rates
 from mocolab.moco.backbones import make_backbone
 from mocolab.moco.mechanisms import build_dictionary
 from mocolab.moco.mechanisms.base import DictionarySettings
 from mocolab.moco.model import Encoder, MoCo
+from mocolab.train.step import TrainStep, make_optimizer
 
-StepFn = Callable[[], torch.Tensor]
+StepFn = Callable[[], object]
 REFERENCE = "reference"
-BACKWARD_RANGE = "mocolab.backward"
-OPTIMIZER_RANGE = "mocolab.optimizer_step"
 
 
 def build_model(spec: StepSpec) -> MoCo:
@@ -57,29 +56,19 @@ def synthetic_batch(spec: StepSpec) -> tuple[torch.Tensor, torch.Tensor, torch.T
     return im_q, im_k, torch.arange(spec.batch_size, device=spec.device)
 
 
-def make_optimizer(model: MoCo, spec: StepSpec) -> torch.optim.Optimizer:
-    params = [p for p in model.parameters() if p.requires_grad]
-    return torch.optim.SGD(params, lr=spec.lr, momentum=spec.sgd_momentum, weight_decay=spec.weight_decay)
+def train_step(spec: StepSpec) -> TrainStep:
+    """The training loop's step (model, SGD, autocast, fp16 GradScaler) for ``spec``."""
+    model = build_model(spec)
+    params = (p for p in model.parameters() if p.requires_grad)
+    optimizer = make_optimizer(params, spec.lr, spec.sgd_momentum, spec.weight_decay, spec.amp)
+    return TrainStep(model, optimizer, spec.amp, torch.device(spec.device).type)
 
 
-def mocolab_step_fn(model: MoCo, optimizer: torch.optim.Optimizer, spec: StepSpec) -> StepFn:
-    """One training step of ``model`` on the spec's synthetic batch, as the training loop runs it (backward and
-    optimizer step marked as profiler ranges for ``profile.py``)."""
-    im_q, im_k, index = synthetic_batch(spec)
-    device_type = torch.device(spec.device).type
-    use_bf16 = spec.precision == "bf16"
-
-    def step() -> torch.Tensor:
-        with torch.autocast(device_type=device_type, dtype=torch.bfloat16, enabled=use_bf16):
-            loss = model(im_q, im_k, index).loss
-        with record_function(BACKWARD_RANGE):
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-        with record_function(OPTIMIZER_RANGE):
-            optimizer.step()
-        return loss.detach()
-
-    return step
+def mocolab_contender(spec: StepSpec) -> StepFn:
+    """One training step of mocolab's model on the spec's synthetic batch, as the training loop runs it."""
+    step = train_step(spec)
+    batch = synthetic_batch(spec)
+    return lambda: step(*batch)
 
 
 def reference_contender(spec: StepSpec) -> StepFn:
@@ -95,37 +84,41 @@ def reference_contender(spec: StepSpec) -> StepFn:
     return lambda: step(im_q, im_k)
 
 
-def mocolab_contender(spec: StepSpec) -> StepFn:
-    model = build_model(spec)
-    return mocolab_step_fn(model, make_optimizer(model, spec), spec)
-
-
 @dataclass(frozen=True)
 class StepComparison:
-    """Median images/s of each contender (mocolab specs by name, and ``reference``) on one device."""
+    """Images/s of each contender (mocolab specs by name, ``reference``, extras) on one device, per repetition."""
 
-    img_s: dict[str, float]
+    rates: dict[str, list[float]]
     batch_size: int
 
-    def ratio(self, name: str) -> Optional[float]:
-        """Throughput of ``name`` over the reference's (a fraction: 1.2 = 20% faster)."""
-        if REFERENCE not in self.img_s:
+    @property
+    def img_s(self) -> dict[str, float]:
+        """Median images/s of each contender."""
+        return {name: Spread.of(values).median for name, values in self.rates.items()}
+
+    def ratio(self, name: str, over: str = REFERENCE) -> Optional[Spread]:
+        """Throughput of ``name`` over ``over``'s, per repetition (fractions: 1.2 = 20% faster), or None if ``over``
+        did not run. Both ran in every repetition, back to back, so each repetition's ratio is a fair pair."""
+        if over not in self.rates:
             return None
-        return self.img_s[name] / self.img_s[REFERENCE]
+        return Spread.of([a / b for a, b in zip(self.rates[name], self.rates[over])])
 
 
 def compare_steps(
-    specs: Mapping[str, StepSpec], with_reference: bool = True, steps: int = 10, repeats: int = 5, warmup: int = 3
+    specs: Mapping[str, StepSpec], with_reference: bool = True, steps: int = 10, repeats: int = 5, warmup: int = 3,
+    extra: Optional[Mapping[str, StepFn]] = None,
 ) -> StepComparison:
-    """Time mocolab's step for each spec (and the reference loop for the first spec's sizes) in this process,
-    interleaved, and return the median throughputs. All specs must share device and batch size."""
+    """Time mocolab's step for each spec, the reference loop for the first spec's sizes and the ``extra``
+    contenders (each call handles one batch of the specs' batch size) in this process, interleaved. All specs must
+    share device and batch size."""
     first = next(iter(specs.values()))
     if any(s.device != first.device or s.batch_size != first.batch_size for s in specs.values()):
         raise ValueError("compare_steps: every spec must use the same device and batch size")
     contenders: dict[str, StepFn] = {name: mocolab_contender(spec) for name, spec in specs.items()}
     if with_reference:
         contenders[REFERENCE] = reference_contender(first)
-    rates = interleaved_throughput(
+    contenders.update(extra or {})
+    rates = interleaved_rates(
         contenders, first.batch_size, steps=steps, repeats=repeats, warmup=warmup, device=torch.device(first.device)
     )
     return StepComparison(rates, first.batch_size)

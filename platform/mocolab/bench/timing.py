@@ -1,12 +1,11 @@
-"""Fair wall-clock timing of step functions: warm-up, then interleaved repetitions, median throughput.
+"""Fair wall-clock timing: warm-up, then interleaved repetitions whose every value is kept.
 
 Repetitions alternate the order of the contenders (A B, B A, ...) so that drift in machine load (other
-processes, thermal state) hits both alike; the median over repetitions discards outliers.
+processes, thermal state) hits both alike; ``spread.Spread`` summarises the values.
 """
 
 from __future__ import annotations
 
-import statistics
 import time
 from collections.abc import Callable, Mapping
 
@@ -29,16 +28,16 @@ def time_steps(step: Callable[[], object], steps: int, device: torch.device) -> 
     return time.perf_counter() - start
 
 
-def interleaved_throughput(
+def interleaved_rates(
     contenders: Mapping[str, Callable[[], object]],
     images_per_step: int,
     steps: int,
     repeats: int,
     warmup: int,
     device: torch.device,
-) -> dict[str, float]:
-    """Median images/s of each contender over ``repeats`` alternating rounds of ``steps`` steps each,
-    after ``warmup`` untimed steps of each."""
+) -> dict[str, list[float]]:
+    """Images/s of each contender in each of ``repeats`` alternating rounds of ``steps`` steps, after ``warmup``
+    untimed steps of each."""
     if steps < 1 or repeats < 1 or warmup < 0:
         raise ValueError(f"steps={steps} and repeats={repeats} must be >= 1 and warmup={warmup} >= 0")
     names = list(contenders)
@@ -49,4 +48,4 @@ def interleaved_throughput(
         for name in names if r % 2 == 0 else reversed(names):
             seconds = time_steps(contenders[name], steps, device)
             rates[name].append(images_per_step * steps / seconds)
-    return {name: statistics.median(values) for name, values in rates.items()}
+    return rates

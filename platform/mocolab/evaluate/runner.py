@@ -38,8 +38,8 @@ def run_eval(
     num_workers: int,
     headline: tuple[str, ...],
 ) -> dict[str, Any]:
-    """Fit ``loop`` on ``num_workers`` Ray Train workers, log the metrics rank 0 returns to a new
-    ``stage`` run, copy the ``headline`` ones onto the pretraining run. Returns the metrics and ``run_id``."""
+    """Fit ``loop`` on ``num_workers`` Ray Train workers, log the metrics rank 0 returns and the fit's compute to a
+    new ``stage`` run, copy the ``headline`` ones onto the pretraining run. Returns the metrics and ``run_id``."""
     from mocolab.runtime import ensure_ray, torch_trainer
 
     uri = cfg.tracking.tracking_uri
@@ -56,11 +56,12 @@ def run_eval(
         run_name=f"{run_name}-{run_id[:8]}",
         num_workers=num_workers,
     )
-    try:
-        result = trainer.fit()
-    except BaseException:
-        tracking.end_run(uri, run_id, status="FAILED")
-        raise
+    with tracking.compute_recorded(cfg, run_id, num_workers):
+        try:
+            result = trainer.fit()
+        except BaseException:
+            tracking.end_run(uri, run_id, status="FAILED")
+            raise
     metrics = {k: float(v) for k, v in (result.return_value or {}).items()}
     client = tracking.client_for(uri)
     tracking.log_metrics(client, run_id, metrics, step=0)

@@ -3,23 +3,60 @@
 Features are L2-normalised; each test image takes the ``k`` training images of highest cosine
 similarity, weights each by ``exp(sim / t)`` and votes for their classes. Features are computed batch
 by batch from the loaders, so no second copy of the images is held, only the feature bank.
+
+On several workers (an initialised process group) every rank embeds its rank-strided shard of the bank and of
+the test split (:func:`shard`): the bank is all-gathered back into the single-rank order, each rank classifies
+its own test images against the whole bank, and the correct counts are summed, so the accuracy is the one a
+single rank computes over both splits, in ``1 / world`` of the time. :func:`evenly_spaced` subsamples a split
+(``train.knn_bank_images``, ``train.knn_test_images``) for datasets too large to embed every epoch.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Iterable, Optional
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
+
+from mocolab.moco.distributed import gather_all, world_size
+
+
+def evenly_spaced(n: int, limit: Optional[int]) -> list[int]:
+    """``limit`` indices of ``range(n)`` spread evenly from the first (all of them when ``limit`` is None or >= n),
+    so that a class-ordered split keeps its class balance."""
+    if limit is None or limit >= n:
+        return list(range(n))
+    return [i * n // limit for i in range(limit)]
+
+
+def shard(indices: Sequence[int], rank: int, world: int) -> list[int]:
+    """Rank ``rank``'s share of ``indices``: every ``world``-th one from position ``rank`` (sizes differ by <= 1)."""
+    return list(indices[rank::world])
+
+
+def gather_shards(x: torch.Tensor) -> torch.Tensor:
+    """Undo :func:`shard` on per-item rows: every rank passes the rows of its shard, every rank gets all rows in
+    the original order (``x`` itself on one worker)."""
+    world = world_size()
+    if world == 1:
+        return x
+    counts = gather_all(torch.tensor([x.shape[0]], device=x.device))
+    rows, total = int(counts.max()), int(counts.sum())
+    padded = x.new_zeros((rows, *x.shape[1:]))
+    padded[: x.shape[0]] = x
+    by_rank = gather_all(padded).view(world, rows, *x.shape[1:])
+    return by_rank.transpose(0, 1).reshape(world * rows, *x.shape[1:])[:total]
 
 
 @torch.no_grad()
 def extract_features(
     backbone: nn.Module, loader: Iterable, device: Optional[torch.device] = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """L2-normalised features ``[N, D]`` and labels ``[N]`` of every ``(image, label)`` batch of ``loader``
-    (``None`` batches, whose images were all skipped as corrupt, are passed over).
+    """L2-normalised fp32 features ``[N, D]`` and labels ``[N]`` of every ``(image, label)`` batch of ``loader``, on
+    ``device`` (``None`` batches, whose images were all skipped as corrupt, are passed over).
 
     The backbone runs in eval mode; its previous mode is restored afterwards."""
     was_training = backbone.training
@@ -31,9 +68,9 @@ def extract_features(
                 continue
             images, targets = batch
             if device is not None:
-                images = images.to(device, non_blocking=True)
-            feats.append(F.normalize(backbone(images).float(), dim=1).cpu())
-            labels.append(targets.cpu())
+                images, targets = images.to(device, non_blocking=True), targets.to(device, non_blocking=True)
+            feats.append(F.normalize(backbone(images).float(), dim=1))
+            labels.append(targets)
     finally:
         backbone.train(was_training)
     if not feats:
@@ -60,6 +97,25 @@ def knn_predict(
     return votes.argmax(dim=1)
 
 
+def knn_correct(
+    bank: torch.Tensor,
+    bank_labels: torch.Tensor,
+    queries: torch.Tensor,
+    labels: torch.Tensor,
+    k: int,
+    t: float,
+    chunk: int = 1024,
+) -> int:
+    """How many ``queries`` :func:`knn_predict` classifies as ``labels``, in chunks of ``chunk`` rows. Classes the
+    bank lacks can never be predicted, so the bank's labels alone size the vote."""
+    num_classes = int(bank_labels.max()) + 1
+    correct = 0
+    for start in range(0, queries.shape[0], chunk):
+        pred = knn_predict(queries[start : start + chunk], bank, bank_labels, num_classes, k, t)
+        correct += int((pred == labels[start : start + chunk]).sum())
+    return correct
+
+
 def knn_accuracy(
     train_feats: torch.Tensor,
     train_labels: torch.Tensor,
@@ -69,14 +125,8 @@ def knn_accuracy(
     t: float,
     chunk: int = 1024,
 ) -> float:
-    """Top-1 accuracy in percent (0-100, as in the paper) of :func:`knn_predict` over the test
-    features, classified in chunks of ``chunk`` rows."""
-    num_classes = int(max(train_labels.max(), test_labels.max())) + 1
-    correct = 0
-    for start in range(0, test_feats.shape[0], chunk):
-        pred = knn_predict(test_feats[start : start + chunk], train_feats, train_labels, num_classes, k, t)
-        correct += int((pred == test_labels[start : start + chunk]).sum())
-    return 100.0 * correct / test_feats.shape[0]
+    """Top-1 accuracy in percent (0-100, as in the paper) of :func:`knn_predict` over the test features."""
+    return 100.0 * knn_correct(train_feats, train_labels, test_feats, test_labels, k, t, chunk) / test_feats.shape[0]
 
 
 def knn_top1(
@@ -87,7 +137,15 @@ def knn_top1(
     t: float,
     device: Optional[torch.device] = None,
 ) -> float:
-    """Weighted kNN top-1 accuracy in percent of ``backbone``'s features: bank = train split, queries = test split."""
-    train_feats, train_labels = extract_features(backbone, train_loader, device)
-    test_feats, test_labels = extract_features(backbone, test_loader, device)
-    return knn_accuracy(train_feats, train_labels, test_feats, test_labels, k, t)
+    """Weighted kNN top-1 accuracy in percent of ``backbone``'s features: bank = train split, queries = test split.
+
+    Under a process group every rank calls it with loaders over its :func:`shard` of each split and the same
+    backbone (weights and BN statistics); all ranks return the single-rank accuracy."""
+    bank, bank_labels = (gather_shards(x) for x in extract_features(backbone, train_loader, device))
+    queries, labels = extract_features(backbone, test_loader, device)
+    counts = torch.tensor([knn_correct(bank, bank_labels, queries, labels, k, t), labels.shape[0]],
+                          dtype=torch.long, device=queries.device)
+    if world_size() > 1:
+        dist.all_reduce(counts)
+    correct, total = counts.tolist()
+    return 100.0 * correct / total

@@ -79,13 +79,15 @@ def backbone_module(cfg: Config, weights: Path):
 def fit_pretrain(cfg: Config, run_id: str, callbacks: Sequence[Any] = ()) -> None:
     """Pretrain on Ray into MLflow run ``run_id`` and finish the run (see :func:`finish_pretrain_run`).
 
-    An interrupted fit leaves the run KILLED, a failed one FAILED."""
-    try:
-        result = build_trainer(cfg, run_id, callbacks).fit()
-    except KeyboardInterrupt:
-        tracking.end_run(cfg.tracking.tracking_uri, run_id, status="KILLED")
-        raise
-    except Exception:
-        tracking.end_run(cfg.tracking.tracking_uri, run_id, status="FAILED")
-        raise
+    An interrupted fit leaves the run KILLED, a failed one FAILED; either way the fit's compute is added to the
+    run's ``worker_seconds`` / ``device_hours`` (/ ``cost``)."""
+    with tracking.compute_recorded(cfg, run_id, cfg.scaling.num_workers):
+        try:
+            result = build_trainer(cfg, run_id, callbacks).fit()
+        except KeyboardInterrupt:
+            tracking.end_run(cfg.tracking.tracking_uri, run_id, status="KILLED")
+            raise
+        except Exception:
+            tracking.end_run(cfg.tracking.tracking_uri, run_id, status="FAILED")
+            raise
     finish_pretrain_run(cfg, run_id, result)

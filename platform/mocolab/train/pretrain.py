@@ -1,21 +1,22 @@
 """The MoCo pretraining loop run by every Ray Train worker (Ray Train V2 API).
 
-Per epoch, every rank trains on its shard (DistributedSampler, drop_last), the mean loss is all-reduced,
-rank 0 shows a progress bar over the epoch's steps (:mod:`mocolab.console`), evaluates the weighted kNN
-monitor on its labeled data (:attr:`Config.knn_data`; train split as the bank, test split as queries: done on
-rank 0 only so that the other ranks need no extra loaders; they wait at ``ray.train.report``), logs the epoch to
-MLflow, prints the epoch line and, every ``train.checkpoint_every`` epochs, hands a checkpoint to
-``ray.train.report``. A run restarted by Ray (FailureConfig) or relaunched under the same name resumes
-from ``ray.train.get_checkpoint()``: model (queue, pointer, both encoders), optimizer, scheduler, epoch,
-global step and every rank's RNG state. If that checkpoint cannot be loaded, the run resumes from the newest
-other one of the run that loads (``train/resume.py``), and rank 0 records the fallback in the MLflow tag
+Per epoch, every rank trains on its shard (DistributedSampler, drop_last) with :class:`~mocolab.train.step.TrainStep`
+(no host read inside the step), rank 0 shows a progress bar over the epoch's steps (:mod:`mocolab.console`), the
+mean loss is all-reduced once at the end, every rank embeds its shard of the kNN monitor's labeled data
+(:attr:`Config.knn_data`; ``train/knn.py``: the bank all-gathered, the correct counts summed), rank 0 logs the
+epoch to MLflow, prints the epoch line and, every ``train.checkpoint_every`` epochs, hands a checkpoint to
+``ray.train.report``. A run restarted by Ray (FailureConfig) or relaunched under the same name resumes from
+``ray.train.get_checkpoint()``: model (queue, pointer, both encoders), optimizer, fp16 loss scaler, scheduler,
+epoch, global step and every rank's RNG state. If that checkpoint cannot be loaded, the run resumes from the
+newest other one of the run that loads (``train/resume.py``), and rank 0 records the fallback in the MLflow tag
 ``mocolab.resume_fallback``; if none loads, rank 0 records why in ``mocolab.no_loadable_checkpoint`` and every
 rank returns (retrying cannot help), which the driver turns into :class:`NoLoadableCheckpointError`.
 
-A NaN/inf loss (checked every step on the all-reduced loss, so every rank sees it at the same step) is
-not a transient failure: rank 0 records where it happened in the MLflow tag ``mocolab.nonfinite_loss``
-and every rank returns without a checkpoint, so Ray does not retry and the last good checkpoint stays
-the latest one; the driver turns the tag into :class:`NonFiniteLossError`.
+A NaN/inf loss is not a transient failure. The losses stay on the device; every ``train.check_finite_every``
+steps and at the end of every epoch all ranks agree (one all-reduce) on the first step whose loss was not finite.
+If there is one, rank 0 records where it happened in the MLflow tag ``mocolab.nonfinite_loss`` and every rank
+returns without a checkpoint, so Ray does not retry and the last good checkpoint stays the latest one; the
+driver turns the tag into :class:`NonFiniteLossError`.
 """
 
 from __future__ import annotations
@@ -37,11 +38,12 @@ from mocolab.console import StepProgress, console
 from mocolab.runtime import seed_everything, start_worker
 from mocolab.train.checkpoint import capture_rng_state, restore_rng_state, save_checkpoint
 from mocolab.train.resume import NoLoadableCheckpointError, Resumed, load_for_resume
+from mocolab.train.step import LossWatch, TrainStep, make_optimizer
 
 BACKBONE_FILE = "backbone.pt"
 INJECT_NAN_KEY = "inject_nan_loss_at_epoch"
-"""Fault injection for tests of the NaN path: a ``train_loop_config`` key whose value is the epoch in
-which the loss is made NaN. Never set by mocolab itself."""
+"""Fault injection for tests of the NaN path: a ``train_loop_config`` key whose value is the epoch in which the
+query crops (hence the loss) are made NaN. Never set by mocolab itself."""
 
 
 class NonFiniteLossError(RuntimeError):
@@ -89,19 +91,29 @@ def _all_reduce_mean(value: torch.Tensor, world_size: int) -> torch.Tensor:
 
 
 class _Tracker:
-    """Rank 0's MLflow logging and progress line (other ranks get a silent one)."""
+    """Rank 0's MLflow logging and progress line (other ranks get a silent one).
+
+    Epoch metrics are written in MLflow's background thread, so that neither rank 0 nor the ranks waiting for it
+    at ``ray.train.report`` sit out a round trip to the tracking server every epoch; :meth:`flush` waits for them
+    (before the loop returns)."""
 
     def __init__(self, cfg: Config, run_id: str, active: bool):
         self.active = active
         self.run_id = run_id
         self.epochs = cfg.train.epochs
+        self._pending: list[Any] = []
         if active:
             self._client = tracking.client_for(cfg.tracking.tracking_uri)
 
-    def nonfinite_loss(self, epoch: int, global_step: int, loss: float) -> None:
+    def flush(self) -> None:
+        """Wait until every epoch's metrics are in MLflow (raises what a failed write raised)."""
+        while self._pending:
+            self._pending.pop(0).wait()
+
+    def nonfinite_loss(self, epoch: int, global_step: int) -> None:
         if not self.active:
             return
-        where = f"loss {loss} in epoch {epoch} at global step {global_step}"
+        where = f"loss in epoch {epoch} at global step {global_step}"
         self._client.set_tag(self.run_id, tracking.NONFINITE_LOSS_TAG, where)
         console(f"[mocolab] {where}: stopping without retry")
 
@@ -123,7 +135,7 @@ class _Tracker:
     def epoch(self, epoch: int, metrics: dict[str, Optional[float]]) -> None:
         if not self.active:
             return
-        tracking.log_metrics(self._client, self.run_id, metrics, step=epoch)
+        self._pending.append(tracking.log_metrics(self._client, self.run_id, metrics, step=epoch, wait=False))
         knn = metrics.get(tracking.KNN_TOP1)
         knn_text = f"knn_top1 {knn:5.2f}%" if knn is not None else "knn_top1   -   "
         console(
@@ -134,15 +146,15 @@ class _Tracker:
 
 @dataclass
 class _EpochStats:
-    loss: float  # mean over the epoch's steps and ranks; NaN/inf if the loss became non-finite
+    loss: float  # mean over the epoch's steps and ranks
     last_lr: float
     images: int  # over all ranks
     corrupt: int  # on this rank
     global_step: int
-    finite: bool = True
+    nonfinite_step: Optional[int] = None  # the global step whose loss first was NaN/inf, if one was
 
 
-def _pretrain_loader(cfg: Config, rank: int, world_size: int) -> tuple[DataLoader, DistributedSampler]:
+def pretrain_loader(cfg: Config, rank: int, world_size: int) -> tuple[DataLoader, DistributedSampler]:
     """This rank's shard of the two-crop training set (DistributedSampler and loader both drop_last)."""
     from mocolab.data.datasets import build_pretrain_dataset, collate_keep_batch_size, loader_kwargs
 
@@ -161,11 +173,13 @@ def _pretrain_loader(cfg: Config, rank: int, world_size: int) -> tuple[DataLoade
     return loader, sampler
 
 
-def _restore(state: dict[str, Any], model, optimizer, scheduler, rank: int, seed: int) -> tuple[int, int]:
-    """Load a checkpoint's state into the model (queue and pointer included), optimizer, scheduler and this
-    rank's RNG; returns ``(completed epochs, global step)``."""
-    _unwrap(model).load_state_dict(state["model"])
-    optimizer.load_state_dict(state["optimizer"])
+def _restore(state: dict[str, Any], step: TrainStep, scheduler, rank: int, seed: int) -> tuple[int, int]:
+    """Load a checkpoint's state into the model (queue and pointer included), optimizer, fp16 loss scaler,
+    scheduler and this rank's RNG; returns ``(completed epochs, global step)``."""
+    _unwrap(step.model).load_state_dict(state["model"])
+    step.optimizer.load_state_dict(state["optimizer"])
+    if state.get("scaler"):
+        step.scaler.load_state_dict(state["scaler"])
     scheduler.load_state_dict(state["scheduler"])
     if rank < len(state["rng"]):
         restore_rng_state(state["rng"][rank])
@@ -174,48 +188,57 @@ def _restore(state: dict[str, Any], model, optimizer, scheduler, rank: int, seed
     return state["epoch"], state["global_step"]
 
 
+def broadcast_buffers(module: torch.nn.Module, world_size: int) -> None:
+    """Give every rank rank 0's buffers of ``module`` (BN running statistics: with shuffle-BN each rank's follow its
+    own batches, which training never reads, but evaluation mode does)."""
+    if world_size > 1:
+        for buffer in module.buffers():
+            dist.broadcast(buffer, src=0)
+
+
 def _train_epoch(
-    model, loader, optimizer, scheduler, device, world_size, global_step, autocast, nan, bar: StepProgress
+    step: TrainStep, loader, scheduler, device, world_size: int, global_step: int, check_every: int, poison: bool,
+    bar: StepProgress,
 ) -> _EpochStats:
-    """One pass over this rank's shard, shown on ``bar``. Stops at the first step whose all-reduced loss is not
-    finite (every rank sees the same value, so all stop together)."""
-    model.train()
-    loss_sum = torch.zeros((), device=device)
-    steps = images = corrupt = 0
-    last_lr = optimizer.param_groups[0]["lr"]
+    """One pass over this rank's shard, shown on ``bar``. Every ``check_every`` steps and at the end, all ranks agree
+    on the first non-finite loss (a collective at the same step everywhere: every rank has as many batches); the
+    epoch stops at the first check that finds one. ``poison``: fault injection, NaN query crops."""
+    step.model.train()
+    watch = LossWatch(device)
+    images = corrupt = 0
+    last_lr = step.optimizer.param_groups[0]["lr"]
     for batch, skipped in loader:
         corrupt += skipped
         im_q, im_k, index = (t.to(device, non_blocking=True) for t in batch)
-        with autocast:
-            loss = model(im_q, im_k, index).loss
-        if nan:
-            loss = loss * float("nan")
-        step_loss = _all_reduce_mean(loss.detach().float().clone(), world_size)
-        if not torch.isfinite(step_loss):
-            return _EpochStats(float(step_loss), last_lr, images, corrupt, global_step, finite=False)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        last_lr = optimizer.param_groups[0]["lr"]
+        if poison:
+            im_q = im_q * float("nan")
+        last_lr = step.optimizer.param_groups[0]["lr"]
+        loss = step(im_q, im_k, index)
+        watch.add(loss, global_step)
         scheduler.step()
-        loss_sum += step_loss
-        steps += 1
         images += im_q.shape[0] * world_size
         global_step += 1
-        bar.step(im_q.shape[0] * world_size, step_loss, last_lr)
-    return _EpochStats(float(loss_sum) / max(steps, 1), last_lr, images, corrupt, global_step)
+        bar.step(im_q.shape[0] * world_size, loss, last_lr)
+        if watch.steps % check_every == 0:
+            bad = watch.first_nonfinite_step()
+            if bad is not None:
+                return _EpochStats(math.nan, last_lr, images, corrupt, global_step, nonfinite_step=bad)
+    bad = watch.first_nonfinite_step()
+    return _EpochStats(watch.mean(), last_lr, images, corrupt, global_step, nonfinite_step=bad)
 
 
 def _write_checkpoint(
-    tmp: str, model, optimizer, scheduler, epoch: int, global_step: int, rng, run_id: str,
+    tmp: str, step: TrainStep, scheduler, epoch: int, global_step: int, rng, run_id: str,
     config: dict[str, Any], final: bool,
 ) -> None:
     """Write the checkpoint (plus ``backbone.pt`` after the last epoch) into ``tmp``."""
+    model = _unwrap(step.model)
     save_checkpoint(
         tmp,
         {
-            "model": _unwrap(model).state_dict(),
-            "optimizer": optimizer.state_dict(),
+            "model": model.state_dict(),
+            "optimizer": step.optimizer.state_dict(),
+            "scaler": step.scaler.state_dict(),  # empty unless train.amp=fp16
             "scheduler": scheduler.state_dict(),
             "epoch": epoch,
             "global_step": global_step,
@@ -225,7 +248,7 @@ def _write_checkpoint(
         },
     )
     if final:
-        torch.save(_unwrap(model).backbone_state_dict(), Path(tmp) / BACKBONE_FILE)
+        torch.save(model.backbone_state_dict(), Path(tmp) / BACKBONE_FILE)
 
 
 def init_backbones(model, path: Path) -> None:
@@ -250,7 +273,7 @@ def train_loop(config_dict: dict[str, Any]) -> None:
     worker = start_worker(config_dict, seed=config_dict["config"]["train"]["seed"])
     cfg, rank, world_size, device = worker.cfg, worker.rank, worker.world_size, worker.device
     run_id, train = config_dict["mlflow_run_id"], cfg.train
-    loader, sampler = _pretrain_loader(cfg, rank, world_size)
+    loader, sampler = pretrain_loader(cfg, rank, world_size)
     steps_per_epoch = len(loader)
     model = MoCo.from_config(cfg, num_train_samples=len(loader.dataset))  # model.channels_last, model.compile
     if cfg.model.init_weights is not None:  # a resumed run overwrites these from its checkpoint below
@@ -259,13 +282,11 @@ def train_loop(config_dict: dict[str, Any]) -> None:
     # enqueues the same gathered keys, so the queue stays identical without re-sending it (and the BN
     # running stats) at every forward.
     model = ray.train.torch.prepare_model(model, parallel_strategy_kwargs={"forward_sync_buffers": False})
-    optimizer = torch.optim.SGD(
-        [p for p in model.parameters() if p.requires_grad],
-        lr=train.lr,
-        momentum=train.sgd_momentum,
-        weight_decay=train.weight_decay,
+    optimizer = make_optimizer(
+        (p for p in model.parameters() if p.requires_grad), train.lr, train.sgd_momentum, train.weight_decay, train.amp
     )
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, steps_per_epoch, train))
+    step = TrainStep(model, optimizer, train.amp, device.type)
 
     tracker = _Tracker(cfg, run_id, active=worker.is_chief)
     start_epoch, global_step = 0, 0
@@ -276,14 +297,13 @@ def train_loop(config_dict: dict[str, Any]) -> None:
         except NoLoadableCheckpointError as err:
             tracker.no_loadable_checkpoint(str(err))
             return  # every rank returns here: a clean end, which Ray does not retry
-        start_epoch, global_step = _restore(resumed.state, model, optimizer, scheduler, rank, train.seed)
+        start_epoch, global_step = _restore(resumed.state, step, scheduler, rank, train.seed)
         tracker.resumed(resumed)
     else:
         seed_everything(train.seed + rank)  # different augmentations on every rank
 
     monitor = _start_system_metrics(cfg, run_id)
-    knn_data = knn_loaders(cfg) if worker.is_chief and train.knn_every and cfg.knn_data is not None else None
-    autocast = torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=train.amp)
+    knn_data = knn_loaders(cfg, rank, world_size) if train.knn_every and cfg.knn_data is not None else None
     nan_epoch = config_dict.get(INJECT_NAN_KEY)
 
     for epoch in range(start_epoch + 1, train.epochs + 1):
@@ -291,11 +311,13 @@ def train_loop(config_dict: dict[str, Any]) -> None:
         started = time.perf_counter()
         with StepProgress(f"epoch {epoch}/{train.epochs}", steps_per_epoch, active=worker.is_chief) as bar:
             stats = _train_epoch(
-                model, loader, optimizer, scheduler, device, world_size, global_step, autocast, epoch == nan_epoch, bar
+                step, loader, scheduler, device, world_size, global_step, train.check_finite_every,
+                epoch == nan_epoch, bar,
             )
         epoch_time = time.perf_counter() - started
-        if not stats.finite:
-            tracker.nonfinite_loss(epoch, stats.global_step, stats.loss)
+        if stats.nonfinite_step is not None:
+            tracker.nonfinite_loss(epoch, stats.nonfinite_step)
+            tracker.flush()
             tracking.stop_system_metrics(monitor)
             return  # every rank returns here: a clean end, which Ray does not retry
         global_step = stats.global_step
@@ -313,18 +335,19 @@ def train_loop(config_dict: dict[str, Any]) -> None:
         }
         if knn_data is not None and (epoch % train.knn_every == 0 or last_epoch):
             backbone = _unwrap(model).encoder_q.backbone
+            broadcast_buffers(backbone, world_size)  # every rank embeds with rank 0's BN statistics
             metrics[tracking.KNN_TOP1] = knn_top1(backbone, *knn_data, k=train.knn_k, t=train.knn_t, device=device)
         tracker.epoch(epoch, metrics)
         report = {"epoch": epoch, **{k: v for k, v in metrics.items() if v is not None}}
         if save_now and worker.is_chief:
             with tempfile.TemporaryDirectory(prefix="mocolab-ckpt-") as tmp:
                 _write_checkpoint(
-                    tmp, model, optimizer, scheduler, epoch, global_step, rng_states, run_id,
-                    config_dict["config"], final=last_epoch,
+                    tmp, step, scheduler, epoch, global_step, rng_states, run_id, config_dict["config"], final=last_epoch
                 )
                 ray.train.report(report, checkpoint=ray.train.Checkpoint.from_directory(tmp))
         else:
             ray.train.report(report)
+    tracker.flush()
     tracking.stop_system_metrics(monitor)
 
 
@@ -343,27 +366,38 @@ def _start_system_metrics(cfg: Config, run_id: str):
     )
 
 
-def knn_loaders(cfg: Config) -> tuple[DataLoader, DataLoader]:
-    """Loaders of the train split (the kNN bank) and the test split of the monitor's labeled data
-    (:attr:`Config.knn_data`), with the evaluation transform.
+def knn_loaders(cfg: Config, rank: int = 0, world_size: int = 1) -> tuple[DataLoader, DataLoader]:
+    """Loaders of rank ``rank``'s shard (``train/knn.py``) of the kNN monitor's labeled data
+    (:attr:`Config.knn_data`): the bank (its train split, at most ``train.knn_bank_images`` of it) and the queries
+    (its test split, at most ``train.knn_test_images``), with the evaluation transform; one rank of one gets both
+    splits whole. They decode in as many worker processes as the training loader (started per evaluation, not
+    kept between epochs).
 
     They get their own generator so that the monitor leaves the training RNG streams untouched
     (a resumed run then replays exactly what an uninterrupted one does)."""
+    from torch.utils.data import Subset
+
     from mocolab.data.augment import eval_transform
-    from mocolab.data.datasets import build_labeled_dataset
+    from mocolab.data.datasets import build_labeled_dataset, resolve_loader_workers
+    from mocolab.train.knn import evenly_spaced, shard
 
     data_cfg = cfg.knn_data
     transform = eval_transform(data_cfg.image_size)
-    return tuple(
-        DataLoader(
-            build_labeled_dataset(data_cfg, split, transform),
+    workers = resolve_loader_workers(data_cfg, cfg.scaling.cpus_per_worker)
+    loaders = []
+    for split, limit in (("train", cfg.train.knn_bank_images), ("test", cfg.train.knn_test_images)):
+        dataset = build_labeled_dataset(data_cfg, split, transform)
+        indices = shard(evenly_spaced(len(dataset), limit), rank, world_size)
+        loaders.append(DataLoader(
+            Subset(dataset, indices),
             batch_size=max(cfg.train.batch_size, 256),
             shuffle=False,
             collate_fn=_collate_labeled,
             generator=torch.Generator().manual_seed(cfg.train.seed),
-        )
-        for split in ("train", "test")
-    )
+            num_workers=workers,
+            pin_memory=cfg.scaling.use_gpu,
+        ))
+    return loaders[0], loaders[1]
 
 
 def _collate_labeled(batch: list) -> Optional[tuple[torch.Tensor, torch.Tensor]]:

@@ -282,6 +282,7 @@ def run_sweep(
     unfinished = max(0, count_trials(spec) - finished - failed)
     client = tracking.client_for(uri)
     tracking.log_metrics(client, parent_run_id, {"trials": len(results), "trials_failed": failed}, step=0)
+    tracking.log_usage(client, parent_run_id, tracking.sweep_usage(uri, cfg.tracking.experiment, parent_run_id))
     tracking.end_run(uri, parent_run_id, "KILLED" if unfinished else "FINISHED")
     return parent_run_id, failed, unfinished
 

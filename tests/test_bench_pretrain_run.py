@@ -1,5 +1,5 @@
-"""Overhead and fixed-cost pieces of the benchmark that need no Ray: the timed run's config, the overhead
-fraction, checkpoint costs."""
+"""Pieces of the benchmark that need no Ray: the timed run's config, epoch timings, the launcher comparison's
+ratios, checkpoint costs."""
 
 from __future__ import annotations
 
@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from mocolab.bench.fixed import checkpoint_cost, training_state
-from mocolab.bench.overhead import RUN_EXPERIMENT, bench_run_config, platform_overhead, serial_data_throughput
+from mocolab.bench.launcher import LauncherComparison, LauncherTimes
+from mocolab.bench.pretrain_run import RUN_EXPERIMENT, EpochTimes, PretrainTimes, bench_run_config, epoch_times
 from mocolab.bench.spec import StepSpec, spec_from_config
 from mocolab.config import build_config, load_config
 from mocolab.quickstart import QUICKSTART_CONFIG
@@ -19,7 +20,7 @@ def test_the_timed_run_is_a_short_valid_run_without_monitor_or_evaluations(tmp_p
     cfg = load_config(QUICKSTART_CONFIG, ["eval.lincls.epochs=1", "train.knn_every=5"])
     raw = bench_run_config(cfg, epochs=2, workdir=tmp_path)
     run = build_config(raw)
-    assert (run.train.epochs, run.train.knn_every, run.train.checkpoint_every) == (2, 0, 2)
+    assert (run.train.epochs, run.train.knn_every, run.train.checkpoint_every) == (2, 0, cfg.train.checkpoint_every)
     assert run.eval.lincls is None and run.eval.detection is None
     assert run.tracking.experiment == RUN_EXPERIMENT
     assert run.tracking.tracking_uri == f"sqlite:///{tmp_path / 'mlflow.db'}"
@@ -27,17 +28,30 @@ def test_the_timed_run_is_a_short_valid_run_without_monitor_or_evaluations(tmp_p
     assert run.model == cfg.model and run.data == cfg.data and run.moco == cfg.moco
 
 
-def test_platform_overhead_is_the_fraction_of_bare_throughput_lost():
-    assert platform_overhead(95.0, 100.0) == pytest.approx(0.05)
-    assert platform_overhead(110.0, 100.0) == pytest.approx(-0.10)
-    with pytest.raises(ValueError, match="must be > 0"):
-        platform_overhead(1.0, 0.0)
+def test_epoch_times_drop_the_warm_up_epoch_and_take_periods_between_logging_points():
+    # 3 epochs logged at t = 10, 13, 17 s; loops of 2.0, 2.5, 3.0 s at 100, 80, 50 img/s
+    times = epoch_times([100.0, 80.0, 50.0], [2.0, 2.5, 3.0], [10.0, 13.0, 17.0])
+    assert times == EpochTimes(images=[200, 150], loop_s=[2.5, 3.0], period_s=[3.0, 4.0])
+    assert times.img_s == pytest.approx(350 / 7.0) and times.loop_img_s == pytest.approx(350 / 5.5)
+    assert times.between_epochs_s == pytest.approx(0.75)
+    with pytest.raises(ValueError, match="at least 2 epochs"):
+        epoch_times([100.0], [2.0], [10.0])
 
 
-def test_serial_data_throughput_adds_the_loading_time_of_every_image_to_its_step_time():
-    # 2 workers stepping 100 img/s together (20 ms an image), each loading 200 img/s (5 ms an image, 2.5 for two)
-    assert serial_data_throughput(100.0, 200.0, workers=2) == pytest.approx(1 / (0.01 + 0.0025))
-    assert serial_data_throughput(100.0, 1e12, workers=2) == pytest.approx(100.0)
+def test_the_launcher_comparison_pairs_each_rounds_runs():
+    def mocolab(period):
+        return PretrainTimes(EpochTimes([100, 100], [0.9, 0.9], [period, period]), startup_s=30.0, wall_s=60.0)
+
+    def launcher(period, knn_s):
+        return LauncherTimes(EpochTimes([100, 100], [0.9, 0.9], [period, period]), knn_s=knn_s)
+
+    comparison = LauncherComparison([mocolab(1.0), mocolab(1.2), mocolab(1.1)],
+                                    [launcher(1.0, 0.1), launcher(1.0, 0.2), launcher(1.1, 0.11)])
+    ratio = comparison.epoch_ratio()
+    assert (ratio.min, ratio.median, ratio.max, ratio.repeats) == pytest.approx((1 / 1.2, 1.0, 1.0, 3))
+    assert ratio.noisy  # 1/1.2 is 17 % below the median
+    assert comparison.loop_ratio().median == pytest.approx(1.0) and not comparison.loop_ratio().noisy
+    assert comparison.knn_vs_epoch().median == pytest.approx(0.1)
 
 
 def test_spec_of_the_quickstart_is_one_workers_shuffle_bn_step_in_fp32_on_cpu():
@@ -47,8 +61,8 @@ def test_spec_of_the_quickstart_is_one_workers_shuffle_bn_step_in_fp32_on_cpu():
         cfg.model.arch, cfg.data.image_size, cfg.train.batch_size, cfg.moco.queue_size
     )
     assert (spec.bn, spec.precision, spec.channels_last) == ("shuffle", "fp32", False)
-    with pytest.raises(ValueError, match="precision bf16 is for CUDA devices"):
-        spec_from_config(cfg, "cpu", "bf16")
+    assert spec_from_config(load_config(QUICKSTART_CONFIG, ["train.amp=fp16"]), "cpu").precision == "fp16"
+    assert spec_from_config(cfg, "cpu", "bf16").amp == "bf16"
 
 
 def test_checkpoint_holds_the_training_loops_contents_and_is_timed(tmp_path):
