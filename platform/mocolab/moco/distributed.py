@@ -1,4 +1,5 @@
-"""Collectives of the MoCo step over ``torch.distributed`` (gloo or nccl): gathers and the shuffle-BN shuffle.
+"""Collectives of the MoCo step over ``torch.distributed`` (gloo or nccl): gathers, the shuffle-BN shuffle and
+the differentiable all-reduce of synchronised BN.
 
 Every function also works without an initialised process group (one worker): gathers are the identity and
 the shuffle permutes the local batch.
@@ -55,6 +56,29 @@ def gather_all_with_grad(x: torch.Tensor) -> torch.Tensor:
     other workers' losses send to these rows arrive through an all-reduce in backward (every worker must run
     backward). ``x`` itself on one worker."""
     return x if world_size() == 1 else _GatherWithGrad.apply(x)
+
+
+class _AllReduceWithGrad(torch.autograd.Function):
+    """Sum over workers whose backward also sums: every worker's input feeds every worker's output."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        x = x.contiguous().clone()
+        dist.all_reduce(x)
+        return x
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad)
+        return grad
+
+
+def all_reduce_with_grad(x: torch.Tensor) -> torch.Tensor:
+    """The sum of ``x`` over workers, differentiable on any backend (gloo included; every worker must run
+    backward). ``x`` itself on one worker. (``torch.distributed.nn.functional.all_reduce`` does the same
+    but is deprecated in torch 2.14.)"""
+    return x if world_size() == 1 else _AllReduceWithGrad.apply(x)
 
 
 @torch.no_grad()
