@@ -11,7 +11,7 @@ global step and every rank's RNG state.
 A NaN/inf loss (checked every step on the all-reduced loss, so every rank sees it at the same step) is
 not a transient failure: rank 0 records where it happened in the MLflow tag ``mocolab.nonfinite_loss``
 and every rank returns without a checkpoint, so Ray does not retry and the last good checkpoint stays
-the latest one; the driver turns the tag into :class:`NonFiniteLossError`.
+the latest one; the driver turns the tag into :class:`NonFiniteLossError` (``train/nonfinite.py``).
 """
 
 from __future__ import annotations
@@ -32,15 +32,12 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 from mocolab.config import Config, TrainConfig
 from mocolab.train.checkpoint import capture_rng_state, load_checkpoint, restore_rng_state, save_checkpoint
+from mocolab.train.nonfinite import NonFiniteLossError, record_nonfinite  # noqa: F401 (NonFiniteLossError: re-exported)
 
 BACKBONE_FILE = "backbone.pt"
 INJECT_NAN_KEY = "inject_nan_loss_at_epoch"
 """Fault injection for tests of the NaN path: a ``train_loop_config`` key whose value is the epoch in
 which the loss is made NaN. Never set by mocolab itself."""
-
-
-class NonFiniteLossError(RuntimeError):
-    """The loss became NaN or inf: the run stopped without retry; its last good checkpoint is kept."""
 
 
 def lr_factor(step: int, steps_per_epoch: int, train: TrainConfig) -> float:
@@ -101,6 +98,7 @@ class _Tracker:
     def __init__(self, cfg: Config, run_id: str, active: bool):
         self.active = active
         self.run_id = run_id
+        self.tracking_uri = cfg.tracking.tracking_uri
         self.epochs = cfg.train.epochs
         if active:
             from mocolab import tracking
@@ -111,9 +109,7 @@ class _Tracker:
     def nonfinite_loss(self, epoch: int, global_step: int, loss: float) -> None:
         if not self.active:
             return
-        where = f"loss {loss} in epoch {epoch} at global step {global_step}"
-        self._client.set_tag(self.run_id, self._tracking.NONFINITE_LOSS_TAG, where)
-        progress(f"[mocolab] {where}: stopping without retry")
+        record_nonfinite(self.tracking_uri, self.run_id, f"loss {loss} in epoch {epoch} at global step {global_step}")
 
     def epoch(self, epoch: int, metrics: dict[str, Optional[float]]) -> None:
         if not self.active:

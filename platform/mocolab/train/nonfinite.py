@@ -1,0 +1,55 @@
+"""A NaN/inf loss ends a run at once, without retry, with one line saying where and what to change.
+
+The one mechanism of every training loop (pretraining, linear eval, detection): each step, every worker
+checks the loss of *all* workers (:func:`all_finite`, a collective, so that every rank stops at the same
+step and none is left waiting in the next all-reduce); rank 0 records where it happened in the MLflow tag
+``mocolab.nonfinite_loss`` (:func:`record_nonfinite`); every rank then returns normally, so Ray does not
+retry; the driver turns the tag into :class:`NonFiniteLossError` and marks the run FAILED
+(:func:`raise_if_nonfinite`); ``mocolab`` prints the error's one line and exits with code 1.
+"""
+
+from __future__ import annotations
+
+import sys
+
+INJECT_NAN_STEP_KEY = "inject_nan_loss_at_step"
+"""Fault injection for tests of the NaN path of the evaluation loops: a ``train_loop_config`` key whose value
+is the optimisation step (1-based, counted over the whole run) at which the loss is made NaN. Never set by
+mocolab itself (pretraining has its own, per epoch: ``train.pretrain.INJECT_NAN_KEY``)."""
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN or inf: the run stopped without retry (a pretraining run keeps its last good
+    checkpoint)."""
+
+
+def all_finite(loss, world_size: int) -> bool:
+    """Whether ``loss`` is finite on every worker (one all-reduce of a flag when ``world_size > 1``;
+    every rank must call it at the same step)."""
+    import torch
+    import torch.distributed as dist
+
+    bad = (~torch.isfinite(loss.detach())).any().to(torch.float32).reshape(1)
+    if world_size > 1:
+        dist.all_reduce(bad)
+    return not bool(bad.item())
+
+
+def record_nonfinite(tracking_uri: str, run_id: str, where: str) -> None:
+    """Rank 0: file ``where`` (e.g. ``loss nan at iteration 56``) as the run's ``mocolab.nonfinite_loss``
+    tag and print it to the worker's log."""
+    from mocolab import tracking
+
+    tracking.client_for(tracking_uri).set_tag(run_id, tracking.NONFINITE_LOSS_TAG, where)
+    print(f"[mocolab] {where}: stopping without retry", file=sys.__stdout__, flush=True)
+
+
+def raise_if_nonfinite(tracking_uri: str, run_id: str, what: str, fix: str) -> None:
+    """Driver, after ``fit``: if the run's workers recorded a NaN/inf loss, mark the run FAILED and raise
+    :class:`NonFiniteLossError` ``"<what>: NaN/inf <where>; stopped without retry. <fix>"``."""
+    from mocolab import tracking
+
+    where = tracking.client_for(tracking_uri).get_run(run_id).data.tags.get(tracking.NONFINITE_LOSS_TAG)
+    if where:
+        tracking.end_run(tracking_uri, run_id, status="FAILED")
+        raise NonFiniteLossError(f"{what}: NaN/inf {where}; stopped without retry. {fix}")
