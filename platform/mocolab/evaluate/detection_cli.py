@@ -11,6 +11,11 @@ from mocolab.evaluate.detection_metrics import AP_METRICS
 from mocolab.evaluate.runner import eval_params, run_eval
 from mocolab.evaluate.weights import BackboneSource, add_source_arguments, resolve_source
 
+NONFINITE_FIX = (
+    "Lower eval.detection.lr, raise eval.detection.warmup_iters or set eval.detection.clip_grad_norm "
+    "(and keep eval.detection.bn=sync: frozen BN leaves a random-init backbone unnormalised), then run again."
+)
+
 
 def run_detection(cfg: Config, source: BackboneSource) -> dict[str, Any]:
     """Fine-tune a Faster R-CNN on ``source``'s backbone per ``cfg.eval.detection`` on Ray Train workers,
@@ -21,6 +26,13 @@ def run_detection(cfg: Config, source: BackboneSource) -> dict[str, Any]:
     if det is None:
         raise ConfigError("the config has no eval.detection section; add one (see experiments/eval/)")
     check_detection(cfg, source.model, det)
+    if det.bn == "frozen" and source.state is None:
+        print(
+            "[mocolab detect] warning: eval.detection.bn=frozen leaves a random-init backbone without normalisation "
+            "(its BN statistics are mean 0, var 1); it is not comparable with pretrained inits. Use "
+            "eval.detection.bn=sync, as for every init in the paper.",
+            flush=True,
+        )
     try:
         train, val, classes = read_detection_splits(det.data)  # validates (and makes) the data before Ray starts
     except ValueError as err:
@@ -35,6 +47,7 @@ def run_detection(cfg: Config, source: BackboneSource) -> dict[str, Any]:
         {"config": cfg.model_dump(mode="json")},
         det.num_workers,
         AP_METRICS,
+        NONFINITE_FIX,
     )
 
 

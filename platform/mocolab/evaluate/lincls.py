@@ -5,7 +5,8 @@ a linear classifier initialised N(0, 0.01), bias 0, is trained with SGD (lr 30, 
 decay 0), lr x0.1 at 60 % and 80 % of the epochs; training images get RandomResizedCrop + horizontal
 flip, test images resize + center crop (albumentations); top-1 / top-5 in percent on the test split.
 At the end every worker checks that the backbone's weights and BN statistics are bit-identical to
-the ones it started with.
+the ones it started with. A NaN/inf loss on any worker stops every worker at that step and ends the run
+FAILED with one line (``train/nonfinite.py``).
 
 ``fast``: the features of the training images (eval transform, no augmentation) and of the test
 images are extracted once, and the same classifier and schedule train on the cached features.
@@ -171,6 +172,7 @@ def lincls_train_loop(config: dict[str, Any]) -> dict[str, float]:
     from mocolab.data.datasets import build_labeled_dataset, collate_skip_corrupt, loader_kwargs, num_classes
     from mocolab.evaluate.weights import BackboneSource, assert_unchanged, load_backbone_state, snapshot
     from mocolab.moco.backbones import build_backbone
+    from mocolab.train.nonfinite import INJECT_NAN_STEP_KEY, all_finite, record_nonfinite
     from mocolab.train.pretrain import seed_everything
 
     cfg = Config.model_validate(config["config"])
@@ -209,6 +211,7 @@ def lincls_train_loop(config: dict[str, Any]) -> dict[str, float]:
         extract_s = time.perf_counter() - started
         gen = torch.Generator().manual_seed(lin.seed + rank)
 
+    nan_at, step = config.get(INJECT_NAN_STEP_KEY), 0
     for epoch in range(lin.epochs):
         lr = lr_at_epoch(epoch, lin)
         for group in optimizer.param_groups:
@@ -222,6 +225,14 @@ def lincls_train_loop(config: dict[str, Any]) -> dict[str, float]:
         total, seen = 0.0, 0
         for feats, labels in batches:
             loss = F.cross_entropy(classifier(feats), labels)
+            step += 1
+            if step == nan_at:
+                loss = loss * float("nan")
+            if not all_finite(loss, world):
+                if rank == 0:
+                    where = f"loss {loss.item()} in epoch {epoch + 1} at step {step}"
+                    record_nonfinite(cfg.tracking.tracking_uri, config["mlflow_run_id"], where)
+                return {}  # every rank returns here: a clean end, which Ray does not retry
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
