@@ -105,7 +105,8 @@ def test_detection_on_two_ray_workers(ray_local, mlflow_uri, tmp_path):
 
 
 def _nonfinite_run(cfg, stage, loop, section, workers, headline, fix, step):
-    """``run_eval`` with the loss made NaN at ``step``; returns the error and the evaluation's MLflow run."""
+    """``run_eval`` with the last worker's loss made NaN at ``step`` (rank 0, which files the tag, learns it only
+    through the all-reduce); returns the error and the evaluation's MLflow run."""
     source = resolve_source(cfg, init="random")
     loop_config = {"config": cfg.model_dump(mode="json"), INJECT_NAN_STEP_KEY: step}
     with pytest.raises(NonFiniteLossError) as err:
@@ -141,7 +142,7 @@ def test_nonfinite_detection_loss_stops_both_workers_and_fails_the_run(ray_local
     assert "\n" not in message
     assert re.fullmatch(
         r"detection run 'detection-random-pre' \(MLflow run \w+\): NaN/inf loss nan at iteration 3/4 "
-        r"\(classifier [^)]*\); stopped without retry\. " + re.escape(NONFINITE_FIX),
+        r"\(worker 0: classifier [^)]*\); stopped without retry\. " + re.escape(NONFINITE_FIX),
         message,
     ), message
     assert run.info.status == "FAILED"

@@ -1,19 +1,21 @@
 """The NaN/inf path shared by the training loops (train/nonfinite.py), without Ray: the finiteness check, the
 MLflow tag, the driver's error and FAILED status, and the one line `mocolab` prints for it."""
 
+import math
+
 import pytest
 import torch
 from mlflow import MlflowClient
 
 from mocolab import cli, tracking
 from mocolab.config import build_config
-from mocolab.train.nonfinite import NonFiniteLossError, all_finite, raise_if_nonfinite, record_nonfinite
+from mocolab.train.nonfinite import NonFiniteLossError, raise_if_nonfinite, record_nonfinite, worker_mean
 
 
-def test_all_finite_on_one_worker():
-    assert all_finite(torch.tensor(2.5), world_size=1)
-    assert not all_finite(torch.tensor(float("nan")), world_size=1)
-    assert not all_finite(torch.tensor(float("-inf")), world_size=1)
+def test_worker_mean_on_one_worker():
+    assert worker_mean(torch.tensor(2.5, requires_grad=True), world_size=1) == 2.5
+    assert math.isnan(worker_mean(torch.tensor(float("nan")), world_size=1))
+    assert worker_mean(torch.tensor(float("-inf")), world_size=1) == float("-inf")
 
 
 def _eval_run(uri: str) -> str:

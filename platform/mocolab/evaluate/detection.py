@@ -23,6 +23,7 @@ rescaled (the paper: 0.02 for 16 images). Schedule: linear warm-up from ``warmup
 
 from __future__ import annotations
 
+import math
 import time
 from collections import OrderedDict
 from typing import Any, Optional
@@ -297,8 +298,8 @@ def _loss_parts(losses: dict[str, torch.Tensor]) -> str:
 
 def detection_train_loop(config: dict[str, Any]) -> dict[str, float]:
     """Fine-tune and evaluate the detector on this Ray Train worker; rank 0 returns the AP metrics
-    (percent) and timings. Rank 0 logs ``iter_loss``, ``iter_loss_<part>``, ``iter_lr`` and
-    ``iter_grad_norm`` (before clipping) to the MLflow run every tenth of the run. A NaN/inf loss on any
+    (percent) and timings. Rank 0 logs ``iter_loss`` (mean over workers), ``iter_loss_<part>`` (its own),
+    ``iter_lr`` and ``iter_grad_norm`` (before clipping) to the MLflow run every tenth of the run. A NaN/inf loss on any
     worker stops every worker at that iteration (``train/nonfinite.py``) and returns no metrics."""
     import ray.train
     import ray.train.torch
@@ -307,7 +308,7 @@ def detection_train_loop(config: dict[str, Any]) -> dict[str, float]:
     from mocolab import tracking
     from mocolab.data.detection import DetectionDataset, collate_detection, read_detection_splits
     from mocolab.evaluate.detection_metrics import coco_ap
-    from mocolab.train.nonfinite import INJECT_NAN_STEP_KEY, all_finite, record_nonfinite
+    from mocolab.train.nonfinite import INJECT_NAN_STEP_KEY, record_nonfinite, worker_mean
     from mocolab.train.pretrain import seed_everything
 
     cfg = Config.model_validate(config["config"])
@@ -343,11 +344,12 @@ def detection_train_loop(config: dict[str, Any]) -> dict[str, float]:
         targets = [{k: (v.to(device) if torch.is_tensor(v) else v) for k, v in t.items()} for t in targets]
         losses = ddp_model(images, targets)
         loss = sum(losses.values())
-        if step == nan_at:
+        if step == nan_at and rank == world - 1:
             loss = loss * float("nan")
-        if not all_finite(loss, world):
+        mean_loss = worker_mean(loss, world)
+        if not math.isfinite(mean_loss):
             if rank == 0:
-                where = f"loss {loss.item()} at iteration {step}/{det.iterations} ({_loss_parts(losses)})"
+                where = f"loss {mean_loss} at iteration {step}/{det.iterations} (worker 0: {_loss_parts(losses)})"
                 record_nonfinite(uri, run_id, where)
             return {}  # every rank returns here: a clean end, which Ray does not retry
         optimizer.zero_grad(set_to_none=True)
@@ -357,11 +359,11 @@ def detection_train_loop(config: dict[str, Any]) -> dict[str, float]:
         optimizer.step()
         scheduler.step()
         if client is not None and (step % log_every == 0 or step == det.iterations):
-            metrics = {"iter_loss": loss.item(), "iter_lr": lr, "iter_grad_norm": grad_norm}
+            metrics = {"iter_loss": mean_loss, "iter_lr": lr, "iter_grad_norm": grad_norm}
             metrics.update({f"iter_{k}": v.item() for k, v in losses.items()})
             tracking.log_metrics(client, run_id, metrics, step=step)
             print(
-                f"[mocolab detect] iter {step}/{det.iterations} loss {loss.item():.3f} ({_loss_parts(losses)}) "
+                f"[mocolab detect] iter {step}/{det.iterations} loss {mean_loss:.3f} (worker 0: {_loss_parts(losses)}) "
                 f"lr {lr:.4g} grad norm {grad_norm:.3g}",
                 flush=True,
             )

@@ -15,6 +15,7 @@ Metrics are then ``lincls_fast_top1/top5``, as the two protocols do not give the
 
 from __future__ import annotations
 
+import math
 import time
 from typing import Any, Iterator, Sequence
 
@@ -172,7 +173,7 @@ def lincls_train_loop(config: dict[str, Any]) -> dict[str, float]:
     from mocolab.data.datasets import build_labeled_dataset, collate_skip_corrupt, loader_kwargs, num_classes
     from mocolab.evaluate.weights import BackboneSource, assert_unchanged, load_backbone_state, snapshot
     from mocolab.moco.backbones import build_backbone
-    from mocolab.train.nonfinite import INJECT_NAN_STEP_KEY, all_finite, record_nonfinite
+    from mocolab.train.nonfinite import INJECT_NAN_STEP_KEY, record_nonfinite, worker_mean
     from mocolab.train.pretrain import seed_everything
 
     cfg = Config.model_validate(config["config"])
@@ -226,11 +227,12 @@ def lincls_train_loop(config: dict[str, Any]) -> dict[str, float]:
         for feats, labels in batches:
             loss = F.cross_entropy(classifier(feats), labels)
             step += 1
-            if step == nan_at:
+            if step == nan_at and rank == world - 1:
                 loss = loss * float("nan")
-            if not all_finite(loss, world):
+            mean_loss = worker_mean(loss, world)
+            if not math.isfinite(mean_loss):
                 if rank == 0:
-                    where = f"loss {loss.item()} in epoch {epoch + 1} at step {step}"
+                    where = f"loss {mean_loss} in epoch {epoch + 1} at step {step}"
                     record_nonfinite(cfg.tracking.tracking_uri, config["mlflow_run_id"], where)
                 return {}  # every rank returns here: a clean end, which Ray does not retry
             optimizer.zero_grad(set_to_none=True)

@@ -1,8 +1,8 @@
 """A NaN/inf loss ends a run at once, without retry, with one line saying where and what to change.
 
 The one mechanism of every training loop (pretraining, linear eval, detection): each step, every worker
-checks the loss of *all* workers (:func:`all_finite`, a collective, so that every rank stops at the same
-step and none is left waiting in the next all-reduce); rank 0 records where it happened in the MLflow tag
+checks the mean loss of *all* workers (:func:`worker_mean`, a collective, so that every rank stops at the
+same step and none is left waiting in the next all-reduce); rank 0 records where it happened in the MLflow tag
 ``mocolab.nonfinite_loss`` (:func:`record_nonfinite`); every rank then returns normally, so Ray does not
 retry; the driver turns the tag into :class:`NonFiniteLossError` and marks the run FAILED
 (:func:`raise_if_nonfinite`); ``mocolab`` prints the error's one line and exits with code 1.
@@ -14,8 +14,8 @@ import sys
 
 INJECT_NAN_STEP_KEY = "inject_nan_loss_at_step"
 """Fault injection for tests of the NaN path of the evaluation loops: a ``train_loop_config`` key whose value
-is the optimisation step (1-based, counted over the whole run) at which the loss is made NaN. Never set by
-mocolab itself (pretraining has its own, per epoch: ``train.pretrain.INJECT_NAN_KEY``)."""
+is the optimisation step (1-based, counted over the whole run) at which the last worker's loss is made NaN
+(the others must learn it from the all-reduce). Never set by mocolab itself (pretraining has its own, per epoch: ``train.pretrain.INJECT_NAN_KEY``)."""
 
 
 class NonFiniteLossError(RuntimeError):
@@ -23,16 +23,15 @@ class NonFiniteLossError(RuntimeError):
     checkpoint)."""
 
 
-def all_finite(loss, world_size: int) -> bool:
-    """Whether ``loss`` is finite on every worker (one all-reduce of a flag when ``world_size > 1``;
-    every rank must call it at the same step)."""
-    import torch
+def worker_mean(loss, world_size: int) -> float:
+    """The mean of ``loss`` over the workers (one all-reduce when ``world_size > 1``; every rank must call it at
+    the same step). NaN/inf as soon as one worker's loss is."""
     import torch.distributed as dist
 
-    bad = (~torch.isfinite(loss.detach())).any().to(torch.float32).reshape(1)
+    value = loss.detach().float().reshape(1).clone()
     if world_size > 1:
-        dist.all_reduce(bad)
-    return not bool(bad.item())
+        dist.all_reduce(value)
+    return value.item() / world_size
 
 
 def record_nonfinite(tracking_uri: str, run_id: str, where: str) -> None:
