@@ -12,12 +12,14 @@ from mocolab.evaluate.detection import (
     anchor_sizes,
     build_detector,
     check_detection,
+    clip_gradients,
     from_detector_keys,
     load_backbone_into_detector,
     lr_factor,
     to_detector_keys,
 )
 from mocolab.moco.backbones import backbone_state_dict, build_backbone
+from mocolab.moco.norm import AllReduceBatchNorm2d
 
 SMALL = dict(min_size=64, max_size=96, roi_batch_size=16, test_proposals=20)
 
@@ -39,6 +41,7 @@ def _pretrained_state(model_cfg: ModelConfig) -> dict[str, torch.Tensor]:
     [
         ("resnet18", True, "frozen", "fpn"),
         ("resnet18", False, "train", "c4"),
+        ("resnet18", True, "sync", "fpn"),
         ("small_cnn", False, "frozen", "single"),
     ],
 )
@@ -53,9 +56,9 @@ def test_backbone_pt_round_trips_through_the_detector(arch, fpn, bn, layout):
     assert set(state) - set(back) <= {k for k in state if k.endswith("num_batches_tracked")}
     for key, value in expected.items():
         assert torch.equal(back[key], value), key
-    if bn == "frozen":
-        assert not any(isinstance(m, nn.BatchNorm2d) for m in detector.modules())
-        assert any(isinstance(m, FrozenBatchNorm2d) for m in detector.modules())
+    bn_classes = {type(m) for m in detector.modules() if isinstance(m, (nn.BatchNorm2d, FrozenBatchNorm2d))}
+    expected_class = {"frozen": FrozenBatchNorm2d, "train": nn.BatchNorm2d, "sync": AllReduceBatchNorm2d}[bn]
+    assert bn_classes == {expected_class}  # every BN of the detector, on CPU
 
 
 def test_converted_keys_load_strictly_into_the_trunk():
@@ -107,8 +110,9 @@ def _cfg(**scaling):
 
 def test_refusals_name_the_field():
     cfg = _cfg()
-    with pytest.raises(ConfigError, match="eval.detection.bn=sync"):
-        check_detection(cfg, ModelConfig(arch="resnet18"), DetectionConfig(bn="sync"))
+    check_detection(cfg, ModelConfig(arch="resnet18"), DetectionConfig(bn="sync"))  # synchronised over gloo on CPU
+    with pytest.raises(ConfigError, match="eval.detection.warmup_iters=200 is longer than the run"):
+        check_detection(cfg, ModelConfig(arch="resnet18"), DetectionConfig(iterations=100, warmup_iters=200))
     with pytest.raises(ConfigError, match="small_cnn has a single feature level"):
         check_detection(cfg, ModelConfig(arch="small_cnn"), DetectionConfig(fpn=True))
     with pytest.raises(ConfigError, match="anchor_sizes"):
@@ -123,7 +127,32 @@ def test_anchor_sizes_scale_with_the_image():
 
 
 def test_lr_warmup_then_steps():
-    det = DetectionConfig(iterations=1000, milestones=[0.75, 0.92])
+    det = DetectionConfig(iterations=1000, milestones=[0.75, 0.92], warmup_iters=100, warmup_factor=0.001)
     assert lr_factor(0, det) == pytest.approx(0.001)
     assert lr_factor(50, det) == pytest.approx(0.001 * 0.5 + 0.5)
     assert [lr_factor(i, det) for i in (100, 749, 750, 919, 920, 999)] == pytest.approx([1, 1, 0.1, 0.1, 0.01, 0.01])
+
+
+def test_lr_warmup_length_and_start_are_configured():
+    det = DetectionConfig(iterations=100, milestones=[0.75], warmup_iters=40, warmup_factor=0.1)
+    assert [lr_factor(i, det) for i in (0, 20, 39, 40, 74, 75)] == pytest.approx([0.1, 0.55, 0.9775, 1, 1, 0.1])
+    assert lr_factor(0, det.model_copy(update={"warmup_iters": 0})) == 1  # no warm-up
+
+
+def _grads(*values: float) -> list[nn.Parameter]:
+    params = [nn.Parameter(torch.zeros(2)) for _ in values]
+    for p, v in zip(params, values):
+        p.grad = torch.tensor([v, 0.0])
+    return params
+
+
+def test_clip_gradients_scales_the_global_norm_down_to_the_limit():
+    params = _grads(3.0, 4.0)  # global norm 5
+    assert clip_gradients(params, 1.0) == pytest.approx(5.0)  # the norm before clipping
+    assert [p.grad[0].item() for p in params] == pytest.approx([0.6, 0.8])
+    params = _grads(3.0, 4.0)
+    assert clip_gradients(params, 10.0) == pytest.approx(5.0)
+    assert [p.grad[0].item() for p in params] == pytest.approx([3.0, 4.0])  # below the limit: untouched
+    params = _grads(3.0, 4.0)
+    assert clip_gradients(params, None) == pytest.approx(5.0)
+    assert [p.grad[0].item() for p in params] == pytest.approx([3.0, 4.0])  # off: only measured

@@ -3,6 +3,8 @@ linked to a pretraining run (a run made as ``run_pretrain`` leaves it: config.ya
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 from mlflow import MlflowClient
@@ -12,8 +14,10 @@ from mocolab.config import build_config
 from mocolab.data.detection import make_digits_voc
 from mocolab.evaluate.lincls_cli import run_lincls
 from mocolab.evaluate.pipeline import run_configured_evals, run_random_baselines
+from mocolab.evaluate.runner import eval_params, run_eval
 from mocolab.evaluate.weights import resolve_source
 from mocolab.moco.backbones import backbone_state_dict, build_backbone
+from mocolab.train.nonfinite import INJECT_NAN_STEP_KEY, NonFiniteLossError
 
 pytestmark = pytest.mark.slow
 
@@ -79,6 +83,7 @@ def test_detection_on_two_ray_workers(ray_local, mlflow_uri, tmp_path):
         "max_size": 64,
         "anchor_sizes": [8, 16, 32, 64],
         "iterations": 3,
+        "warmup_iters": 1,
         "batch_size": 2,
         "lr": 0.01,
         "roi_batch_size": 32,
@@ -100,3 +105,68 @@ def test_detection_on_two_ray_workers(ray_local, mlflow_uri, tmp_path):
 
     baseline = run_random_baselines(cfg)["detection"]
     assert client.get_run(baseline["run_id"]).data.tags[tracking.INIT_TAG] == "random"
+
+
+def _nonfinite_run(cfg, stage, loop, section, workers, headline, fix, step):
+    """``run_eval`` with the last worker's loss made NaN at ``step`` (rank 0, which files the tag, learns it only
+    through the all-reduce); returns the error and the evaluation's MLflow run."""
+    source = resolve_source(cfg, init="random")
+    loop_config = {"config": cfg.model_dump(mode="json"), INJECT_NAN_STEP_KEY: step}
+    with pytest.raises(NonFiniteLossError) as err:
+        run_eval(cfg, source, stage, eval_params(cfg, stage, section, source), loop, loop_config, workers, headline, fix)
+    run_id = re.search(r"\(MLflow run (\w+)\)", str(err.value)).group(1)
+    return str(err.value), MlflowClient(cfg.tracking.tracking_uri).get_run(run_id)
+
+
+def test_nonfinite_detection_loss_stops_both_workers_and_fails_the_run(ray_local, mlflow_uri, tmp_path):
+    from mocolab.evaluate.detection import detection_train_loop
+    from mocolab.evaluate.detection_cli import NONFINITE_FIX
+    from mocolab.evaluate.detection_metrics import AP_METRICS
+
+    root = make_digits_voc(tmp_path / "digits-voc", num_train=8, num_val=4)
+    detection = {
+        "data": {"format": "voc", "root": str(root)},
+        "fpn": False,
+        "bn": "sync",  # the all-reduce BN inside DDP on two gloo workers
+        "min_size": 64,
+        "max_size": 64,
+        "anchor_sizes": [8, 16, 32, 64],
+        "iterations": 4,
+        "warmup_iters": 2,
+        "roi_batch_size": 32,
+        "test_proposals": 20,
+        "num_workers": 2,
+    }
+    cfg = _config(tmp_path, mlflow_uri, detection=detection)
+    message, run = _nonfinite_run(
+        cfg, "detection", detection_train_loop, cfg.eval.detection, 2, AP_METRICS, NONFINITE_FIX, step=3
+    )
+
+    assert "\n" not in message
+    assert re.fullmatch(
+        r"detection run 'detection-random-pre' \(MLflow run \w+\): NaN/inf loss nan at iteration 3/4 "
+        r"\(worker 0: classifier [^)]*\); stopped without retry\. " + re.escape(NONFINITE_FIX),
+        message,
+    ), message
+    assert run.info.status == "FAILED"
+    assert run.data.tags[tracking.NONFINITE_LOSS_TAG].startswith("loss nan at iteration 3/4 (")
+    assert "det_AP" not in run.data.metrics
+    history = MlflowClient(mlflow_uri).get_metric_history(run.info.run_id, "iter_loss")
+    assert [m.step for m in history] == [1, 2]  # logged every iteration of this short run, up to the NaN
+
+
+def test_nonfinite_lincls_loss_fails_the_run(ray_local, mlflow_uri, tmp_path):
+    from mocolab.evaluate.lincls import lincls_train_loop, metric_names
+
+    lincls = {"epochs": 2, "batch_size": 64, "lr": 1.0, "num_workers": 2, "fast": True}
+    cfg = _config(tmp_path, mlflow_uri, lincls=lincls)
+    message, run = _nonfinite_run(
+        cfg, "lincls", lincls_train_loop, cfg.eval.lincls, 2, metric_names(True), "Lower eval.lincls.lr.", step=3
+    )
+
+    assert re.fullmatch(
+        r"lincls run 'lincls-random-pre' \(MLflow run \w+\): NaN/inf loss nan in epoch 2 at step 3; "
+        r"stopped without retry\. Lower eval\.lincls\.lr\.",
+        message,
+    ), message
+    assert run.info.status == "FAILED" and "lincls_fast_top1" not in run.data.metrics

@@ -14,7 +14,8 @@ from mocolab.train.checkpoint import CHECKPOINT_FILE, load_checkpoint
 from mocolab.orchestrate import run_pretrain
 from mocolab.runtime import ensure_ray
 from mocolab.train.launch import build_trainer, finish_pretrain_run
-from mocolab.train.pretrain import INJECT_NAN_KEY, NonFiniteLossError
+from mocolab.train.nonfinite import NonFiniteLossError
+from mocolab.train.pretrain import INJECT_NAN_KEY
 
 SHARED_CIFAR = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "cifar10-subset"
 EPOCH_METRICS = ("loss", "lr", "knn_top1", "epoch_time_s", "throughput_img_s", "corrupt_skipped")

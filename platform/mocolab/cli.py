@@ -62,12 +62,16 @@ def main(argv: list[str] | None = None) -> int:
         sub.add_argument("--verbose", action="store_true", help=VERBOSE_HELP)
         args = sub.parse_args(argv[1:])
         from mocolab.config import ConfigError
+        from mocolab.train.nonfinite import NonFiniteLossError
 
         try:
             return int(module.main(args) or 0)
         except ConfigError as err:
             print(f"mocolab {argv[0]}: {err}", file=sys.stderr)
             return 2
+        except NonFiniteLossError as err:  # the run is already marked FAILED with where it happened
+            print(f"mocolab {argv[0]}: {err}", file=sys.stderr)
+            return 1
         finally:
             _shutdown_ray()
     parser.parse_args(argv)

@@ -286,7 +286,12 @@ class DetectionDataConfig(_Section):
 class DetectionConfig(_Section):
     data: DetectionDataConfig = Field(default_factory=DetectionDataConfig)
     fpn: bool = True
-    bn: Literal["frozen", "train", "sync"] = "frozen"
+    bn: Literal["frozen", "train", "sync"] = Field(
+        "sync",
+        description="backbone BN: sync = statistics of the global batch, fine-tuned, for every init (the paper's "
+        "SyncBN; torch SyncBatchNorm on GPU, an all-reduce BN over gloo on CPU); train = per-worker batch; "
+        "frozen = FrozenBatchNorm2d with the loaded statistics (no normalisation at all for a random init)",
+    )
     min_size: int = Field(480, ge=32)
     max_size: int = Field(800, ge=32)
     iterations: int = Field(24000, ge=1)
@@ -295,6 +300,9 @@ class DetectionConfig(_Section):
     momentum: float = Field(0.9, ge=0, lt=1)
     weight_decay: float = Field(1e-4, ge=0)
     milestones: list[float] = Field(default_factory=lambda: [0.75, 0.92])
+    warmup_iters: int = Field(100, ge=0, description="linear lr warm-up from warmup_factor x lr (detectron2's WARMUP_ITERS)")
+    warmup_factor: float = Field(0.001, gt=0, le=1)
+    clip_grad_norm: Optional[float] = Field(None, gt=0, description="clip the global gradient L2 norm to this; null: off")
     trainable_layers: int = Field(5, ge=0, le=5)
     roi_batch_size: int = Field(512, ge=1, description="RoIs sampled per image for the box head in training")
     test_proposals: int = Field(1000, ge=1, description="RPN proposals per image scored by the box head at test")

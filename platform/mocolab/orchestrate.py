@@ -14,7 +14,7 @@ from typing import Any, Optional, Sequence
 from mocolab import tracking
 from mocolab.cli import add_overrides_argument
 from mocolab.config import Config, load_config
-from mocolab.train.pretrain import NonFiniteLossError
+from mocolab.train.nonfinite import NonFiniteLossError
 from mocolab.train.resume import NoLoadableCheckpointError
 
 

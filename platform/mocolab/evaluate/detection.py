@@ -9,19 +9,24 @@ Detector layouts (``eval.detection.fpn`` and ``model.arch``):
 - ``single`` (``small_cnn``, ``fpn: false``): its four conv blocks (stride 8) are the backbone, RoIAlign
   7x7, a two-FC box head of width 256.
 
-BN (``eval.detection.bn``): ``frozen`` turns every BatchNorm into torchvision's FrozenBatchNorm2d with
-the loaded statistics; ``train`` keeps BatchNorm2d, updated per worker batch; ``sync`` converts to
-SyncBatchNorm (CUDA only). Anchor sizes are ``anchor_sizes`` or scale with ``min_size / 800`` (the paper's
-images are 800 px; at 800 they are torchvision's 32..512). Iterations, batch size per worker and lr are as configured:
-the global batch is ``batch_size x num_workers`` and lr is not rescaled. A linear warm-up over the
-first ``min(500, iterations / 10)`` iterations precedes the step decays (x0.1 at each milestone).
+BN (``eval.detection.bn``), the same for every init so that random init, supervised and MoCo compare fairly:
+``sync`` (default; the paper's SyncBN) fine-tunes every BatchNorm with the statistics of the global batch
+(torch SyncBatchNorm on GPU, :class:`mocolab.moco.norm.AllReduceBatchNorm2d` over gloo on CPU; plain
+BatchNorm2d on one worker); ``train`` uses each worker's batch; ``frozen`` turns every BatchNorm into
+torchvision's FrozenBatchNorm2d with the loaded statistics, which for a random-init backbone (mean 0,
+var 1) is no normalisation at all. Anchor sizes are ``anchor_sizes`` or scale with ``min_size / 800``
+(the paper's images are 800 px; at 800 they are torchvision's 32..512). Iterations, batch size per
+worker and lr are as configured: the global batch is ``batch_size x num_workers`` and lr is not
+rescaled (the paper: 0.02 for 16 images). Schedule: linear warm-up from ``warmup_factor x lr`` over
+``warmup_iters`` iterations, then x0.1 at each milestone; ``clip_grad_norm`` caps the global gradient norm.
 """
 
 from __future__ import annotations
 
+import math
 import time
 from collections import OrderedDict
-from typing import Any
+from typing import Any, Optional
 
 import numpy as np
 import torch
@@ -37,6 +42,7 @@ from torchvision.ops.misc import FrozenBatchNorm2d
 
 from mocolab.config import Config, ConfigError, DetectionConfig, ModelConfig
 from mocolab.console import StepProgress, console
+from mocolab.moco.norm import to_allreduce_batchnorm
 
 BASE_ANCHORS = (32, 64, 128, 256, 512)
 RESNET_LAYERS = ("conv1", "bn1", "layer1", "layer2", "layer3", "layer4")
@@ -53,15 +59,15 @@ def detector_layout(model_cfg: ModelConfig, det: DetectionConfig) -> str:
 
 def check_detection(cfg: Config, model_cfg: ModelConfig, det: DetectionConfig) -> None:
     """Refuse, before compute, a detection setup that cannot run (naming the field and the fix)."""
-    if det.bn == "sync" and not cfg.scaling.use_gpu:
-        raise ConfigError(
-            "eval.detection.bn=sync uses torch.nn.SyncBatchNorm, which runs only on CUDA; set scaling.use_gpu=true "
-            "or use eval.detection.bn=frozen|train on CPU"
-        )
     if det.min_size > det.max_size:
         raise ConfigError(f"eval.detection.min_size={det.min_size} is above max_size={det.max_size}")
     if any(not 0 < m < 1 for m in det.milestones) or det.milestones != sorted(det.milestones):
         raise ConfigError(f"eval.detection.milestones={det.milestones} must be increasing fractions in (0, 1)")
+    if det.warmup_iters > det.iterations:
+        raise ConfigError(
+            f"eval.detection.warmup_iters={det.warmup_iters} is longer than the run (iterations={det.iterations}): "
+            "the lr would never reach eval.detection.lr; lower warmup_iters"
+        )
     if det.anchor_sizes and detector_layout(model_cfg, det) == "fpn" and len(det.anchor_sizes) != len(BASE_ANCHORS):
         raise ConfigError(
             f"eval.detection.anchor_sizes={det.anchor_sizes}: the FPN has {len(BASE_ANCHORS)} levels, one size each; "
@@ -86,13 +92,13 @@ def anchor_sizes(det: DetectionConfig) -> tuple[int, ...]:
 
 
 def lr_factor(iteration: int, det: DetectionConfig) -> float:
-    """Multiplier of ``det.lr`` at ``iteration`` (0-based): linear warm-up from 0.001 over
-    ``min(500, iterations // 10)`` iterations, x0.1 at each milestone fraction of ``det.iterations``."""
-    warmup = min(500, det.iterations // 10)
+    """Multiplier of ``det.lr`` at ``iteration`` (0-based), detectron2's WarmupMultiStepLR: linear warm-up
+    from ``det.warmup_factor`` over ``det.warmup_iters`` iterations, x0.1 at each milestone fraction of
+    ``det.iterations``."""
     decay = 0.1 ** sum(iteration >= int(m * det.iterations) for m in det.milestones)
-    if iteration < warmup:
-        alpha = iteration / warmup
-        return decay * (0.001 * (1 - alpha) + alpha)
+    if iteration < det.warmup_iters:
+        alpha = iteration / det.warmup_iters
+        return decay * (det.warmup_factor * (1 - alpha) + alpha)
     return decay
 
 
@@ -153,9 +159,13 @@ def _channels(block: nn.Module) -> int:
     return [m for m in block.modules() if isinstance(m, nn.Conv2d)][-1].out_channels
 
 
-def build_detector(model_cfg: ModelConfig, det: DetectionConfig, num_classes: int) -> tuple[nn.Module, str]:
+def build_detector(
+    model_cfg: ModelConfig, det: DetectionConfig, num_classes: int, use_gpu: bool = False
+) -> tuple[nn.Module, str]:
     """A Faster R-CNN with a randomly initialised mocolab backbone trunk; ``num_classes`` excludes the
-    background. Returns ``(model, layout)``; load weights with :func:`load_backbone_into_detector`."""
+    background; BN per ``det.bn`` (``sync``: torch SyncBatchNorm with ``use_gpu``, else
+    AllReduceBatchNorm2d). Returns ``(model, layout)``; load weights with :func:`load_backbone_into_detector`
+    (BN statistics and affine load into either BN class)."""
     from mocolab.data.augment import NORMALIZE
     from mocolab.moco.backbones import build_backbone
 
@@ -202,7 +212,7 @@ def build_detector(model_cfg: ModelConfig, det: DetectionConfig, num_classes: in
             **common,
         )
     if det.bn == "sync":
-        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model) if use_gpu else to_allreduce_batchnorm(model)
     return model, layout
 
 
@@ -252,6 +262,15 @@ def load_backbone_into_detector(detector: nn.Module, backbone_state: dict[str, t
         raise ConfigError(f"detector refused backbone keys {result.unexpected_keys[:5]}")
 
 
+def clip_gradients(params: list[nn.Parameter], max_norm: Optional[float]) -> float:
+    """The global L2 norm of the gradients of ``params`` before clipping; with ``max_norm``
+    (``eval.detection.clip_grad_norm``) the gradients are scaled down so that their global norm is at most it."""
+    total = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+    if max_norm is not None:
+        torch.nn.utils.clip_grads_with_norm_(params, max_norm, total)
+    return float(total)
+
+
 def _batches(loader, sampler) -> Any:
     """Endless iteration over the loader, a new shuffle per pass."""
     epoch = 0
@@ -274,23 +293,33 @@ def predict(model: nn.Module, dataset, indices, device: torch.device, batch_size
     return out
 
 
+def _loss_parts(losses: dict[str, torch.Tensor]) -> str:
+    return ", ".join(f"{k.removeprefix('loss_')} {v.item():.4g}" for k, v in losses.items())
+
+
 def detection_train_loop(config: dict[str, Any]) -> dict[str, float]:
     """Fine-tune and evaluate the detector on this Ray Train worker; rank 0 returns the AP metrics
-    (percent) and timings."""
+    (percent) and timings. Rank 0 logs ``iter_loss`` (mean over workers), ``iter_loss_<part>`` (its own),
+    ``iter_lr`` and ``iter_grad_norm`` (before clipping) to the MLflow run every tenth of the run. A NaN/inf loss on any
+    worker stops every worker at that iteration (``train/nonfinite.py``) and returns no metrics."""
     import ray.train.torch
     from torch.utils.data import DataLoader, DistributedSampler
 
+    from mocolab import tracking
     from mocolab.data.detection import DetectionDataset, collate_detection, read_detection_splits
     from mocolab.evaluate.detection_metrics import coco_ap
     from mocolab.runtime import start_worker
+    from mocolab.train.nonfinite import INJECT_NAN_STEP_KEY, record_nonfinite, worker_mean
 
     worker = start_worker(config, seed=config["config"]["eval"]["detection"]["seed"])
     cfg, rank, world, device = worker.cfg, worker.rank, worker.world_size, worker.device
     det = cfg.eval.detection
     source = config["source"]
+    run_id, uri = config["mlflow_run_id"], cfg.tracking.tracking_uri
+    nan_at = config.get(INJECT_NAN_STEP_KEY)
 
     train_records, val_records, classes = read_detection_splits(det.data)
-    model, layout = build_detector(source.model, det, len(classes))
+    model, layout = build_detector(source.model, det, len(classes), use_gpu=cfg.scaling.use_gpu)
     if source.state is not None:
         load_backbone_into_detector(model, source.state, layout)
     model = model.to(device)
@@ -298,6 +327,7 @@ def detection_train_loop(config: dict[str, Any]) -> dict[str, float]:
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(params, lr=det.lr, momentum=det.momentum, weight_decay=det.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda it: lr_factor(it, det))
+    client = tracking.client_for(uri) if rank == 0 else None
 
     train_set = DetectionDataset(train_records, classes, train=True, hflip=True)
     sampler = DistributedSampler(train_set, num_replicas=world, rank=rank, shuffle=True, seed=det.seed)
@@ -306,25 +336,37 @@ def detection_train_loop(config: dict[str, Any]) -> dict[str, float]:
     model.train()
     log_every = max(1, det.iterations // 10)
     bar = StepProgress("detect", det.iterations, active=worker.is_chief)
-    for iteration, (images, targets) in zip(range(det.iterations), _batches(loader, sampler)):
+    for step, (images, targets) in zip(range(1, det.iterations + 1), _batches(loader, sampler)):
         images = [im.to(device) for im in images]
         targets = [{k: (v.to(device) if torch.is_tensor(v) else v) for k, v in t.items()} for t in targets]
         losses = ddp_model(images, targets)
         loss = sum(losses.values())
-        if not torch.isfinite(loss):
-            raise FloatingPointError(
-                f"detection loss is {loss.item()} at iteration {iteration}; lower eval.detection.lr"
-            )
+        if step == nan_at and rank == world - 1:
+            loss = loss * float("nan")
+        mean_loss = worker_mean(loss, world)
+        if not math.isfinite(mean_loss):
+            if rank == 0:
+                where = f"loss {mean_loss} at iteration {step}/{det.iterations} (worker 0: {_loss_parts(losses)})"
+                record_nonfinite(uri, run_id, where)
+            bar.close()
+            return {}  # every rank returns here: a clean end, which Ray does not retry
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        grad_norm = clip_gradients(params, det.clip_grad_norm)
+        lr = optimizer.param_groups[0]["lr"]
         optimizer.step()
-        bar.step(len(images) * world, loss.detach(), scheduler.get_last_lr()[0])
+        bar.step(len(images) * world, mean_loss, lr)
         scheduler.step()
-        if iteration + 1 == det.iterations:
+        if step == det.iterations:
             bar.close()  # the last line comes after the finished bar; earlier ones print above it
-        if worker.is_chief and ((iteration + 1) % log_every == 0 or iteration + 1 == det.iterations):
-            parts = " ".join(f"{k.removeprefix('loss_')} {v.item():.3f}" for k, v in losses.items())
-            console(f"[mocolab detect] iter {iteration + 1}/{det.iterations} loss {loss.item():.3f} ({parts})")
+        if client is not None and (step % log_every == 0 or step == det.iterations):
+            metrics = {"iter_loss": mean_loss, "iter_lr": lr, "iter_grad_norm": grad_norm}
+            metrics.update({f"iter_{k}": v.item() for k, v in losses.items()})
+            tracking.log_metrics(client, run_id, metrics, step=step)
+            console(
+                f"[mocolab detect] iter {step}/{det.iterations} loss {mean_loss:.3f} (worker 0: {_loss_parts(losses)}) "
+                f"lr {lr:.4g} grad norm {grad_norm:.3g}"
+            )
     train_s = time.perf_counter() - started
 
     started = time.perf_counter()

@@ -11,12 +11,24 @@ from mocolab.evaluate.runner import eval_params, run_eval
 from mocolab.evaluate.weights import BackboneSource, add_source_arguments, resolve_source
 from mocolab.tracking import DETECTION_METRICS
 
+NONFINITE_FIX = (
+    "Lower eval.detection.lr, raise eval.detection.warmup_iters or set eval.detection.clip_grad_norm "
+    "(and keep eval.detection.bn=sync: frozen BN leaves a random-init backbone unnormalised), then run again."
+)
+
 
 def run_detection(cfg: Config, source: BackboneSource) -> dict[str, Any]:
     """Fine-tune a Faster R-CNN on ``source``'s backbone per ``cfg.eval.detection`` on Ray Train workers,
     filed in MLflow. Returns ``det_AP``, ``det_AP50``, ``det_AP75`` (percent), timings and ``run_id``.
     The caller has run the pre-flight step (which also reads, or makes, the detection data)."""
     det = cfg.eval.detection
+    if det.bn == "frozen" and source.state is None:
+        print(
+            "[mocolab detect] warning: eval.detection.bn=frozen leaves a random-init backbone without normalisation "
+            "(its BN statistics are mean 0, var 1); it is not comparable with pretrained inits. Use "
+            "eval.detection.bn=sync, as for every init in the paper.",
+            flush=True,
+        )
     return run_eval(
         cfg,
         source,
@@ -26,6 +38,7 @@ def run_detection(cfg: Config, source: BackboneSource) -> dict[str, Any]:
         {"config": cfg.model_dump(mode="json")},
         det.num_workers,
         DETECTION_METRICS,
+        NONFINITE_FIX,
     )
 
 

@@ -5,7 +5,8 @@ a linear classifier initialised N(0, 0.01), bias 0, is trained with SGD (lr 30, 
 decay 0), lr x0.1 at 60 % and 80 % of the epochs; training images get RandomResizedCrop + horizontal
 flip, test images resize + center crop (albumentations); top-1 / top-5 in percent on the test split.
 At the end every worker checks that the backbone's weights and BN statistics are bit-identical to
-the ones it started with.
+the ones it started with. A NaN/inf loss on any worker stops every worker at that step and ends the run
+FAILED with one line (``train/nonfinite.py``).
 
 ``fast``: the features of the training images (eval transform, no augmentation) and of the test
 images are extracted once, and the same classifier and schedule train on the cached features.
@@ -180,6 +181,7 @@ def lincls_train_loop(config: dict[str, Any]) -> dict[str, float]:
     from mocolab.evaluate.weights import BackboneSource, assert_unchanged, load_backbone_state, snapshot
     from mocolab.moco.backbones import build_backbone
     from mocolab.runtime import start_worker
+    from mocolab.train.nonfinite import INJECT_NAN_STEP_KEY, record_nonfinite, worker_mean
 
     worker = start_worker(config, seed=config["config"]["eval"]["lincls"]["seed"])
     cfg, rank, world, device = worker.cfg, worker.rank, worker.world_size, worker.device
@@ -215,6 +217,7 @@ def lincls_train_loop(config: dict[str, Any]) -> dict[str, float]:
 
     steps = math.ceil(len(train_labels) / lin.batch_size) if lin.fast else len(train_loader)
     bar = StepProgress("lincls", lin.epochs * steps, active=worker.is_chief)
+    nan_at, step = config.get(INJECT_NAN_STEP_KEY), 0
     for epoch in range(lin.epochs):
         lr = lr_at_epoch(epoch, lin)
         for group in optimizer.param_groups:
@@ -229,6 +232,16 @@ def lincls_train_loop(config: dict[str, Any]) -> dict[str, float]:
         total, seen = 0.0, 0
         for feats, labels in batches:
             loss = F.cross_entropy(classifier(feats), labels)
+            step += 1
+            if step == nan_at and rank == world - 1:
+                loss = loss * float("nan")
+            mean_loss = worker_mean(loss, world)
+            if not math.isfinite(mean_loss):
+                if rank == 0:
+                    where = f"loss {mean_loss} in epoch {epoch + 1} at step {step}"
+                    record_nonfinite(cfg.tracking.tracking_uri, config["mlflow_run_id"], where)
+                bar.close()
+                return {}  # every rank returns here: a clean end, which Ray does not retry
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()

@@ -35,6 +35,7 @@ def run_lincls(cfg: Config, source: BackboneSource) -> dict[str, Any]:
         {"config": cfg.model_dump(mode="json")},
         lin.num_workers,
         metric_names(lin.fast),
+        "Lower eval.lincls.lr (or check the backbone's weights), then run again.",
     )
 
 

@@ -4,7 +4,8 @@ The command that calls it has run the pre-flight step (data, storage, tracking) 
 
 The evaluation run is tagged ``mocolab.stage`` and ``mocolab.init`` (plus ``mocolab.pretrain_run_id``
 for a pretrained backbone), gets its eval section as params, and its headline metrics; those are also
-copied onto the pretraining run (``tracking.record_downstream``). A failed fit marks the run FAILED.
+copied onto the pretraining run (``tracking.record_downstream``). A failed fit marks the run FAILED; so does
+a NaN/inf loss, which raises NonFiniteLossError naming the run, where it happened and what to change.
 """
 
 from __future__ import annotations
@@ -37,10 +38,13 @@ def run_eval(
     loop_config: dict[str, Any],
     num_workers: int,
     headline: tuple[str, ...],
+    nonfinite_fix: str = "Lower the evaluation's lr, then run again.",
 ) -> dict[str, Any]:
     """Fit ``loop`` on ``num_workers`` Ray Train workers, log the metrics rank 0 returns and the fit's compute to a
-    new ``stage`` run, copy the ``headline`` ones onto the pretraining run. Returns the metrics and ``run_id``."""
+    new ``stage`` run, copy the ``headline`` ones onto the pretraining run. Returns the metrics and ``run_id``.
+    A NaN/inf loss the workers recorded raises NonFiniteLossError (run FAILED) ending with ``nonfinite_fix``."""
     from mocolab.runtime import ensure_ray, torch_trainer
+    from mocolab.train.nonfinite import raise_if_nonfinite
 
     uri = cfg.tracking.tracking_uri
     run_name = f"{stage}-{source.label}-{cfg.tracking.run_name}"
@@ -62,6 +66,7 @@ def run_eval(
         except BaseException:
             tracking.end_run(uri, run_id, status="FAILED")
             raise
+    raise_if_nonfinite(uri, run_id, f"{stage} run '{run_name}' (MLflow run {run_id})", nonfinite_fix)
     metrics = {k: float(v) for k, v in (result.return_value or {}).items()}
     client = tracking.client_for(uri)
     tracking.log_metrics(client, run_id, metrics, step=0)

@@ -1,4 +1,5 @@
-"""Collectives of the MoCo step over ``torch.distributed`` (gloo or nccl): gathers and the shuffle-BN shuffle.
+"""Collectives of the MoCo step over ``torch.distributed`` (gloo or nccl): gathers, the shuffle-BN shuffle and
+the differentiable all-reduce of synchronised BN.
 
 The shuffle is an all-to-all (:func:`shuffle_across_workers`), equal in result to the official code's
 all-gather (:func:`shuffle_by_gather`, kept as its reference) but moving about one batch per worker whatever the
@@ -57,6 +58,29 @@ def gather_all_with_grad(x: torch.Tensor) -> torch.Tensor:
     other workers' losses send to these rows arrive through an all-reduce in backward (every worker must run
     backward). ``x`` itself on one worker."""
     return x if world_size() == 1 else _GatherWithGrad.apply(x)
+
+
+class _AllReduceWithGrad(torch.autograd.Function):
+    """Sum over workers whose backward also sums: every worker's input feeds every worker's output."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        x = x.contiguous().clone()
+        dist.all_reduce(x)
+        return x
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad)
+        return grad
+
+
+def all_reduce_with_grad(x: torch.Tensor) -> torch.Tensor:
+    """The sum of ``x`` over workers, differentiable on any backend (gloo included; every worker must run
+    backward). ``x`` itself on one worker. (``torch.distributed.nn.functional.all_reduce`` does the same
+    but is deprecated in torch 2.14.)"""
+    return x if world_size() == 1 else _AllReduceWithGrad.apply(x)
 
 
 def _draw_permutation(n: int, device: torch.device) -> torch.Tensor:

@@ -1,10 +1,13 @@
-"""Batch-norm variants of ``model.bn``: SplitBatchNorm (shuffle-BN on one worker) and the conversion helper."""
+"""Batch-norm variants: SplitBatchNorm (shuffle-BN on one worker) and the ``model.bn`` conversion helper;
+AllReduceBatchNorm2d (synchronised BN on any backend, gloo included) and its conversion helper."""
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from mocolab.moco.distributed import all_reduce_with_grad, world_size
 
 BN_MODES = ("shuffle", "split", "sync", "plain")
 
@@ -52,6 +55,62 @@ class SplitBatchNorm2d(nn.BatchNorm2d):
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, num_splits={self.num_splits}"
+
+
+class AllReduceBatchNorm2d(nn.BatchNorm2d):
+    """BatchNorm2d that, in training, normalises with the statistics of the global batch (all workers):
+    each worker's per-channel sum, sum of squares and element count are summed over the default process
+    group by a differentiable all-reduce, so gradients flow through the shared statistics as in
+    ``torch.nn.SyncBatchNorm``, but on any backend (gloo on CPU, where SyncBatchNorm refuses to run).
+    Workers are weighted by their element counts (images of different sizes count by their pixels), as
+    detectron2's ``NaiveSyncBatchNorm(stats_mode="N")``. With one worker, or in eval mode, it is BatchNorm2d.
+    Its ``state_dict`` keys are plain BN keys."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or world_size() == 1:
+            return super().forward(x)
+        c = x.shape[1]
+        local = torch.cat([x.sum((0, 2, 3)), (x * x).sum((0, 2, 3)), x.new_full((1,), x.numel() / c)])
+        total = all_reduce_with_grad(local)
+        count = total[-1]
+        mean = total[:c] / count
+        var = (total[c : 2 * c] / count - mean * mean).clamp_min(0)
+        if self.track_running_stats:
+            self._update_running_stats(mean.detach(), var.detach(), float(count))
+        scale = torch.rsqrt(var + self.eps)
+        if self.affine:
+            scale = scale * self.weight
+        shift = -mean * scale + (self.bias if self.affine else 0)
+        return x * scale.view(1, c, 1, 1) + shift.view(1, c, 1, 1)
+
+    @torch.no_grad()
+    def _update_running_stats(self, mean: torch.Tensor, var: torch.Tensor, count: float) -> None:
+        self.num_batches_tracked.add_(1)
+        momentum = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
+        self.running_mean.lerp_(mean, momentum)
+        self.running_var.lerp_(var * count / max(count - 1, 1), momentum)  # unbiased, as BatchNorm2d keeps it
+
+
+def to_allreduce_batchnorm(module: nn.Module) -> nn.Module:
+    """``module`` with every BatchNorm2d replaced by :class:`AllReduceBatchNorm2d` holding the same weights
+    and running statistics (FrozenBatchNorm2d and other norms are left alone)."""
+    if type(module) is nn.BatchNorm2d:
+        synced = AllReduceBatchNorm2d(
+            module.num_features,
+            eps=module.eps,
+            momentum=module.momentum,
+            affine=module.affine,
+            track_running_stats=module.track_running_stats,
+        )
+        synced.load_state_dict(module.state_dict(), assign=True)  # keeps the tensors (and their device)
+        if module.affine:  # assign=True does not keep requires_grad (frozen stages stay frozen)
+            synced.weight.requires_grad_(module.weight.requires_grad)
+            synced.bias.requires_grad_(module.bias.requires_grad)
+        synced.train(module.training)
+        return synced
+    for name, child in module.named_children():
+        setattr(module, name, to_allreduce_batchnorm(child))
+    return module
 
 
 def convert_batchnorm(module: nn.Module, mode: str, splits: int = 1) -> nn.Module:

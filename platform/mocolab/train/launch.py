@@ -15,7 +15,8 @@ from typing import Any, Sequence
 from mocolab import tracking
 from mocolab.config import Config
 from mocolab.runtime import torch_trainer
-from mocolab.train.pretrain import BACKBONE_FILE, NonFiniteLossError, loop_config, train_loop
+from mocolab.train.nonfinite import NonFiniteLossError
+from mocolab.train.pretrain import BACKBONE_FILE, loop_config, train_loop
 from mocolab.train.resume import NoLoadableCheckpointError
 
 

@@ -16,7 +16,7 @@ A NaN/inf loss is not a transient failure. The losses stay on the device; every 
 steps and at the end of every epoch all ranks agree (one all-reduce) on the first step whose loss was not finite.
 If there is one, rank 0 records where it happened in the MLflow tag ``mocolab.nonfinite_loss`` and every rank
 returns without a checkpoint, so Ray does not retry and the last good checkpoint stays the latest one; the
-driver turns the tag into :class:`NonFiniteLossError`.
+driver turns the tag into :class:`~mocolab.train.nonfinite.NonFiniteLossError` (``train/nonfinite.py``).
 """
 
 from __future__ import annotations
@@ -37,6 +37,7 @@ from mocolab.config import Config, TrainConfig
 from mocolab.console import StepProgress, console
 from mocolab.runtime import seed_everything, start_worker
 from mocolab.train.checkpoint import capture_rng_state, restore_rng_state, save_checkpoint
+from mocolab.train.nonfinite import record_nonfinite
 from mocolab.train.resume import NoLoadableCheckpointError, Resumed, load_for_resume
 from mocolab.train.step import LossWatch, TrainStep, make_optimizer
 
@@ -44,10 +45,6 @@ BACKBONE_FILE = "backbone.pt"
 INJECT_NAN_KEY = "inject_nan_loss_at_epoch"
 """Fault injection for tests of the NaN path: a ``train_loop_config`` key whose value is the epoch in which the
 query crops (hence the loss) are made NaN. Never set by mocolab itself."""
-
-
-class NonFiniteLossError(RuntimeError):
-    """The loss became NaN or inf: the run stopped without retry; its last good checkpoint is kept."""
 
 
 def lr_factor(step: int, steps_per_epoch: int, train: TrainConfig) -> float:
@@ -100,6 +97,7 @@ class _Tracker:
     def __init__(self, cfg: Config, run_id: str, active: bool):
         self.active = active
         self.run_id = run_id
+        self.tracking_uri = cfg.tracking.tracking_uri
         self.epochs = cfg.train.epochs
         self._pending: list[Any] = []
         if active:
@@ -113,9 +111,7 @@ class _Tracker:
     def nonfinite_loss(self, epoch: int, global_step: int) -> None:
         if not self.active:
             return
-        where = f"loss in epoch {epoch} at global step {global_step}"
-        self._client.set_tag(self.run_id, tracking.NONFINITE_LOSS_TAG, where)
-        console(f"[mocolab] {where}: stopping without retry")
+        record_nonfinite(self.tracking_uri, self.run_id, f"loss in epoch {epoch} at global step {global_step}")
 
     def resumed(self, resumed: Resumed) -> None:
         if not self.active:

@@ -1,0 +1,56 @@
+"""A NaN/inf loss ends a run at once, without retry, with one line saying where and what to change.
+
+The one mechanism of every training loop (pretraining, linear eval, detection): every worker learns of a
+non-finite loss at the same step through a collective (the evaluation loops check each step's mean loss over
+all workers, :func:`worker_mean`; pretraining keeps its losses on the device and checks every
+``train.check_finite_every`` steps, ``train/step.LossWatch``), so that every rank stops together and none is left
+waiting in the next all-reduce; rank 0 records where it happened in the MLflow tag ``mocolab.nonfinite_loss``
+(:func:`record_nonfinite`); every rank then returns normally, so Ray does not retry; the driver turns the tag
+into :class:`NonFiniteLossError` and marks the run FAILED (:func:`raise_if_nonfinite`); ``mocolab`` prints the
+error's one line and exits with code 1.
+"""
+
+from __future__ import annotations
+
+from mocolab.console import console
+
+INJECT_NAN_STEP_KEY = "inject_nan_loss_at_step"
+"""Fault injection for tests of the NaN path of the evaluation loops: a ``train_loop_config`` key whose value
+is the optimisation step (1-based, counted over the whole run) at which the last worker's loss is made NaN
+(the others must learn it from the all-reduce). Never set by mocolab itself (pretraining has its own, per epoch: ``train.pretrain.INJECT_NAN_KEY``)."""
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN or inf: the run stopped without retry (a pretraining run keeps its last good
+    checkpoint)."""
+
+
+def worker_mean(loss, world_size: int) -> float:
+    """The mean of ``loss`` over the workers (one all-reduce when ``world_size > 1``; every rank must call it at
+    the same step). NaN/inf as soon as one worker's loss is."""
+    import torch.distributed as dist
+
+    value = loss.detach().float().reshape(1).clone()
+    if world_size > 1:
+        dist.all_reduce(value)
+    return value.item() / world_size
+
+
+def record_nonfinite(tracking_uri: str, run_id: str, where: str) -> None:
+    """Rank 0: file ``where`` (e.g. ``loss nan at iteration 56``) as the run's ``mocolab.nonfinite_loss``
+    tag and print it to the worker's log."""
+    from mocolab import tracking
+
+    tracking.client_for(tracking_uri).set_tag(run_id, tracking.NONFINITE_LOSS_TAG, where)
+    console(f"[mocolab] {where}: stopping without retry")
+
+
+def raise_if_nonfinite(tracking_uri: str, run_id: str, what: str, fix: str) -> None:
+    """Driver, after ``fit``: if the run's workers recorded a NaN/inf loss, mark the run FAILED and raise
+    :class:`NonFiniteLossError` ``"<what>: NaN/inf <where>; stopped without retry. <fix>"``."""
+    from mocolab import tracking
+
+    where = tracking.client_for(tracking_uri).get_run(run_id).data.tags.get(tracking.NONFINITE_LOSS_TAG)
+    if where:
+        tracking.end_run(tracking_uri, run_id, status="FAILED")
+        raise NonFiniteLossError(f"{what}: NaN/inf {where}; stopped without retry. {fix}")

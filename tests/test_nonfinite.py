@@ -1,0 +1,53 @@
+"""The NaN/inf path shared by the training loops (train/nonfinite.py), without Ray: the finiteness check, the
+MLflow tag, the driver's error and FAILED status, and the one line `mocolab` prints for it."""
+
+import math
+
+import pytest
+import torch
+from mlflow import MlflowClient
+
+from mocolab import cli, tracking
+from mocolab.config import build_config
+from mocolab.train.nonfinite import NonFiniteLossError, raise_if_nonfinite, record_nonfinite, worker_mean
+
+
+def test_worker_mean_on_one_worker():
+    assert worker_mean(torch.tensor(2.5, requires_grad=True), world_size=1) == 2.5
+    assert math.isnan(worker_mean(torch.tensor(float("nan")), world_size=1))
+    assert worker_mean(torch.tensor(float("-inf")), world_size=1) == float("-inf")
+
+
+def _eval_run(uri: str) -> str:
+    cfg = build_config({"tracking": {"experiment": "nan", "run_name": "r", "tracking_uri": uri}})
+    return tracking.start_eval_run(cfg, "detection", {}, init="random", run_name="detection-random-r")
+
+
+def test_recorded_nonfinite_loss_fails_the_run_with_where_and_fix(mlflow_uri):
+    run_id = _eval_run(mlflow_uri)
+    raise_if_nonfinite(mlflow_uri, run_id, "detection run 'x'", "Lower the lr.")  # nothing recorded: no error
+    assert MlflowClient(mlflow_uri).get_run(run_id).info.status == "RUNNING"
+
+    record_nonfinite(mlflow_uri, run_id, "loss nan at iteration 56/100 (classifier 14.2)")
+    with pytest.raises(NonFiniteLossError) as err:
+        raise_if_nonfinite(mlflow_uri, run_id, "detection run 'x'", "Lower the lr.")
+    assert str(err.value) == (
+        "detection run 'x': NaN/inf loss nan at iteration 56/100 (classifier 14.2); stopped without retry. Lower the lr."
+    )
+    run = MlflowClient(mlflow_uri).get_run(run_id)
+    assert run.info.status == "FAILED"
+    assert run.data.tags[tracking.NONFINITE_LOSS_TAG] == "loss nan at iteration 56/100 (classifier 14.2)"
+
+
+def test_mocolab_prints_one_line_and_exits_1(monkeypatch, capsys, tmp_path):
+    import mocolab.evaluate.detection_cli as detection_cli
+
+    def diverge(cfg, source):
+        raise NonFiniteLossError("detection run 'x': NaN/inf loss nan at iteration 3/3 (...); stopped without retry. Fix.")
+
+    monkeypatch.setattr(detection_cli, "run_detection", diverge)
+    config = tmp_path / "det.yaml"
+    config.write_text("eval:\n  detection:\n    iterations: 3\n    warmup_iters: 1\n    data: {made_digits: true}\n")
+    assert cli.main(["detect", str(config), "--init", "random"]) == 1
+    err = capsys.readouterr().err
+    assert err == "mocolab detect: detection run 'x': NaN/inf loss nan at iteration 3/3 (...); stopped without retry. Fix.\n"
