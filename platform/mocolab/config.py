@@ -9,6 +9,7 @@ its own working directory).
 from __future__ import annotations
 
 import os
+import re
 import secrets
 import time
 from pathlib import Path
@@ -25,6 +26,8 @@ from pydantic import (
 )
 
 DIGIT_SIDE = 8  # scikit-learn's bundled digits are 8 x 8
+SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+"""Run names: they become folders under ``scaling.storage_path`` (no ``/``, no ``..``)."""
 
 
 class ConfigError(ValueError):
@@ -149,6 +152,13 @@ class DataConfig(_Section):
     limit_test: Optional[int] = Field(None, gt=0)
     digits: DigitsConfig = Field(default_factory=DigitsConfig)
 
+    @field_validator("loader_workers")
+    @classmethod
+    def _loader_workers_count(cls, v: Union[int, str]) -> Union[int, str]:
+        if v != "auto" and v < 0:
+            raise ValueError(f"data.loader_workers={v} must be >= 0 or 'auto' (one fewer than scaling.cpus_per_worker)")
+        return v
+
 
 class TrainConfig(_Section):
     epochs: int = Field(200, ge=1)
@@ -178,12 +188,35 @@ class ScalingConfig(_Section):
     use_gpu: bool = False
     cpus_per_worker: float = Field(1, gt=0)
     storage_path: str = Field("ray_results", description="local dir, NFS or s3:// URI for Ray checkpoints")
+    start_timeout_s: float = Field(
+        600, gt=0,
+        description="how long Ray Train may wait for the workers' resources (an autoscaling cluster adding nodes) "
+        "before the run fails naming what is pending; a local Ray that can never hold them is refused at once",
+    )
+
+    @field_validator("storage_path")
+    @classmethod
+    def _uri_names_a_location(cls, v: str) -> str:
+        scheme, sep, rest = v.partition("://")
+        if sep and not rest.strip("/"):
+            raise ValueError(f"scaling.storage_path={v} names no bucket or folder; use {scheme}://BUCKET/prefix")
+        return v
 
 
 class TrackingConfig(_Section):
-    experiment: str = "mocolab"
-    run_name: Optional[str] = None
+    experiment: str = Field("mocolab", min_length=1)
+    run_name: Optional[str] = Field(None, description="letters, digits, '.', '_', '-' (it names the Ray storage folder)")
     tracking_uri: Optional[str] = Field(None, description="default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db")
+
+    @field_validator("run_name")
+    @classmethod
+    def _run_name_is_a_folder_name(cls, v: Optional[str]) -> Optional[str]:
+        if v is not None and not SAFE_NAME.match(v):
+            raise ValueError(
+                f"tracking.run_name={v!r}: use letters, digits, '.', '_' and '-' (it names the run's folder under "
+                "scaling.storage_path)"
+            )
+        return v
 
 
 class LinclsConfig(_Section):
@@ -451,11 +484,18 @@ def build_config(raw: dict[str, Any], base: Optional[Path] = None) -> Config:
 
 
 def read_yaml(path: Union[str, Path]) -> dict[str, Any]:
+    """The mapping a YAML config file holds; ConfigError naming the file if it cannot be one."""
     path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"config file {path} is a folder; give a YAML file (e.g. experiments/pretrain/quickstart.yaml)")
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist")
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{path} is not UTF-8 text ({err.reason} at byte {err.start}); save it as UTF-8") from None
+    except OSError as err:
+        raise ConfigError(f"config file {path} cannot be read ({err.strerror}); check its permissions") from None
     except yaml.YAMLError as err:
         raise ConfigError(f"{path} is not valid YAML: {err}") from None
     if not isinstance(raw, dict):

@@ -1,21 +1,64 @@
-"""Ray at the edge: start or connect, the one TorchTrainer factory, and the preamble of every worker loop.
+"""Ray at the edge: start or connect, the one TorchTrainer factory and its ``fit``, the resources a local Ray
+offers, and the preamble of every worker loop.
 
 Pretraining, linear evaluation and detection all run as Ray Train V2 ``TorchTrainer`` loops; this module is
-the only place that builds one, so their scaling, backend, storage and failure settings agree.
+the only place that builds and fits one, so their scaling, backend, storage, failure, start-up and Ctrl-C
+behaviour agree.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
-from collections.abc import Callable, Sequence
+import signal
+import threading
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Optional
 
 import numpy as np
 import torch
 
-from mocolab.config import Config
+from mocolab.config import Config, ConfigError
+
+START_TIMEOUT_ENV = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"
+"""Ray Train V2's wait for a worker group's placement group (read by its controller; default 60 s, then it
+retries without end unless ``FailureConfig.controller_failure_limit`` is set)."""
+
+
+class RunInterrupted(KeyboardInterrupt):
+    """Ctrl-C (or SIGTERM) stopped a run; ``run_name`` names the pretraining run to resume, if there is one."""
+
+    def __init__(self, message: str, run_name: Optional[str] = None):
+        super().__init__(message)
+        self.run_name = run_name
+
+
+class WorkersNotStartedError(ConfigError):
+    """Ray Train could not get the workers' resources within ``scaling.start_timeout_s``."""
+
+
+def uses_cluster() -> bool:
+    """True when commands join the Ray cluster in ``RAY_ADDRESS`` (it may autoscale), False for a local Ray."""
+    return bool(os.environ.get("RAY_ADDRESS"))
+
+
+def local_resources() -> dict[str, float]:
+    """The CPUs and GPUs a local Ray holds: the running instance's, else what ``ray.init`` would detect here."""
+    import ray
+
+    if ray.is_initialized():
+        total = ray.cluster_resources()
+        return {"CPU": total.get("CPU", 0.0), "GPU": total.get("GPU", 0.0)}
+    from ray._private.utils import get_num_cpus  # what ray.init counts (cgroup limits included)
+
+    return {"CPU": float(get_num_cpus()), "GPU": float(torch.cuda.device_count())}
+
+
+def describe(resources: dict[str, float]) -> str:
+    """``"2 CPU(s) and 0 GPU(s)"``."""
+    return f"{resources.get('CPU', 0):g} CPU(s) and {resources.get('GPU', 0):g} GPU(s)"
 
 
 def ensure_ray() -> None:
@@ -56,11 +99,82 @@ def torch_trainer(
         run_config=RunConfig(
             name=run_name,
             storage_path=scaling.storage_path,
-            failure_config=FailureConfig(max_failures=max_failures),
+            # a worker group that cannot start fails after one wait of scaling.start_timeout_s (see fit)
+            failure_config=FailureConfig(max_failures=max_failures, controller_failure_limit=0),
             checkpoint_config=CheckpointConfig(num_to_keep=keep_checkpoints),
             callbacks=list(callbacks),
         ),
     )
+
+
+@contextlib.contextmanager
+def _env(name: str, value: str) -> Iterator[None]:
+    previous = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = previous
+
+
+@contextlib.contextmanager
+def sigint_held() -> Iterator[None]:
+    """Ignore Ctrl-C for the block (e.g. while a run's final status is written), in the main thread."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def _pending(cfg: Config, num_workers: int, workers_field: str) -> str:
+    gpu = " and 1 GPU" if cfg.scaling.use_gpu else ""
+    return (
+        f"{num_workers} worker(s) of {cfg.scaling.cpus_per_worker:g} CPU(s){gpu} each "
+        f"({workers_field} x scaling.cpus_per_worker)"
+    )
+
+
+def fit(trainer, cfg: Config, num_workers: int, workers_field: str = "scaling.num_workers"):
+    """``trainer.fit()`` with mocolab's guarantees: the workers' resources are awaited at most
+    ``scaling.start_timeout_s`` (then WorkersNotStartedError naming what is pending), Ctrl-C or SIGTERM raise
+    RunInterrupted (Ray Train's own SIGINT handler aborts the run and exits through ``sys.exit``; it is
+    removed again afterwards), and any other failure propagates."""
+    import ray
+    from ray.train import ControllerError
+    from ray.train.v2._internal.exceptions import WorkerGroupStartupTimeoutError
+
+    pending = _pending(cfg, num_workers, workers_field)
+    if uses_cluster():
+        print(
+            f"[mocolab] asking the cluster for {pending}; waiting at most "
+            f"{cfg.scaling.start_timeout_s:g} s (scaling.start_timeout_s) for them",
+            flush=True,
+        )
+    main = threading.current_thread() is threading.main_thread()
+    previous = signal.getsignal(signal.SIGINT) if main else None
+    try:
+        with _env(START_TIMEOUT_ENV, str(cfg.scaling.start_timeout_s)):
+            return trainer.fit()
+    except SystemExit as exit:  # raised by Ray's SIGINT handler (or its SIGTERM handler) inside fit
+        raise RunInterrupted(f"interrupted (exit {exit.code})") from None
+    except ControllerError as err:
+        if not isinstance(err.controller_failure, WorkerGroupStartupTimeoutError):
+            raise
+        raise WorkersNotStartedError(
+            f"Ray could not start {pending} within scaling.start_timeout_s="
+            f"{cfg.scaling.start_timeout_s:g} s; the cluster has {describe(ray.cluster_resources())} in all. Lower "
+            "scaling.num_workers or scaling.cpus_per_worker, add nodes, or raise scaling.start_timeout_s"
+        ) from None
+    finally:
+        if main:
+            signal.signal(signal.SIGINT, previous)
 
 
 def seed_everything(seed: int) -> None:

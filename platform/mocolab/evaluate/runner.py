@@ -4,7 +4,8 @@ The command that calls it has run the pre-flight step (data, storage, tracking) 
 
 The evaluation run is tagged ``mocolab.stage`` and ``mocolab.init`` (plus ``mocolab.pretrain_run_id``
 for a pretrained backbone), gets its eval section as params, and its headline metrics; those are also
-copied onto the pretraining run (``tracking.record_downstream``). A failed fit marks the run FAILED.
+copied onto the pretraining run (``tracking.record_downstream``). A failed fit marks the run FAILED, Ctrl-C
+(or SIGTERM) KILLED.
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ def run_eval(
 ) -> dict[str, Any]:
     """Fit ``loop`` on ``num_workers`` Ray Train workers, log the metrics rank 0 returns to a new
     ``stage`` run, copy the ``headline`` ones onto the pretraining run. Returns the metrics and ``run_id``."""
-    from mocolab.runtime import ensure_ray, torch_trainer
+    from mocolab.runtime import RunInterrupted, ensure_ray, fit, sigint_held, torch_trainer
 
     uri = cfg.tracking.tracking_uri
     run_name = f"{stage}-{source.label}-{cfg.tracking.run_name}"
@@ -48,18 +49,23 @@ def run_eval(
         cfg, stage, params, pretrain_run_id=source.pretrain_run_id, init=source.init, run_name=run_name
     )
     print(f"[mocolab {stage}] {source.label} backbone ({source.model.arch}): MLflow run {run_id}", flush=True)
-    ensure_ray()
-    trainer = torch_trainer(
-        loop,
-        {**loop_config, "source": source, "mlflow_run_id": run_id},
-        cfg,
-        run_name=f"{run_name}-{run_id[:8]}",
-        num_workers=num_workers,
-    )
     try:
-        result = trainer.fit()
+        ensure_ray()
+        trainer = torch_trainer(
+            loop,
+            {**loop_config, "source": source, "mlflow_run_id": run_id},
+            cfg,
+            run_name=f"{run_name}-{run_id[:8]}",
+            num_workers=num_workers,
+        )
+        result = fit(trainer, cfg, num_workers, f"eval.{stage}.num_workers")
+    except (KeyboardInterrupt, SystemExit):
+        with sigint_held():
+            tracking.end_run(uri, run_id, status="KILLED")
+        raise RunInterrupted(f"{stage} evaluation interrupted; MLflow run {run_id} marked KILLED") from None
     except BaseException:
-        tracking.end_run(uri, run_id, status="FAILED")
+        with sigint_held():
+            tracking.end_run(uri, run_id, status="FAILED")
         raise
     metrics = {k: float(v) for k, v in (result.return_value or {}).items()}
     client = tracking.client_for(uri)

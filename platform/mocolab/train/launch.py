@@ -2,7 +2,8 @@
 
 ``fit_pretrain`` runs :func:`mocolab.train.pretrain.train_loop` on ``scaling.num_workers`` workers under the Ray
 run name ``tracking.run_name`` (the same name resumes from its last checkpoint); ``finish_pretrain_run`` turns a
-NaN/inf loss into :class:`NonFiniteLossError`, else logs ``backbone.pt`` and marks the run FINISHED.
+NaN/inf loss into :class:`NonFiniteLossError`, else logs ``backbone.pt`` and marks the run FINISHED. However it
+ends, the MLflow run is left FINISHED, FAILED or KILLED, never RUNNING.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from typing import Any, Sequence
 
 from mocolab import tracking
 from mocolab.config import Config
-from mocolab.runtime import torch_trainer
+from mocolab.runtime import RunInterrupted, ensure_ray, fit, sigint_held, torch_trainer
 from mocolab.train.pretrain import BACKBONE_FILE, NonFiniteLossError, loop_config, train_loop
 
 
@@ -52,15 +53,21 @@ def finish_pretrain_run(cfg: Config, run_id: str, result) -> None:
 
 
 def fit_pretrain(cfg: Config, run_id: str, callbacks: Sequence[Any] = ()) -> None:
-    """Pretrain on Ray into MLflow run ``run_id`` and finish the run (see :func:`finish_pretrain_run`).
+    """Pretrain on Ray (started here if needed) into MLflow run ``run_id`` and finish the run (see
+    :func:`finish_pretrain_run`).
 
-    An interrupted fit leaves the run KILLED, a failed one FAILED."""
+    Ctrl-C or SIGTERM at any point leaves the run KILLED and raises RunInterrupted naming it (to resume); any
+    other failure leaves it FAILED. The final status is written with Ctrl-C held."""
+    uri, name = cfg.tracking.tracking_uri, cfg.tracking.run_name
     try:
-        result = build_trainer(cfg, run_id, callbacks).fit()
-    except KeyboardInterrupt:
-        tracking.end_run(cfg.tracking.tracking_uri, run_id, status="KILLED")
+        ensure_ray()
+        result = fit(build_trainer(cfg, run_id, callbacks), cfg, cfg.scaling.num_workers)
+        finish_pretrain_run(cfg, run_id, result)
+    except (KeyboardInterrupt, SystemExit):
+        with sigint_held():
+            tracking.end_run(uri, run_id, status="KILLED")
+        raise RunInterrupted(f"run '{name}' interrupted; MLflow run {run_id} marked KILLED", run_name=name) from None
+    except BaseException:
+        with sigint_held():
+            tracking.end_run(uri, run_id, status="FAILED")
         raise
-    except Exception:
-        tracking.end_run(cfg.tracking.tracking_uri, run_id, status="FAILED")
-        raise
-    finish_pretrain_run(cfg, run_id, result)
