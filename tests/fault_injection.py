@@ -7,7 +7,7 @@ import os
 import signal
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import psutil
 
@@ -23,26 +23,47 @@ def train_workers(ray_module) -> list[psutil.Process]:
     return [p for p in raylet.children(recursive=True) if "RayTrainWorker" in " ".join(p.cmdline())]
 
 
-def registered_epoch(run_folder: Path) -> int:
-    """The epoch of the latest checkpoint Ray Train's controller has registered for the run in ``run_folder``
-    (what a restart resumes from; a checkpoint still on its way from a worker when it dies does not count)."""
+def registered_checkpoint(run_folder: Path) -> tuple[int, Optional[Path]]:
+    """``(epoch, folder)`` of the latest checkpoint Ray Train's controller has registered for the run in
+    ``run_folder`` (what a restart resumes from; a checkpoint still on its way from a worker when it dies
+    does not count); ``(0, None)`` before the first."""
     try:
         latest = json.loads((run_folder / SNAPSHOT).read_text()).get("latest_checkpoint_result") or {}
     except (OSError, ValueError):  # not written yet, or being replaced
-        return 0
-    return int(latest.get("metrics", {}).get("epoch", 0))
+        return 0, None
+    if not latest:
+        return 0, None
+    return int(latest.get("metrics", {}).get("epoch", 0)), run_folder / latest["checkpoint_dir_name"]
 
 
-def kill_a_worker_after_first_checkpoint(
-    ray_module, run_folder: Path, killed: dict[str, Any], timeout_s: float = 600
-) -> None:
-    """Once the run's epoch-1 checkpoint is registered (epoch 2 is then under way), SIGKILL one training
-    worker; record its pid and the registered epoch in ``killed``."""
+def registered_checkpoints(run_folder: Path) -> list[Path]:
+    """Every checkpoint folder Ray Train's controller keeps registered for the run, in report order."""
+    snapshot = json.loads((run_folder / SNAPSHOT).read_text())
+    return [run_folder / result["checkpoint_dir_name"] for result in snapshot["checkpoint_results"]]
+
+
+def registered_epoch(run_folder: Path) -> int:
+    """The epoch of :func:`registered_checkpoint`."""
+    return registered_checkpoint(run_folder)[0]
+
+
+def wait_for_registered_epoch(run_folder: Path, epoch: int, timeout_s: float) -> bool:
+    """Poll until the run has registered the checkpoint of ``epoch`` (or a later one); False on timeout."""
     deadline = time.monotonic() + timeout_s
-    while registered_epoch(run_folder) < 1:
+    while registered_epoch(run_folder) < epoch:
         if time.monotonic() > deadline:
-            return
+            return False
         time.sleep(0.05)
+    return True
+
+
+def kill_a_worker_after_checkpoint(
+    ray_module, run_folder: Path, killed: dict[str, Any], epoch: int = 1, timeout_s: float = 600
+) -> None:
+    """Once the run's checkpoint of ``epoch`` is registered (the next epoch is then under way), SIGKILL one
+    training worker; record its pid and the registered epoch in ``killed``."""
+    if not wait_for_registered_epoch(run_folder, epoch, timeout_s):
+        return
     workers = train_workers(ray_module)
     if workers:
         victim = workers[-1]

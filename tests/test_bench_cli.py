@@ -7,7 +7,8 @@ import json
 import mlflow
 import pytest
 
-from mocolab.bench.report import RESULT_KEYS
+from mocolab.bench.report import RESULT_KEYS, SHUFFLE_TITLE
+from mocolab.bench.shuffle import ANALYTIC_WORKERS, TIMED_WORKERS, bytes_received_per_worker
 from mocolab.cli import main
 
 # The quickstart config made tiny: 16 images a step, 2 steps timed once.
@@ -20,6 +21,7 @@ MEASURED_BY = {
     "profile": {"momentum_queue_fraction", "profile"},
     "overhead": {"epoch_img_s", "bare_img_s", "platform_overhead", "startup_s"},
     "fixed": {"startup_s", "checkpoint_save_s", "checkpoint_load_s", "checkpoint_mb"},
+    "shuffle": {"shuffle"},
 }
 
 
@@ -42,6 +44,8 @@ def _check_record(record: dict, parts: list[str]) -> None:
         elif key == "profile":
             assert all(isinstance(v, float) and 0.0 <= v <= 1.0 for v in record[key].values())
             assert sum(record[key].values()) <= 1.0 + 1e-9
+        elif key == "shuffle":
+            assert [row["workers"] for row in record[key]] == list(ANALYTIC_WORKERS)
         else:
             assert isinstance(record[key], float), key
     positive = measured & {"step_img_s", "reference_img_s", "ratio_vs_reference", "data_img_s_per_worker",
@@ -69,6 +73,25 @@ def test_bench_overhead_and_fixed_costs_time_a_real_two_worker_pretraining_run(t
     assert record["platform_overhead"] == pytest.approx(1 - record["epoch_img_s"] / record["bare_img_s"])
 
 
+def test_bench_shuffle_gives_bytes_for_2_to_64_workers_beside_times_on_2_and_4_gloo_processes(tmp_path, capsys):
+    record = _run_bench(tmp_path, "shuffle")
+    _check_record(record, ["shuffle"])
+    batch, size, dim = 16, 16, 128  # TINY's batch, the quickstart's image size and dim
+    for row in record["shuffle"]:
+        w = row["workers"]
+        assert row["gather_bytes"] == round(bytes_received_per_worker("gather", w, batch, size, dim))
+        assert row["all_to_all_bytes"] == round(bytes_received_per_worker("all_to_all", w, batch, size, dim))
+        assert row["bytes_ratio"] == pytest.approx(row["all_to_all_bytes"] / row["gather_bytes"], rel=1e-4)
+        timed = [row["gather_s"], row["all_to_all_s"], row["time_ratio"]]
+        if w in TIMED_WORKERS:
+            assert all(isinstance(v, float) and v > 0 for v in timed)
+            assert row["time_ratio"] == pytest.approx(row["all_to_all_s"] / row["gather_s"])
+        else:
+            assert timed == [None, None, None]
+    out = capsys.readouterr().out
+    assert SHUFFLE_TITLE in out and "bytes_ratio" in out
+
+
 def test_bench_logs_a_run_tagged_stage_bench_to_mlflow(tmp_path, mlflow_uri):
     record = _run_bench(tmp_path, "step", "--mlflow")
     runs = mlflow.search_runs(experiment_names=["quickstart"], filter_string="tags.`mocolab.stage` = 'bench'")
@@ -80,7 +103,8 @@ def test_bench_logs_a_run_tagged_stage_bench_to_mlflow(tmp_path, mlflow_uri):
 def test_bench_refuses_an_unknown_part_naming_the_valid_ones(capsys):
     with pytest.raises(SystemExit):
         main(["bench", "--what", "step,speed"])
-    assert "unknown part(s) ['speed']; choose from step,reference,data,overhead,fixed,profile" in capsys.readouterr().err
+    expected = "unknown part(s) ['speed']; choose from step,reference,data,overhead,fixed,profile,shuffle"
+    assert expected in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(

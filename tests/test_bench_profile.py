@@ -25,14 +25,14 @@ def test_cpu_fractions_are_range_wall_times_over_the_step_ranges():
     events = [
         _event(STEP_RANGE, 500), _event(STEP_RANGE, 500),
         _event(PHASES["query_forward"], 200), _event(PHASES["key_forward"], 150),
-        _event(PHASES["momentum_update"], 10), _event(PHASES["shuffle_gather"], 5), _event(PHASES["shuffle_gather"], 5),
+        _event(PHASES["momentum_update"], 10), _event(PHASES["shuffle"], 5), _event(PHASES["shuffle"], 5),
         _event(PHASES["queue_update"], 20), _event(PHASES["loss"], 30),
         _event(BACKWARD_RANGE, 400), _event(OPTIMIZER_RANGE, 100),
         _event("aten::conv2d", 90),  # ops inside the ranges are not counted twice
     ]
     f = phase_fractions(events, cuda=False)
     assert f == pytest.approx({
-        "query_forward": 0.2, "momentum_update": 0.01, "shuffle_gather": 0.01, "key_forward": 0.15, "loss": 0.03,
+        "query_forward": 0.2, "momentum_update": 0.01, "shuffle": 0.01, "key_forward": 0.15, "loss": 0.03,
         "queue_update": 0.02, "optimizer": 0.1, "backward": 0.4, "other": 0.08,
     })
 

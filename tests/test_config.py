@@ -184,3 +184,12 @@ def test_flat_params_use_dotted_keys():
                 "train.schedule", "train.weight_decay", "train.seed", "train.amp", "scaling.num_workers",
                 "scaling.use_gpu", "tracking.experiment", "tracking.run_name"):
         assert key in flat, key
+
+
+def test_custom_worker_resources():
+    cfg = build_config({"scaling": {"resources_per_worker": {"spot_a100": 1}}})
+    assert cfg.scaling.resources_per_worker == {"spot_a100": 1.0}
+    assert cfg.flat()["scaling.resources_per_worker.spot_a100"] == 1.0  # an MLflow param and a sweep axis
+    refused({"scaling": {"resources_per_worker": {"CPU": 2}}}, "scaling.resources_per_worker", "scaling.cpus_per_worker")
+    refused({"scaling": {"resources_per_worker": {"gpu": 1}}}, "scaling.resources_per_worker", "scaling.use_gpu")
+    refused({"scaling": {"resources_per_worker": {"slot": 0}}}, "scaling.resources_per_worker", "> 0")

@@ -16,6 +16,7 @@ from mocolab.evaluate.lincls import (
     LinearTrainTransform,
     lr_at_epoch,
     make_classifier,
+    make_optimizer,
     metric_names,
     milestone_epochs,
     topk_correct,
@@ -91,6 +92,25 @@ def test_bn_in_train_mode_would_be_caught():
         assert_unchanged(before, probe.backbone)
 
 
+def test_protocol_defaults_are_the_papers():
+    """MoCo's linear classification protocol (main_lincls.py): 100 epochs, batch 256, SGD lr 30, momentum 0.9,
+    no weight decay, lr x0.1 at epochs 60 and 80."""
+    lin = LinclsConfig()
+    assert (lin.epochs, lin.batch_size, lin.lr, lin.momentum, lin.weight_decay) == (100, 256, 30.0, 0.9, 0.0)
+    assert milestone_epochs(lin.epochs, lin.milestones) == [60, 80]
+
+
+@pytest.mark.parametrize(
+    "lin", [LinclsConfig(), LinclsConfig(lr=0.5, momentum=0.5, weight_decay=1e-3)], ids=["defaults", "set"]
+)
+def test_optimizer_is_plain_sgd_with_the_configured_settings(lin):
+    fc = make_classifier(16, 3)
+    (group,) = make_optimizer(fc, lin).param_groups
+    assert (group["lr"], group["momentum"], group["weight_decay"]) == (lin.lr, lin.momentum, lin.weight_decay)
+    assert (group["nesterov"], group["dampening"]) == (False, 0)
+    assert group["params"] == list(fc.parameters())
+
+
 def test_step_schedule_at_60_and_80_percent():
     lin = LinclsConfig()
     assert milestone_epochs(100, lin.milestones) == [60, 80]
@@ -149,3 +169,62 @@ def test_weights_of_another_architecture_are_refused(tmp_path):
     assert source.init == "file"
     with pytest.raises(ConfigError, match="does not fit model.arch=resnet18.*--set model.arch=small_cnn"):
         check_source(source)  # the pre-flight step's check, in the driver before any run exists
+
+
+@pytest.mark.usefixtures("one_torch_thread")
+def test_the_loop_trains_the_classifier_with_the_protocol(monkeypatch, tmp_path):
+    """``lincls_train_loop`` itself (Ray Train local mode: the loop runs in this process, no cluster) builds one SGD
+    over the classifier only, initialised N(0, 0.01) with zero bias, with the protocol's momentum and weight decay,
+    and steps it at lr 30, then 3 from 60 % and 0.3 from 80 % of the epochs. (The loop sets torch's thread
+    count; ``one_torch_thread`` restores it.)"""
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from mocolab.evaluate.lincls import lincls_train_loop
+    from mocolab.evaluate.weights import BackboneSource
+
+    built = []
+
+    class RecordingSGD(torch.optim.SGD):
+        def __init__(self, params, *args, **kwargs):
+            super().__init__(params, *args, **kwargs)
+            self.initial = [p.detach().clone() for group in self.param_groups for p in group["params"]]
+            self.lrs = []
+            built.append(self)
+
+        def step(self, closure=None):
+            self.lrs.append(self.param_groups[0]["lr"])
+            return super().step(closure)
+
+    monkeypatch.setattr(torch.optim, "SGD", RecordingSGD)
+    # local mode leaves this process marked as a Train worker (a module global of Ray's): undone after the test
+    from ray.train.v2._internal.execution import train_fn_utils
+
+    monkeypatch.setattr(train_fn_utils, "_train_fn_utils", train_fn_utils._train_fn_utils)
+    epochs, train_images, batch = 10, 64, 32
+    cfg = build_config(
+        {
+            "model": {"arch": "small_cnn", "bn": "plain"},
+            "data": {
+                "dataset": "digits", "image_size": 16, "limit_train": train_images, "limit_test": 32, "loader_workers": 0
+            },
+            "scaling": {"num_workers": 1},
+            "eval": {"lincls": {"epochs": epochs, "batch_size": batch, "fast": True}},
+        }
+    )
+    trainer = TorchTrainer(
+        lincls_train_loop,
+        train_loop_config={"config": cfg.model_dump(mode="json"), "source": BackboneSource("random", cfg.model)},
+        scaling_config=ScalingConfig(num_workers=0),
+        run_config=RunConfig(name="lincls-protocol", storage_path=str(tmp_path)),
+    )
+    assert "lincls_fast_top1" in trainer.fit().return_value
+
+    (optimizer,) = built
+    weight, bias = optimizer.initial
+    assert weight.shape == (10, 256) and bias.shape == (10,)  # the classifier only: small_cnn features -> 10 digits
+    assert weight.std().item() == pytest.approx(0.01, rel=0.1) and torch.count_nonzero(bias) == 0
+    assert (optimizer.defaults["momentum"], optimizer.defaults["weight_decay"]) == (0.9, 0.0)
+    assert (optimizer.defaults["nesterov"], optimizer.defaults["dampening"]) == (False, 0)
+    per_epoch = [30.0] * 6 + [3.0] * 2 + [0.3] * 2
+    assert optimizer.lrs == pytest.approx([lr for lr in per_epoch for _ in range(train_images // batch)])

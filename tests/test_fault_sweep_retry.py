@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 import yaml
-from fault_injection import kill_a_worker_after_first_checkpoint
+from fault_injection import kill_a_worker_after_checkpoint
 from mlflow import MlflowClient
 
 from mocolab import tracking
@@ -41,7 +41,7 @@ def test_trial_with_a_killed_worker_is_retried_from_its_checkpoint(ray_local, ml
     killed: dict[str, Any] = {}
     run_folder = storage / "retry-00000"  # the trial's Ray Train run: <sweep>-<trial number>
     killer = threading.Thread(
-        target=kill_a_worker_after_first_checkpoint, args=(ray_local, run_folder, killed), daemon=True
+        target=kill_a_worker_after_checkpoint, args=(ray_local, run_folder, killed), daemon=True
     )
     killer.start()
     parent_id, failed, unfinished = run_sweep(spec, raw_base, cfg)

@@ -15,7 +15,7 @@ from typing import Any
 import psutil
 import pytest
 import torch
-from fault_injection import kill_a_worker_after_first_checkpoint
+from fault_injection import kill_a_worker_after_checkpoint
 from mlflow import MlflowClient
 
 from mocolab.config import build_config
@@ -74,7 +74,7 @@ def test_killed_worker_restarts_from_checkpoint_and_matches_an_uninterrupted_run
     killed: dict[str, Any] = {}
     run_folder = Path(cfg.scaling.storage_path, cfg.tracking.run_name)
     killer = threading.Thread(
-        target=kill_a_worker_after_first_checkpoint, args=(ray_local, run_folder, killed), daemon=True
+        target=kill_a_worker_after_checkpoint, args=(ray_local, run_folder, killed), daemon=True
     )
     killer.start()
     run_id = run_pretrain(cfg)

@@ -13,6 +13,7 @@ from mocolab.moco.functional import (
     memory_bank_update_,
     momentum_update_,
     shuffle_permutation,
+    shuffle_plan,
 )
 
 
@@ -130,3 +131,44 @@ def test_shuffle_permutation_follows_its_generator():
     a = shuffle_permutation(50, torch.Generator().manual_seed(3))
     b = shuffle_permutation(50, torch.Generator().manual_seed(3))
     assert torch.equal(a, b) and not torch.equal(a, torch.arange(50))
+
+
+def _simulated_all_to_all(sent, send_counts):
+    """What every rank receives when rank ``s`` sends ``sent[s]`` split by ``send_counts[s]`` (one process)."""
+    pieces = [list(x.split(counts)) for x, counts in zip(sent, send_counts)]
+    return [torch.cat([pieces[source][dest] for source in range(len(sent))]) for dest in range(len(sent))]
+
+
+@pytest.mark.parametrize("world, batch", [(1, 5), (2, 4), (4, 3), (8, 2)])
+@pytest.mark.parametrize("kind", ["random", "identity", "reversed", "rolled"])
+def test_shuffle_plan_gives_the_gather_shuffle_and_its_inverse_moving_only_foreign_rows(world, batch, kind):
+    n = world * batch
+    perm = {
+        "random": shuffle_permutation(n, torch.Generator().manual_seed(world)),
+        "identity": torch.arange(n),  # nothing travels
+        "reversed": torch.arange(n).flip(0),
+        "rolled": torch.arange(n).roll(batch),  # every row travels, all to one rank
+    }[kind]
+    everything = torch.arange(n * 2, dtype=torch.float32).view(n, 2)  # row g = sample g (rank g // batch)
+    local = list(everything.split(batch))
+    plans = [shuffle_plan(perm, world, r) for r in range(world)]
+    for p in plans:  # the split sizes agree pairwise: what s sends to r is what r receives from s
+        assert sum(p.send_counts) == sum(p.recv_counts) == batch
+    assert [[p.send_counts[r] for p in plans] for r in range(world)] == [p.recv_counts for p in plans]
+
+    received = _simulated_all_to_all([x[p.send_rows] for x, p in zip(local, plans)], [p.send_counts for p in plans])
+    shuffled = [got[p.from_arrival] for got, p in zip(received, plans)]
+    assert torch.equal(torch.cat(shuffled), everything[perm])  # the gather shuffle's slices
+
+    returned = _simulated_all_to_all([y[p.arrival_slots] for y, p in zip(shuffled, plans)],
+                                     [p.recv_counts for p in plans])
+    assert torch.equal(torch.cat([got[p.from_return] for got, p in zip(returned, plans)]), everything)
+
+    # rows received from other workers = rows whose slot is on another worker than their sample
+    foreign = sum(batch - p.recv_counts[r] for r, p in enumerate(plans))
+    assert foreign == int((perm // batch != torch.arange(n) // batch).sum())
+
+
+def test_shuffle_plan_refuses_a_permutation_that_does_not_split_evenly():
+    with pytest.raises(ValueError, match="cannot split into 3 equal batches"):
+        shuffle_plan(torch.arange(8), world=3, rank=0)

@@ -31,6 +31,8 @@ def test_trainer_maps_scaling_failure_and_checkpoint_settings(tmp_path):
     assert run.checkpoint_config.num_to_keep == 4
     assert trainer.scaling_config.num_workers == 2 and not trainer.scaling_config.use_gpu
     assert trainer.scaling_config.resources_per_worker == {"CPU": 2}
+    pinned = build_trainer(config(tmp_path, resources_per_worker={"spot_a100": 1}), "run123")
+    assert pinned.scaling_config.resources_per_worker == {"CPU": 1, "spot_a100": 1}
     assert trainer.train_loop_per_worker is train_loop
     assert trainer.train_loop_config["mlflow_run_id"] == "run123"
     assert trainer.train_loop_config["config"]["moco"]["queue_size"] == 1024

@@ -194,12 +194,33 @@ class ScalingConfig(_Section):
         "before the run fails naming what is pending; a local Ray that can never hold them is refused at once",
     )
 
+    resources_per_worker: dict[str, float] = Field(
+        default_factory=dict,
+        description="custom Ray resources each worker also asks for, e.g. {spot_a100: 1} to run only on nodes "
+        "started with --resources='{\"spot_a100\": N}' (N workers each); CPU and GPU come from cpus_per_worker "
+        "and use_gpu",
+    )
+
     @field_validator("storage_path")
     @classmethod
     def _uri_names_a_location(cls, v: str) -> str:
         scheme, sep, rest = v.partition("://")
         if sep and not rest.strip("/"):
             raise ValueError(f"scaling.storage_path={v} names no bucket or folder; use {scheme}://BUCKET/prefix")
+        return v
+
+    @field_validator("resources_per_worker")
+    @classmethod
+    def _custom_resources_only(cls, v: dict[str, float]) -> dict[str, float]:
+        builtin = [name for name in v if name.upper() in ("CPU", "GPU")]
+        if builtin:
+            raise ValueError(
+                f"scaling.resources_per_worker names {builtin}: set scaling.cpus_per_worker and scaling.use_gpu "
+                "instead; this field is for custom node resources"
+            )
+        not_positive = {name: amount for name, amount in v.items() if amount <= 0}
+        if not_positive:
+            raise ValueError(f"scaling.resources_per_worker={not_positive}: amounts must be > 0 (drop the key instead)")
         return v
 
 
@@ -487,7 +508,7 @@ def read_yaml(path: Union[str, Path]) -> dict[str, Any]:
     """The mapping a YAML config file holds; ConfigError naming the file if it cannot be one."""
     path = Path(path)
     if path.is_dir():
-        raise ConfigError(f"config file {path} is a folder; give a YAML file (e.g. experiments/pretrain/quickstart.yaml)")
+        raise ConfigError(f"config file {path} is a folder; give a YAML file (e.g. experiments/pretrain/*.yaml)")
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist")
     try:

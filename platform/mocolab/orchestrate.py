@@ -15,6 +15,7 @@ from mocolab import tracking
 from mocolab.cli import add_overrides_argument
 from mocolab.config import Config, load_config
 from mocolab.train.pretrain import NonFiniteLossError
+from mocolab.train.resume import NoLoadableCheckpointError
 
 
 def pretrain_and_evaluate(
@@ -62,7 +63,7 @@ def main(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
     try:
         run_id = run_pretrain(cfg)
-    except NonFiniteLossError as err:
+    except (NonFiniteLossError, NoLoadableCheckpointError) as err:
         print(f"mocolab pretrain: {err}", file=sys.stderr)
         return 1
     print(f"[mocolab] run '{cfg.tracking.run_name}' finished: MLflow run {run_id}", flush=True)

@@ -145,49 +145,51 @@ def _check_detection(cfg: Config, model_cfg, report: PreflightReport) -> None:
 def stage_workers(cfg: Config, stages: Iterable[str]) -> dict[str, int]:
     """The Ray Train workers each stage of a run of ``cfg`` asks for, by the field that sets them."""
     lincls = cfg.eval.lincls.num_workers if cfg.eval.lincls is not None else 1  # LinclsConfig's default
-    counts = {"pretrain": ("scaling.num_workers", cfg.scaling.num_workers), "lincls": ("eval.lincls.num_workers", lincls)}
+    counts = {
+        "pretrain": ("scaling.num_workers", cfg.scaling.num_workers),
+        "lincls": ("eval.lincls.num_workers", lincls),
+    }
     if cfg.eval.detection is not None:
         counts["detection"] = ("eval.detection.num_workers", cfg.eval.detection.num_workers)
     return dict(counts[stage] for stage in stages if stage in counts)
 
 
+RESOURCE_FIELDS = {"CPU": "scaling.cpus_per_worker", "GPU": "scaling.use_gpu"}
+
+
 def capacity_shortfall(
-    workers: dict[str, int], cpus_per_worker: float, use_gpu: bool, available: dict[str, float], concurrent: int = 1
+    workers: dict[str, int], per_worker: dict[str, float], available: dict[str, float], concurrent: int = 1
 ) -> Optional[str]:
-    """Why ``concurrent`` runs of the largest stage in ``workers`` (field -> count) can never start on
-    ``available`` (CPU, GPU), or None if they fit. Pure."""
+    """Why ``concurrent`` runs of the largest stage in ``workers`` (field -> count), each worker asking for
+    ``per_worker`` (resource -> amount), can never start on ``available``, or None if they fit. Pure."""
+    from mocolab.runtime import describe
+
     field_name, count = max(workers.items(), key=lambda item: item[1])
     times = f"{concurrent} runs at once (max_concurrent_trials) x " if concurrent > 1 else ""
-    cpus, gpus = concurrent * count * cpus_per_worker, concurrent * count * use_gpu
-    have = f"{available.get('CPU', 0):g} CPU(s) and {available.get('GPU', 0):g} GPU(s)"
-    if cpus > available.get("CPU", 0):
-        fit_count = int(available.get("CPU", 0) // (concurrent * cpus_per_worker))
-        return (
-            f"{times}{field_name}={count} x scaling.cpus_per_worker={cpus_per_worker:g} needs {cpus:g} CPUs, but the "
-            f"local Ray has {have} and would wait for them forever; lower {field_name} (at most {fit_count} here) or "
-            "scaling.cpus_per_worker, or join a larger cluster (RAY_ADDRESS)"
-        )
-    if gpus > available.get("GPU", 0):
-        return (
-            f"{times}{field_name}={count} with scaling.use_gpu=true needs {gpus:g} GPUs (one per worker), but the "
-            f"local Ray has {have}; lower {field_name}, set scaling.use_gpu=false, or join a cluster with GPUs "
-            "(RAY_ADDRESS)"
-        )
+    for name, amount in per_worker.items():
+        have = available.get(name, 0.0)
+        if concurrent * count * amount > have:
+            source = RESOURCE_FIELDS.get(name, f"scaling.resources_per_worker.{name}")
+            return (
+                f"{times}{field_name}={count} workers x {amount:g} {name} each ({source}) need "
+                f"{concurrent * count * amount:g} {name}, but the local Ray has {describe(available)} and would wait "
+                f"for them forever; lower {field_name} (at most {int(have // (concurrent * amount))} here) or "
+                f"{source}, or join a cluster that has them (RAY_ADDRESS)"
+            )
     return None
 
 
 def _check_capacity(configs: Sequence[Config], stages: Sequence[str], concurrent: int) -> None:
     """A local Ray (no ``RAY_ADDRESS``) can never grow: refuse workers it cannot hold rather than wait forever.
     (A cluster may autoscale: ``runtime.fit`` waits at most ``scaling.start_timeout_s`` there.)"""
-    from mocolab.runtime import local_resources, uses_cluster
+    from mocolab.runtime import local_resources, uses_cluster, worker_resources
 
     if uses_cluster():
         return
     available = local_resources()
     for cfg in configs:
         workers = stage_workers(cfg, stages)
-        scaling = cfg.scaling
-        if workers and (problem := capacity_shortfall(workers, scaling.cpus_per_worker, scaling.use_gpu, available, concurrent)):
+        if workers and (problem := capacity_shortfall(workers, worker_resources(cfg.scaling), available, concurrent)):
             raise ConfigError(problem)
 
 

@@ -44,21 +44,30 @@ def uses_cluster() -> bool:
     return bool(os.environ.get("RAY_ADDRESS"))
 
 
+def worker_resources(scaling) -> dict[str, float]:
+    """What one Ray Train worker asks for: ``scaling.cpus_per_worker`` CPUs, a GPU with ``scaling.use_gpu``, and
+    the custom ``scaling.resources_per_worker``."""
+    return {"CPU": scaling.cpus_per_worker, **({"GPU": 1.0} if scaling.use_gpu else {}), **scaling.resources_per_worker}
+
+
 def local_resources() -> dict[str, float]:
-    """The CPUs and GPUs a local Ray holds: the running instance's, else what ``ray.init`` would detect here."""
+    """The resources a local Ray holds: the running instance's, else what ``ray.init`` (as :func:`ensure_ray`
+    calls it) would give it here: the CPUs and GPUs it detects, no custom resources."""
     import ray
 
     if ray.is_initialized():
-        total = ray.cluster_resources()
-        return {"CPU": total.get("CPU", 0.0), "GPU": total.get("GPU", 0.0)}
+        return dict(ray.cluster_resources())
     from ray._private.utils import get_num_cpus  # what ray.init counts (cgroup limits included)
 
     return {"CPU": float(get_num_cpus()), "GPU": float(torch.cuda.device_count())}
 
 
 def describe(resources: dict[str, float]) -> str:
-    """``"2 CPU(s) and 0 GPU(s)"``."""
-    return f"{resources.get('CPU', 0):g} CPU(s) and {resources.get('GPU', 0):g} GPU(s)"
+    """``"2 CPU, 0 GPU"`` and any custom resources (Ray's internal ``memory`` and node entries left out)."""
+    shown = {"CPU": resources.get("CPU", 0), "GPU": resources.get("GPU", 0)}
+    internal = ("memory", "object_store_memory")
+    shown.update({k: v for k, v in resources.items() if k not in internal and not k.startswith("node:")})
+    return ", ".join(f"{amount:g} {name}" for name, amount in shown.items())
 
 
 def ensure_ray() -> None:
@@ -84,17 +93,19 @@ def torch_trainer(
     keep_checkpoints: Optional[int] = None,
     callbacks: Sequence[Any] = (),
 ):
-    """A TorchTrainer running ``loop(loop_config)`` on ``num_workers`` workers of ``cfg.scaling`` (CPUs and a GPU
-    each, gloo on CPU, nccl on GPU), storing under ``cfg.scaling.storage_path/run_name`` (the same name resumes)."""
+    """A TorchTrainer running ``loop(loop_config)`` on ``num_workers`` workers of ``cfg.scaling`` (CPUs, a GPU and
+    the custom ``resources_per_worker`` each; gloo on CPU, nccl on GPU), storing under
+    ``cfg.scaling.storage_path/run_name`` (the same name resumes)."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     scaling = cfg.scaling
-    resources = {"CPU": scaling.cpus_per_worker, **({"GPU": 1} if scaling.use_gpu else {})}
     return TorchTrainer(
         loop,
         train_loop_config=loop_config,
-        scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=scaling.use_gpu, resources_per_worker=resources),
+        scaling_config=ScalingConfig(
+            num_workers=num_workers, use_gpu=scaling.use_gpu, resources_per_worker=worker_resources(scaling)
+        ),
         torch_config=TorchConfig(backend="nccl" if scaling.use_gpu else "gloo"),
         run_config=RunConfig(
             name=run_name,
@@ -134,11 +145,8 @@ def sigint_held() -> Iterator[None]:
 
 
 def _pending(cfg: Config, num_workers: int, workers_field: str) -> str:
-    gpu = " and 1 GPU" if cfg.scaling.use_gpu else ""
-    return (
-        f"{num_workers} worker(s) of {cfg.scaling.cpus_per_worker:g} CPU(s){gpu} each "
-        f"({workers_field} x scaling.cpus_per_worker)"
-    )
+    each = ", ".join(f"{amount:g} {name}" for name, amount in worker_resources(cfg.scaling).items())
+    return f"{num_workers} worker(s) of {each} each ({workers_field}; scaling.cpus_per_worker, use_gpu, resources_per_worker)"
 
 
 def fit(trainer, cfg: Config, num_workers: int, workers_field: str = "scaling.num_workers"):

@@ -37,6 +37,8 @@ TRIAL_ID_TAG = "mocolab.trial_id"  # Ray Tune's trial id of a sweep trial
 STOPPED_EARLY_TAG = "mocolab.stopped_early"  # a trial the scheduler (ASHA) stopped
 GIT_COMMIT_TAG = "mocolab.git_commit"
 NONFINITE_LOSS_TAG = "mocolab.nonfinite_loss"  # set by rank 0 when the loss became NaN/inf: where it happened
+RESUME_FALLBACK_TAG = "mocolab.resume_fallback"  # set by rank 0 when it resumed from an older checkpoint: why
+NO_LOADABLE_CHECKPOINT_TAG = "mocolab.no_loadable_checkpoint"  # set by rank 0 when no checkpoint of the run loads
 PARENT_RUN_TAG = "mlflow.parentRunId"
 DRIVER_TAG = "mocolab.driver"  # on a pretraining run: host:pid:start of the process driving it (see driver_state)
 
@@ -63,6 +65,7 @@ REPORT_ARTIFACT_DIR = "report"  # mocolab report's files on a sweep's parent run
 
 MAX_PARAM_CHARS = 6000
 SQLITE_HEADER = b"SQLite format 3\x00"
+MAX_TAG_CHARS = 8000  # MLflow refuses longer tag values
 _SECRET_ENV = re.compile(r"(KEY|SECRET|TOKEN|PASSWORD)$")
 _URI_CREDENTIALS = re.compile(r"(?<=://)[^/@\s]+@")
 
@@ -299,8 +302,9 @@ def start_pretrain_run(
         run_id = existing.info.run_id
         client.update_run(run_id, status="RUNNING")
         client.set_tag(run_id, DRIVER_TAG, driver_id())
-        if NONFINITE_LOSS_TAG in existing.data.tags:  # a NaN recorded by an earlier attempt is not this one's
-            client.delete_tag(run_id, NONFINITE_LOSS_TAG)
+        for tag in (NONFINITE_LOSS_TAG, NO_LOADABLE_CHECKPOINT_TAG):  # an earlier attempt's stop is not this one's
+            if tag in existing.data.tags:
+                client.delete_tag(run_id, tag)
         return run_id, True
     tags = {STAGE_TAG: STAGE_PRETRAIN, DRIVER_TAG: driver_id(), **(extra_tags or {})}
     commit = git_commit()

@@ -4,9 +4,10 @@ Parts (``--what``, default all): ``step`` (mocolab's training step, images/s of 
 (the textbook loop side by side, and the ratio), ``data`` (one loader worker's decode + two-crop augment),
 ``overhead`` (a real ``mocolab pretrain`` run's epoch throughput against the bare step in as many
 processes as workers), ``fixed`` (command start to first step; checkpoint save/load time and size),
-``profile`` (``torch.profiler`` breakdown of the step). With no ``--config`` it benchmarks the quickstart
-config on its bundled digits. Prints a table; ``--json`` writes the record, ``--mlflow`` logs it as a run
-tagged ``mocolab.stage=bench``.
+``profile`` (``torch.profiler`` breakdown of the step), ``shuffle`` (shuffle-BN's bytes per worker per step
+for 2 to 64 workers and its time on 2 and 4 gloo processes, all-gather against all-to-all). With no
+``--config`` it benchmarks the quickstart config on its bundled digits. Prints a table; ``--json`` writes the
+record, ``--mlflow`` logs it as a run tagged ``mocolab.stage=bench``.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from typing import Any, Optional
 
 from mocolab.cli import add_overrides_argument
 
-PARTS = ("step", "reference", "data", "overhead", "fixed", "profile")
+PARTS = ("step", "reference", "data", "overhead", "fixed", "profile", "shuffle")
 
 
 def parse_parts(text: str) -> tuple[str, ...]:
@@ -145,6 +146,10 @@ def run_bench(cfg, spec, parts: tuple[str, ...], steps: int, repeats: int, epoch
         fractions = profile_step(spec, steps=min(steps, 5))
         result["momentum_queue_fraction"] = fractions.pop("momentum_queue_fraction")
         result["profile"] = fractions
+    if "shuffle" in parts:
+        from mocolab.bench.shuffle import shuffle_comparison
+
+        result["shuffle"] = shuffle_comparison(spec.batch_size, spec.image_size, spec.dim, steps, repeats)
     return result
 
 

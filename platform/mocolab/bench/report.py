@@ -28,7 +28,16 @@ RESULT_KEYS = (
     "checkpoint_mb",
     "momentum_queue_fraction",  # momentum update + queue update, fraction of the step
     "profile",  # {phase: fraction of the step}
+    "shuffle",  # shuffle-BN per worker per step, one row per worker count: SHUFFLE_COLUMNS (bench/shuffle.py)
 )
+
+# The columns of a "shuffle" row: bytes received (analytic) and seconds of shuffle + unshuffle (measured) of the
+# all-gather and the all-to-all shuffle; ratios are all-to-all / gather.
+SHUFFLE_COLUMNS = (
+    "workers", "gather_bytes", "all_to_all_bytes", "bytes_ratio", "gather_s", "all_to_all_s", "time_ratio"
+)
+SHUFFLE_TITLE = ("shuffle-BN per worker per step: bytes received (analytic, expected) and seconds of shuffle + "
+                 "unshuffle (measured, gloo processes on this machine)")
 
 # Targets of the performance issue: key -> (comparison, bound, note).
 TARGETS = {
@@ -74,22 +83,36 @@ def format_table(rows: Sequence[Sequence[str]], header: Sequence[str]) -> str:
 
 
 def result_table(result: dict[str, Any]) -> str:
-    """The table ``mocolab bench`` prints: one row per measured key, profile phases indented."""
+    """The tables ``mocolab bench`` prints: one row per measured key, profile phases indented; then, if measured,
+    the shuffle-BN table (one row per worker count). Tables with no rows are left out."""
     rows = []
     for key in RESULT_KEYS:
         value = result.get(key)
         if key == "profile":
             for phase, fraction in (value or {}).items():
                 rows.append([f"  profile.{phase}", format_value(fraction), ""])
-        elif value is not None:
+        elif key != "shuffle" and value is not None:
             rows.append([key, format_value(value), target_status(key, value)])
-    return format_table(rows, ["metric", "value", "target"])
+    tables = [format_table(rows, ["metric", "value", "target"])] if rows else []
+    if result.get("shuffle"):
+        shuffle_rows = [[format_value(_as_float(row[c])) for c in SHUFFLE_COLUMNS] for row in result["shuffle"]]
+        tables.append(f"{SHUFFLE_TITLE}\n{format_table(shuffle_rows, SHUFFLE_COLUMNS)}")
+    return "\n\n".join(tables)
+
+
+def _as_float(value: Any) -> Any:
+    """Counts of bytes print with thousands separators, as floats do (worker counts stay as they are)."""
+    return float(value) if isinstance(value, int) and value >= 100 else value
 
 
 def metrics_for_mlflow(result: dict[str, Any]) -> dict[str, float]:
-    """The numeric results as flat MLflow metrics (``profile_<phase>`` for the breakdown)."""
+    """The numeric results as flat MLflow metrics (``profile_<phase>`` for the breakdown,
+    ``shuffle_<column>_w<workers>`` for the shuffle-BN rows)."""
     metrics = {k: float(v) for k, v in result.items() if k in RESULT_KEYS and isinstance(v, (int, float))}
     metrics.update({f"profile_{phase}": float(v) for phase, v in (result.get("profile") or {}).items()})
+    for row in result.get("shuffle") or []:
+        metrics.update({f"shuffle_{column}_w{row['workers']}": float(row[column])
+                        for column in SHUFFLE_COLUMNS[1:] if row[column] is not None})
     return metrics
 
 

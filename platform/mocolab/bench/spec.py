@@ -6,7 +6,7 @@ arguments by ``platform/benchmarks/step_bench.py`` on machines that have torch b
 constructor, so this module and the step benchmark import nothing but torch.
 
 ``bn="shuffle"`` is one worker's share of shuffle-BN: the key batch is shuffled, encoded with BN over the
-local batch and unshuffled; the cross-worker gathers are absent on one process.
+local batch and unshuffled; the cross-worker exchange is absent on one process.
 """
 
 from __future__ import annotations

@@ -45,6 +45,12 @@ def make_classifier(feat_dim: int, num_classes: int) -> nn.Linear:
     return fc
 
 
+def make_optimizer(classifier: nn.Module, lin: LinclsConfig) -> torch.optim.SGD:
+    """The protocol's optimizer of the classifier: SGD with ``lin.lr``, ``lin.momentum`` and ``lin.weight_decay``
+    (the epoch's lr is then set by :func:`lr_at_epoch`)."""
+    return torch.optim.SGD(classifier.parameters(), lr=lin.lr, momentum=lin.momentum, weight_decay=lin.weight_decay)
+
+
 def freeze(backbone: nn.Module) -> nn.Module:
     """No gradients and eval mode (BN uses, and never updates, its running statistics)."""
     for p in backbone.parameters():
@@ -187,7 +193,7 @@ def lincls_train_loop(config: dict[str, Any]) -> dict[str, float]:
     classes = num_classes(data_cfg)
     probe = LinearProbe(backbone, make_classifier(feat_dim, classes)).to(device)
     classifier = ray.train.torch.prepare_model(probe.classifier) if world > 1 else probe.classifier
-    optimizer = torch.optim.SGD(probe.classifier.parameters(), lr=lin.lr, momentum=lin.momentum, weight_decay=lin.weight_decay)
+    optimizer = make_optimizer(probe.classifier, lin)
 
     test_transform = eval_transform(data_cfg.image_size)
     train_transform = test_transform if lin.fast else LinearTrainTransform(data_cfg.image_size)

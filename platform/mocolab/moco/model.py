@@ -21,7 +21,7 @@ from mocolab.moco.mechanisms.queue import LOSS_RANGE, QUEUE_UPDATE_RANGE
 PHASES = {
     "query_forward": "mocolab.query_forward",
     "momentum_update": "mocolab.momentum_update",
-    "shuffle_gather": "mocolab.shuffle_gather",
+    "shuffle": "mocolab.shuffle",
     "key_forward": "mocolab.key_forward",
     "loss": LOSS_RANGE,
     "queue_update": QUEUE_UPDATE_RANGE,
@@ -159,13 +159,13 @@ class MoCo(nn.Module):
         if not self.shuffle_keys:
             with record_function(PHASES["key_forward"]):
                 return encoder(crop)
-        with record_function(PHASES["shuffle_gather"]):
+        with record_function(PHASES["shuffle"]):
             shuffled, unshuffle = shuffle_across_workers(crop)
             if self.channels_last:
                 shuffled = shuffled.contiguous(memory_format=torch.channels_last)
         with record_function(PHASES["key_forward"]):
             keys = encoder(shuffled)
-        with record_function(PHASES["shuffle_gather"]):
+        with record_function(PHASES["shuffle"]):
             return unshuffle_across_workers(keys, unshuffle)
 
     def backbone_state_dict(self) -> dict[str, torch.Tensor]:

@@ -2,8 +2,9 @@
 
 ``fit_pretrain`` runs :func:`mocolab.train.pretrain.train_loop` on ``scaling.num_workers`` workers under the Ray
 run name ``tracking.run_name`` (the same name resumes from its last checkpoint); ``finish_pretrain_run`` turns a
-NaN/inf loss into :class:`NonFiniteLossError`, else logs ``backbone.pt`` and marks the run FINISHED. However it
-ends, the MLflow run is left FINISHED, FAILED or KILLED, never RUNNING.
+NaN/inf loss into :class:`NonFiniteLossError` and a run none of whose checkpoints loads into
+:class:`NoLoadableCheckpointError`, else logs ``backbone.pt`` and marks the run FINISHED. However it ends, the
+MLflow run is left FINISHED, FAILED or KILLED, never RUNNING.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from mocolab import tracking
 from mocolab.config import Config
 from mocolab.runtime import RunInterrupted, ensure_ray, fit, sigint_held, torch_trainer
 from mocolab.train.pretrain import BACKBONE_FILE, NonFiniteLossError, loop_config, train_loop
+from mocolab.train.resume import NoLoadableCheckpointError
 
 
 def build_trainer(cfg: Config, run_id: str, callbacks: Sequence[Any] = ()):
@@ -32,9 +34,15 @@ def build_trainer(cfg: Config, run_id: str, callbacks: Sequence[Any] = ()):
 
 
 def finish_pretrain_run(cfg: Config, run_id: str, result) -> None:
-    """After ``fit``: stop on a non-finite loss, else log ``backbone.pt`` and mark the run FINISHED."""
+    """After ``fit``: stop on a non-finite loss or on a run none of whose checkpoints loads, else log
+    ``backbone.pt`` and mark the run FINISHED."""
     uri = cfg.tracking.tracking_uri
-    nonfinite = tracking.client_for(uri).get_run(run_id).data.tags.get(tracking.NONFINITE_LOSS_TAG)
+    tags = tracking.client_for(uri).get_run(run_id).data.tags
+    unloadable = tags.get(tracking.NO_LOADABLE_CHECKPOINT_TAG)
+    if unloadable:
+        tracking.end_run(uri, run_id, status="FAILED")
+        raise NoLoadableCheckpointError(f"run '{cfg.tracking.run_name}': {unloadable}")
+    nonfinite = tags.get(tracking.NONFINITE_LOSS_TAG)
     if nonfinite:
         tracking.end_run(uri, run_id, status="FAILED")
         kept = result.checkpoint.path if result.checkpoint is not None else "none (no epoch completed)"

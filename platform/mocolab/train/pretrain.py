@@ -6,7 +6,10 @@ only so that the other ranks need no extra loaders; they wait at ``ray.train.rep
 MLflow, prints a progress line and, every ``train.checkpoint_every`` epochs, hands a checkpoint to
 ``ray.train.report``. A run restarted by Ray (FailureConfig) or relaunched under the same name resumes
 from ``ray.train.get_checkpoint()``: model (queue, pointer, both encoders), optimizer, scheduler, epoch,
-global step and every rank's RNG state.
+global step and every rank's RNG state. If that checkpoint cannot be loaded, the run resumes from the newest
+other one of the run that loads (``train/resume.py``), and rank 0 records the fallback in the MLflow tag
+``mocolab.resume_fallback``; if none loads, rank 0 records why in ``mocolab.no_loadable_checkpoint`` and every
+rank returns (retrying cannot help), which the driver turns into :class:`NoLoadableCheckpointError`.
 
 A NaN/inf loss (checked every step on the all-reduced loss, so every rank sees it at the same step) is
 not a transient failure: rank 0 records where it happened in the MLflow tag ``mocolab.nonfinite_loss``
@@ -31,7 +34,8 @@ from torch.utils.data import DataLoader, DistributedSampler
 from mocolab import tracking
 from mocolab.config import Config, TrainConfig
 from mocolab.runtime import seed_everything, start_worker
-from mocolab.train.checkpoint import capture_rng_state, load_checkpoint, restore_rng_state, save_checkpoint
+from mocolab.train.checkpoint import capture_rng_state, restore_rng_state, save_checkpoint
+from mocolab.train.resume import NoLoadableCheckpointError, Resumed, load_for_resume
 
 BACKBONE_FILE = "backbone.pt"
 INJECT_NAN_KEY = "inject_nan_loss_at_epoch"
@@ -106,6 +110,21 @@ class _Tracker:
         self._client.set_tag(self.run_id, tracking.NONFINITE_LOSS_TAG, where)
         progress(f"[mocolab] {where}: stopping without retry")
 
+    def resumed(self, resumed: Resumed) -> None:
+        if not self.active:
+            return
+        note = resumed.fallback_note()
+        if note:
+            self._client.set_tag(self.run_id, tracking.RESUME_FALLBACK_TAG, note[: tracking.MAX_TAG_CHARS])
+            progress(f"[mocolab] {note}")
+        progress(f"[mocolab] resumed from epoch {resumed.state['epoch']} (global step {resumed.state['global_step']})")
+
+    def no_loadable_checkpoint(self, message: str) -> None:
+        if not self.active:
+            return
+        self._client.set_tag(self.run_id, tracking.NO_LOADABLE_CHECKPOINT_TAG, message[: tracking.MAX_TAG_CHARS])
+        progress(f"[mocolab] {message}")
+
     def epoch(self, epoch: int, metrics: dict[str, Optional[float]]) -> None:
         if not self.active:
             return
@@ -147,11 +166,9 @@ def _pretrain_loader(cfg: Config, rank: int, world_size: int) -> tuple[DataLoade
     return loader, sampler
 
 
-def _restore(checkpoint, model, optimizer, scheduler, rank: int, seed: int) -> tuple[int, int]:
-    """Load a Ray checkpoint into the model (queue and pointer included), optimizer, scheduler and this
+def _restore(state: dict[str, Any], model, optimizer, scheduler, rank: int, seed: int) -> tuple[int, int]:
+    """Load a checkpoint's state into the model (queue and pointer included), optimizer, scheduler and this
     rank's RNG; returns ``(completed epochs, global step)``."""
-    with checkpoint.as_directory() as directory:
-        state = load_checkpoint(directory, map_location=next(model.parameters()).device)
     _unwrap(model).load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
@@ -252,16 +269,20 @@ def train_loop(config_dict: dict[str, Any]) -> None:
     )
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, steps_per_epoch, train))
 
+    tracker = _Tracker(cfg, run_id, active=worker.is_chief)
     start_epoch, global_step = 0, 0
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
-        start_epoch, global_step = _restore(checkpoint, model, optimizer, scheduler, rank, train.seed)
-        if worker.is_chief:
-            progress(f"[mocolab] resumed from epoch {start_epoch} (global step {global_step})")
+        try:
+            resumed = load_for_resume(checkpoint, rank, world_size, device)
+        except NoLoadableCheckpointError as err:
+            tracker.no_loadable_checkpoint(str(err))
+            return  # every rank returns here: a clean end, which Ray does not retry
+        start_epoch, global_step = _restore(resumed.state, model, optimizer, scheduler, rank, train.seed)
+        tracker.resumed(resumed)
     else:
         seed_everything(train.seed + rank)  # different augmentations on every rank
 
-    tracker = _Tracker(cfg, run_id, active=worker.is_chief)
     knn_data = knn_loaders(cfg) if worker.is_chief and train.knn_every else None
     autocast = torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=train.amp)
     nan_epoch = config_dict.get(INJECT_NAN_KEY)
