@@ -479,6 +479,8 @@ def format_validation_error(err: ValidationError) -> str:
         msg = e["msg"].removeprefix("Value error, ")
         if e["type"] == "extra_forbidden":
             msg = f"unknown key '{loc}'; remove it or check its spelling against experiments/ and the README"
+        elif e["type"] == "list_type" and isinstance(e.get("input"), dict):  # --set a.list.0=x made a section
+            msg = f"{loc} is a list: set it whole, e.g. --set '{loc}=[...]' (got {e['input']!r})"
         elif e["type"] == "literal_error":
             msg = f"{loc}: {msg} (got {e.get('input')!r})"
         elif loc and not msg.startswith(loc.split(".")[-1]) and loc not in msg:

@@ -165,17 +165,22 @@ def capacity_shortfall(
     from mocolab.runtime import describe
 
     field_name, count = max(workers.items(), key=lambda item: item[1])
-    times = f"{concurrent} runs at once (max_concurrent_trials) x " if concurrent > 1 else ""
     for name, amount in per_worker.items():
         have = available.get(name, 0.0)
-        if concurrent * count * amount > have:
-            source = RESOURCE_FIELDS.get(name, f"scaling.resources_per_worker.{name}")
-            return (
-                f"{times}{field_name}={count} workers x {amount:g} {name} each ({source}) need "
-                f"{concurrent * count * amount:g} {name}, but the local Ray has {describe(available)} and would wait "
-                f"for them forever; lower {field_name} (at most {int(have // (concurrent * amount))} here) or "
-                f"{source}, or join a cluster that has them (RAY_ADDRESS)"
-            )
+        if concurrent * count * amount <= have:
+            continue
+        source = RESOURCE_FIELDS.get(name, f"scaling.resources_per_worker.{name}")
+        if concurrent > 1:
+            need = f"max_concurrent_trials={concurrent} trials at once x {field_name}={count} workers"
+            fix = f"lower max_concurrent_trials (at most {int(have // (count * amount))} here) or the trial's resources"
+        else:
+            need, most = f"{field_name}={count} workers", int(have // amount)
+            fix = f"lower {field_name} (at most {most} here) or {source}" if most else f"change {source}"
+        return (
+            f"{need} x {amount:g} {name} each ({source}) need {concurrent * count * amount:g} {name}, but the "
+            f"local Ray has {describe(available)} and would wait for them forever; {fix}, or join a cluster that "
+            "has them (RAY_ADDRESS)"
+        )
     return None
 
 

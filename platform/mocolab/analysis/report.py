@@ -45,7 +45,7 @@ def make_report(
 
     Returns ``(summary, report folder)``. The store's reachability and ``out`` (not a file) are checked first."""
     if (sweep is None) == (experiment is None):
-        raise ConfigError("mocolab report: give a sweep name or --experiment NAME (one of them)")
+        raise ConfigError("give a sweep name or --experiment NAME (one of them)")
     out = Path(out) if out is not None else Path("reports") / (sweep or experiment)
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {out} is a file; give a folder for report.md, ablation.csv and the plots")
