@@ -51,7 +51,8 @@ def repeated_folder(folder: Path) -> Optional[tuple[Path, Path]]:
     are followed (as torchvision's ImageFolder walks): a link loop, which would send the walk round and round, or
     a second link to one folder, which would count its images twice. None if there is none."""
     seen: set[str] = set()
-    for dirpath, _, _ in os.walk(folder, followlinks=True):
+    for dirpath, dirnames, _ in os.walk(folder, followlinks=True):
+        dirnames.sort()  # walk in name order: the same link is named on every filesystem
         real = os.path.realpath(dirpath)
         if real in seen:
             return Path(dirpath), Path(real)
