@@ -2,14 +2,23 @@
 
 Each subcommand lives in the module that owns its work and exposes ``add_arguments(parser)`` and
 ``main(args) -> int``; this file only lists them, so ``mocolab --help`` stays fast (nothing heavy is
-imported until a subcommand runs).
+imported until a subcommand runs). It is also where every command ends: a user error (ConfigError) is one
+line and exit 2, Ctrl-C is one line (with the command that resumes an interrupted run) and exit 130, any other
+error is one line and exit 1 with the full traceback written to a log file; all of it with credentials masked.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import os
+import shlex
 import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+from typing import Optional
 
 SUBCOMMANDS = {
     "pretrain": ("mocolab.orchestrate", "MoCo pretraining on Ray Train (resumes a run of the same name)"),
@@ -49,6 +58,66 @@ def _shutdown_ray() -> None:
         ray.shutdown()
 
 
+RUN_NAME_OVERRIDE = "tracking.run_name="
+
+
+def resume_command(argv: list[str], run_name: str) -> str:
+    """The command line (``mocolab`` + ``argv``) that resumes run ``run_name``: the same arguments with their
+    ``--set tracking.run_name=...`` replaced by ``run_name``'s."""
+    kept: list[str] = []
+    skip = False
+    for i, arg in enumerate(argv):
+        if skip:
+            skip = False
+        elif arg == "--set" and i + 1 < len(argv) and argv[i + 1].startswith(RUN_NAME_OVERRIDE):
+            skip = True
+        elif not arg.startswith("--set=" + RUN_NAME_OVERRIDE):
+            kept.append(arg)
+    return shlex.join(["mocolab", *kept, "--set", RUN_NAME_OVERRIDE + run_name])
+
+
+def write_error_log(command: str, err: BaseException, redact) -> Path:
+    """The full traceback of ``err``, passed through ``redact``, in a new file under the temp folder."""
+    folder = Path(tempfile.gettempdir()) / "mocolab-errors"
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{command}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log"
+    path.write_text(redact("".join(traceback.format_exception(err))))
+    return path
+
+
+def _last_line(text: str) -> str:
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return lines[-1] if lines else ""
+
+
+def _run(command: str, module, args: argparse.Namespace, argv: list[str]) -> int:
+    """Run a subcommand's ``main`` and turn how it ended into one masked line and an exit code."""
+    from mocolab.config import ConfigError
+    from mocolab.tracking import redact
+    from mocolab.train.nonfinite import NonFiniteLossError
+
+    def say(text: str) -> None:
+        print(f"mocolab {command}: {redact(text)}", file=sys.stderr, flush=True)
+
+    try:
+        return int(module.main(args) or 0)
+    except ConfigError as err:
+        say(str(err))
+        return 2
+    except NonFiniteLossError as err:  # the run is already marked FAILED with where it happened
+        say(str(err))
+        return 1
+    except KeyboardInterrupt as err:
+        run_name: Optional[str] = getattr(err, "run_name", None)
+        resume = f"; resume it with: {resume_command(argv, run_name)}" if run_name else ""
+        say(f"{err or 'interrupted'}{resume}")
+        return 130
+    except Exception as err:
+        log = write_error_log(command, err, redact)
+        say(f"{type(err).__name__}: {_last_line(str(err))} (full traceback, credentials masked: {log})")
+        return 1
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     parser = build_parser()
@@ -61,17 +130,8 @@ def main(argv: list[str] | None = None) -> int:
         module.add_arguments(sub)
         sub.add_argument("--verbose", action="store_true", help=VERBOSE_HELP)
         args = sub.parse_args(argv[1:])
-        from mocolab.config import ConfigError
-        from mocolab.train.nonfinite import NonFiniteLossError
-
         try:
-            return int(module.main(args) or 0)
-        except ConfigError as err:
-            print(f"mocolab {argv[0]}: {err}", file=sys.stderr)
-            return 2
-        except NonFiniteLossError as err:  # the run is already marked FAILED with where it happened
-            print(f"mocolab {argv[0]}: {err}", file=sys.stderr)
-            return 1
+            return _run(argv[0], module, args, argv)
         finally:
             _shutdown_ray()
     parser.parse_args(argv)

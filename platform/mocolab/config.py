@@ -9,6 +9,7 @@ its own working directory).
 from __future__ import annotations
 
 import os
+import re
 import secrets
 import time
 from pathlib import Path
@@ -25,6 +26,8 @@ from pydantic import (
 )
 
 DIGIT_SIDE = 8  # scikit-learn's bundled digits are 8 x 8
+SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+"""Run names: they become folders under ``scaling.storage_path`` (no ``/``, no ``..``)."""
 
 
 class ConfigError(ValueError):
@@ -157,6 +160,13 @@ class DataConfig(_Section):
     limit_test: Optional[int] = Field(None, gt=0)
     digits: DigitsConfig = Field(default_factory=DigitsConfig)
 
+    @field_validator("loader_workers")
+    @classmethod
+    def _loader_workers_count(cls, v: Union[int, str]) -> Union[int, str]:
+        if v != "auto" and v < 0:
+            raise ValueError(f"data.loader_workers={v} must be >= 0 or 'auto' (one fewer than scaling.cpus_per_worker)")
+        return v
+
 
 class TrainConfig(_Section):
     epochs: int = Field(200, ge=1)
@@ -212,12 +222,26 @@ class ScalingConfig(_Section):
     use_gpu: bool = False
     cpus_per_worker: float = Field(1, gt=0)
     storage_path: str = Field("ray_results", description="local dir, NFS or s3:// URI for Ray checkpoints")
+    start_timeout_s: float = Field(
+        600, gt=0,
+        description="how long Ray Train may wait for the workers' resources (an autoscaling cluster adding nodes) "
+        "before the run fails naming what is pending; a local Ray that can never hold them is refused at once",
+    )
+
     resources_per_worker: dict[str, float] = Field(
         default_factory=dict,
         description="custom Ray resources each worker also asks for, e.g. {spot_a100: 1} to run only on nodes "
         "started with --resources='{\"spot_a100\": N}' (N workers each); CPU and GPU come from cpus_per_worker "
         "and use_gpu",
     )
+
+    @field_validator("storage_path")
+    @classmethod
+    def _uri_names_a_location(cls, v: str) -> str:
+        scheme, sep, rest = v.partition("://")
+        if sep and not rest.strip("/"):
+            raise ValueError(f"scaling.storage_path={v} names no bucket or folder; use {scheme}://BUCKET/prefix")
+        return v
 
     @field_validator("resources_per_worker")
     @classmethod
@@ -235,8 +259,8 @@ class ScalingConfig(_Section):
 
 
 class TrackingConfig(_Section):
-    experiment: str = "mocolab"
-    run_name: Optional[str] = None
+    experiment: str = Field("mocolab", min_length=1)
+    run_name: Optional[str] = Field(None, description="letters, digits, '.', '_', '-' (it names the Ray storage folder)")
     tracking_uri: Optional[str] = Field(None, description="default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db")
     register_model: Optional[str] = Field(
         None, description="register the final backbone (the logged model 'backbone') under this model-registry name"
@@ -248,6 +272,16 @@ class TrackingConfig(_Section):
         None, gt=0,
         description="price of one device-hour (a GPU-hour with scaling.use_gpu, else a CPU-hour); runs then log cost",
     )
+
+    @field_validator("run_name")
+    @classmethod
+    def _run_name_is_a_folder_name(cls, v: Optional[str]) -> Optional[str]:
+        if v is not None and not SAFE_NAME.match(v):
+            raise ValueError(
+                f"tracking.run_name={v!r}: use letters, digits, '.', '_' and '-' (it names the run's folder under "
+                "scaling.storage_path)"
+            )
+        return v
 
 
 class LinclsConfig(_Section):
@@ -528,6 +562,8 @@ def format_validation_error(err: ValidationError) -> str:
         msg = e["msg"].removeprefix("Value error, ")
         if e["type"] == "extra_forbidden":
             msg = f"unknown key '{loc}'; remove it or check its spelling against experiments/ and the README"
+        elif e["type"] == "list_type" and isinstance(e.get("input"), dict):  # --set a.list.0=x made a section
+            msg = f"{loc} is a list: set it whole, e.g. --set '{loc}=[...]' (got {e['input']!r})"
         elif e["type"] == "literal_error":
             msg = f"{loc}: {msg} (got {e.get('input')!r})"
         elif loc and not msg.startswith(loc.split(".")[-1]) and loc not in msg:
@@ -554,11 +590,18 @@ def build_config(raw: dict[str, Any], base: Optional[Path] = None) -> Config:
 
 
 def read_yaml(path: Union[str, Path]) -> dict[str, Any]:
+    """The mapping a YAML config file holds; ConfigError naming the file if it cannot be one."""
     path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"config file {path} is a folder; give a YAML file (e.g. experiments/pretrain/*.yaml)")
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist")
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{path} is not UTF-8 text ({err.reason} at byte {err.start}); save it as UTF-8") from None
+    except OSError as err:
+        raise ConfigError(f"config file {path} cannot be read ({err.strerror}); check its permissions") from None
     except yaml.YAMLError as err:
         raise ConfigError(f"{path} is not valid YAML: {err}") from None
     if not isinstance(raw, dict):

@@ -28,8 +28,8 @@ def pretrain_and_evaluate(
     evaluations ``cfg.eval`` names, each its own MLflow run linked to this one. Returns the MLflow run id.
 
     ``parent_run_id`` / ``extra_tags`` file the run under a sweep; ``callbacks`` go to the Ray run (Tune's).
-    Raises RunFinishedError (a ConfigError) if the name belongs to a finished run."""
-    from mocolab.runtime import ensure_ray
+    Raises RunFinishedError (a ConfigError) if the name belongs to a finished run, RunInterrupted (a
+    KeyboardInterrupt naming the run to resume) on Ctrl-C; the MLflow run is never left RUNNING."""
     from mocolab.train.launch import fit_pretrain
 
     run_id, resumed = tracking.start_pretrain_run(cfg, parent_run_id, extra_tags)
@@ -42,11 +42,6 @@ def pretrain_and_evaluate(
     link = tracking.ui_link(cfg.tracking.tracking_uri, client.get_run(run_id).info.experiment_id, run_id)
     if link:
         print(f"[mocolab] MLflow UI: {link}", flush=True)
-    if resumed:  # a stop recorded by an earlier attempt is not this attempt's
-        for tag in (tracking.NONFINITE_LOSS_TAG, tracking.NO_LOADABLE_CHECKPOINT_TAG):
-            if tag in client.get_run(run_id).data.tags:
-                client.delete_tag(run_id, tag)
-    ensure_ray()
     fit_pretrain(cfg, run_id, callbacks)
     if cfg.eval.lincls is not None or cfg.eval.detection is not None:
         from mocolab.evaluate.pipeline import run_configured_evals

@@ -2,16 +2,19 @@
 
 ``mocolab.config`` holds the pure rules (types, ranges, fields that must agree). What needs the filesystem,
 the dataset or a library is checked here, once per command and before any Ray worker starts or any MLflow run
-is created: data folders and split/class layout, the training-set size against the batch and the mechanism
-(e.g. the memory bank's K), the augmentation policy (albumentations), the evaluation datasets, the storage path
-and the tracking store. Workers trust the driver and re-run none of it.
+is created: data folders and split/class layout (no symbolic link loops), the training-set size against the batch
+and the mechanism (e.g. the memory bank's K), the augmentation policy (albumentations), the evaluation datasets,
+the workers against what a local Ray can ever hold, the storage path and the tracking store. Workers trust the
+driver and re-run none of it.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Union
+from pathlib import Path
+from typing import Optional, Union
 
 from mocolab.config import LABELED_DATASETS, Config, ConfigError, check_labeled
 
@@ -46,12 +49,34 @@ def _data_key(cfg: Config) -> str:
     return cfg.data.model_dump_json()
 
 
+def repeated_folder(folder: Path) -> Optional[tuple[Path, Path]]:
+    """``(path, folder it is)`` for the first folder under ``folder`` reached a second time when symbolic links
+    are followed (as torchvision's ImageFolder walks): a link loop, which would send the walk round and round, or
+    a second link to one folder, which would count its images twice. None if there is none."""
+    seen: set[str] = set()
+    for dirpath, dirnames, _ in os.walk(folder, followlinks=True):
+        dirnames.sort()  # walk in name order: the same link is named on every filesystem
+        real = os.path.realpath(dirpath)
+        if real in seen:
+            return Path(dirpath), Path(real)
+        seen.add(real)
+    return None
+
+
 def _check_data_section(data_cfg, where: str) -> tuple[int, int]:
     """Root and split folders, and the number of (train, test) images; ConfigError naming ``where``."""
     from mocolab.data.datasets import dataset_size
 
     if data_cfg.root is not None and not data_cfg.root.is_dir():
         raise ConfigError(f"{where}.root={data_cfg.root} does not exist or is not a folder; fix the path")
+    if data_cfg.dataset == "imagefolder":
+        for split in (data_cfg.train_split, data_cfg.test_split):
+            found = repeated_folder(data_cfg.root / split)
+            if found is not None:
+                raise ConfigError(
+                    f"{where}.root={data_cfg.root}: {found[0]} is {found[1]} again (a symbolic link loop or a second "
+                    "link to one folder); remove the link"
+                )
     try:
         test = dataset_size(data_cfg, "test") if data_cfg.dataset in LABELED_DATASETS else 0
         return dataset_size(data_cfg, "train"), test
@@ -147,6 +172,62 @@ def _check_detection(cfg: Config, model_cfg, report: PreflightReport) -> None:
     report.detection.append(f"{len(train)} train / {len(val)} val images, classes {classes}")
 
 
+def stage_workers(cfg: Config, stages: Iterable[str]) -> dict[str, int]:
+    """The Ray Train workers each stage of a run of ``cfg`` asks for, by the field that sets them."""
+    lincls = cfg.eval.lincls.num_workers if cfg.eval.lincls is not None else 1  # LinclsConfig's default
+    counts = {
+        "pretrain": ("scaling.num_workers", cfg.scaling.num_workers),
+        "lincls": ("eval.lincls.num_workers", lincls),
+    }
+    if cfg.eval.detection is not None:
+        counts["detection"] = ("eval.detection.num_workers", cfg.eval.detection.num_workers)
+    return dict(counts[stage] for stage in stages if stage in counts)
+
+
+RESOURCE_FIELDS = {"CPU": "scaling.cpus_per_worker", "GPU": "scaling.use_gpu"}
+
+
+def capacity_shortfall(
+    workers: dict[str, int], per_worker: dict[str, float], available: dict[str, float], concurrent: int = 1
+) -> Optional[str]:
+    """Why ``concurrent`` runs of the largest stage in ``workers`` (field -> count), each worker asking for
+    ``per_worker`` (resource -> amount), can never start on ``available``, or None if they fit. Pure."""
+    from mocolab.runtime import describe
+
+    field_name, count = max(workers.items(), key=lambda item: item[1])
+    for name, amount in per_worker.items():
+        have = available.get(name, 0.0)
+        if concurrent * count * amount <= have:
+            continue
+        source = RESOURCE_FIELDS.get(name, f"scaling.resources_per_worker.{name}")
+        if concurrent > 1:
+            need = f"max_concurrent_trials={concurrent} trials at once x {field_name}={count} workers"
+            fix = f"lower max_concurrent_trials (at most {int(have // (count * amount))} here) or the trial's resources"
+        else:
+            need, most = f"{field_name}={count} workers", int(have // amount)
+            fix = f"lower {field_name} (at most {most} here) or {source}" if most else f"change {source}"
+        return (
+            f"{need} x {amount:g} {name} each ({source}) need {concurrent * count * amount:g} {name}, but the "
+            f"local Ray has {describe(available)} and would wait for them forever; {fix}, or join a cluster that "
+            "has them (RAY_ADDRESS)"
+        )
+    return None
+
+
+def _check_capacity(configs: Sequence[Config], stages: Sequence[str], concurrent: int) -> None:
+    """A local Ray (no ``RAY_ADDRESS``) can never grow: refuse workers it cannot hold rather than wait forever.
+    (A cluster may autoscale: ``runtime.fit`` waits at most ``scaling.start_timeout_s`` there.)"""
+    from mocolab.runtime import local_resources, uses_cluster, worker_resources
+
+    if uses_cluster():
+        return
+    available = local_resources()
+    for cfg in configs:
+        workers = stage_workers(cfg, stages)
+        if workers and (problem := capacity_shortfall(workers, worker_resources(cfg.scaling), available, concurrent)):
+            raise ConfigError(problem)
+
+
 def _check_source(source) -> None:
     """The evaluated backbone's weights fit ``model.arch`` (strictly), here rather than in a worker."""
     from mocolab.evaluate.weights import check_source
@@ -159,12 +240,14 @@ def preflight(
     stages: Iterable[str] = ("pretrain",),
     source=None,
     quiet: bool = False,
+    concurrent: int = 1,
 ) -> PreflightReport:
     """Run the driver-side checks of ``configs`` (one run, or every trial of a sweep) for ``stages``
-    (``pretrain`` and/or the evaluations ``lincls``, ``detection``), then of their storage paths and tracking
-    stores. ``source``: the evaluated backbone (:class:`mocolab.evaluate.weights.BackboneSource`) of an
-    evaluation command, whose weights must fit its ``model.arch``. Raises ConfigError naming the field or file
-    and the fix; prints one line when every check passed (unless ``quiet``)."""
+    (``pretrain`` and/or the evaluations ``lincls``, ``detection``), then of the workers against a local Ray
+    (``concurrent`` runs at once: a sweep's trials), their storage paths and tracking stores. ``source``: the
+    evaluated backbone (:class:`mocolab.evaluate.weights.BackboneSource`) of an evaluation command, whose weights
+    must fit its ``model.arch``. Raises ConfigError naming the field or file and the fix; prints one line when
+    every check passed (unless ``quiet``)."""
     from mocolab import tracking
     from mocolab.storage import check_storage_path
 
@@ -187,6 +270,7 @@ def preflight(
             done.add(key)
     if source is not None:
         _check_source(source)
+    _check_capacity(configs, stages, concurrent)
     for storage in sorted({cfg.scaling.storage_path for cfg in configs}):
         check_storage_path(storage)
     for uri in sorted({cfg.tracking.tracking_uri for cfg in configs}):

@@ -1,24 +1,29 @@
-"""Ray at the edge: start or connect, the one TorchTrainer factory, and the preamble of every worker loop.
+"""Ray at the edge: start or connect, the one TorchTrainer factory and its ``fit``, the resources a local Ray
+offers, and the preamble of every worker loop.
 
 Pretraining, linear evaluation and detection all run as Ray Train V2 ``TorchTrainer`` loops; this module is
-the only place that builds one, so their scaling, backend, storage and failure settings agree.
+the only place that builds and fits one, so their scaling, backend, storage, failure, start-up and Ctrl-C
+behaviour agree.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import random
+import signal
 import socket
-from collections.abc import Callable, Sequence
+import threading
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Optional
 
 import numpy as np
 import torch
 
-from mocolab.config import Config
+from mocolab.config import Config, ConfigError
 from mocolab.console import PROGRESS_ENV, VERBOSE_ENV, is_verbose, progress_mode
 
 
@@ -58,6 +63,54 @@ def ray_job_env(address: Optional[str]) -> dict[str, str]:
     job_config = json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR", "{}"))  # set by `ray job submit`
     submitted = (job_config.get("runtime_env") or {}).get("env_vars") or {}
     return {key: value for key, value in env.items() if key not in submitted}
+
+
+START_TIMEOUT_ENV = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"
+"""Ray Train V2's wait for a worker group's placement group (read by its controller; default 60 s, then it
+retries without end unless ``FailureConfig.controller_failure_limit`` is set)."""
+
+
+class RunInterrupted(KeyboardInterrupt):
+    """Ctrl-C (or SIGTERM) stopped a run; ``run_name`` names the pretraining run to resume, if there is one."""
+
+    def __init__(self, message: str, run_name: Optional[str] = None):
+        super().__init__(message)
+        self.run_name = run_name
+
+
+class WorkersNotStartedError(ConfigError):
+    """Ray Train could not get the workers' resources within ``scaling.start_timeout_s``."""
+
+
+def uses_cluster() -> bool:
+    """True when commands join the Ray cluster in ``RAY_ADDRESS`` (it may autoscale), False for a local Ray."""
+    return bool(os.environ.get("RAY_ADDRESS"))
+
+
+def worker_resources(scaling) -> dict[str, float]:
+    """What one Ray Train worker asks for: ``scaling.cpus_per_worker`` CPUs, a GPU with ``scaling.use_gpu``, and
+    the custom ``scaling.resources_per_worker``."""
+    return {"CPU": scaling.cpus_per_worker, **({"GPU": 1.0} if scaling.use_gpu else {}), **scaling.resources_per_worker}
+
+
+def local_resources() -> dict[str, float]:
+    """The resources a local Ray holds: the running instance's, else what ``ray.init`` (as :func:`ensure_ray`
+    calls it) would give it here: the CPUs and GPUs it detects, no custom resources."""
+    import ray
+
+    if ray.is_initialized():
+        return dict(ray.cluster_resources())
+    from ray._private.utils import get_num_cpus  # what ray.init counts (cgroup limits included)
+
+    return {"CPU": float(get_num_cpus()), "GPU": float(torch.cuda.device_count())}
+
+
+def describe(resources: dict[str, float]) -> str:
+    """``"2 CPU, 0 GPU"`` and any custom resources (Ray's internal ``memory`` and node entries left out)."""
+    shown = {"CPU": resources.get("CPU", 0), "GPU": resources.get("GPU", 0)}
+    internal = ("memory", "object_store_memory")
+    shown.update({k: v for k, v in resources.items() if k not in internal and not k.startswith("node:")})
+    return ", ".join(f"{amount:g} {name}" for name, amount in shown.items())
 
 
 def ensure_ray() -> None:
@@ -121,22 +174,90 @@ def torch_trainer(
     from ray.train.torch import TorchConfig, TorchTrainer
 
     scaling = cfg.scaling
-    resources = {"CPU": scaling.cpus_per_worker, **({"GPU": 1} if scaling.use_gpu else {})}
-    resources.update(scaling.resources_per_worker)
     return TorchTrainer(
         loop,
         train_loop_config=loop_config,
-        scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=scaling.use_gpu, resources_per_worker=resources),
+        scaling_config=ScalingConfig(
+            num_workers=num_workers, use_gpu=scaling.use_gpu, resources_per_worker=worker_resources(scaling)
+        ),
         torch_config=TorchConfig(backend="nccl" if scaling.use_gpu else "gloo"),
         run_config=RunConfig(
             name=run_name,
             storage_path=scaling.storage_path,
-            failure_config=FailureConfig(max_failures=max_failures),
+            # a worker group that cannot start fails after one wait of scaling.start_timeout_s (see fit)
+            failure_config=FailureConfig(max_failures=max_failures, controller_failure_limit=0),
             checkpoint_config=CheckpointConfig(num_to_keep=keep_checkpoints),
             callbacks=list(callbacks),
             logging_config=LoggingConfig(log_level="INFO" if is_verbose() else QUIET_RAY_LEVEL),
         ),
     )
+
+
+@contextlib.contextmanager
+def _env(name: str, value: str) -> Iterator[None]:
+    previous = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = previous
+
+
+@contextlib.contextmanager
+def sigint_held() -> Iterator[None]:
+    """Ignore Ctrl-C for the block (e.g. while a run's final status is written), in the main thread."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def _pending(cfg: Config, num_workers: int, workers_field: str) -> str:
+    each = ", ".join(f"{amount:g} {name}" for name, amount in worker_resources(cfg.scaling).items())
+    return f"{num_workers} worker(s) of {each} each ({workers_field}; scaling.cpus_per_worker, use_gpu, resources_per_worker)"
+
+
+def fit(trainer, cfg: Config, num_workers: int, workers_field: str = "scaling.num_workers"):
+    """``trainer.fit()`` with mocolab's guarantees: the workers' resources are awaited at most
+    ``scaling.start_timeout_s`` (then WorkersNotStartedError naming what is pending), Ctrl-C or SIGTERM raise
+    RunInterrupted (Ray Train's own SIGINT handler aborts the run and exits through ``sys.exit``; it is
+    removed again afterwards), and any other failure propagates."""
+    import ray
+    from ray.train import ControllerError
+    from ray.train.v2._internal.exceptions import WorkerGroupStartupTimeoutError
+
+    pending = _pending(cfg, num_workers, workers_field)
+    if uses_cluster():
+        print(
+            f"[mocolab] asking the cluster for {pending}; waiting at most "
+            f"{cfg.scaling.start_timeout_s:g} s (scaling.start_timeout_s) for them",
+            flush=True,
+        )
+    main = threading.current_thread() is threading.main_thread()
+    previous = signal.getsignal(signal.SIGINT) if main else None
+    try:
+        with _env(START_TIMEOUT_ENV, str(cfg.scaling.start_timeout_s)):
+            return trainer.fit()
+    except SystemExit as exit:  # raised by Ray's SIGINT handler (or its SIGTERM handler) inside fit
+        raise RunInterrupted(f"interrupted (exit {exit.code})") from None
+    except ControllerError as err:
+        if not isinstance(err.controller_failure, WorkerGroupStartupTimeoutError):
+            raise
+        raise WorkersNotStartedError(
+            f"Ray could not start {pending} within scaling.start_timeout_s="
+            f"{cfg.scaling.start_timeout_s:g} s; the cluster has {describe(ray.cluster_resources())} in all. Lower "
+            "scaling.num_workers or scaling.cpus_per_worker, add nodes, or raise scaling.start_timeout_s"
+        ) from None
+    finally:
+        if main:
+            signal.signal(signal.SIGINT, previous)
 
 
 def seed_everything(seed: int) -> None:

@@ -10,6 +10,7 @@ import getpass
 import os
 import re
 import shlex
+import socket
 import subprocess
 import sys
 import tempfile
@@ -19,7 +20,7 @@ import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Optional
+from typing import TYPE_CHECKING, Any, Callable, Optional
 
 import yaml
 
@@ -57,6 +58,7 @@ SOURCE_GIT_COMMIT_TAG = "mlflow.source.git.commit"
 USER_TAG = "mlflow.user"
 DATASET_CONTEXT_TAG, TRAINING_CONTEXT = "mlflow.data.context", "training"  # on a run's dataset input
 BACKBONE_MODEL = "backbone"  # the logged model of a pretraining run (its final backbone)
+DRIVER_TAG = "mocolab.driver"  # on a pretraining run: host:pid:start of the process driving it (see driver_state)
 
 # --- params beyond the flattened config ---------------------------------------------------------------
 EFFECTIVE_K_PARAM = "effective_k"  # the dictionary size K as the paper's Figure 3 counts it (per mechanism)
@@ -84,6 +86,7 @@ BASE_ARTIFACT = "base_config.yaml"  # on a sweep's parent run
 REPORT_ARTIFACT_DIR = "report"  # mocolab report's files on a sweep's parent run
 
 MAX_PARAM_CHARS = 6000
+SQLITE_HEADER = b"SQLite format 3\x00"
 MAX_TAG_CHARS = 8000  # MLflow refuses longer tag values
 _SECRET_ENV = re.compile(r"(KEY|SECRET|TOKEN|PASSWORD)$")
 _URI_CREDENTIALS = re.compile(r"(?<=://)[^/@\s]+@")
@@ -115,7 +118,10 @@ def redact_tree(tree: Any) -> Any:
 
 
 def check_reachable(uri: str, timeout_s: float = 5.0) -> None:
-    """Fail fast, naming the URI, when the tracking store cannot be used."""
+    """Fail fast, naming the URI (credentials masked), when the tracking store cannot be used: a server that
+    does not answer ``/health`` within ``timeout_s``, a sqlite file in a missing or read-only folder or that is
+    not a database, a plain folder (MLflow 3's refused file store)."""
+    fix = "set tracking.tracking_uri / MLFLOW_TRACKING_URI to a reachable server or sqlite:///PATH"
     if uri.startswith(("http://", "https://")):
         health = _URI_CREDENTIALS.sub("", uri).rstrip("/") + "/health"  # urllib cannot take user:pw@host
         try:
@@ -123,17 +129,30 @@ def check_reachable(uri: str, timeout_s: float = 5.0) -> None:
                 if resp.status != 200:
                     raise OSError(f"HTTP {resp.status}")
         except (OSError, urllib.error.URLError) as err:
-            raise ConfigError(
-                f"MLflow tracking server {redact(uri)} is unreachable ({err}); start it or set "
-                "tracking.tracking_uri / MLFLOW_TRACKING_URI to a reachable server or sqlite:///PATH"
-            ) from None
+            raise ConfigError(f"MLflow tracking server {redact(uri)} is unreachable ({err}); start it or {fix}") from None
     elif uri.startswith("sqlite:///"):
-        folder = Path(uri[len("sqlite:///"):]).parent
-        if not folder.is_dir() or not os.access(folder, os.W_OK):
+        path = Path(uri[len("sqlite:///"):])
+        if not path.parent.is_dir() or not os.access(path.parent, os.W_OK):
             raise ConfigError(
-                f"MLflow store {uri}: folder {folder} does not exist or is not writable; "
+                f"MLflow store {redact(uri)}: folder {path.parent} does not exist or is not writable; "
                 "fix tracking.tracking_uri or MLFLOW_TRACKING_URI"
             )
+        if path.is_dir() or (path.is_file() and path.stat().st_size and not _is_sqlite(path)):
+            raise ConfigError(f"MLflow store {redact(uri)}: {path} is not a SQLite database; {fix}")
+    elif "://" not in uri or uri.startswith("file:"):
+        if os.environ.get("MLFLOW_ALLOW_FILE_STORE", "").lower() not in ("1", "true"):
+            raise ConfigError(
+                f"MLflow store {redact(uri)} is a plain folder (the file store), which MLflow 3 refuses; "
+                f"use sqlite:///{uri.removeprefix('file://').rstrip('/') or '.'}/mlflow.db or {fix}"
+            )
+
+
+def _is_sqlite(path: Path) -> bool:
+    try:
+        with open(path, "rb") as f:
+            return f.read(len(SQLITE_HEADER)) == SQLITE_HEADER
+    except OSError:
+        return False
 
 
 def mlflow_client(uri: str) -> "MlflowClient":
@@ -287,30 +306,95 @@ def log_dataset_input(client: "MlflowClient", run_id: str, cfg: Config) -> None:
         profile=json.dumps({"num_images": summary.num_images}),
     )
     client.log_inputs(run_id, datasets=[DatasetInput(dataset, tags=[InputTag(DATASET_CONTEXT_TAG, TRAINING_CONTEXT)])])
+def _process_start(pid: int) -> Optional[str]:
+    """When process ``pid`` started (Linux: clock ticks after boot, from /proc), or None if there is none."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return stat.rpartition(")")[2].split()[19]  # field 22 of proc(5); fields after "(comm)" start at 3
+
+
+def driver_id() -> str:
+    """This process as the driver of a run: ``host:pid:start`` (the start tells a reused pid apart)."""
+    return f"{socket.gethostname()}:{os.getpid()}:{_process_start(os.getpid()) or '?'}"
+
+
+DRIVER_ALIVE, DRIVER_GONE, DRIVER_SELF, DRIVER_UNKNOWN = "alive", "gone", "self", "unknown"
+
+
+def driver_state(
+    tag: Optional[str], host: str, own_pid: int, process_start: Callable[[int], Optional[str]]
+) -> str:
+    """Whether the driver recorded in a run's ``DRIVER_TAG`` still runs: ``DRIVER_SELF`` (this process),
+    ``DRIVER_ALIVE``, ``DRIVER_GONE`` (no process with that pid and start time on this host), or
+    ``DRIVER_UNKNOWN`` (no tag, another host, or no /proc to look in). Pure: ``process_start`` looks."""
+    parts = (tag or "").rsplit(":", 2)
+    if len(parts) != 3 or parts[0] != host or not parts[1].isdigit() or parts[2] == "?":
+        return DRIVER_UNKNOWN
+    pid, started = int(parts[1]), parts[2]
+    if process_start(pid) != started:
+        return DRIVER_GONE
+    return DRIVER_SELF if pid == own_pid else DRIVER_ALIVE
+
+
+def _check_unfinished(run: "Run", cfg: Config) -> None:
+    """Before resuming an unfinished run: refuse a FINISHED one or one a live driver still runs; say so when
+    a RUNNING one was left behind by a driver that is gone (killed, crashed, its machine rebooted)."""
+    name, run_id = cfg.tracking.run_name, run.info.run_id
+    if run.info.status == "FINISHED":
+        raise RunFinishedError(
+            f"run '{name}' in experiment '{cfg.tracking.experiment}' already finished "
+            f"(MLflow run {run_id}); start a new run by omitting tracking.run_name "
+            "or with --set tracking.run_name=<new name>"
+        )
+    if run.info.status != "RUNNING":
+        return
+    tag = run.data.tags.get(DRIVER_TAG)
+    state = driver_state(tag, socket.gethostname(), os.getpid(), _process_start)
+    host, pid, _ = tag.rsplit(":", 2) if tag and tag.count(":") >= 2 else ("an unknown host", "?", "")
+    if state == DRIVER_ALIVE:
+        raise ConfigError(
+            f"run '{name}' (MLflow run {run_id}) is RUNNING in process {pid} on {host}; wait for it to end or stop "
+            "it (Ctrl-C there), or start a new run with --set tracking.run_name=<new name>"
+        )
+    if state == DRIVER_GONE:
+        print(
+            f"[mocolab] found a stale run '{name}' (MLflow run {run_id}) left RUNNING by a driver that is gone "
+            f"(process {pid} on {host}); resuming it",
+            flush=True,
+        )
+    elif state == DRIVER_UNKNOWN:
+        print(
+            f"[mocolab] run '{name}' (MLflow run {run_id}) is marked RUNNING by a driver on {host} that cannot be "
+            "checked from here; resuming it (stop that driver if it still runs)",
+            flush=True,
+        )
 
 
 def start_pretrain_run(
     cfg: Config, parent_run_id: Optional[str] = None, extra_tags: Optional[dict[str, str]] = None
 ) -> tuple[str, bool]:
-    """Create the pretraining run named ``tracking.run_name``, or resume it if it exists unfinished.
+    """Create the pretraining run named ``tracking.run_name``, or resume it if it exists unfinished; either way
+    the run records this process as its driver (``DRIVER_TAG``).
 
-    Returns ``(run_id, resumed)``. A FINISHED run of that name is refused (RunFinishedError)."""
+    Returns ``(run_id, resumed)``. A FINISHED run of that name is refused (RunFinishedError), so is one whose
+    driver still runs; a RUNNING one whose driver is gone is resumed with a notice."""
     client = client_for(cfg.tracking.tracking_uri)
-    name = cfg.tracking.run_name
-    existing = find_run(client, cfg.tracking.experiment, name)
+    existing = find_run(client, cfg.tracking.experiment, cfg.tracking.run_name)
     if existing is not None:
-        if existing.info.status == "FINISHED":
-            raise RunFinishedError(
-                f"run '{name}' in experiment '{cfg.tracking.experiment}' already finished "
-                f"(MLflow run {existing.info.run_id}); start a new run by omitting tracking.run_name "
-                "or with --set tracking.run_name=<new name>"
-            )
-        client.update_run(existing.info.run_id, status="RUNNING")
-        return existing.info.run_id, True
-    tags = {STAGE_TAG: STAGE_PRETRAIN, **source_tags(), **(extra_tags or {})}
+        _check_unfinished(existing, cfg)
+        run_id = existing.info.run_id
+        client.update_run(run_id, status="RUNNING")
+        client.set_tag(run_id, DRIVER_TAG, driver_id())
+        for tag in (NONFINITE_LOSS_TAG, NO_LOADABLE_CHECKPOINT_TAG):  # an earlier attempt's stop is not this one's
+            if tag in existing.data.tags:
+                client.delete_tag(run_id, tag)
+        return run_id, True
+    tags = {STAGE_TAG: STAGE_PRETRAIN, DRIVER_TAG: driver_id(), **source_tags(), **(extra_tags or {})}
     if parent_run_id:
         tags[PARENT_RUN_TAG] = parent_run_id
-    run = client.create_run(experiment_id(client, cfg.tracking.experiment), run_name=name, tags=tags)
+    run = client.create_run(experiment_id(client, cfg.tracking.experiment), run_name=cfg.tracking.run_name, tags=tags)
     run_id = run.info.run_id
     log_params(client, run_id, params_of(cfg))
     log_config_artifact(client, run_id, cfg)
@@ -368,7 +452,7 @@ def load_pretrain_artifacts(uri: str, run_id: str) -> tuple[dict[str, Any], dict
     try:
         run = client.get_run(run_id)
     except Exception as err:  # mlflow raises its own RestException/MlflowException types
-        raise ConfigError(f"--pretrain-run {run_id}: no such MLflow run in {uri} ({err})") from None
+        raise ConfigError(f"--pretrain-run {run_id}: no such MLflow run in {redact(uri)} ({redact(str(err))})") from None
     if run.data.tags.get(STAGE_TAG) not in (STAGE_PRETRAIN, None):
         raise ConfigError(f"--pretrain-run {run_id} is a '{run.data.tags.get(STAGE_TAG)}' run, not a pretraining run")
     with tempfile.TemporaryDirectory() as tmp:
@@ -377,8 +461,8 @@ def load_pretrain_artifacts(uri: str, run_id: str) -> tuple[dict[str, Any], dict
             weights_path = client.download_artifacts(run_id, BACKBONE_ARTIFACT, tmp)
         except Exception as err:
             raise ConfigError(
-                f"--pretrain-run {run_id} has no {CONFIG_ARTIFACT}/{BACKBONE_ARTIFACT} artifacts "
-                f"(did it finish?): {err}"
+                f"--pretrain-run {run_id} (status {run.info.status}) has no {CONFIG_ARTIFACT}/{BACKBONE_ARTIFACT} "
+                f"artifacts; evaluate a FINISHED pretraining run ({redact(str(err))})"
             ) from None
         config = yaml.safe_load(Path(cfg_path).read_text())
         state = read_weights_file(weights_path, f"--pretrain-run {run_id}: its {BACKBONE_ARTIFACT}")

@@ -14,7 +14,7 @@ from typing import Optional, Sequence
 from mocolab.analysis import plots, runs, summary as summ
 from mocolab.analysis.tables import K
 from mocolab.config import ConfigError
-from mocolab.tracking import REPORT_ARTIFACT_DIR
+from mocolab.tracking import REPORT_ARTIFACT_DIR, check_reachable, redact
 
 
 def write_plots(s: summ.Summary, uri: str, out: Path) -> list[Path]:
@@ -47,9 +47,13 @@ def make_report(
 ) -> tuple[summ.Summary, Path]:
     """Build and write the report of a sweep (or of an experiment's pretraining runs).
 
-    Returns ``(summary, report folder)``."""
+    Returns ``(summary, report folder)``. The store's reachability and ``out`` (not a file) are checked first."""
     if (sweep is None) == (experiment is None):
-        raise ConfigError("mocolab report: give a sweep name or --experiment NAME (one of them)")
+        raise ConfigError("give a sweep name or --experiment NAME (one of them)")
+    out = Path(out) if out is not None else Path("reports") / (sweep or experiment)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out} is a file; give a folder for report.md, ablation.csv and the plots")
+    check_reachable(uri)
     parent = None
     if sweep is not None:
         parent, frame = runs.load_sweep_runs(uri, sweep)
@@ -58,12 +62,11 @@ def make_report(
         frame = runs.load_experiment_runs(uri, experiment)
         title, axes = f"Experiment {experiment}", None
     if frame.empty:
-        raise ConfigError(f"{title}: no pretraining runs in {uri}")
+        raise ConfigError(f"{title}: no pretraining runs in {redact(uri)}")
     try:
         s = summ.summarize(frame, title, axes=axes, metrics=metrics or None)
     except ValueError as err:
         raise ConfigError(str(err)) from None
-    out = Path(out) if out is not None else Path("reports") / (sweep or experiment)
     out.mkdir(parents=True, exist_ok=True)
     images = write_plots(s, uri, out)
     s.table.to_csv(out / "ablation.csv", index=False)

@@ -13,7 +13,15 @@ from mlflow import MlflowClient
 from mlflow.entities import Run
 
 from mocolab.config import ConfigError, absolute_tracking_uri, default_tracking_uri
-from mocolab.tracking import PARENT_RUN_TAG, STAGE_PRETRAIN, STAGE_SWEEP, STAGE_TAG, SWEEP_AXES_TAG, SWEEP_TAG
+from mocolab.tracking import (
+    PARENT_RUN_TAG,
+    STAGE_PRETRAIN,
+    STAGE_SWEEP,
+    STAGE_TAG,
+    SWEEP_AXES_TAG,
+    SWEEP_TAG,
+    redact,
+)
 
 
 def resolve_uri(uri: Optional[str] = None) -> str:
@@ -64,7 +72,7 @@ def find_sweep_parent(uri: str, sweep: str) -> pd.Series:
     )
     if df.empty:
         raise ConfigError(
-            f"no sweep named '{sweep}' in {uri}; check the name (the sweep file's 'name:') or pass "
+            f"no sweep named '{sweep}' in {redact(uri)}; check the name (the sweep file's 'name:') or pass "
             "--tracking-uri / set MLFLOW_TRACKING_URI to the store the sweep wrote to"
         )
     return df.sort_values("start_time", ascending=False).iloc[0]
@@ -94,7 +102,7 @@ def load_experiment_runs(uri: str, experiment: str, stage: str = STAGE_PRETRAIN)
     exp = client.get_experiment_by_name(experiment)
     if exp is None:
         names = sorted(e.name for e in client.search_experiments())
-        raise ConfigError(f"no experiment named '{experiment}' in {uri}; experiments there: {names}")
+        raise ConfigError(f"no experiment named '{experiment}' in {redact(uri)}; experiments there: {names}")
     return _search(client, [exp.experiment_id], f"tags.`{STAGE_TAG}` = '{stage}'")
 
 

@@ -170,6 +170,10 @@ def main(args: argparse.Namespace) -> int:
     started = time.time()
     device = _check_args(args)
     cfg = load_config(args.config or QUICKSTART_CONFIG, args.overrides)
+    if args.mlflow:  # before the benchmark runs, not after
+        from mocolab.tracking import check_reachable
+
+        check_reachable(cfg.tracking.tracking_uri)
     spec = step_spec(cfg, device, args.precision)
     with tempfile.TemporaryDirectory(prefix="mocolab-bench-") as tmp:
         result = run_bench(cfg, spec, args.what, args.steps, args.repeats, args.rounds, args.epochs, Path(tmp))

@@ -373,9 +373,7 @@ def resolve_loader_workers(data_cfg: DataConfig, cpus_per_worker: float) -> int:
     """DataLoader worker processes for one training worker: ``data.loader_workers``, or for "auto" one
     fewer than the worker's CPUs (the training process keeps one), 0 on a 1-CPU worker, at most 16."""
     if data_cfg.loader_workers != "auto":
-        if data_cfg.loader_workers < 0:
-            raise ValueError(f"data.loader_workers={data_cfg.loader_workers} must be >= 0 or 'auto'")
-        return int(data_cfg.loader_workers)
+        return int(data_cfg.loader_workers)  # the schema refuses negative counts
     return max(0, min(int(cpus_per_worker) - 1, MAX_AUTO_LOADER_WORKERS))
 
 

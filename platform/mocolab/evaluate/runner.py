@@ -4,8 +4,9 @@ The command that calls it has run the pre-flight step (data, storage, tracking) 
 
 The evaluation run is tagged ``mocolab.stage`` and ``mocolab.init`` (plus ``mocolab.pretrain_run_id``
 for a pretrained backbone), gets its eval section as params, and its headline metrics; those are also
-copied onto the pretraining run (``tracking.record_downstream``). A failed fit marks the run FAILED; so does
-a NaN/inf loss, which raises NonFiniteLossError naming the run, where it happened and what to change.
+copied onto the pretraining run (``tracking.record_downstream``). A failed fit marks the run FAILED, Ctrl-C
+(or SIGTERM) KILLED; a NaN/inf loss marks it FAILED and raises NonFiniteLossError naming the run, where it
+happened and what to change.
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ def run_eval(
     """Fit ``loop`` on ``num_workers`` Ray Train workers, log the metrics rank 0 returns and the fit's compute to a
     new ``stage`` run, copy the ``headline`` ones onto the pretraining run. Returns the metrics and ``run_id``.
     A NaN/inf loss the workers recorded raises NonFiniteLossError (run FAILED) ending with ``nonfinite_fix``."""
-    from mocolab.runtime import ensure_ray, torch_trainer
+    from mocolab.runtime import RunInterrupted, ensure_ray, fit, sigint_held, torch_trainer
     from mocolab.train.nonfinite import raise_if_nonfinite
 
     uri = cfg.tracking.tracking_uri
@@ -52,20 +53,25 @@ def run_eval(
         cfg, stage, params, pretrain_run_id=source.pretrain_run_id, init=source.init, run_name=run_name
     )
     print(f"[mocolab {stage}] {source.label} backbone ({source.model.arch}): MLflow run {run_id}", flush=True)
-    ensure_ray()
-    trainer = torch_trainer(
-        loop,
-        {**loop_config, "source": source, "mlflow_run_id": run_id},
-        cfg,
-        run_name=f"{run_name}-{run_id[:8]}",
-        num_workers=num_workers,
-    )
-    with tracking.compute_recorded(cfg, run_id, num_workers):
-        try:
-            result = trainer.fit()
-        except BaseException:
+    try:
+        ensure_ray()
+        trainer = torch_trainer(
+            loop,
+            {**loop_config, "source": source, "mlflow_run_id": run_id},
+            cfg,
+            run_name=f"{run_name}-{run_id[:8]}",
+            num_workers=num_workers,
+        )
+        with tracking.compute_recorded(cfg, run_id, num_workers):
+            result = fit(trainer, cfg, num_workers, f"eval.{stage}.num_workers")
+    except (KeyboardInterrupt, SystemExit):
+        with sigint_held():
+            tracking.end_run(uri, run_id, status="KILLED")
+        raise RunInterrupted(f"{stage} evaluation interrupted; MLflow run {run_id} marked KILLED") from None
+    except BaseException:
+        with sigint_held():
             tracking.end_run(uri, run_id, status="FAILED")
-            raise
+        raise
     raise_if_nonfinite(uri, run_id, f"{stage} run '{run_name}' (MLflow run {run_id})", nonfinite_fix)
     metrics = {k: float(v) for k, v in (result.return_value or {}).items()}
     client = tracking.client_for(uri)

@@ -4,7 +4,8 @@
 run name ``tracking.run_name`` (the same name resumes from its last checkpoint); ``finish_pretrain_run`` turns a
 NaN/inf loss into :class:`NonFiniteLossError` and a run none of whose checkpoints loads into
 :class:`NoLoadableCheckpointError`, else logs ``backbone.pt`` and the MLflow model ``backbone`` (registered as
-``tracking.register_model`` if set) and marks the run FINISHED.
+``tracking.register_model`` if set) and marks the run FINISHED. However it ends, the MLflow run is left FINISHED,
+FAILED or KILLED, never RUNNING.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from typing import Any, Sequence
 
 from mocolab import tracking
 from mocolab.config import Config
-from mocolab.runtime import torch_trainer
+from mocolab.runtime import RunInterrupted, ensure_ray, fit, sigint_held, torch_trainer
 from mocolab.train.nonfinite import NonFiniteLossError
 from mocolab.train.pretrain import BACKBONE_FILE, loop_config, train_loop
 from mocolab.train.resume import NoLoadableCheckpointError
@@ -78,17 +79,23 @@ def backbone_module(cfg: Config, weights: Path):
 
 
 def fit_pretrain(cfg: Config, run_id: str, callbacks: Sequence[Any] = ()) -> None:
-    """Pretrain on Ray into MLflow run ``run_id`` and finish the run (see :func:`finish_pretrain_run`).
+    """Pretrain on Ray (started here if needed) into MLflow run ``run_id`` and finish the run (see
+    :func:`finish_pretrain_run`).
 
-    An interrupted fit leaves the run KILLED, a failed one FAILED; either way the fit's compute is added to the
-    run's ``worker_seconds`` / ``device_hours`` (/ ``cost``)."""
-    with tracking.compute_recorded(cfg, run_id, cfg.scaling.num_workers):
-        try:
-            result = build_trainer(cfg, run_id, callbacks).fit()
-        except KeyboardInterrupt:
-            tracking.end_run(cfg.tracking.tracking_uri, run_id, status="KILLED")
-            raise
-        except Exception:
-            tracking.end_run(cfg.tracking.tracking_uri, run_id, status="FAILED")
-            raise
-    finish_pretrain_run(cfg, run_id, result)
+    Ctrl-C or SIGTERM at any point leaves the run KILLED and raises RunInterrupted naming it (to resume); any
+    other failure leaves it FAILED. The final status is written with Ctrl-C held. Either way the fit's compute is
+    added to the run's ``worker_seconds`` / ``device_hours`` (/ ``cost``)."""
+    uri, name = cfg.tracking.tracking_uri, cfg.tracking.run_name
+    try:
+        ensure_ray()
+        with tracking.compute_recorded(cfg, run_id, cfg.scaling.num_workers):
+            result = fit(build_trainer(cfg, run_id, callbacks), cfg, cfg.scaling.num_workers)
+        finish_pretrain_run(cfg, run_id, result)
+    except (KeyboardInterrupt, SystemExit):
+        with sigint_held():
+            tracking.end_run(uri, run_id, status="KILLED")
+        raise RunInterrupted(f"run '{name}' interrupted; MLflow run {run_id} marked KILLED", run_name=name) from None
+    except BaseException:
+        with sigint_held():
+            tracking.end_run(uri, run_id, status="FAILED")
+        raise

@@ -204,7 +204,10 @@ def base_raw(spec: SweepSpec, sweep_dir: Path, overrides: tuple[str, ...] | list
     config_path = inline.pop("config", None)
     if config_path is not None:
         path = Path(config_path)
-        raw = read_yaml(path if path.is_absolute() else sweep_dir / path)
+        try:
+            raw = read_yaml(path if path.is_absolute() else sweep_dir / path)
+        except ConfigError as err:
+            raise ConfigError(f"base.config={config_path} (relative to {sweep_dir}): {err}") from None
     _deep_merge(raw, inline)
     for text in overrides:
         key, value = parse_override(text)

@@ -174,7 +174,9 @@ def start_sweep_run(
     client = tracking.client_for(uri)
     if resume:
         if existing is None:
-            raise ConfigError(f"--resume: no sweep '{spec.name}' in experiment '{experiment}' ({uri}); drop --resume")
+            raise ConfigError(
+                f"--resume: no sweep '{spec.name}' in experiment '{experiment}' ({tracking.redact(uri)}); drop --resume"
+            )
         client.update_run(existing.info.run_id, status="RUNNING")
         return existing.info.run_id
     if existing is not None:
@@ -260,6 +262,16 @@ def build_tuner(spec: SweepSpec, base: dict[str, Any], cfg: Config, parent_run_i
     )
 
 
+def close_stopped_trials(uri: str, experiment: str, parent_run_id: str) -> int:
+    """Mark KILLED the trial runs still RUNNING once Tune has returned: their trial processes were stopped (Ctrl-C,
+    a failed sweep) without a chance to close them. Returns how many."""
+    client = tracking.mlflow_client(uri)
+    stopped = [run for run in tracking.child_runs(uri, experiment, parent_run_id) if run.info.status == "RUNNING"]
+    for run in stopped:
+        client.set_terminated(run.info.run_id, status="KILLED")
+    return len(stopped)
+
+
 def run_sweep(
     spec: SweepSpec, base: dict[str, Any], cfg: Config, resume: bool = False, extra_tags: Optional[dict[str, str]] = None
 ) -> tuple[str, int, int]:
@@ -267,14 +279,19 @@ def run_sweep(
     (``mocolab reproduce`` makes it the child of its own run).
 
     Returns ``(parent MLflow run id, failed trials, unfinished trials)``; unfinished trials (an
-    interrupted sweep) leave the parent run KILLED, to be continued with ``--resume``."""
+    interrupted sweep) leave the parent run and their own runs KILLED, to be continued with ``--resume``."""
     parent_run_id = start_sweep_run(spec, base, cfg, resume, extra_tags)
     uri = cfg.tracking.tracking_uri
     try:
         results = build_tuner(spec, base, cfg, parent_run_id, resume).fit()
     except BaseException:
-        tracking.end_run(uri, parent_run_id, "KILLED")
+        from mocolab.runtime import sigint_held
+
+        with sigint_held():
+            close_stopped_trials(uri, cfg.tracking.experiment, parent_run_id)
+            tracking.end_run(uri, parent_run_id, "KILLED")
         raise
+    close_stopped_trials(uri, cfg.tracking.experiment, parent_run_id)
     # Tune marks the trials it stops on an interruption TERMINATED too: count finished ones in MLflow
     failed = results.num_errors
     children = tracking.child_runs(uri, cfg.tracking.experiment, parent_run_id)
@@ -300,7 +317,7 @@ def main(args: argparse.Namespace) -> int:
 
     spec, base, checked = load_sweep(args.sweep_file, args.overrides, name=args.name)
     cfg = checked[0]
-    preflight(checked, configured_stages(cfg))
+    preflight(checked, configured_stages(cfg), concurrent=min(spec.max_concurrent_trials, count_trials(spec)))
     print(f"sweep '{spec.name}': {count_trials(spec)} trial(s) over {spec.axes or ['seeds']}, all configs valid")
     if args.dry_run:
         return 0

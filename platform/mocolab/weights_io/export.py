@@ -77,6 +77,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace) -> int:
     out = Path(args.out).resolve()
+    if out.is_dir():
+        raise ConfigError(f"--out {args.out} is a folder; give the file to write, e.g. --out {Path(args.out) / 'backbone.pth'}")
     if not out.parent.is_dir():
         raise ConfigError(f"--out {args.out}: the folder {out.parent} does not exist; create it or write elsewhere")
     uri = absolute_tracking_uri(args.tracking_uri or default_tracking_uri(), Path.cwd())
