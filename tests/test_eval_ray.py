@@ -121,7 +121,7 @@ def _nonfinite_run(cfg, stage, loop, section, workers, headline, fix, step):
 def test_nonfinite_detection_loss_stops_both_workers_and_fails_the_run(ray_local, mlflow_uri, tmp_path):
     from mocolab.evaluate.detection import detection_train_loop
     from mocolab.evaluate.detection_cli import NONFINITE_FIX
-    from mocolab.evaluate.detection_metrics import AP_METRICS
+    from mocolab.tracking import DETECTION_METRICS
 
     root = make_digits_voc(tmp_path / "digits-voc", num_train=8, num_val=4)
     detection = {
@@ -139,7 +139,7 @@ def test_nonfinite_detection_loss_stops_both_workers_and_fails_the_run(ray_local
     }
     cfg = _config(tmp_path, mlflow_uri, detection=detection)
     message, run = _nonfinite_run(
-        cfg, "detection", detection_train_loop, cfg.eval.detection, 2, AP_METRICS, NONFINITE_FIX, step=3
+        cfg, "detection", detection_train_loop, cfg.eval.detection, 2, DETECTION_METRICS, NONFINITE_FIX, step=3
     )
 
     assert "\n" not in message
