@@ -9,13 +9,28 @@ from mlflow import MlflowClient
 
 from mocolab import cli, tracking
 from mocolab.config import build_config
-from mocolab.train.nonfinite import NonFiniteLossError, raise_if_nonfinite, record_nonfinite, worker_mean
+from mocolab.train.nonfinite import (
+    NonFiniteLossError,
+    checked_mean_loss,
+    raise_if_nonfinite,
+    record_nonfinite,
+    worker_mean,
+)
 
 
 def test_worker_mean_on_one_worker():
     assert worker_mean(torch.tensor(2.5, requires_grad=True), world_size=1) == 2.5
     assert math.isnan(worker_mean(torch.tensor(float("nan")), world_size=1))
     assert worker_mean(torch.tensor(float("-inf")), world_size=1) == float("-inf")
+
+
+def test_checked_mean_loss_passes_a_finite_loss_and_records_an_injected_nan(mlflow_uri):
+    run_id = _eval_run(mlflow_uri)
+    where = lambda value: f"loss {value} at step 3"  # noqa: E731
+    assert checked_mean_loss(torch.tensor(1.5), 1, 0, 2, 3, mlflow_uri, run_id, where) == 1.5
+    assert tracking.NONFINITE_LOSS_TAG not in MlflowClient(mlflow_uri).get_run(run_id).data.tags
+    assert checked_mean_loss(torch.tensor(1.5), 1, 0, 3, 3, mlflow_uri, run_id, where) is None  # injected at step 3
+    assert MlflowClient(mlflow_uri).get_run(run_id).data.tags[tracking.NONFINITE_LOSS_TAG] == "loss nan at step 3"
 
 
 def _eval_run(uri: str) -> str:

@@ -16,11 +16,12 @@ import pandas as pd  # noqa: E402
 from mocolab.analysis.tables import K, MECHANISM  # noqa: E402
 
 
-def _save(fig: plt.Figure, path: Path) -> Path:
+def save_figure(fig: plt.Figure, path: Path, dpi: int = 120) -> Path:
+    """Lay out ``fig``, write it to ``path`` (folders created) and close it; returns ``path``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=dpi)
     plt.close(fig)
     return path
 
@@ -36,7 +37,7 @@ def plot_ablation(table: pd.DataFrame, param: str, metric: str, path: Path) -> P
     ax.set_xlabel(param)
     ax.set_ylabel(metric)
     ax.grid(alpha=0.3)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_accuracy_vs_k(table: pd.DataFrame, metric: str, path: Path) -> Path:
@@ -53,7 +54,7 @@ def plot_accuracy_vs_k(table: pd.DataFrame, metric: str, path: Path) -> Path:
     ax.set_ylabel(metric)
     ax.legend(title="mechanism")
     ax.grid(alpha=0.3)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_learning_curves(history: pd.DataFrame, labels: dict[str, str], metric: str, path: Path) -> Path:
@@ -69,7 +70,7 @@ def plot_learning_curves(history: pd.DataFrame, labels: dict[str, str], metric: 
     if len(labels) <= 12:
         ax.legend(fontsize="small")
     ax.grid(alpha=0.3)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_accuracy_vs_device_hours(points: pd.DataFrame, metric: str, path: Path) -> Path:
@@ -83,4 +84,4 @@ def plot_accuracy_vs_device_hours(points: pd.DataFrame, metric: str, path: Path)
     if points["label"].nunique() <= 12:
         ax.legend(fontsize="small")
     ax.grid(alpha=0.3)
-    return _save(fig, path)
+    return save_figure(fig, path)

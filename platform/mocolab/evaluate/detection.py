@@ -23,7 +23,6 @@ rescaled (the paper: 0.02 for 16 images). Schedule: linear warm-up from ``warmup
 
 from __future__ import annotations
 
-import math
 import time
 from collections import OrderedDict
 from typing import Any, Optional
@@ -309,7 +308,7 @@ def detection_train_loop(config: dict[str, Any]) -> dict[str, float]:
     from mocolab.data.detection import DetectionDataset, collate_detection, read_detection_splits
     from mocolab.evaluate.detection_metrics import coco_ap
     from mocolab.runtime import start_worker
-    from mocolab.train.nonfinite import INJECT_NAN_STEP_KEY, record_nonfinite, worker_mean
+    from mocolab.train.nonfinite import INJECT_NAN_STEP_KEY, checked_mean_loss
 
     worker = start_worker(config, seed=config["config"]["eval"]["detection"]["seed"])
     cfg, rank, world, device = worker.cfg, worker.rank, worker.world_size, worker.device
@@ -341,13 +340,11 @@ def detection_train_loop(config: dict[str, Any]) -> dict[str, float]:
         targets = [{k: (v.to(device) if torch.is_tensor(v) else v) for k, v in t.items()} for t in targets]
         losses = ddp_model(images, targets)
         loss = sum(losses.values())
-        if step == nan_at and rank == world - 1:
-            loss = loss * float("nan")
-        mean_loss = worker_mean(loss, world)
-        if not math.isfinite(mean_loss):
-            if rank == 0:
-                where = f"loss {mean_loss} at iteration {step}/{det.iterations} (worker 0: {_loss_parts(losses)})"
-                record_nonfinite(uri, run_id, where)
+        mean_loss = checked_mean_loss(
+            loss, world, rank, step, nan_at, uri, run_id,
+            lambda value: f"loss {value} at iteration {step}/{det.iterations} (worker 0: {_loss_parts(losses)})",
+        )
+        if mean_loss is None:
             bar.close()
             return {}  # every rank returns here: a clean end, which Ray does not retry
         optimizer.zero_grad(set_to_none=True)

@@ -181,7 +181,7 @@ def lincls_train_loop(config: dict[str, Any]) -> dict[str, float]:
     from mocolab.evaluate.weights import BackboneSource, assert_unchanged, load_backbone_state, snapshot
     from mocolab.moco.backbones import build_backbone
     from mocolab.runtime import start_worker
-    from mocolab.train.nonfinite import INJECT_NAN_STEP_KEY, record_nonfinite, worker_mean
+    from mocolab.train.nonfinite import INJECT_NAN_STEP_KEY, checked_mean_loss
 
     worker = start_worker(config, seed=config["config"]["eval"]["lincls"]["seed"])
     cfg, rank, world, device = worker.cfg, worker.rank, worker.world_size, worker.device
@@ -233,13 +233,11 @@ def lincls_train_loop(config: dict[str, Any]) -> dict[str, float]:
         for feats, labels in batches:
             loss = F.cross_entropy(classifier(feats), labels)
             step += 1
-            if step == nan_at and rank == world - 1:
-                loss = loss * float("nan")
-            mean_loss = worker_mean(loss, world)
-            if not math.isfinite(mean_loss):
-                if rank == 0:
-                    where = f"loss {mean_loss} in epoch {epoch + 1} at step {step}"
-                    record_nonfinite(cfg.tracking.tracking_uri, config["mlflow_run_id"], where)
+            mean_loss = checked_mean_loss(
+                loss, world, rank, step, nan_at, cfg.tracking.tracking_uri, config["mlflow_run_id"],
+                lambda value: f"loss {value} in epoch {epoch + 1} at step {step}",
+            )
+            if mean_loss is None:
                 bar.close()
                 return {}  # every rank returns here: a clean end, which Ray does not retry
             optimizer.zero_grad(set_to_none=True)

@@ -76,7 +76,7 @@ class AllReduceBatchNorm2d(nn.BatchNorm2d):
         mean = total[:c] / count
         var = (total[c : 2 * c] / count - mean * mean).clamp_min(0)
         if self.track_running_stats:
-            self._update_running_stats(mean.detach(), var.detach(), float(count))
+            self._update_running_stats(mean.detach(), var.detach(), float(count.detach()))
         scale = torch.rsqrt(var + self.eps)
         if self.affine:
             scale = scale * self.weight

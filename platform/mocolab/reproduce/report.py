@@ -15,6 +15,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
+from mocolab.analysis.plots import save_figure  # noqa: E402
 from mocolab.analysis.tables import mean_std, to_markdown  # noqa: E402
 from mocolab.analysis.verdict import ALPHA  # noqa: E402
 from mocolab.reproduce.claims import Claim  # noqa: E402
@@ -64,12 +65,7 @@ def plot_claim(report: ClaimReport, path: Path) -> Path:
     if not report.curves.empty:
         loss.legend(fontsize="small")
     loss.grid(alpha=0.3)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=110)
 
 
 def _short(setting: str) -> str:

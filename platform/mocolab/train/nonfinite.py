@@ -12,6 +12,10 @@ error's one line and exits with code 1.
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
+from typing import Optional
+
 from mocolab.console import console
 
 INJECT_NAN_STEP_KEY = "inject_nan_loss_at_step"
@@ -34,6 +38,23 @@ def worker_mean(loss, world_size: int) -> float:
     if world_size > 1:
         dist.all_reduce(value)
     return value.item() / world_size
+
+
+def checked_mean_loss(
+    loss, world_size: int, rank: int, step: int, inject_at, tracking_uri: str, run_id: str, where: Callable[[float], str]
+) -> Optional[float]:
+    """One step of an evaluation loop's NaN/inf check: the mean of ``loss`` over the workers
+    (:func:`worker_mean`), or None when it is not finite, after rank 0 has recorded ``where(mean)``
+    (:func:`record_nonfinite`); every rank must then return. ``inject_at``: the step at which the last worker's
+    loss is made NaN (fault injection, :data:`INJECT_NAN_STEP_KEY`)."""
+    if step == inject_at and rank == world_size - 1:
+        loss = loss * float("nan")
+    mean = worker_mean(loss, world_size)
+    if math.isfinite(mean):
+        return mean
+    if rank == 0:
+        record_nonfinite(tracking_uri, run_id, where(mean))
+    return None
 
 
 def record_nonfinite(tracking_uri: str, run_id: str, where: str) -> None:
