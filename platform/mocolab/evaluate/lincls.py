@@ -234,7 +234,7 @@ def lincls_train_loop(config: dict[str, Any]) -> dict[str, float]:
             loss = F.cross_entropy(classifier(feats), labels)
             step += 1
             mean_loss = checked_mean_loss(
-                loss, world, rank, step, nan_at, cfg.tracking.tracking_uri, config["mlflow_run_id"],
+                loss, world, rank, step, nan_at, cfg.tracking.tracking_uri, config.get("mlflow_run_id"),
                 lambda value: f"loss {value} in epoch {epoch + 1} at step {step}",
             )
             if mean_loss is None:
