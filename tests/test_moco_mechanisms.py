@@ -151,6 +151,18 @@ def test_memory_bank_refuses_symmetric_and_too_few_images():
     MemoryBankDictionary.check(DictionarySettings(queue_size=10**6, dim=4, global_batch=16))  # size not known yet
 
 
+def test_memory_bank_round_trips_through_a_checkpoint(tmp_path):
+    from mocolab.train.checkpoint import load_checkpoint, save_checkpoint
+
+    bank = _bank()
+    bank([_unit(3, 4)], None, torch.tensor([7, 0, 13]), T)  # rows 7, 0, 13 now differ from their initial values
+    save_checkpoint(tmp_path, {"model": bank.state_dict()})
+    restored = _bank(seed=99)
+    assert not torch.equal(restored.bank, bank.bank)
+    restored.load_state_dict(load_checkpoint(tmp_path)["model"])
+    assert torch.equal(restored.bank, bank.bank)
+
+
 def test_sample_excluding_is_uniform_over_the_allowed_indices():
     torch.manual_seed(0)
     draws = sample_excluding(10, torch.tensor([3, 0, 3, 9]), 20000)
