@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 
 import pytest
 import yaml
@@ -91,9 +92,11 @@ def test_an_inactive_bar_sends_nothing(bars):
 def test_verbosity_sets_mlflow_level_unless_the_user_did(monkeypatch):
     monkeypatch.setenv(console.VERBOSE_ENV, "0")  # restored after the test, as are the next two
     monkeypatch.delenv("MLFLOW_LOGGING_LEVEL", raising=False)
+    monkeypatch.delenv("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", raising=False)
     monkeypatch.setattr(logging.getLogger("mlflow"), "level", logging.getLogger("mlflow").level)
     console.set_verbose(False)
     assert not console.is_verbose() and logging.getLogger("mlflow").level == logging.WARNING
+    assert os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] == "false"  # no download bars before an evaluation
     monkeypatch.setenv("MLFLOW_LOGGING_LEVEL", "DEBUG")
     console.set_verbose(True)
     assert console.is_verbose() and logging.getLogger("mlflow").level == logging.DEBUG

@@ -32,6 +32,8 @@ def set_verbose(verbose: bool) -> None:
     os.environ[VERBOSE_ENV] = "1" if verbose else "0"
     level = os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "INFO" if verbose else "WARNING")
     logging.getLogger("mlflow").setLevel(level)  # in case MLflow is imported already
+    # MLflow's tqdm bars while it downloads a run's artifacts (e.g. backbone.pt before an evaluation)
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "true" if verbose else "false")
 
 
 def is_verbose() -> bool:
