@@ -112,7 +112,10 @@ def test_case_2_a_cluster_that_cannot_give_the_workers_fails_after_start_timeout
     from mocolab.orchestrate import pretrain_and_evaluate
     from mocolab.runtime import WorkersNotStartedError
 
-    monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:6379")  # a cluster: only the bounded wait applies (Ray is up)
+    if not ray_local.is_initialized():  # an earlier command in this session shut the shared instance down
+        ray_local.init(address="local", num_cpus=2, include_dashboard=False)
+    # a cluster: only the bounded wait applies; the address is the running instance's, which the command joins
+    monkeypatch.setenv("RAY_ADDRESS", ray_local.get_runtime_context().gcs_address)
     cfg = build_config({
         "model": {"arch": "small_cnn"}, "moco": {"queue_size": 384},
         "train": {"epochs": 1, "batch_size": 32}, "data": {"limit_train": 256, "limit_test": 64},
