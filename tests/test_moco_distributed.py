@@ -2,9 +2,10 @@
 official all-gather, on 2 and 4 ranks), one MoCo step per mechanism, and two steps of moco and end_to_end (shuffle
 BN) compared with the plain reference of tests/moco_reference.py.
 
-One start of the ranks per world size runs every check of that size; the ranks are forked from the test process,
-which has imported everything they use (spawned ranks would each import torch and mocolab again, which dominated
-the test's time). Each rank asserts what it can see alone and saves its tensors, and the tests compare the ranks
+One start of the ranks per world size runs every check of that size; the ranks are forked from a clean fork server
+that has imported everything they use once (spawned ranks would each import torch and mocolab again, which dominated
+the test's time; ranks forked from the test process itself fail once an earlier test has started autograd's threads
+there). Each rank asserts what it can see alone and saves its tensors, and the tests compare the ranks
 (and the reference, run here on the global batch).
 """
 
@@ -48,7 +49,8 @@ def _free_port() -> int:
 
 
 def _spawn(world, out_dir):
-    mp.start_processes(_worker, args=(world, _free_port(), str(out_dir)), nprocs=world, start_method="fork")
+    mp.get_context("forkserver").set_forkserver_preload([__name__])  # no effect if a server already runs: still right
+    mp.start_processes(_worker, args=(world, _free_port(), str(out_dir)), nprocs=world, start_method="forkserver")
     return [torch.load(out_dir / f"rank{r}.pt", weights_only=True) for r in range(world)]
 
 
