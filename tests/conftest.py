@@ -24,6 +24,20 @@ def ray_local():
 
 
 @pytest.fixture
+def command_output(capsys):
+    """``capsys.readouterr`` for a command run in-process, without the lines streamed from Ray workers: the session's
+    Ray (``log_to_driver``) may still be flushing an earlier test's worker output (a traceback, say) into this
+    process, and a command that starts no Ray prints none of its own."""
+    from console_output import without_ray_worker_lines
+
+    def read():
+        captured = capsys.readouterr()
+        return type(captured)(without_ray_worker_lines(captured.out), without_ray_worker_lines(captured.err))
+
+    return read
+
+
+@pytest.fixture
 def mlflow_uri(tmp_path, monkeypatch):
     """A sqlite MLflow store under the test's tmp dir, set as ``MLFLOW_TRACKING_URI``.
 

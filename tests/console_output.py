@@ -18,6 +18,13 @@ RAY_CHATTER = (
     "Creating initial MLflow database",
 )
 """Lines of Ray's (and MLflow's) internals that the default console must not show (issue 12)."""
+RAY_WORKER_LINE = re.compile(r"^(?:\x1b\[[0-9;]*m)?\((?:\w+ )?pid=\d+(?:, ip=[\d.]+)?\)")
+"""The prefix of a line Ray streams from a worker to its driver, ``(RayTrainWorker pid=123) ...``."""
+
+
+def without_ray_worker_lines(text: str) -> str:
+    """``text`` without the lines streamed from Ray workers."""
+    return "".join(line for line in text.splitlines(keepends=True) if not RAY_WORKER_LINE.search(line))
 
 
 def screen_lines(output: str) -> list[str]:

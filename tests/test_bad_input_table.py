@@ -12,6 +12,7 @@ import re
 import shlex
 import socket
 import sqlite3
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -56,6 +57,14 @@ def test_the_table_has_at_least_40_distinct_cases():
     assert [row.number for row in ROWS] == list(range(1, len(ROWS) + 1))
     assert len({row.command for row in ROWS}) == len(ROWS)
     assert all(row.fragments for row in ROWS)
+
+
+def test_an_earlier_tests_ray_worker_lines_are_not_the_commands_output(command_output):
+    """What the session's Ray streamed late (the CI run that failed row 1) is dropped; the command's lines stay."""
+    print("\x1b[36m(RayTrainWorker pid=24716)\x1b[0m Traceback (most recent call last):", file=sys.stderr)
+    print("(_WrappedExecutor pid=81, ip=10.0.0.2)   File \"pretrain.py\", line 309", file=sys.stderr)
+    print("mocolab pretrain: the config file (pid=3) is missing", file=sys.stderr)
+    assert command_output().err == "mocolab pretrain: the config file (pid=3) is missing\n"
 
 
 def closed_port() -> int:
@@ -117,7 +126,7 @@ def run_count(db: Path) -> int:
 
 
 @pytest.mark.parametrize("row", ROWS, ids=lambda row: f"{row.number}-{row.what}")
-def test_bad_input_is_refused_before_compute(row, tmp_path, monkeypatch, capsys):
+def test_bad_input_is_refused_before_compute(row, tmp_path, monkeypatch, command_output):
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     db = tmp_path / "mlflow.db"
@@ -135,10 +144,10 @@ def test_bad_input_is_refused_before_compute(row, tmp_path, monkeypatch, capsys)
     runs_before = run_count(db)
     ray_starts: list[tuple] = []
     monkeypatch.setattr("ray.init", lambda *a, **k: ray_starts.append(a) or pytest.fail("Ray was started"))
-    capsys.readouterr()
+    command_output()
 
     code = cli.main(words[1:])
-    out, err = capsys.readouterr()
+    out, err = command_output()
 
     assert code == 2, f"exit {code}\n{out}\n{err}"
     for fragment in row.fragments:

@@ -145,9 +145,9 @@ class _Crashes:
         raise RuntimeError("worker traceback ...\nOSError: cannot reach http://alice:pw-7e2a@mlflow.example/api")
 
 
-def test_an_unexpected_error_is_one_masked_line_and_a_masked_log(capsys):
+def test_an_unexpected_error_is_one_masked_line_and_a_masked_log(command_output):
     assert cli._run("report", _Crashes, None, ["report"]) == 1
-    err = capsys.readouterr().err
+    err = command_output().err
     assert err.startswith("mocolab report: RuntimeError: OSError: cannot reach http://***@mlflow.example/api")
     assert "pw-7e2a" not in err and "Traceback" not in err and err.count("\n") == 1
     log = Path(err.rsplit("credentials masked: ", 1)[1].rstrip(")\n"))

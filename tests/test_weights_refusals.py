@@ -134,21 +134,21 @@ def test_weights_of_another_arch_name_it(weights_model, config_model, expected, 
         check_source(resolve_source(cfg, weights=str(tmp_path / "backbone.pt")))
 
 
-def test_lincls_with_a_text_file_is_one_message_and_no_run(tmp_path, mlflow_uri, capsys):
+def test_lincls_with_a_text_file_is_one_message_and_no_run(tmp_path, mlflow_uri, command_output):
     text = tmp_path / "weights.txt"
     text.write_text("not weights")
     assert cli.main(["lincls", EVAL_QUICKSTART, "--weights", str(text)]) == 2
-    err = capsys.readouterr().err
+    err = command_output().err
     assert f"mocolab lincls: --weights {text} is not a PyTorch checkpoint" in err and "Traceback" not in err
     assert _no_runs(mlflow_uri)
 
 
-def test_detect_with_weights_of_another_arch_is_refused_in_the_driver(tmp_path, mlflow_uri, capsys):
+def test_detect_with_weights_of_another_arch_is_refused_in_the_driver(tmp_path, mlflow_uri, command_output):
     weights = _small_cnn_backbone(tmp_path / "backbone.pt")
     code = cli.main(["detect", EVAL_QUICKSTART, "--weights", str(weights), "--set", "model.arch=resnet18",
                      "--set", f"scaling.storage_path={tmp_path / 'ray_results'}"])  # fmt: skip
     assert code == 2
-    err = capsys.readouterr().err
+    err = command_output().err
     assert f"mocolab detect: --weights {weights} (torchvision layout) does not fit model.arch=resnet18" in err
     assert "--set model.arch=small_cnn" in err and "Traceback" not in err
     assert _no_runs(mlflow_uri)  # refused before any MLflow run (and before Ray)
