@@ -9,7 +9,7 @@ from mocolab.analysis.verdict import INCONCLUSIVE, NOT_REPRODUCED, REPRODUCED
 from mocolab.config import ConfigError
 from mocolab.reproduce.claims import CLAIMS_DIR, list_claims, load_claim, parse_claim, same_value
 from mocolab.reproduce.evidence import by_seed, evaluate_claim, rows_table, settings_of_runs
-from mocolab.reproduce.report import ClaimReport, write_report
+from mocolab.reproduce.report import ClaimReport, _short, write_report
 
 CONFIG = str(CLAIMS_DIR / "configs" / "digits_v1.yaml")
 
@@ -136,3 +136,9 @@ def test_rows_table_and_report(tmp_path):
     assert (tmp_path / "toy.png").stat().st_size > 1000
     assert "## Toy momentum (`toy`): reproduced" in text and "55.2" in text and "70.3 ± 1.5" in text
     assert "0.99 beats 0.9" in text and "[90% CI]" in text and "![toy](toy.png)" in text
+
+
+def test_figure_labels_drop_the_key_prefixes_not_the_values():
+    """The report's first figures read "9", "99", "07" for momenta and temperatures: values keep their dots."""
+    assert _short("moco.momentum=0.99") == "momentum=0.99"
+    assert _short("moco.mlp=True, moco.temperature=0.07, train.schedule=step") == "mlp=True, temperature=0.07, schedule=step"
