@@ -141,4 +141,5 @@ def test_rows_table_and_report(tmp_path):
 def test_figure_labels_drop_the_key_prefixes_not_the_values():
     """The report's first figures read "9", "99", "07" for momenta and temperatures: values keep their dots."""
     assert _short("moco.momentum=0.99") == "momentum=0.99"
-    assert _short("moco.mlp=True, moco.temperature=0.07, train.schedule=step") == "mlp=True, temperature=0.07, schedule=step"
+    labels = _short("moco.mlp=True, moco.temperature=0.07, train.schedule=step")
+    assert labels == "mlp=True, temperature=0.07, schedule=step"

@@ -70,7 +70,8 @@ def plot_claim(report: ClaimReport, path: Path) -> Path:
 
 def _short(setting: str) -> str:
     """A setting label without the section prefixes of its keys: ``momentum=0.9``."""
-    return ", ".join(key.split(".")[-1] + sep + value for key, sep, value in (part.partition("=") for part in setting.split(", ")))
+    parts = (part.partition("=") for part in setting.split(", "))
+    return ", ".join(key.split(".")[-1] + sep + value for key, sep, value in parts)
 
 
 def _paper_text(value) -> str:
