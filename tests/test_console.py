@@ -103,14 +103,15 @@ def test_verbosity_sets_mlflow_level_unless_the_user_did(monkeypatch):
 
 
 def test_ray_job_env_quiets_train_and_names_the_cluster(monkeypatch):
-    for key in ("RAY_TRAIN_ENABLE_PRINT_PATCH", "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "RAY_JOB_CONFIG_JSON_ENV_VAR"):
+    for key in ("RAY_TRAIN_ENABLE_PRINT_PATCH", "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "RAY_worker_niceness",
+                "RAY_JOB_CONFIG_JSON_ENV_VAR"):
         monkeypatch.delenv(key, raising=False)
     monkeypatch.setenv(console.VERBOSE_ENV, "0")
     monkeypatch.setenv(console.PROGRESS_ENV, "lines")
     env = ray_job_env("127.0.0.1:6379")
     assert env["RAY_ADDRESS"] == "127.0.0.1:6379" and env[console.PROGRESS_ENV] == "lines"
     assert env["RAY_TRAIN_ENABLE_PRINT_PATCH"] == "0" and env["RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"] == "0"
-    assert env[console.VERBOSE_ENV] == "0"
+    assert env[console.VERBOSE_ENV] == "0" and env["RAY_worker_niceness"] == "0"
     assert "RAY_ADDRESS" not in ray_job_env("auto")
     monkeypatch.setenv("RAY_TRAIN_ENABLE_PRINT_PATCH", "1")  # the user's choice wins
     submitted = {"runtime_env": {"env_vars": {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "1"}}}
