@@ -45,10 +45,10 @@ def ray_job_env(address: Optional[str]) -> dict[str, str]:
       also sends it to a logger, and the console showed it twice);
     - ``RAY_TRAIN_ENABLE_PREEMPTION_WATCHER=0``: mocolab's loops do not act on node-drain notices (a lost node is
       handled by ``train.max_failures`` restarts from the last checkpoint), and the watcher's actor logs errors;
-    - ``RAY_worker_niceness=0``: the job's workers run at the priority of the process that started them, not at
-      Ray's default nice 15, under which every wake-up of Ray's own processes (GCS, raylet, agents, Train's
-      controller actors) preempts a training worker and its lockstep peers wait at the next collective (on 2 CPUs
-      this cost 10 % of the epoch throughput against the same training in plain DDP, ``mocolab bench --what launcher``);
+    - ``RAY_worker_niceness=0``: the job's workers run at normal priority, not at Ray's default nice 15, under
+      which every wake-up of Ray's own processes (GCS, raylet, agents, Train's controller actors) preempted a
+      training worker and its lockstep peers waited at the next collective (on 2 CPUs: 10-20 % of the epoch
+      throughput against the same training in plain DDP, ``mocolab bench --what launcher``);
     - mocolab's verbosity, its progress mode (bars for a terminal, lines otherwise) and MLflow's console level, for
       sweep trials and workers.
 
