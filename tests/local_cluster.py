@@ -21,7 +21,7 @@ import subprocess
 import tempfile
 import time
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Sequence
 
 import psutil
 from local_servers import VENV_BIN, clean_env, free_port, start_in_session
@@ -34,28 +34,35 @@ NODE_PORTS = (
     "dashboard-agent-grpc-port",
     "metrics-export-port",
 )
-HEAD_PORTS = NODE_PORTS + ("dashboard-port", "ray-client-server-port")
+HEAD_PORTS = NODE_PORTS + ("ray-client-server-port",)
 
 
 class LocalCluster:
-    """Nodes started with :meth:`add_node` (the first is the head); ``env`` lets a driver connect."""
+    """Nodes started with :meth:`add_node` (the first is the head); ``env`` lets a driver connect and is every
+    node's environment (``node_env`` adds to it, as a cluster's nodes export settings before ``ray start``).
+    With ``dashboard``, the head runs the dashboard and job server on 127.0.0.1 (``dashboard_url``)."""
 
-    def __init__(self, folder: Path):
+    def __init__(self, folder: Path, node_env: dict[str, str] | None = None, dashboard: bool = False):
         self.folder = folder
-        token = folder / "auth_token"
-        token.write_text(secrets.token_hex(32))
+        self.token = folder / "auth_token"
+        self.token.write_text(secrets.token_hex(32))
         self.port = free_port()
         self.address = f"127.0.0.1:{self.port}"
-        self.env = clean_env(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token))
+        self.env = clean_env(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(self.token), **(node_env or {}))
+        self.dashboard_port = free_port() if dashboard else None
+        self.dashboard_url = f"http://127.0.0.1:{self.dashboard_port}" if dashboard else None
         self.nodes: list[subprocess.Popen] = []  # every `ray start` this cluster ran, the failed ones too
         self.head: subprocess.Popen | None = None
 
-    def add_node(self, num_cpus: int, resources: dict[str, float], attempts: int = 3) -> subprocess.Popen:
-        """Start a node (the head if it is the first) and wait until it runs. On a loaded machine a node
-        can miss Ray's fixed 30 s registration deadline ("timed out during startup"): it is then stopped
-        and started again, up to ``attempts`` times."""
+    def add_node(
+        self, num_cpus: int, resources: dict[str, float], attempts: int = 3, wrap: Sequence[str] = ()
+    ) -> subprocess.Popen:
+        """Start a node (the head if it is the first) and wait until it runs; ``wrap`` is a command that runs
+        ``ray start`` (its arguments follow), e.g. one that gives the node a filesystem view of its own. On a loaded
+        machine a node can miss Ray's fixed 30 s registration deadline ("timed out during startup"): it is then
+        stopped and started again, up to ``attempts`` times."""
         for _ in range(attempts):
-            node, log = self._start_node(num_cpus, resources)
+            node, log = self._start_node(num_cpus, resources, wrap)
             if self._started(node, log, timeout_s=120):
                 self.head = self.head or node
                 return node
@@ -63,10 +70,18 @@ class LocalCluster:
         last_log = log.read_text(errors="replace")[-3000:]
         raise RuntimeError(f"a Ray node did not start {attempts} times; the last log:\n{last_log}")
 
-    def _start_node(self, num_cpus: int, resources: dict[str, float]) -> tuple[subprocess.Popen, Path]:
+    def _start_node(
+        self, num_cpus: int, resources: dict[str, float], wrap: Sequence[str]
+    ) -> tuple[subprocess.Popen, Path]:
         head = self.head is None
-        role = ["--head", f"--port={self.port}", "--include-dashboard=false"] if head else [f"--address={self.address}"]
-        cmd = [str(VENV_BIN / "ray"), "start", "--block", *role, f"--num-cpus={num_cpus}",
+        if not head:
+            role = [f"--address={self.address}"]
+        elif self.dashboard_port is None:
+            role = ["--head", f"--port={self.port}", "--include-dashboard=false"]
+        else:
+            role = ["--head", f"--port={self.port}", f"--dashboard-port={self.dashboard_port}",
+                    "--dashboard-host=127.0.0.1"]  # fmt: skip
+        cmd = [*wrap, str(VENV_BIN / "ray"), "start", "--block", *role, f"--num-cpus={num_cpus}",
                f"--resources={json.dumps(resources)}", "--disable-usage-stats", f"--temp-dir={self.folder / 'ray'}",
                *(f"--{name}={free_port()}" for name in (HEAD_PORTS if head else NODE_PORTS))]  # fmt: skip
         log = self.folder / f"node{len(self.nodes)}.log"
@@ -116,10 +131,10 @@ class LocalCluster:
 
 
 @contextlib.contextmanager
-def local_cluster() -> Iterator[LocalCluster]:
+def local_cluster(node_env: dict[str, str] | None = None, dashboard: bool = False) -> Iterator[LocalCluster]:
     """A :class:`LocalCluster` in a fresh temp dir, always shut down and removed afterwards."""
     folder = Path(tempfile.mkdtemp(prefix="mocolab-cluster-", dir="/tmp"))
-    cluster = LocalCluster(folder)
+    cluster = LocalCluster(folder, node_env, dashboard)
     try:
         yield cluster
     finally:

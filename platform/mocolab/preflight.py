@@ -19,6 +19,8 @@ from typing import Optional, Union
 from mocolab.config import LABELED_DATASETS, Config, ConfigError, check_labeled
 
 STAGES = ("pretrain", "lincls", "detection")
+WORKER_PROBE_TIMEOUT_S = 120.0
+"""How long the pre-flight step waits for a worker node to report what it sees of the data."""
 
 
 @dataclass
@@ -228,6 +230,76 @@ def _check_capacity(configs: Sequence[Config], stages: Sequence[str], concurrent
             raise ConfigError(problem)
 
 
+def _data_sections(cfg: Config, stages: Sequence[str]) -> list[tuple[str, object]]:
+    """``(field, data section)`` of every dataset the workers of ``stages`` read from files (made data excluded)."""
+    from mocolab.evaluate.lincls import dataset_config
+
+    sections = []
+    if "pretrain" in stages:
+        sections.append(("data", cfg.data))
+        if cfg.train.knn_every and cfg.train.knn_dataset is not None:
+            sections.append(("train.knn_dataset", cfg.train.knn_dataset))
+    if "lincls" in stages:
+        where = "eval.lincls.dataset" if cfg.eval.lincls and cfg.eval.lincls.dataset else "data"
+        sections.append((where, dataset_config(cfg)))
+    return [(where, data_cfg) for where, data_cfg in sections if data_cfg.root is not None]
+
+
+def _worker_view(data_cfg, where: str) -> Union[tuple[int, int], str]:
+    """Run on a worker node: the section's (train, test) image counts as that node sees them, or why it cannot."""
+    try:
+        return _check_data_section(data_cfg, where)
+    except ConfigError as err:
+        return str(err)
+
+
+NO_WORKER_NODE_NOTE = (
+    "no worker node is up yet (the cluster may add them on demand): the data was checked from the driver only; "
+    "a local or NFS data.root must be mounted at the same path on every worker node"
+)
+
+
+def _check_on_worker_nodes(configs: Sequence[Config], stages: Sequence[str], report: PreflightReport) -> None:
+    """On a cluster, the workers' filesystem is not the driver's: every data section is checked again on each live
+    node that could hold a worker (same mount, same credentials and endpoint as the workers), and every node must
+    see what the driver counted."""
+    import json
+
+    from ray.exceptions import GetTimeoutError
+
+    from mocolab.runtime import ensure_ray, run_on_worker_nodes, worker_resources
+
+    ensure_ray()
+    probed: set[str] = set()
+    for cfg in configs:
+        per_worker = worker_resources(cfg.scaling)
+        for where, data_cfg in _data_sections(cfg, stages):
+            if (key := data_cfg.model_dump_json() + json.dumps(per_worker, sort_keys=True)) in probed:
+                continue
+            probed.add(key)
+            try:
+                views = run_on_worker_nodes(_worker_view, (data_cfg, where), per_worker, WORKER_PROBE_TIMEOUT_S)
+            except GetTimeoutError:
+                raise ConfigError(
+                    f"a worker node did not report what it sees of {where}.root={data_cfg.root} within "
+                    f"{WORKER_PROBE_TIMEOUT_S:.0f} s; check the cluster's nodes (ray status), then run again"
+                ) from None
+            if not views and NO_WORKER_NODE_NOTE not in report.notes:
+                report.notes.append(NO_WORKER_NODE_NOTE)
+            driver = (report.train_images.get(_data_key(cfg)), report.test_images.get(_data_key(cfg)))
+            for node, view in views.items():
+                if isinstance(view, str):
+                    raise ConfigError(
+                        f"worker node {node}: {view} (the driver sees it; mount the same storage at the same path on "
+                        "every node, or give the node the same access to the bucket)"
+                    )
+                if where == "data" and driver[0] is not None and tuple(view) != driver:
+                    raise ConfigError(
+                        f"data.root={data_cfg.root}: worker node {node} sees {view[0]:,} training / {view[1]:,} test "
+                        f"images, the driver {driver[0]:,} / {driver[1]:,}; mount the same storage on every node"
+                    )
+
+
 def _check_source(source) -> None:
     """The evaluated backbone's weights fit ``model.arch`` (strictly), here rather than in a worker."""
     from mocolab.evaluate.weights import check_source
@@ -271,6 +343,10 @@ def preflight(
     if source is not None:
         _check_source(source)
     _check_capacity(configs, stages, concurrent)
+    from mocolab.runtime import uses_cluster
+
+    if uses_cluster():
+        _check_on_worker_nodes(configs, stages, report)
     for storage in sorted({cfg.scaling.storage_path for cfg in configs}):
         check_storage_path(storage)
     for uri in sorted({cfg.tracking.tracking_uri for cfg in configs}):

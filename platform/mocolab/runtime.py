@@ -98,6 +98,30 @@ def worker_resources(scaling) -> dict[str, float]:
     return {"CPU": scaling.cpus_per_worker, **({"GPU": 1.0} if scaling.use_gpu else {}), **scaling.resources_per_worker}
 
 
+def run_on_worker_nodes(
+    fn: Callable[..., Any], args: Sequence[Any], per_worker: dict[str, float], timeout_s: float
+) -> dict[str, Any]:
+    """``fn(*args)`` once on every live node of the connected cluster that could hold a worker asking for ``per_worker``
+    (pinned there, asking for no resources, so it runs beside busy workers); ``{node address: its result}``, empty
+    when no such node is up (an autoscaler adds them on demand). A node that does not answer within ``timeout_s``
+    raises ``ray.exceptions.GetTimeoutError``."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    nodes = [
+        node for node in ray.nodes()
+        if node["Alive"] and all(node["Resources"].get(name, 0) >= amount for name, amount in per_worker.items())
+    ]  # fmt: skip
+    remote = ray.remote(num_cpus=0, max_retries=0)(fn)
+    refs = {
+        node["NodeManagerAddress"] + f":{node['NodeManagerPort']}": remote.options(
+            scheduling_strategy=NodeAffinitySchedulingStrategy(node["NodeID"], soft=False)
+        ).remote(*args)
+        for node in nodes
+    }
+    return dict(zip(refs, ray.get(list(refs.values()), timeout=timeout_s)))
+
+
 def local_resources() -> dict[str, float]:
     """The resources a local Ray holds: the running instance's, else what ``ray.init`` (as :func:`ensure_ray`
     calls it) would give it here: the CPUs and GPUs it detects, no custom resources."""
