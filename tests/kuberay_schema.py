@@ -131,7 +131,10 @@ CLUSTER_SELECTOR_KEY = "ray.io/cluster"
 def pod_templates(doc: dict[str, Any]) -> Iterator[tuple[str, dict[str, Any]]]:
     """``(path, template)`` of every pod template in a RayCluster or RayJob (its embedded cluster spec)."""
     spec = doc.get("spec", {})
-    cluster, prefix = (spec, "spec") if doc["kind"] == "RayCluster" else (spec.get("rayClusterSpec"), "spec.rayClusterSpec")
+    if doc["kind"] == "RayCluster":
+        cluster, prefix = spec, "spec"
+    else:
+        cluster, prefix = spec.get("rayClusterSpec"), "spec.rayClusterSpec"
     if cluster:
         yield f"{prefix}.headGroupSpec.template", cluster["headGroupSpec"]["template"]
         for i, group in enumerate(cluster.get("workerGroupSpecs", [])):

@@ -100,25 +100,30 @@ def test_ray_resources_pass_the_kuberay_crd_schema(doc):
     kuberay_schema.validate(doc)
 
 
+def _parent(doc: dict, path: str) -> tuple[Any, Any]:
+    """The node holding the dotted ``path`` of ``doc`` (list indexes as numbers) and the last key."""
+    *parents, last = [int(p) if p.isdigit() else p for p in path.split(".")]
+    node = doc
+    for part in parents:
+        node = node[part]
+    return node, last
+
+
 def _set(path: str, value: Any) -> Callable[[dict], None]:
-    """A mutation: set the dotted ``path`` (list indexes as numbers) of a document to ``value``."""
+    """A mutation: set ``path`` of a document to ``value``."""
 
     def mutate(doc: dict) -> None:
-        *parents, last = [int(p) if p.isdigit() else p for p in path.split(".")]
-        node = doc
-        for part in parents:
-            node = node[part]
+        node, last = _parent(doc, path)
         node[last] = value
 
     return mutate
 
 
 def _rename(path: str, new: str) -> Callable[[dict], None]:
+    """A mutation: the key at ``path`` misspelt as ``new``."""
+
     def mutate(doc: dict) -> None:
-        *parents, last = path.split(".")
-        node = doc
-        for part in parents:
-            node = node[int(part) if part.isdigit() else part]
+        node, last = _parent(doc, path)
         node[new] = node.pop(last)
 
     return mutate
@@ -126,42 +131,54 @@ def _rename(path: str, new: str) -> Callable[[dict], None]:
 
 def _drop(path: str) -> Callable[[dict], None]:
     def mutate(doc: dict) -> None:
-        *parents, last = path.split(".")
-        node = doc
-        for part in parents:
-            node = node[int(part) if part.isdigit() else part]
+        node, last = _parent(doc, path)
         del node[last]
 
     return mutate
 
 
 HEAD = "spec.headGroupSpec"
+HEAD_CONTAINER = f"{HEAD}.template.spec.containers.0"
 WORKER = "spec.workerGroupSpecs.0"
 CONTAINER = "spec.template.spec.containers.0"
+CLUSTER, PRETRAIN = ("RayCluster", "mocolab"), ("RayJob", "mocolab-pretrain")
+SWEEP = ("RayJob", "mocolab-sweep-temperature")
+MLFLOW = ("Deployment", "mocolab-mlflow")
+# case: (kind and name, mutation, what the error message says)
 BROKEN = {
-    "RayCluster: misspelt workerGroupSpec": ("RayCluster", "mocolab", _rename("spec.workerGroupSpecs", "workerGroupSpec"), "workerGroupSpec"),
-    "RayCluster: misspelt rayStartParam": ("RayCluster", "mocolab", _rename(f"{HEAD}.rayStartParams", "rayStartParam"), "rayStartParam"),
-    "RayCluster: minReplicas as a string": ("RayCluster", "mocolab", _set(f"{WORKER}.minReplicas", "0"), "'0' is not of type 'integer'"),
-    "RayCluster: maxReplicas beyond int32": ("RayCluster", "mocolab", _set(f"{WORKER}.maxReplicas", 2**31), "maximum"),
-    "RayCluster: worker group without maxReplicas": ("RayCluster", "mocolab", _drop(f"{WORKER}.maxReplicas"), "'maxReplicas' is a required property"),
-    "RayCluster: auth mode outside the enum": ("RayCluster", "mocolab", _set("spec.authOptions.mode", "tokens"), "'tokens' is not one of"),
-    "RayCluster: rayStartParams value not a string": ("RayCluster", "mocolab", _set(f"{HEAD}.rayStartParams.num-cpus", 0), "0 is not of type 'string'"),
-    "RayCluster: misspelt container field": ("RayCluster", "mocolab", _rename(f"{HEAD}.template.spec.containers.0.envFrom", "envFrm"), "envFrm"),
-    "RayCluster: containerPort as a string": ("RayCluster", "mocolab", _set(f"{HEAD}.template.spec.containers.0.ports.0.containerPort", "6379"), "'6379' is not of type 'integer'"),
-    "RayCluster: misspelt metadata field": ("RayCluster", "mocolab", _rename("metadata.labels", "label"), "label"),
-    "RayJob: misspelt entryPoint": ("RayJob", "mocolab-pretrain", _rename("spec.entrypoint", "entryPoint"), "entryPoint"),
-    "RayJob: backoffLimit with clusterSelector": ("RayJob", "mocolab-pretrain", _set("spec.backoffLimit", 2), "backoffLimit is incompatible"),
-    "RayJob: unknown submissionMode": ("RayJob", "mocolab-sweep-temperature", _set("spec.submissionMode", "K8sJob"), "submissionMode"),
-    "Deployment: replicas as a string": ("Deployment", "mocolab-mlflow", _set("spec.replicas", "1"), "'1' is not of type 'integer'"),
-    "Deployment: misspelt container field": ("Deployment", "mocolab-mlflow", _rename(f"{CONTAINER}.command", "comand"), "comand"),
-    "Service: misspelt selector": ("Service", "mocolab-mlflow", _rename("spec.selector", "selectr"), "selectr"),
-    "StatefulSet: unknown retention policy field": ("StatefulSet", "mocolab-postgres", _set("spec.persistentVolumeClaimRetentionPolicy.whenDelete", "Retain"), "whenDelete"),
+    "RayCluster: misspelt workerGroupSpec": (CLUSTER, _rename("spec.workerGroupSpecs", "workerGroupSpec"),
+                                             "workerGroupSpec"),
+    "RayCluster: misspelt rayStartParam": (CLUSTER, _rename(f"{HEAD}.rayStartParams", "rayStartParam"),
+                                           "rayStartParam"),
+    "RayCluster: minReplicas as a string": (CLUSTER, _set(f"{WORKER}.minReplicas", "0"),
+                                            "'0' is not of type 'integer'"),
+    "RayCluster: maxReplicas beyond int32": (CLUSTER, _set(f"{WORKER}.maxReplicas", 2**31), "maximum"),
+    "RayCluster: worker group without maxReplicas": (CLUSTER, _drop(f"{WORKER}.maxReplicas"),
+                                                     "'maxReplicas' is a required property"),
+    "RayCluster: auth mode outside the enum": (CLUSTER, _set("spec.authOptions.mode", "tokens"),
+                                               "'tokens' is not one of"),
+    "RayCluster: rayStartParams value not a string": (CLUSTER, _set(f"{HEAD}.rayStartParams.num-cpus", 0),
+                                                      "0 is not of type 'string'"),
+    "RayCluster: misspelt container field": (CLUSTER, _rename(f"{HEAD_CONTAINER}.envFrom", "envFrm"), "envFrm"),
+    "RayCluster: containerPort as a string": (CLUSTER, _set(f"{HEAD_CONTAINER}.ports.0.containerPort", "6379"),
+                                              "'6379' is not of type 'integer'"),
+    "RayCluster: misspelt metadata field": (CLUSTER, _rename("metadata.labels", "label"), "label"),
+    "RayJob: misspelt entryPoint": (PRETRAIN, _rename("spec.entrypoint", "entryPoint"), "entryPoint"),
+    "RayJob: backoffLimit with clusterSelector": (PRETRAIN, _set("spec.backoffLimit", 2),
+                                                  "backoffLimit is incompatible"),
+    "RayJob: unknown submissionMode": (SWEEP, _set("spec.submissionMode", "K8sJob"), "submissionMode"),
+    "Deployment: replicas as a string": (MLFLOW, _set("spec.replicas", "1"), "'1' is not of type 'integer'"),
+    "Deployment: misspelt container field": (MLFLOW, _rename(f"{CONTAINER}.command", "comand"), "comand"),
+    "Service: misspelt selector": (("Service", "mocolab-mlflow"), _rename("spec.selector", "selectr"), "selectr"),
+    "StatefulSet: unknown retention policy field": (
+        ("StatefulSet", "mocolab-postgres"), _set("spec.persistentVolumeClaimRetentionPolicy.whenDelete", "Retain"),
+        "whenDelete"),
 }
 
 
 @pytest.mark.parametrize("case", sorted(BROKEN))
 def test_validation_refuses_a_broken_manifest(case):
-    kind, name, mutate, message = BROKEN[case]
+    (kind, name), mutate, message = BROKEN[case]
     doc = _doc(kind, name)
     mutate(doc)
     check = kuberay_schema.validate if doc["apiVersion"].startswith("ray.io/") else (
@@ -226,7 +243,8 @@ def test_cpu_head_gpu_workers_autoscaling_and_token_auth():
     spec = _doc("RayCluster", "mocolab")["spec"]
     head = spec["headGroupSpec"]
     assert head["rayStartParams"]["num-cpus"] == "0"
-    assert all("nvidia.com/gpu" not in c.get("resources", {}).get("limits", {}) for c in head["template"]["spec"]["containers"])
+    head_limits = [c.get("resources", {}).get("limits", {}) for c in head["template"]["spec"]["containers"]]
+    assert all("nvidia.com/gpu" not in limits for limits in head_limits)
     assert spec["enableInTreeAutoscaling"] is True
     (group,) = spec["workerGroupSpecs"]
     assert group["minReplicas"] == 0 < group["maxReplicas"]
