@@ -104,11 +104,11 @@ class MlflowServer:
 
     def start(self) -> str:
         """Start the server and wait for ``/health`` (~7 s on sqlite on a quiet machine; minutes under load)."""
-        self._proc = start_in_session(
-            [str(VENV_BIN / "mlflow"), "server", "--backend-store-uri", self.backend_store_uri,
-             "--artifacts-destination", self.artifacts_destination,
+        self._proc = start_in_session(  # the store by its envvar, as on the cluster's head: no password in `ps`
+            [str(VENV_BIN / "mlflow"), "server", "--artifacts-destination", self.artifacts_destination,
              "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1"],
-            cwd=self.folder, env=self.env, log=self.folder / "mlflow.log",
+            cwd=self.folder, env={**self.env, "MLFLOW_BACKEND_STORE_URI": self.backend_store_uri},
+            log=self.folder / "mlflow.log",
         )  # fmt: skip
         try:
             wait_for_http(f"{self.uri}/health", 300, proc=self._proc)
