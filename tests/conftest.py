@@ -1,4 +1,5 @@
-"""Shared test fixtures: one local Ray instance per session and a throw-away MLflow store per test."""
+"""Shared test fixtures: one local Ray instance per session, a throw-away MLflow store per test, and the cluster's
+services (PostgreSQL, an S3-compatible store, an MLflow server on both), each started once per session."""
 
 from __future__ import annotations
 
@@ -21,6 +22,42 @@ def ray_local():
         ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=True)
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def postgres():
+    """A PostgreSQL server for the session (~1 s to start): ``postgresql://mlflow:PASSWORD@127.0.0.1:PORT/mlflow``."""
+    from local_servers import postgres_server
+
+    with postgres_server() as uri:
+        yield uri
+
+
+@pytest.fixture(scope="session")
+def s3():
+    """moto's S3-compatible server for the session (~1.5 s to start), with one bucket: a ``local_servers.S3Store``
+    (``endpoint``, ``bucket``, ``env``: the AWS environment that reaches it, ``keys(prefix)``)."""
+    from local_servers import s3_server
+
+    with s3_server() as store:
+        yield store
+
+
+@pytest.fixture(scope="session")
+def mlflow_on_postgres(postgres, s3, tmp_path_factory):
+    """An MLflow server for the session on the ``postgres`` database, proxying artifacts to
+    ``s3://BUCKET/mocolab/mlflow-artifacts`` (the cluster's layout; ~10 s to start): a ``local_servers.MlflowServer``
+    (``uri``, ``restart()``, ``backend_store_uri``, ``artifacts_destination``)."""
+    from local_servers import MlflowServer, clean_env
+
+    server = MlflowServer(
+        tmp_path_factory.mktemp("mlflow-on-postgres"),
+        clean_env(**s3.env),
+        backend_store_uri=postgres,
+        artifacts_destination=f"s3://{s3.bucket}/mocolab/mlflow-artifacts",
+    )
+    with server:
+        yield server
 
 
 @pytest.fixture

@@ -16,6 +16,7 @@ import sys
 import tempfile
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -119,10 +120,13 @@ def redact_tree(tree: Any) -> Any:
 
 def check_reachable(uri: str, timeout_s: float = 5.0) -> None:
     """Fail fast, naming the URI (credentials masked), when the tracking store cannot be used: a server that
-    does not answer ``/health`` within ``timeout_s``, a sqlite file in a missing or read-only folder or that is
-    not a database, a plain folder (MLflow 3's refused file store)."""
+    does not answer ``/health`` within ``timeout_s``, a PostgreSQL database that refuses a connection (clients may
+    use one directly), a sqlite file in a missing or read-only folder or that is not a database, a plain folder
+    (MLflow 3's refused file store)."""
     fix = "set tracking.tracking_uri / MLFLOW_TRACKING_URI to a reachable server or sqlite:///PATH"
-    if uri.startswith(("http://", "https://")):
+    if uri.split("://", 1)[0].split("+", 1)[0] == "postgresql":
+        _check_postgres(uri, timeout_s, fix)
+    elif uri.startswith(("http://", "https://")):
         health = _URI_CREDENTIALS.sub("", uri).rstrip("/") + "/health"  # urllib cannot take user:pw@host
         try:
             with urllib.request.urlopen(health, timeout=timeout_s) as resp:
@@ -145,6 +149,24 @@ def check_reachable(uri: str, timeout_s: float = 5.0) -> None:
                 f"MLflow store {redact(uri)} is a plain folder (the file store), which MLflow 3 refuses; "
                 f"use sqlite:///{uri.removeprefix('file://').rstrip('/') or '.'}/mlflow.db or {fix}"
             )
+
+
+def _check_postgres(uri: str, timeout_s: float, fix: str) -> None:
+    """Connect and log in as MLflow will (``postgresql[+driver]://user:pw@host:port/db``): the server, the
+    credentials and the database must all be right. The reason shown never holds the password."""
+    import psycopg
+
+    try:
+        psycopg.connect("postgresql://" + uri.split("://", 1)[1], connect_timeout=max(2, round(timeout_s))).close()
+    except psycopg.Error as err:
+        lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+        reason = lines[0] if lines else type(err).__name__
+        password = urllib.parse.urlsplit(uri).password
+        for secret in {password, urllib.parse.unquote(password or "")} - {None, ""}:
+            reason = reason.replace(secret, "***")
+        raise ConfigError(
+            f"MLflow store {redact(uri)} is unreachable ({redact(reason)}); start the database, fix the URI or {fix}"
+        ) from None
 
 
 def _is_sqlite(path: Path) -> bool:
