@@ -147,7 +147,17 @@ class DataConfig(_Section):
         description="imagefolder: root/<split>/<class>/<image>; folder: every image anywhere under data.root, "
         "no labels, no splits (pretraining only)",
     )
-    root: Optional[Path] = None
+    root: Optional[str] = Field(
+        None,
+        description="the dataset's folder (local or NFS path, made absolute at load) or an object-store URI "
+        "(s3://bucket/prefix, gs://...; endpoint and credentials from the AWS environment, kept as given)",
+    )
+    reader: Literal["loader", "stream"] = Field(
+        "loader",
+        description="how pretraining reads data.root: loader = a torch DataLoader per worker (resume at any "
+        "checkpoint, bit-identical); stream = Ray Data (decode + two-crop in CPU tasks, which Ray may place on "
+        "CPU-only nodes; shards via get_dataset_shard; resume at the epoch of a checkpoint, order not identical)",
+    )
     train_split: str = Field("train", description="unused by folder")
     test_split: str = Field("test", description="unused by folder")
     augment: Union[str, list[dict[str, Any]]] = Field(
@@ -159,6 +169,11 @@ class DataConfig(_Section):
     limit_train: Optional[int] = Field(None, gt=0, description="use only the first N training images")
     limit_test: Optional[int] = Field(None, gt=0)
     digits: DigitsConfig = Field(default_factory=DigitsConfig)
+
+    @field_validator("root")
+    @classmethod
+    def _root_names_a_location(cls, v: Optional[str]) -> Optional[str]:
+        return _names_a_location(v)
 
     @field_validator("loader_workers")
     @classmethod
@@ -308,13 +323,25 @@ class LinclsConfig(_Section):
 
 class DetectionDataConfig(_Section):
     format: Literal["voc", "coco"] = "voc"
-    root: Optional[Path] = Field(None, description="VOC root (JPEGImages/, Annotations/, ImageSets/) or COCO image dir")
+    root: Optional[str] = Field(
+        None, description="VOC root (JPEGImages/, Annotations/, ImageSets/) or COCO image dir; a local path"
+    )
     train_split: str = "train"
     val_split: str = "val"
     train_json: Optional[Path] = None
     val_json: Optional[Path] = None
     classes: Optional[list[str]] = Field(None, description="VOC class names; default: labels.txt or from the XML")
     made_digits: bool = Field(False, description="make a VOC set of digits on canvases (no download)")
+
+    @field_validator("root")
+    @classmethod
+    def _local_root(cls, v: Optional[str]) -> Optional[str]:
+        if v is not None and is_uri(v):
+            raise ValueError(
+                f"{v}: detection reads a local or NFS folder, not an object store; copy the set to a path "
+                "every worker node mounts"
+            )
+        return v
 
 
 class DetectionConfig(_Section):
@@ -518,11 +545,23 @@ def absolute_tracking_uri(uri: str, base: Path) -> str:
     return uri
 
 
+def is_uri(location: Any) -> bool:
+    """True for object-store URIs (``s3://``, ``gs://``, ...); False for local/NFS paths and ``file://``."""
+    return "://" in str(location) and not str(location).startswith("file://")
+
+
+def _names_a_location(v: Optional[str]) -> Optional[str]:
+    scheme, sep, rest = (v or "").partition("://")
+    if sep and is_uri(v) and not rest.strip("/"):
+        raise ValueError(f"{v} names no bucket; use {scheme}://BUCKET/prefix")
+    return v
+
+
 def _absolute(path: Any, base: Path) -> Any:
     if path in (None, ""):
         return path
     text = str(path)
-    if "://" in text:
+    if "://" in text:  # a URI stays exactly as given (file:// included)
         return text
     p = Path(os.path.expanduser(text))
     return str(p if p.is_absolute() else (base / p).resolve())

@@ -67,11 +67,11 @@ def _check_data_section(data_cfg, where: str) -> tuple[int, int]:
     """Root and split folders, and the number of (train, test) images; ConfigError naming ``where``."""
     from mocolab.data.datasets import dataset_size
 
-    if data_cfg.root is not None and not data_cfg.root.is_dir():
+    if data_cfg.root is not None and not Path(data_cfg.root).is_dir():
         raise ConfigError(f"{where}.root={data_cfg.root} does not exist or is not a folder; fix the path")
     if data_cfg.dataset == "imagefolder":
         for split in (data_cfg.train_split, data_cfg.test_split):
-            found = repeated_folder(data_cfg.root / split)
+            found = repeated_folder(Path(data_cfg.root) / split)
             if found is not None:
                 raise ConfigError(
                     f"{where}.root={data_cfg.root}: {found[0]} is {found[1]} again (a symbolic link loop or a second "

@@ -14,10 +14,9 @@ from urllib.parse import urlsplit
 
 from pyarrow import fs as pafs
 
+from mocolab.config import is_uri
 
-def is_uri(location: str) -> bool:
-    """True for object-store URIs (``s3://``, ``gs://``, ...); False for local/NFS paths and ``file://``."""
-    return "://" in str(location) and not str(location).startswith("file://")
+__all__ = ["filesystem", "is_uri", "join", "kind", "list_files", "read_bytes"]
 
 
 @functools.lru_cache(maxsize=16)
