@@ -170,6 +170,8 @@ class DataConfig(_Section):
     limit_test: Optional[int] = Field(None, gt=0)
     digits: DigitsConfig = Field(default_factory=DigitsConfig)
 
+    _root_as_text = field_validator("root", mode="before")(classmethod(lambda cls, v: _as_text(v)))
+
     @field_validator("root")
     @classmethod
     def _root_names_a_location(cls, v: Optional[str]) -> Optional[str]:
@@ -332,6 +334,8 @@ class DetectionDataConfig(_Section):
     val_json: Optional[Path] = None
     classes: Optional[list[str]] = Field(None, description="VOC class names; default: labels.txt or from the XML")
     made_digits: bool = Field(False, description="make a VOC set of digits on canvases (no download)")
+
+    _root_as_text = field_validator("root", mode="before")(classmethod(lambda cls, v: _as_text(v)))
 
     @field_validator("root")
     @classmethod
@@ -548,6 +552,11 @@ def absolute_tracking_uri(uri: str, base: Path) -> str:
 def is_uri(location: Any) -> bool:
     """True for object-store URIs (``s3://``, ``gs://``, ...); False for local/NFS paths and ``file://``."""
     return "://" in str(location) and not str(location).startswith("file://")
+
+
+def _as_text(v: Any) -> Any:
+    """A ``pathlib.Path`` given for a location field, as text (locations are strings: URIs stay as given)."""
+    return str(v) if isinstance(v, os.PathLike) else v
 
 
 def _names_a_location(v: Optional[str]) -> Optional[str]:

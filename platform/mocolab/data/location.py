@@ -55,10 +55,10 @@ def kind(location: str) -> str:
 
 
 def list_files(location: str) -> list[str]:
-    """Every file under ``location`` at any depth, as locations of the same kind, in path order. Files and folders
-    whose names start with ``.`` are left out (as the local folder walk does)."""
+    """Every file under ``location`` at any depth, as locations of the same kind, in path order (none for a missing
+    location). Files and folders whose names start with ``.`` are left out (as the local folder walk does)."""
     store, root = filesystem(location)
-    infos = store.get_file_info(pafs.FileSelector(root, recursive=True))
+    infos = store.get_file_info(pafs.FileSelector(root, recursive=True, allow_not_found=True))
     found = []
     for info in infos:
         relative = posixpath.relpath(info.path, root)
