@@ -158,6 +158,11 @@ class DataConfig(_Section):
         "checkpoint, bit-identical); stream = Ray Data (decode + two-crop in CPU tasks, which Ray may place on "
         "CPU-only nodes; shards via get_dataset_shard; resume at the epoch of a checkpoint, order not identical)",
     )
+    stream_cpus: float = Field(
+        1, ge=0,
+        description="data.reader=stream: CPUs each Ray Data read/decode/augment task asks for; 0 runs them on the "
+        "CPUs the training workers hold (a machine with no CPU to spare, e.g. 2 workers on 2 CPUs)",
+    )
     train_split: str = Field("train", description="unused by folder")
     test_split: str = Field("test", description="unused by folder")
     augment: Union[str, list[dict[str, Any]]] = Field(
@@ -474,6 +479,11 @@ def check_run_rules(cfg: Config) -> None:
         raise ValueError("model.cifar_stem applies to ResNets only; set it false for model.arch=small_cnn")
     if data.dataset in ("imagefolder", "cifar10", "folder") and data.root is None:
         raise ValueError(f"data.root is required for data.dataset={data.dataset}; give the dataset folder")
+    if data.reader == "stream" and data.dataset not in ("imagefolder", "folder"):
+        raise ValueError(
+            f"data.reader=stream reads image files (data.dataset imagefolder or folder); data.dataset={data.dataset} "
+            "is held in memory: use data.reader=loader"
+        )
     knn = train.knn_dataset
     if knn is not None and knn.dataset not in LABELED_DATASETS:
         raise ValueError(
