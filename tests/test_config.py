@@ -181,11 +181,46 @@ def test_paths_and_sqlite_uri_made_absolute(tmp_path, monkeypatch):
     (tmp_path / "data" / "train").mkdir(parents=True)
     (tmp_path / "data" / "test").mkdir()
     cfg = build_config({"data": {"dataset": "imagefolder", "root": "data"}, "scaling": {"storage_path": "runs"}})
-    assert cfg.data.root == tmp_path / "data"
+    assert cfg.data.root == str(tmp_path / "data")
     assert cfg.scaling.storage_path == str(tmp_path / "runs")
     assert cfg.tracking.tracking_uri == f"sqlite:///{tmp_path / 'mlflow.db'}"
     s3 = build_config({"scaling": {"storage_path": "s3://bucket/runs"}})
     assert s3.scaling.storage_path == "s3://bucket/runs"
+
+
+@pytest.mark.parametrize("uri", ["s3://bucket/data/cifar", "gs://bucket/imagenet/", "s3://bucket"])
+def test_object_store_roots_stay_as_given(uri, tmp_path, monkeypatch):
+    """A URI is kept byte for byte (a Path would make s3://b/x s3:/b/x); a path still becomes absolute."""
+    monkeypatch.chdir(tmp_path)
+    section = {"dataset": "imagefolder", "root": uri}
+    cfg = build_config({
+        "data": {**section, "reader": "stream"},
+        "train": {"knn_dataset": section},
+        "eval": {"lincls": {"dataset": section}},
+    })
+    assert cfg.data.root == cfg.train.knn_dataset.root == cfg.eval.lincls.dataset.root == uri
+    assert cfg.data.reader == "stream" and cfg.flat()["data.root"] == uri
+    assert build_config(cfg.model_dump()).data.root == uri  # a resolved config reloads unchanged
+    assert build_config({"data": {"dataset": "folder", "root": "imgs"}}).data.root == str(tmp_path / "imgs")
+
+
+def test_config_command_prints_the_uri_unchanged(capsys):
+    import argparse
+
+    from mocolab import config_cli
+
+    config_cli.main(argparse.Namespace(config=None, overrides=["data.dataset=folder", "data.root=s3://b/x/y"]))
+    assert "root: s3://b/x/y\n" in capsys.readouterr().out
+
+
+def test_uri_roots_that_name_no_bucket_or_detection_uris_are_refused():
+    refused({"data": {"dataset": "folder", "root": "s3://"}}, "data.root: s3:// names no bucket; use s3://BUCKET/prefix")
+    refused({"train": {"knn_dataset": {"dataset": "imagefolder", "root": "gs:///"}}}, "train.knn_dataset.root: gs:///")
+    refused({"data": {"reader": "pipe"}}, "data.reader", "'loader'", "'stream'")
+    refused(
+        {"eval": {"detection": {"data": {"root": "s3://b/voc"}}}},
+        "eval.detection.data.root: s3://b/voc: detection reads a local or NFS folder",
+    )
 
 
 def test_tracking_uri_from_environment(monkeypatch):

@@ -78,7 +78,7 @@ def test_the_knn_monitor_takes_its_own_labeled_data(tmp_path, capsys):
     make_folder(tmp_path / "photos")
     knn = {"dataset": "imagefolder", "root": str(CIFAR), "limit_train": 20, "limit_test": 10}
     cfg = _cfg(tmp_path, data={"dataset": "folder", "root": str(tmp_path / "photos")}, train={"knn_dataset": knn})
-    assert cfg.knn_data.root == CIFAR and cfg.knn_data.dataset == "imagefolder"
+    assert cfg.knn_data.root == str(CIFAR) and cfg.knn_data.dataset == "imagefolder"
     preflight(cfg)
     assert "kNN monitor off" not in capsys.readouterr().out
     missing = {**knn, "root": str(tmp_path / "nowhere")}

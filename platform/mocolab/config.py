@@ -147,7 +147,22 @@ class DataConfig(_Section):
         description="imagefolder: root/<split>/<class>/<image>; folder: every image anywhere under data.root, "
         "no labels, no splits (pretraining only)",
     )
-    root: Optional[Path] = None
+    root: Optional[str] = Field(
+        None,
+        description="the dataset's folder (local or NFS path, made absolute at load) or an object-store URI "
+        "(s3://bucket/prefix, gs://...; endpoint and credentials from the AWS environment, kept as given)",
+    )
+    reader: Literal["loader", "stream"] = Field(
+        "loader",
+        description="how pretraining reads data.root: loader = a torch DataLoader per worker (resume at any "
+        "checkpoint, bit-identical); stream = Ray Data (decode + two-crop in CPU tasks, which Ray may place on "
+        "CPU-only nodes; shards via get_dataset_shard; resume at the epoch of a checkpoint, order not identical)",
+    )
+    stream_cpus: float = Field(
+        1, ge=0,
+        description="data.reader=stream: CPUs each Ray Data read/decode/augment task asks for; 0 runs them on the "
+        "CPUs the training workers hold (a machine with no CPU to spare, e.g. 2 workers on 2 CPUs)",
+    )
     train_split: str = Field("train", description="unused by folder")
     test_split: str = Field("test", description="unused by folder")
     augment: Union[str, list[dict[str, Any]]] = Field(
@@ -159,6 +174,13 @@ class DataConfig(_Section):
     limit_train: Optional[int] = Field(None, gt=0, description="use only the first N training images")
     limit_test: Optional[int] = Field(None, gt=0)
     digits: DigitsConfig = Field(default_factory=DigitsConfig)
+
+    _root_as_text = field_validator("root", mode="before")(classmethod(lambda cls, v: _as_text(v)))
+
+    @field_validator("root")
+    @classmethod
+    def _root_names_a_location(cls, v: Optional[str]) -> Optional[str]:
+        return _names_a_location(v)
 
     @field_validator("loader_workers")
     @classmethod
@@ -308,13 +330,27 @@ class LinclsConfig(_Section):
 
 class DetectionDataConfig(_Section):
     format: Literal["voc", "coco"] = "voc"
-    root: Optional[Path] = Field(None, description="VOC root (JPEGImages/, Annotations/, ImageSets/) or COCO image dir")
+    root: Optional[str] = Field(
+        None, description="VOC root (JPEGImages/, Annotations/, ImageSets/) or COCO image dir; a local path"
+    )
     train_split: str = "train"
     val_split: str = "val"
     train_json: Optional[Path] = None
     val_json: Optional[Path] = None
     classes: Optional[list[str]] = Field(None, description="VOC class names; default: labels.txt or from the XML")
     made_digits: bool = Field(False, description="make a VOC set of digits on canvases (no download)")
+
+    _root_as_text = field_validator("root", mode="before")(classmethod(lambda cls, v: _as_text(v)))
+
+    @field_validator("root")
+    @classmethod
+    def _local_root(cls, v: Optional[str]) -> Optional[str]:
+        if v is not None and is_uri(v):
+            raise ValueError(
+                f"{v}: detection reads a local or NFS folder, not an object store; copy the set to a path "
+                "every worker node mounts"
+            )
+        return v
 
 
 class DetectionConfig(_Section):
@@ -443,6 +479,11 @@ def check_run_rules(cfg: Config) -> None:
         raise ValueError("model.cifar_stem applies to ResNets only; set it false for model.arch=small_cnn")
     if data.dataset in ("imagefolder", "cifar10", "folder") and data.root is None:
         raise ValueError(f"data.root is required for data.dataset={data.dataset}; give the dataset folder")
+    if data.reader == "stream" and data.dataset not in ("imagefolder", "folder"):
+        raise ValueError(
+            f"data.reader=stream reads image files (data.dataset imagefolder or folder); data.dataset={data.dataset} "
+            "is held in memory: use data.reader=loader"
+        )
     knn = train.knn_dataset
     if knn is not None and knn.dataset not in LABELED_DATASETS:
         raise ValueError(
@@ -518,11 +559,28 @@ def absolute_tracking_uri(uri: str, base: Path) -> str:
     return uri
 
 
+def is_uri(location: Any) -> bool:
+    """True for object-store URIs (``s3://``, ``gs://``, ...); False for local/NFS paths and ``file://``."""
+    return "://" in str(location) and not str(location).startswith("file://")
+
+
+def _as_text(v: Any) -> Any:
+    """A ``pathlib.Path`` given for a location field, as text (locations are strings: URIs stay as given)."""
+    return str(v) if isinstance(v, os.PathLike) else v
+
+
+def _names_a_location(v: Optional[str]) -> Optional[str]:
+    scheme, sep, rest = (v or "").partition("://")
+    if sep and is_uri(v) and not rest.strip("/"):
+        raise ValueError(f"{v} names no bucket; use {scheme}://BUCKET/prefix")
+    return v
+
+
 def _absolute(path: Any, base: Path) -> Any:
     if path in (None, ""):
         return path
     text = str(path)
-    if "://" in text:
+    if "://" in text:  # a URI stays exactly as given (file:// included)
         return text
     p = Path(os.path.expanduser(text))
     return str(p if p.is_absolute() else (base / p).resolve())

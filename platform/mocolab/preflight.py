@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Union
 
-from mocolab.config import LABELED_DATASETS, Config, ConfigError, check_labeled
+from mocolab.config import LABELED_DATASETS, Config, ConfigError, check_labeled, is_uri
 
 STAGES = ("pretrain", "lincls", "detection")
 WORKER_PROBE_TIMEOUT_S = 120.0
@@ -65,15 +65,41 @@ def repeated_folder(folder: Path) -> Optional[tuple[Path, Path]]:
     return None
 
 
+STORE_FIX = (
+    "set AWS_ENDPOINT_URL (an S3-compatible store), AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or AWS_PROFILE, "
+    "or give the node a role) and AWS_DEFAULT_REGION in the environment of the driver and the workers"
+)
+
+
+def _check_object_root(data_cfg, where: str) -> None:
+    """An object-store root: the store answers the listing (the one the workers read) and holds images."""
+    from mocolab.data.datasets import object_images
+
+    root = data_cfg.root
+    try:
+        found = object_images(root) if data_cfg.dataset != "cifar10" else ("batches",)
+    except OSError as err:  # pyarrow: no endpoint, refused connection, bad credentials, no such bucket
+        reason = str(err).split(" (Request ID")[0]
+        raise ConfigError(f"{where}.root={root}: cannot list the object store ({reason}); {STORE_FIX}") from None
+    if not found:
+        raise ConfigError(
+            f"{where}.root={root}: no images under it; upload the dataset there (e.g. aws s3 sync DIR {root}) "
+            "or fix the prefix"
+        )
+
+
 def _check_data_section(data_cfg, where: str) -> tuple[int, int]:
-    """Root and split folders, and the number of (train, test) images; ConfigError naming ``where``."""
+    """Root and split folders, and the number of (train, test) images; ConfigError naming ``where``. An
+    object-store root is checked by its object listing, the same one the workers read."""
     from mocolab.data.datasets import dataset_size
 
-    if data_cfg.root is not None and not data_cfg.root.is_dir():
+    if data_cfg.root is not None and is_uri(data_cfg.root):
+        _check_object_root(data_cfg, where)
+    elif data_cfg.root is not None and not Path(data_cfg.root).is_dir():
         raise ConfigError(f"{where}.root={data_cfg.root} does not exist or is not a folder; fix the path")
-    if data_cfg.dataset == "imagefolder":
+    if data_cfg.dataset == "imagefolder" and not is_uri(data_cfg.root):
         for split in (data_cfg.train_split, data_cfg.test_split):
-            found = repeated_folder(data_cfg.root / split)
+            found = repeated_folder(Path(data_cfg.root) / split)
             if found is not None:
                 raise ConfigError(
                     f"{where}.root={data_cfg.root}: {found[0]} is {found[1]} again (a symbolic link loop or a second "

@@ -194,11 +194,13 @@ def torch_trainer(
     max_failures: int = 0,
     keep_checkpoints: Optional[int] = None,
     callbacks: Sequence[Any] = (),
+    datasets: Optional[dict[str, Any]] = None,
 ):
     """A TorchTrainer running ``loop(loop_config)`` on ``num_workers`` workers of ``cfg.scaling`` (CPUs, a GPU and
     the custom ``resources_per_worker`` each; gloo on CPU, nccl on GPU), storing under
     ``cfg.scaling.storage_path/run_name`` (the same name resumes). Ray Train's own console output is at
-    :data:`QUIET_RAY_LEVEL` unless verbose (its log files keep everything)."""
+    :data:`QUIET_RAY_LEVEL` unless verbose (its log files keep everything). ``datasets``: Ray Data datasets by name,
+    each split equally among the workers (``ray.train.get_dataset_shard(name)``; every worker gets as many rows)."""
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -206,6 +208,7 @@ def torch_trainer(
     return TorchTrainer(
         loop,
         train_loop_config=loop_config,
+        datasets=datasets,
         scaling_config=ScalingConfig(
             num_workers=num_workers, use_gpu=scaling.use_gpu, resources_per_worker=worker_resources(scaling)
         ),

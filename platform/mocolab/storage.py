@@ -14,6 +14,7 @@ import tempfile
 from pathlib import Path
 
 from mocolab.config import ConfigError
+from mocolab.data.location import is_uri
 
 MIN_FREE_BYTES = 1 << 30  # room for a few ResNet-50 checkpoints (~200 MB each with optimizer state)
 
@@ -22,7 +23,7 @@ _FIX = "point scaling.storage_path at a writable folder with free space, or at s
 
 def is_remote(storage_path: str) -> bool:
     """True for URIs (``s3://``, ``gs://``, ...) that Ray opens with pyarrow; False for local/NFS paths."""
-    return "://" in storage_path and not storage_path.startswith("file://")
+    return is_uri(storage_path)
 
 
 def _human(n_bytes: float) -> str:

@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import io
 import logging
 import os
 import pickle
+import posixpath
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence, Union
@@ -24,6 +26,7 @@ from torch.utils.data import Dataset, default_collate
 from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
 
 from mocolab.config import DataConfig
+from mocolab.data import location
 from mocolab.data.augment import two_crop_transform
 from mocolab.data.digits import NUM_CLASSES as DIGITS_CLASSES
 from mocolab.data.digits import digits_split
@@ -42,18 +45,33 @@ class CorruptImageError(RuntimeError):
 # --- reading images ---------------------------------------------------------------------------------
 
 
+def _corrupt(where: Union[str, Path], err: Exception) -> CorruptImageError:
+    return CorruptImageError(
+        f"cannot read image {where}: {err}; replace or remove the file, or set data.on_corrupt=skip "
+        "to skip unreadable images (they are counted as corrupt_skipped)"
+    )
+
+
+def decode_rgb(data: bytes, where: Union[str, Path]) -> np.ndarray:
+    """Decode an encoded image to a uint8 RGB array ``[H, W, 3]`` (greyscale, palette and RGBA converted).
+
+    Raises CorruptImageError naming ``where`` (the file's location) for a truncated or undecodable image."""
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            return np.asarray(img.convert("RGB"))
+    except (OSError, SyntaxError, ValueError) as err:  # PIL's ways of saying "not a readable image"
+        raise _corrupt(where, err) from None
+
+
 def read_rgb(path: Union[str, Path]) -> np.ndarray:
-    """Decode an image file to a uint8 RGB array ``[H, W, 3]`` (greyscale, palette and RGBA converted).
+    """Read and decode the image at ``path`` (a local path or an object-store URI), as :func:`decode_rgb`.
 
     Raises CorruptImageError for a missing, truncated or undecodable file."""
     try:
-        with Image.open(path) as img:
-            return np.asarray(img.convert("RGB"))
-    except (OSError, SyntaxError, ValueError) as err:  # PIL's ways of saying "not a readable image"
-        raise CorruptImageError(
-            f"cannot read image {path}: {err}; replace or remove the file, or set data.on_corrupt=skip "
-            "to skip unreadable images (they are counted as corrupt_skipped)"
-        ) from None
+        data = location.read_bytes(str(path))
+    except OSError as err:  # missing, unreadable, or gone from the store since the listing
+        raise _corrupt(path, err) from None
+    return decode_rgb(data, path)
 
 
 class ArrayImages:
@@ -100,21 +118,63 @@ def _split_name(data_cfg: DataConfig, split: str) -> str:
     return getattr(data_cfg, f"{split}_split")
 
 
-def _imagefolder_classes(root: Path, train_split: str) -> dict[str, int]:
+def _is_image(name: str) -> bool:
+    return name.lower().endswith(IMG_EXTENSIONS)
+
+
+@functools.lru_cache(maxsize=8)
+def object_images(root: str) -> tuple[str, ...]:
+    """Every image object under the URI ``root`` at any depth, sorted; listed once per process (hidden names
+    left out, as the local walk does). A missing prefix lists as empty; an unreachable store raises OSError."""
+    return tuple(uri for uri in location.list_files(root) if _is_image(uri))
+
+
+def _uri_class_images(root: str, split: str) -> dict[str, list[str]]:
+    """``{class folder: image URIs}`` of ``root/split/<class>/...`` in an object store (images at any depth
+    below the class folder; objects directly under the split are not in a class)."""
+    prefix = location.join(root, split) + "/"
+    by_class: dict[str, list[str]] = {}
+    for uri in object_images(root):
+        if uri.startswith(prefix) and "/" in (relative := uri[len(prefix):]):
+            by_class.setdefault(relative.split("/", 1)[0], []).append(uri)
+    return by_class
+
+
+def _imagefolder_classes(root: str, train_split: str) -> dict[str, int]:
+    if location.is_uri(root):
+        names = sorted(_uri_class_images(root, train_split))
+        if not names:
+            raise ValueError(
+                f"data.root={root}, data.train_split={train_split}: no class folders with images under "
+                f"{location.join(root, train_split)}; the split folder must hold one folder per class"
+            )
+        return {name: i for i, name in enumerate(names)}
     try:
-        return find_classes(root / train_split)[1]
+        return find_classes(Path(root) / train_split)[1]
     except (FileNotFoundError, NotADirectoryError) as err:
         raise ValueError(
             f"data.root={root}, data.train_split={train_split}: {err}; the split folder must hold one folder per class"
         ) from None
 
 
+def _imagefolder_samples(root: str, name: str, class_to_idx: dict[str, int]) -> list[tuple[str, int]]:
+    """``(image location, class index)`` of the split folder ``name``, in path order."""
+    if location.is_uri(root):
+        by_class = _uri_class_images(root, name)
+        if not by_class:
+            raise FileNotFoundError(
+                f"no class folders with images under {location.join(root, name)}; upload the split or fix it"
+            )
+        return [(uri, class_to_idx[c]) for c in sorted(by_class) if c in class_to_idx for uri in by_class[c]]
+    return make_dataset(Path(root) / name, class_to_idx, extensions=IMG_EXTENSIONS)
+
+
 def _imagefolder_source(data_cfg: DataConfig, split: str) -> FileImages:
     """ImageNet layout ``root/<split>/<class>/<image>``; class indices come from the training split."""
-    root, name = Path(data_cfg.root), _split_name(data_cfg, split)
+    root, name = data_cfg.root, _split_name(data_cfg, split)
     class_to_idx = _imagefolder_classes(root, data_cfg.train_split)
     try:
-        samples = make_dataset(root / name, class_to_idx, extensions=IMG_EXTENSIONS)
+        samples = _imagefolder_samples(root, name, class_to_idx)
     except (FileNotFoundError, NotADirectoryError) as err:
         raise ValueError(f"data.{split}_split={name} under data.root={root}: {err}") from None
     return FileImages([path for path, _ in samples], np.array([label for _, label in samples], dtype=np.int64))
@@ -137,13 +197,13 @@ class _CifarUnpickler(pickle.Unpickler):
         return super().find_class(module, name)
 
 
-def _cifar10_dir(root: Path) -> Path:
-    for candidate in (root, root / "cifar-10-batches-py"):
-        if (candidate / "test_batch").is_file():
+def _cifar10_dir(root: str) -> str:
+    for candidate in (root, location.join(root, "cifar-10-batches-py")):
+        if location.kind(location.join(candidate, "test_batch")) == "file":
             return candidate
     raise ValueError(
         f"data.root={root} holds no CIFAR-10 python batches (data_batch_1..5, test_batch), nor does "
-        f"{root / 'cifar-10-batches-py'}; point data.root at the extracted cifar-10-python.tar.gz"
+        f"{location.join(root, 'cifar-10-batches-py')}; point data.root at the extracted cifar-10-python.tar.gz"
     )
 
 
@@ -151,13 +211,12 @@ def _cifar10_dir(root: Path) -> Path:
 def load_cifar10(root: str, split: str) -> tuple[np.ndarray, np.ndarray]:
     """CIFAR-10 python batches of ``split`` (train: data_batch_1..5, test: test_batch) as uint8 RGB
     images ``[N, 32, 32, 3]`` and int64 labels. Cached per process (read-only arrays)."""
-    folder = _cifar10_dir(Path(root))
+    folder = _cifar10_dir(root)
     images, labels = [], []
     for name in CIFAR10_FILES[split]:
-        path = folder / name
+        path = location.join(folder, name)
         try:
-            with open(path, "rb") as f:
-                batch = _CifarUnpickler(f, encoding="bytes").load()
+            batch = _CifarUnpickler(io.BytesIO(location.read_bytes(path)), encoding="bytes").load()
             data, batch_labels = batch[b"data"], batch[b"labels"]
         except (OSError, pickle.UnpicklingError, EOFError, KeyError, TypeError) as err:
             raise ValueError(f"{path} is not a readable CIFAR-10 python batch ({err}); check data.root") from None
@@ -202,13 +261,13 @@ def folder_images(root: Path) -> list[str]:
 
 def _folder_source(data_cfg: DataConfig, split: str) -> FileImages:
     """Unlabeled images anywhere under ``data.root`` (label 0 for all); only a training split."""
-    root = Path(data_cfg.root)
+    root = data_cfg.root
     if split != "train":
         raise ValueError(
             f"data.dataset=folder has no labels and no {split} split; give the kNN monitor train.knn_dataset and "
             "linear evaluation eval.lincls.dataset (labeled data sections)"
         )
-    paths = folder_images(root)
+    paths = list(object_images(root)) if location.is_uri(root) else folder_images(Path(root))
     if not paths:
         raise ValueError(f"data.root={root} holds no image files ({', '.join(IMG_EXTENSIONS)}) at any depth")
     return FileImages(paths, np.zeros(len(paths), dtype=np.int64))
@@ -306,7 +365,7 @@ def num_classes(data_cfg: DataConfig) -> int:
         return DIGITS_CLASSES
     if data_cfg.dataset == "cifar10":
         return CIFAR10_CLASSES
-    return len(_imagefolder_classes(Path(data_cfg.root), data_cfg.train_split))
+    return len(_imagefolder_classes(data_cfg.root, data_cfg.train_split))
 
 
 def dataset_size(data_cfg: DataConfig, split: str = "train") -> int:
@@ -331,7 +390,7 @@ def summarize(data_cfg: DataConfig, split: str = "train") -> DatasetSummary:
     sha = hashlib.sha256()
     if isinstance(source, FileImages):
         for path in source.paths:
-            sha.update(os.path.relpath(path, data_cfg.root).encode() + b"\n")
+            sha.update(posixpath.relpath(path, data_cfg.root).encode() + b"\n")
     else:
         sha.update(np.ascontiguousarray(source.images).tobytes())
         sha.update(source.labels.tobytes())

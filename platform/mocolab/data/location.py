@@ -14,10 +14,9 @@ from urllib.parse import urlsplit
 
 from pyarrow import fs as pafs
 
+from mocolab.config import is_uri
 
-def is_uri(location: str) -> bool:
-    """True for object-store URIs (``s3://``, ``gs://``, ...); False for local/NFS paths and ``file://``."""
-    return "://" in str(location) and not str(location).startswith("file://")
+__all__ = ["filesystem", "is_uri", "join", "kind", "list_files", "read_bytes"]
 
 
 @functools.lru_cache(maxsize=16)
@@ -56,10 +55,10 @@ def kind(location: str) -> str:
 
 
 def list_files(location: str) -> list[str]:
-    """Every file under ``location`` at any depth, as locations of the same kind, in path order. Files and folders
-    whose names start with ``.`` are left out (as the local folder walk does)."""
+    """Every file under ``location`` at any depth, as locations of the same kind, in path order (none for a missing
+    location). Files and folders whose names start with ``.`` are left out (as the local folder walk does)."""
     store, root = filesystem(location)
-    infos = store.get_file_info(pafs.FileSelector(root, recursive=True))
+    infos = store.get_file_info(pafs.FileSelector(root, recursive=True, allow_not_found=True))
     found = []
     for info in infos:
         relative = posixpath.relpath(info.path, root)

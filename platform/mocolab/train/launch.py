@@ -17,21 +17,31 @@ from mocolab import tracking
 from mocolab.config import Config
 from mocolab.runtime import RunInterrupted, ensure_ray, fit, sigint_held, torch_trainer
 from mocolab.train.nonfinite import NonFiniteLossError
-from mocolab.train.pretrain import BACKBONE_FILE, loop_config, train_loop
+from mocolab.train.pretrain import BACKBONE_FILE, STREAM_IMAGES_KEY, loop_config, train_loop
 from mocolab.train.resume import NoLoadableCheckpointError
 
 
 def build_trainer(cfg: Config, run_id: str, callbacks: Sequence[Any] = ()):
-    """The TorchTrainer of a pretraining run logging to MLflow run ``run_id``."""
+    """The TorchTrainer of a pretraining run logging to MLflow run ``run_id``; with ``data.reader=stream`` it is
+    given the Ray Data dataset ``train`` (:mod:`mocolab.data.stream`) and the loop its number of images."""
+    config, datasets = loop_config(cfg, run_id), None
+    if cfg.data.reader == "stream":
+        from mocolab.data.datasets import image_source
+        from mocolab.data.stream import pretrain_dataset
+
+        files = image_source(cfg.data, "train")  # image files: the config refuses stream for in-memory data
+        config[STREAM_IMAGES_KEY] = len(files)
+        datasets = {"train": pretrain_dataset(files, cfg.data, cfg.train.seed, cfg.scaling.num_workers)}
     return torch_trainer(
         train_loop,
-        loop_config(cfg, run_id),
+        config,
         cfg,
         run_name=cfg.tracking.run_name,
         num_workers=cfg.scaling.num_workers,
         max_failures=cfg.train.max_failures,
         keep_checkpoints=cfg.train.keep_checkpoints,
         callbacks=callbacks,
+        datasets=datasets,
     )
 
 

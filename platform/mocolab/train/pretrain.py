@@ -42,6 +42,8 @@ from mocolab.train.resume import NoLoadableCheckpointError, Resumed, load_for_re
 from mocolab.train.step import LossWatch, TrainStep, make_optimizer
 
 BACKBONE_FILE = "backbone.pt"
+STREAM_IMAGES_KEY = "stream_images"
+"""``data.reader=stream``: the ``train_loop_config`` key holding the number of training images the driver listed."""
 INJECT_NAN_KEY = "inject_nan_loss_at_epoch"
 """Fault injection for tests of the NaN path: a ``train_loop_config`` key whose value is the epoch in which the
 query crops (hence the loss) are made NaN. Never set by mocolab itself."""
@@ -169,6 +171,22 @@ def pretrain_loader(cfg: Config, rank: int, world_size: int) -> tuple[DataLoader
     return loader, sampler
 
 
+def _training_batches(cfg: Config, config_dict: dict[str, Any], rank: int, world_size: int):
+    """``(batches, sampler or None, steps per epoch, training images)`` of ``data.reader``: the DataLoader of this
+    rank's shard, or this worker's equal share of the Ray Data stream (:mod:`mocolab.data.stream`), iterated
+    afresh every epoch."""
+    if cfg.data.reader == "loader":
+        loader, sampler = pretrain_loader(cfg, rank, world_size)
+        return loader, sampler, len(loader), len(loader.dataset)
+    import ray.train
+
+    from mocolab.data.stream import ShardBatches, steps_per_epoch
+
+    num_images, batch_size = config_dict[STREAM_IMAGES_KEY], cfg.train.batch_size
+    batches = ShardBatches(ray.train.get_dataset_shard("train"), batch_size)
+    return batches, None, steps_per_epoch(num_images, world_size, batch_size), num_images
+
+
 def _restore(state: dict[str, Any], step: TrainStep, scheduler, rank: int, seed: int) -> tuple[int, int]:
     """Load a checkpoint's state into the model (queue and pointer included), optimizer, fp16 loss scaler,
     scheduler and this rank's RNG; returns ``(completed epochs, global step)``."""
@@ -269,9 +287,8 @@ def train_loop(config_dict: dict[str, Any]) -> None:
     worker = start_worker(config_dict, seed=config_dict["config"]["train"]["seed"])
     cfg, rank, world_size, device = worker.cfg, worker.rank, worker.world_size, worker.device
     run_id, train = config_dict["mlflow_run_id"], cfg.train
-    loader, sampler = pretrain_loader(cfg, rank, world_size)
-    steps_per_epoch = len(loader)
-    model = MoCo.from_config(cfg, num_train_samples=len(loader.dataset))  # model.channels_last, model.compile
+    loader, sampler, steps_per_epoch, num_images = _training_batches(cfg, config_dict, rank, world_size)
+    model = MoCo.from_config(cfg, num_train_samples=num_images)  # model.channels_last, model.compile
     if cfg.model.init_weights is not None:  # a resumed run overwrites these from its checkpoint below
         init_backbones(model, cfg.model.init_weights)
     # forward_sync_buffers=False: buffers are synced from rank 0 once at wrap time; after that every rank
@@ -303,7 +320,8 @@ def train_loop(config_dict: dict[str, Any]) -> None:
     nan_epoch = config_dict.get(INJECT_NAN_KEY)
 
     for epoch in range(start_epoch + 1, train.epochs + 1):
-        sampler.set_epoch(epoch)
+        if sampler is not None:
+            sampler.set_epoch(epoch)
         started = time.perf_counter()
         with StepProgress(f"epoch {epoch}/{train.epochs}", steps_per_epoch, active=worker.is_chief) as bar:
             stats = _train_epoch(

@@ -1,0 +1,110 @@
+"""``data.reader=stream``: the pretraining images as a Ray Data dataset, read, decoded and two-crop augmented in
+Ray Data's CPU tasks (which Ray may place on CPU-only nodes), reaching the Ray Train workers through
+``ray.train.get_dataset_shard("train")``.
+
+The driver lists the training split once (:func:`mocolab.data.datasets.image_source`: the same files, order,
+``data.limit_train`` and indices as the loader path) and makes rows ``(location, index)``; every epoch Ray Data
+shuffles them (seeded from ``train.seed``, a different order per execution), then :class:`TwoCropBatch` reads each
+file through :mod:`mocolab.data.location`, decodes it and makes the two views with the same albumentations recipe
+(``data.augment``). ``data.on_corrupt`` behaves as in the loader: ``fail`` raises the
+:class:`~mocolab.data.datasets.CorruptImageError` naming the file; ``skip`` fills the row with a repeat of a readable
+image of the same map batch and counts it in the ``skipped`` column. Ray Train splits the stream equally
+(``streaming_split(equal=True)``), so every worker runs ``(N // world size) // batch size`` steps per epoch, as the
+DistributedSampler does.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Iterator
+
+import numpy as np
+
+from mocolab.config import DataConfig
+from mocolab.data.augment import two_crop_transform
+from mocolab.data.datasets import CorruptImageError, FileImages, read_rgb
+
+MAP_BATCH_SIZE = 64
+MAX_BLOCKS = 64  # blocks of (location, index) rows: few shuffle tasks, each streaming its decoded batches
+
+
+@functools.lru_cache(maxsize=4)
+def _transform(augment_json: str, image_size: int):
+    import json
+
+    return two_crop_transform(json.loads(augment_json), image_size)
+
+
+class TwoCropBatch:
+    """Ray Data ``map_batches`` function: rows ``{location, index}`` -> ``{view_q, view_k, index, skipped}``."""
+
+    def __init__(self, data_cfg: DataConfig):
+        import json
+
+        self.augment = json.dumps(data_cfg.augment)
+        self.image_size, self.on_corrupt = data_cfg.image_size, data_cfg.on_corrupt
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        transform = _transform(self.augment, self.image_size)
+        views, skipped = [], np.zeros(len(batch["index"]), dtype=np.int64)
+        for i, where in enumerate(batch["location"]):
+            try:
+                views.append(transform(read_rgb(str(where))))
+            except CorruptImageError:
+                if self.on_corrupt != "skip":
+                    raise
+                views.append(None)
+                skipped[i] = 1
+        kept = [i for i, v in enumerate(views) if v is not None]
+        if not kept:
+            raise CorruptImageError(
+                f"all {len(views)} images of a batch are unreadable (data.on_corrupt=skip); check data.root"
+            )
+        source = [i if views[i] is not None else kept[i % len(kept)] for i in range(len(views))]
+        return {
+            "view_q": np.stack([views[j][0].numpy() for j in source]),
+            "view_k": np.stack([views[j][1].numpy() for j in source]),
+            "index": np.asarray(batch["index"], dtype=np.int64)[source],
+            "skipped": skipped,
+        }
+
+
+def pretrain_dataset(files: FileImages, data_cfg: DataConfig, seed: int, num_workers: int):
+    """The Ray Data dataset of the two-crop views of ``files`` (the training split's image files, as
+    :func:`mocolab.data.datasets.image_source` lists them); lazy: nothing runs until a worker iterates.
+
+    Decode tasks ask for ``data.stream_cpus`` CPUs each, and Ray Data runs as many as the CPUs the training workers
+    leave free; with 0 (no CPU to spare) it runs one per training worker beside them, as one loader process each."""
+    import ray.data
+    from ray.data import RandomSeedConfig
+
+    rows = [{"location": where, "index": i} for i, where in enumerate(files.paths)]
+    cpus = data_cfg.stream_cpus
+    blocks = max(1, min(len(rows) // MAP_BATCH_SIZE, MAX_BLOCKS))
+    dataset = (
+        ray.data.from_items(rows, override_num_blocks=blocks)
+        .random_shuffle(seed=RandomSeedConfig(seed=seed, reseed_after_execution=True), num_cpus=cpus)
+        .map_batches(
+            TwoCropBatch(data_cfg), batch_size=MAP_BATCH_SIZE, batch_format="numpy", num_cpus=cpus,
+            concurrency=num_workers if cpus == 0 else None,
+        )
+    )
+    dataset.context.enable_progress_bars = False  # the workers draw mocolab's own epoch bar
+    return dataset
+
+
+def steps_per_epoch(num_images: int, world_size: int, batch_size: int) -> int:
+    """Steps every worker runs per epoch: its equal share of the rows, in whole batches."""
+    return (num_images // world_size) // batch_size
+
+
+class ShardBatches:
+    """This worker's shard, iterated afresh by every ``for`` (one epoch), as a DataLoader is: yields
+    ``((view_q, view_k, index), skipped)`` per batch, as the loader path does."""
+
+    def __init__(self, shard, batch_size: int):
+        self.shard, self.batch_size = shard, batch_size
+
+    def __iter__(self) -> Iterator[tuple[tuple[Any, Any, Any], int]]:
+        for batch in self.shard.iter_torch_batches(batch_size=self.batch_size, drop_last=True):
+            yield (batch["view_q"], batch["view_k"], batch["index"]), int(batch["skipped"].sum())

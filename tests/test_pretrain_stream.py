@@ -1,0 +1,87 @@
+"""``data.reader=stream``: Ray Data reads, decodes and two-crop augments the images, the workers iterate their equal
+shards. A 2-worker run on a real local Ray finishes in lockstep and logs its loss, counts a skipped corrupt image,
+and resumes at an epoch boundary; the map function keeps ``data.on_corrupt``'s two behaviours."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from mlflow import MlflowClient
+from PIL import Image
+
+from mocolab import tracking
+from mocolab.config import ConfigError, build_config
+from mocolab.data.datasets import CorruptImageError
+from mocolab.data.stream import TwoCropBatch, steps_per_epoch
+from mocolab.runtime import ensure_ray
+from mocolab.train.checkpoint import load_checkpoint
+from mocolab.train.launch import build_trainer
+
+GOOD, BATCH, WORKERS = 95, 16, 2  # + 1 corrupt = 96 rows: 48 per worker, 3 steps each
+
+
+def image_folder(root: Path) -> Path:
+    rng = np.random.default_rng(0)
+    for i in range(GOOD):
+        (root / f"g{i % 4}").mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 256, (20, 20, 3), dtype=np.uint8)).save(root / f"g{i % 4}" / f"{i:03d}.png")
+    (root / "g0" / "broken.png").write_bytes(b"\x89PNG truncated")
+    return root
+
+
+def stream_config(tmp_path: Path, name: str, epochs: int, **data):
+    raw = {
+        "moco": {"version": "v2", "dim": 16, "queue_size": 96, "momentum": 0.99, "temperature": 0.2},
+        "model": {"arch": "small_cnn", "bn": "shuffle"},
+        "data": {"dataset": "folder", "root": str(tmp_path / "images"), "image_size": 16, "reader": "stream",
+                 "stream_cpus": 0, "on_corrupt": "skip", **data},
+        "train": {"epochs": epochs, "batch_size": BATCH, "lr": 0.03, "keep_checkpoints": 3, "knn_every": 0},
+        "scaling": {"num_workers": WORKERS, "storage_path": str(tmp_path / "ray_results")},
+        "tracking": {"experiment": "stream", "run_name": name, "tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}"},
+    }
+    return build_config(raw, base=tmp_path)
+
+
+def test_stream_reads_image_files_only():
+    with pytest.raises(ConfigError, match="data.reader=stream reads image files .* use data.reader=loader"):
+        build_config({"data": {"dataset": "digits", "reader": "stream"}})
+
+
+def test_equal_shares_in_whole_batches():
+    assert steps_per_epoch(96, 2, 16) == 3 and steps_per_epoch(100, 3, 16) == 2 and steps_per_epoch(10, 2, 16) == 0
+
+
+def test_the_map_function_fails_naming_the_file_or_skips_and_counts(tmp_path):
+    folder = image_folder(tmp_path / "images")
+    cfg = stream_config(tmp_path, "x", 1)
+    rows = {"location": np.array([str(folder / "g0" / "000.png"), str(folder / "g0" / "broken.png")]),
+            "index": np.array([7, 9])}
+    out = TwoCropBatch(cfg.data)(rows)
+    assert out["view_q"].shape == out["view_k"].shape == (2, 3, 16, 16) and out["view_q"].dtype == np.float32
+    assert out["index"].tolist() == [7, 7] and out["skipped"].tolist() == [0, 1]  # the slot refilled, counted
+    cfg.data.on_corrupt = "fail"
+    with pytest.raises(CorruptImageError, match=rf"cannot read image {folder / 'g0' / 'broken.png'}"):
+        TwoCropBatch(cfg.data)(rows)
+
+
+@pytest.mark.slow
+def test_two_worker_stream_run_resumes_at_an_epoch_boundary(ray_local, mlflow_uri, tmp_path):
+    image_folder(tmp_path / "images")
+    first = stream_config(tmp_path, "streamed", epochs=1)
+    run_id, _ = tracking.start_pretrain_run(first)
+    ensure_ray()
+    result = build_trainer(first, run_id).fit()  # 1 epoch: both workers ran 3 steps in lockstep (gloo) and returned
+    assert load_checkpoint(result.checkpoint.path)["global_step"] == 3
+
+    resumed = stream_config(tmp_path, "streamed", epochs=2)  # the same run name: Ray Train resumes its checkpoint
+    result = build_trainer(resumed, run_id).fit()
+    state = load_checkpoint(result.checkpoint.path)
+    assert (state["epoch"], state["global_step"], state["mlflow_run_id"]) == (2, 6, run_id)
+
+    client = MlflowClient(first.tracking.tracking_uri)
+    losses = client.get_metric_history(run_id, "loss")
+    assert [m.step for m in losses] == [1, 2] and all(np.isfinite(m.value) for m in losses)
+    assert [m.value for m in client.get_metric_history(run_id, "corrupt_skipped")] == [1.0, 1.0]
+    assert client.get_run(run_id).data.metrics["throughput_img_s"] > 0
