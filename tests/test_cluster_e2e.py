@@ -61,11 +61,6 @@ def upload_dataset(s3, bucket: str, source: Path, per_class: dict[str, int]) -> 
     return count
 
 
-def keys(s3, bucket: str, prefix: str) -> list[str]:
-    pages = s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
-    return [obj["Key"] for page in pages for obj in page.get("Contents", [])]
-
-
 def registered_epoch(s3, bucket: str, run_prefix: str) -> int:
     """The epoch of the latest checkpoint Ray Train's controller has registered in the bucket (0 before any)."""
     try:
@@ -114,17 +109,18 @@ def sweep_file(folder: Path, bucket_overrides: list[str]) -> Path:
     return path
 
 
-def test_the_readme_cluster_commands_run_as_written(s3_store, mlflow_on_postgres):
+def test_the_readme_cluster_commands_run_as_written(s3, mlflow_on_postgres):
     started = time.monotonic()
 
     def mark(event: str) -> None:
         print(f"[cluster-e2e] {time.monotonic() - started:6.1f} s  {event}", flush=True)
 
-    s3, bucket = s3_store.client(), s3_store.bucket
+    store, bucket = s3, s3.bucket
+    s3 = store.client()
     n_objects = upload_dataset(s3, bucket, REPO.parent / "shared/data/cifar10-subset", {"train": 16, "val": 8})
     mark(f"{n_objects} images in s3://{bucket}/{DATA_PREFIX}")
     commands = readme_job_commands(REPO)
-    node_env = {**s3_store.env, "MLFLOW_TRACKING_URI": mlflow_on_postgres.uri}
+    node_env = {**store.env, "MLFLOW_TRACKING_URI": mlflow_on_postgres.uri}
     with local_cluster(node_env=node_env, dashboard=True) as cluster:
         cluster.add_node(num_cpus=0, resources={})  # the head: job drivers, Ray Train's controller; no training
         cluster.add_node(num_cpus=1, resources={SLOT: 1})
@@ -160,14 +156,14 @@ def test_the_readme_cluster_commands_run_as_written(s3_store, mlflow_on_postgres
         assert run.info.status == "FINISHED"
         assert run.data.params["data.root"] == f"s3://{bucket}/{DATA_PREFIX}"
         assert run.data.params["scaling.storage_path"] == f"s3://{bucket}/mocolab/ray_results"
-        assert not any(s3_store.env["AWS_SECRET_ACCESS_KEY"] in value for value in run.data.params.values())
+        assert not any(store.env["AWS_SECRET_ACCESS_KEY"] in value for value in run.data.params.values())
         steps = [m.step for m in client.get_metric_history(run_id, "loss")]
         assert sorted(set(steps)) == list(range(1, EPOCHS + 1))  # every epoch, in the one run
         assert "lincls_top1" in run.data.metrics  # the config's eval.lincls ran after it and was copied back
         assert chatter(pretrain_log) == []
-        checkpoints = keys(s3, bucket, run_prefix)
+        checkpoints = store.keys(run_prefix)
         assert sum(key.endswith("/checkpoint.pt") for key in checkpoints) >= EPOCHS
-        artifacts = keys(s3, bucket, "mocolab/mlflow-artifacts")
+        artifacts = store.keys("mocolab/mlflow-artifacts")
         assert any(key.endswith(f"{run_id}/artifacts/backbone.pt") for key in artifacts), artifacts[:20]
 
         # 2. The README's linear eval of that run, by its run ID.
