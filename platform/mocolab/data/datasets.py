@@ -15,7 +15,6 @@ import io
 import logging
 import os
 import pickle
-import posixpath
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence, Union
@@ -390,7 +389,7 @@ def summarize(data_cfg: DataConfig, split: str = "train") -> DatasetSummary:
     sha = hashlib.sha256()
     if isinstance(source, FileImages):
         for path in source.paths:
-            sha.update(posixpath.relpath(path, data_cfg.root).encode() + b"\n")
+            sha.update(location.relative(path, data_cfg.root).encode() + b"\n")
     else:
         sha.update(np.ascontiguousarray(source.images).tobytes())
         sha.update(source.labels.tobytes())

@@ -40,6 +40,15 @@ def join(location: str, *names: str) -> str:
     return posixpath.join(str(location), *names)
 
 
+def relative(location: str, root: str) -> str:
+    """The part of ``location`` under ``root`` (``train/cat/1.png``), for URIs and paths alike, without asking the
+    filesystem (``posixpath.relpath`` would resolve a URI against the working directory)."""
+    prefix = str(root).rstrip("/") + "/"
+    if not str(location).startswith(prefix):
+        raise ValueError(f"{location} is not under {root}")
+    return str(location)[len(prefix):]
+
+
 def read_bytes(location: str) -> bytes:
     """The whole file or object at ``location``."""
     store, path = filesystem(location)
@@ -61,7 +70,7 @@ def list_files(location: str) -> list[str]:
     infos = store.get_file_info(pafs.FileSelector(root, recursive=True, allow_not_found=True))
     found = []
     for info in infos:
-        relative = posixpath.relpath(info.path, root)
-        if info.type == pafs.FileType.File and not any(part.startswith(".") for part in relative.split("/")):
-            found.append(join(location, relative))
+        under = relative(info.path, root)
+        if info.type == pafs.FileType.File and not any(part.startswith(".") for part in under.split("/")):
+            found.append(join(location, under))
     return sorted(found)
