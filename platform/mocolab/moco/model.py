@@ -63,6 +63,11 @@ class Encoder(nn.Module):
         return F.normalize(self.embed(x), dim=1)
 
 
+def _at_least_fp32(x: torch.Tensor) -> torch.Tensor:
+    """``x`` in fp32 if autocast made it fp16/bf16; fp32 and fp64 (the exactness tests) unchanged."""
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+
+
 def _recollect_momentum_params(module: "MoCo", _incompatible_keys) -> None:
     module._collect_momentum_params()
 
@@ -168,9 +173,14 @@ class MoCo(nn.Module):
             queries = [self._query(crops[q]) for q, _ in directions]
         keys = None
         if self.key_source is not KeySource.STORED:
-            keys = [k.float() for k in self._encode_keys([crops[k] for _, k in directions])]
+            key_crops = [crops[k] for _, k in directions]
+            if self.predictor is not None:  # v3: k1 then k2, as the v3 code (the key BN statistics follow the order)
+                encoded = self._encode_keys(key_crops[::-1])[::-1]
+            else:
+                encoded = self._encode_keys(key_crops)
+            keys = [_at_least_fp32(k) for k in encoded]
         with torch.autocast(im_q.device.type, enabled=False):  # logits in fp32 against the fp32 dictionary
-            logits, labels = self.dictionary([q.float() for q in queries], keys, index, self.temperature)
+            logits, labels = self.dictionary([_at_least_fp32(q) for q in queries], keys, index, self.temperature)
             with record_function(PHASES["loss"]):
                 scale = len(directions) * self.dictionary.loss_scale(self.temperature)
                 loss = infonce_loss(logits, labels) * scale  # symmetric: sum of the two directions' means
