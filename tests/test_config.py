@@ -108,9 +108,51 @@ def test_bn_splits_divide_batch():
     )
 
 
-def test_sync_bn_refused_on_cpu():
-    refused({"model": {"bn": "sync"}}, "model.bn=sync", "CUDA")
-    build_config({"model": {"bn": "sync"}, "scaling": {"use_gpu": True}})
+def test_sync_bn_runs_on_cpu_and_gpu():
+    """model.bn=sync is the all-reduce BN on CPU (gloo) and SyncBatchNorm on GPU: both configs load."""
+    assert build_config({"model": {"bn": "sync"}}).model.bn == "sync"
+    assert build_config({"model": {"bn": "sync"}, "scaling": {"use_gpu": True}}).model.bn == "sync"
+
+
+@pytest.mark.parametrize("arch, optimizer, temperature, lr", [
+    ("timm:vit_tiny_patch16_224", "adamw", 0.2, 1.5e-4), ("resnet18", "lars", 1.0, 0.6),
+    ("timm:resnet18", "lars", 1.0, 0.6),
+])
+def test_v3_preset_by_backbone(arch, optimizer, temperature, lr):
+    cfg = build_config({"moco": {"version": "v3"}, "model": {"arch": arch}, "data": {"image_size": 32}})
+    assert (cfg.moco.mechanism, cfg.moco.symmetric, cfg.moco.momentum_schedule, cfg.model.bn) == (
+        "moco_v3", True, "cosine", "sync")
+    assert (cfg.train.optimizer, cfg.moco.temperature, cfg.train.lr) == (optimizer, temperature, lr)
+    assert cfg.base_lr == lr * cfg.global_batch / 256
+    assert cfg.flat()["train.optimizer"] == optimizer  # MLflow params show the resolved values
+
+
+def test_v3_preset_explicit_keys_win():
+    cfg = build_config({"moco": {"version": "v3", "temperature": 0.5},
+                        "train": {"optimizer": "sgd", "lr_per_256": False},
+                        "model": {"arch": "timm:vit_tiny_patch16_224", "vit_freeze_patch_proj": False},
+                        "data": {"image_size": 32}})
+    assert (cfg.moco.temperature, cfg.train.optimizer, cfg.base_lr, cfg.model.vit_freeze_patch_proj) == (
+        0.5, "sgd", cfg.train.lr, False)
+    assert cfg.model.vit_sincos_pos
+
+
+def test_moco_v3_needs_both_crops_as_queries():
+    refused({"moco": {"version": "v3", "symmetric": False}}, "moco.mechanism=moco_v3", "moco.symmetric=true")
+
+
+def test_timm_arch_rules():
+    refused({"model": {"arch": "timm:"}}, "model.arch")
+    refused({"model": {"arch": "vgg"}}, "model.arch='vgg'", "timm:<timm model name>")
+    refused({"model": {"arch": "timm:no_such_net"}}, "model.arch=timm:no_such_net", "timm.list_models")
+    refused({"model": {"arch": "timm:vit_tiny_patch16_224"}, "data": {"image_size": 40}},
+            "data.image_size=40", "patch size 16", "data.image_size=32")
+    vit = "timm:vit_tiny_patch16_224"
+    refused({"model": {"arch": vit, "timm_kwargs": {"patch_size": 6}}, "data": {"image_size": 32}},
+            "patch size 6", "data.image_size=30")
+    refused({"model": {"arch": "timm:resnet18", "cifar_stem": True}}, "model.cifar_stem")
+    refused({"model": {"arch": "resnet18", "timm_kwargs": {"depth": 2}}}, "model.timm_kwargs")
+    build_config({"model": {"arch": vit, "timm_kwargs": {"patch_size": 8}}, "data": {"image_size": 32}})
 
 
 @pytest.mark.parametrize("value, amp", [("bf16", "bf16"), ("fp16", "fp16"), ("off", "off"), (False, "off"), (True, "bf16")])

@@ -41,17 +41,39 @@ class _Section(BaseModel):
 PRESETS: dict[str, dict[str, Any]] = {
     "v1": {"moco.mlp": False, "moco.temperature": 0.07, "data.augment": "moco_v1", "train.schedule": "step"},
     "v2": {"moco.mlp": True, "moco.temperature": 0.2, "data.augment": "moco_v2", "train.schedule": "cosine"},
+    "v3": {
+        "moco.mechanism": "moco_v3", "moco.symmetric": True, "moco.momentum": 0.99, "moco.momentum_schedule": "cosine",
+        "moco.dim": 256, "moco.mlp_dim": 4096, "model.bn": "sync", "model.vit_sincos_pos": True,
+        "model.vit_freeze_patch_proj": True, "data.augment": "moco_v2", "train.schedule": "cosine",
+        "train.lr_per_256": True, "train.warmup_epochs": 10,
+    },
 }
 """``moco.version`` as a preset: the keys it sets unless the YAML or ``--set`` gives them. v1 (He et al. 2020):
-linear head, T=0.07, the v1 augmentation, step lr; v2 (Chen et al. 2020): MLP head, T=0.2, blur, cosine lr."""
+linear head, T=0.07, the v1 augmentation, step lr; v2 (Chen et al. 2020): MLP head, T=0.2, blur, cosine lr;
+v3 (Chen, Xie, He 2021; the official code's defaults and README recipes): no queue, symmetric loss, projector and
+predictor MLPs, cosine momentum from 0.99, every BN synchronised, lr per 256 images, 10 warm-up epochs, plus
+:data:`V3_ARCH_PRESETS` by backbone. Left out of v3: its asymmetric augmentations (blur 1.0/0.1, solarisation;
+data.augment stays moco_v2), the ResNet's zero-init residual and the ViT's own weight init."""
+V3_ARCH_PRESETS: dict[str, dict[str, Any]] = {
+    "vit": {"moco.temperature": 0.2, "train.optimizer": "adamw", "train.lr": 1.5e-4, "train.weight_decay": 0.1},
+    "other": {"moco.temperature": 1.0, "train.optimizer": "lars", "train.lr": 0.6, "train.weight_decay": 1e-6},
+}
+"""The v3 preset's keys that depend on ``model.arch``: a timm ViT (AdamW recipe) or any other backbone (LARS)."""
 STEP_MILESTONE_FRACTIONS = (0.6, 0.8)
 """Default ``train.lr_milestones`` of the step schedule: the paper's epochs 120 and 160 of 200, scaled."""
 
 
 class MocoConfig(_Section):
-    version: Literal["v1", "v2"] = Field("v2", description="preset of mlp, temperature, data.augment, train.schedule")
-    mechanism: str = Field("moco", description="moco | end_to_end | memory_bank (see moco/mechanisms/)")
-    dim: int = Field(128, gt=0)
+    version: Literal["v1", "v2", "v3"] = Field(
+        "v2", description="preset (config.PRESETS): v1/v2 set mlp, temperature, data.augment, train.schedule; v3 "
+        "sets the mechanism, heads, momentum schedule, BN, optimizer and lr recipe"
+    )
+    mechanism: str = Field("moco", description="moco | end_to_end | memory_bank | moco_v3 (see moco/mechanisms/)")
+    dim: int = Field(128, gt=0, description="embedding dimension; preset: 256 (v3)")
+    mlp_dim: int = Field(4096, gt=0, description="moco_v3: hidden width of the projector and predictor MLPs")
+    momentum_schedule: Literal["constant", "cosine"] = Field(
+        "constant", description="cosine: moco.momentum raised to 1 over the run, per step (v3's moco-m-cos)"
+    )
     queue_size: int = Field(
         65536, gt=0,
         description="K: negatives in the queue (moco) or drawn per step (memory_bank); end_to_end: K = global batch",
@@ -98,10 +120,28 @@ class MocoConfig(_Section):
         return v
 
 
+BUILTIN_ARCHS = ("small_cnn", "resnet18", "resnet34", "resnet50")
+TIMM_PREFIX = "timm:"
+
+
 class ModelConfig(_Section):
-    arch: Literal["small_cnn", "resnet18", "resnet34", "resnet50"] = "resnet18"
+    arch: str = Field("resnet18", description="small_cnn | resnet18 | resnet34 | resnet50 | timm:<timm model name>")
+    timm_kwargs: dict[str, Any] = Field(
+        default_factory=dict,
+        description="timm:<name> only: extra timm.create_model arguments (e.g. {depth: 4, patch_size: 8}); "
+        "num_classes=0 and a ViT's img_size (data.image_size) are set by mocolab",
+    )
+    vit_sincos_pos: bool = Field(
+        False, description="timm ViTs: fixed 2-D sin-cos position embedding; preset: true (v3)"
+    )
+    vit_freeze_patch_proj: bool = Field(
+        False, description="timm ViTs: frozen random patch projection (v3's stop_grad_conv1); preset: true (v3)"
+    )
     cifar_stem: bool = False
-    bn: Literal["shuffle", "split", "sync", "plain"] = "shuffle"
+    bn: Literal["shuffle", "split", "sync", "plain"] = Field(
+        "shuffle", description="sync: every BN synchronised across workers (SyncBatchNorm on GPU, an all-reduce BN "
+        "over gloo on CPU); preset: sync (v3)"
+    )
     bn_splits: int = Field(8, ge=1)
     channels_last: Optional[bool] = Field(None, description="default: true on GPU, false on CPU")
     compile: bool = False
@@ -110,6 +150,14 @@ class ModelConfig(_Section):
         description="pretraining starts both encoders' backbones from this weights file (any layout --weights "
         "reads; the pre-flight step checks it against model.arch)",
     )
+
+    @field_validator("arch")
+    @classmethod
+    def _known_arch(cls, v: str) -> str:
+        if v not in BUILTIN_ARCHS and not (v.startswith(TIMM_PREFIX) and len(v) > len(TIMM_PREFIX)):
+            names = f"{', '.join(BUILTIN_ARCHS)}, {TIMM_PREFIX}<timm model name>"
+            raise ValueError(f"model.arch={v!r} is not one of {names}")
+        return v
 
 
 class DigitsConfig(_Section):
@@ -193,7 +241,14 @@ class DataConfig(_Section):
 class TrainConfig(_Section):
     epochs: int = Field(200, ge=1)
     batch_size: int = Field(256, ge=2, description="per worker")
-    lr: float = Field(0.03, gt=0)
+    lr: float = Field(0.03, gt=0, description="with train.lr_per_256: per 256 images of the global batch")
+    lr_per_256: bool = Field(
+        False, description="scale train.lr by the global batch / 256 (v3's linear scaling rule); preset: true (v3)"
+    )
+    optimizer: Literal["sgd", "lars", "adamw"] = Field(
+        "sgd", description="lars: v3's LARS (no decay or adaptation of biases and norms); adamw: as the v3 code (every "
+        "parameter decayed); preset: adamw for timm ViTs, lars otherwise (v3)"
+    )
     schedule: Literal["cosine", "step"] = Field("cosine", description="preset: step (v1), cosine (v2)")
     lr_milestones: list[int] = Field(
         default_factory=list, description="step schedule: epochs of x lr_decay; default 60% and 80% of train.epochs"
@@ -414,6 +469,11 @@ class Config(_Section):
         return self.train.batch_size * self.scaling.num_workers
 
     @property
+    def base_lr(self) -> float:
+        """The peak learning rate: ``train.lr``, times the global batch / 256 with ``train.lr_per_256``."""
+        return self.train.lr * self.global_batch / 256 if self.train.lr_per_256 else self.train.lr
+
+    @property
     def knn_data(self) -> Optional[DataConfig]:
         """The kNN monitor's labeled data: ``train.knn_dataset``, else the data section when it has labels;
         None (the monitor is off) for unlabeled ``data.dataset=folder`` without a ``train.knn_dataset``."""
@@ -443,13 +503,24 @@ def apply_preset(raw: dict[str, Any]) -> None:
     """Fill, in place, the keys of the ``moco.version`` preset that ``raw`` does not set (see PRESETS), and the
     step schedule's default milestones (60% and 80% of ``train.epochs``). Explicit keys always win."""
     version = _raw_get(raw, "moco.version") or "v2"
-    for dotted, value in PRESETS.get(version, {}).items():
+    preset = dict(PRESETS.get(version, {}))
+    if version == "v3":
+        preset.update(V3_ARCH_PRESETS["vit" if _is_timm_vit(_raw_get(raw, "model.arch")) else "other"])
+    for dotted, value in preset.items():
         if _raw_get(raw, dotted) is None:
             set_dotted(raw, dotted, value)
     if _raw_get(raw, "train.schedule") == "step" and not _raw_get(raw, "train.lr_milestones"):
         epochs = _raw_get(raw, "train.epochs") or TrainConfig.model_fields["epochs"].default
         first = max(1, round(STEP_MILESTONE_FRACTIONS[0] * epochs))
         set_dotted(raw, "train.lr_milestones", [first, max(first + 1, round(STEP_MILESTONE_FRACTIONS[1] * epochs))])
+
+
+def _is_timm_vit(arch: Any) -> bool:
+    if not isinstance(arch, str) or not arch.startswith(TIMM_PREFIX):
+        return False
+    from mocolab.moco.timm_backbones import is_vit_name
+
+    return is_vit_name(arch.removeprefix(TIMM_PREFIX))
 
 
 def check_run_rules(cfg: Config) -> None:
@@ -470,13 +541,9 @@ def check_run_rules(cfg: Config) -> None:
             f"model.bn_splits={model.bn_splits} must divide train.batch_size={train.batch_size} "
             "(each split normalises its own sub-batch)"
         )
-    if model.bn == "sync" and not scaling.use_gpu:
-        raise ValueError(
-            "model.bn=sync uses torch.nn.SyncBatchNorm, which runs only on CUDA; set scaling.use_gpu=true "
-            "or choose model.bn=shuffle|split|plain on CPU"
-        )
     if model.arch == "small_cnn" and model.cifar_stem:
         raise ValueError("model.cifar_stem applies to ResNets only; set it false for model.arch=small_cnn")
+    check_timm_arch(model, data.image_size)
     if data.dataset in ("imagefolder", "cifar10", "folder") and data.root is None:
         raise ValueError(f"data.root is required for data.dataset={data.dataset}; give the dataset folder")
     if data.reader == "stream" and data.dataset not in ("imagefolder", "folder"):
@@ -498,6 +565,20 @@ def check_run_rules(cfg: Config) -> None:
     milestones = train.lr_milestones
     if train.schedule == "step" and any(b <= a for a, b in zip(milestones, milestones[1:])):
         raise ValueError(f"train.lr_milestones={milestones} must be increasing epochs")
+
+
+def check_timm_arch(model: ModelConfig, image_size: int) -> None:
+    """For ``model.arch=timm:<name>``: timm knows the name, a ViT's patch size divides ``data.image_size``, and no
+    torchvision-only option is set; raise ValueError naming the field and the fix. Other archs: timm_kwargs unset."""
+    if not model.arch.startswith(TIMM_PREFIX):
+        if model.timm_kwargs:
+            raise ValueError(f"model.timm_kwargs applies to model.arch=timm:<name> only; remove it for {model.arch}")
+        return
+    if model.cifar_stem:
+        raise ValueError(f"model.cifar_stem applies to torchvision ResNets only; set it false for {model.arch}")
+    from mocolab.moco.timm_backbones import check_timm_name
+
+    check_timm_name(model.arch.removeprefix(TIMM_PREFIX), image_size, model.timm_kwargs.get("patch_size"))
 
 
 def check_labeled(data_cfg: DataConfig, where: str) -> None:

@@ -1,6 +1,9 @@
-"""Backbones (``model.arch``): a small CPU CNN and torchvision ResNets, returning pooled features ``[B, feat_dim]``."""
+"""Backbones (``model.arch``): a small CPU CNN, torchvision ResNets and any timm model (``timm:<name>``, see
+``moco/timm_backbones.py``), returning pooled features ``[B, feat_dim]``."""
 
 from __future__ import annotations
+
+from typing import Any, Optional
 
 import torch
 import torchvision
@@ -14,6 +17,7 @@ RESNETS = {
     "resnet50": torchvision.models.resnet50,
 }
 SMALL_CNN_WIDTHS = (32, 64, 128, 256)
+TIMM_PREFIX = "timm:"
 
 
 class SmallCNN(nn.Module):
@@ -56,11 +60,17 @@ def resolve_channels_last(model_cfg, use_gpu: bool) -> bool:
 
 
 def make_backbone(
-    arch: str, cifar_stem: bool = False, bn: str = "plain", bn_splits: int = 1, channels_last: bool = False
+    arch: str, cifar_stem: bool = False, bn: str = "plain", bn_splits: int = 1, channels_last: bool = False,
+    use_gpu: bool = False, timm_options: Optional[dict[str, Any]] = None,
 ) -> tuple[nn.Module, int]:
     """The backbone ``arch`` with BN layers per ``bn`` / ``bn_splits`` (see norm.convert_batchnorm) in the given
-    memory format; returns ``(module mapping [B, 3, H, W] -> [B, feat_dim], feat_dim)``. Torch only."""
-    if arch == "small_cnn":
+    memory format; returns ``(module mapping [B, 3, H, W] -> [B, feat_dim], feat_dim)``. ``timm_options``: the
+    keyword arguments of :func:`mocolab.moco.timm_backbones.make_timm_backbone` for a ``timm:<name>`` arch."""
+    if arch.startswith(TIMM_PREFIX):
+        from mocolab.moco.timm_backbones import make_timm_backbone
+
+        net, feat_dim = make_timm_backbone(arch.removeprefix(TIMM_PREFIX), **(timm_options or {}))
+    elif arch == "small_cnn":
         if cifar_stem:
             raise ValueError("model.cifar_stem applies to ResNets only; set it false for model.arch=small_cnn")
         net = SmallCNN()
@@ -68,18 +78,29 @@ def make_backbone(
     elif arch in RESNETS:
         net, feat_dim = _resnet(arch, cifar_stem)
     else:
-        raise ValueError(f"model.arch={arch!r} is not one of small_cnn, {', '.join(RESNETS)}")
-    net = convert_batchnorm(net, bn, bn_splits)
+        raise ValueError(f"model.arch={arch!r} is not one of small_cnn, {', '.join(RESNETS)}, {TIMM_PREFIX}<name>")
+    net = convert_batchnorm(net, bn, bn_splits, use_gpu)
     if channels_last:
         net = net.to(memory_format=torch.channels_last)
     return net, feat_dim
 
 
-def build_backbone(model_cfg, use_gpu: bool = False) -> tuple[nn.Module, int]:
-    """:func:`make_backbone` for a ``model`` config section (``model.channels_last`` resolved for the device)."""
+def timm_options(model_cfg, image_size: int) -> dict[str, Any]:
+    """The ``make_timm_backbone`` keyword arguments of a ``model`` config section for images of ``image_size``."""
+    return {
+        "kwargs": dict(model_cfg.timm_kwargs),
+        "image_size": image_size,
+        "sincos_pos": model_cfg.vit_sincos_pos,
+        "freeze_patch_proj": model_cfg.vit_freeze_patch_proj,
+    }
+
+
+def build_backbone(model_cfg, use_gpu: bool = False, image_size: int = 224) -> tuple[nn.Module, int]:
+    """:func:`make_backbone` for a ``model`` config section (``model.channels_last`` resolved for the device;
+    ``image_size`` sets a timm ViT's ``img_size``)."""
     return make_backbone(
         model_cfg.arch, model_cfg.cifar_stem, model_cfg.bn, model_cfg.bn_splits,
-        resolve_channels_last(model_cfg, use_gpu),
+        resolve_channels_last(model_cfg, use_gpu), use_gpu, timm_options(model_cfg, image_size),
     )
 
 

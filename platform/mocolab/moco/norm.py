@@ -1,5 +1,5 @@
 """Batch-norm variants: SplitBatchNorm (shuffle-BN on one worker) and the ``model.bn`` conversion helper;
-AllReduceBatchNorm2d (synchronised BN on any backend, gloo included) and its conversion helper."""
+AllReduceBatchNorm2d/1d (synchronised BN on any backend, gloo included) and its conversion helper."""
 
 from __future__ import annotations
 
@@ -57,20 +57,21 @@ class SplitBatchNorm2d(nn.BatchNorm2d):
         return f"{super().extra_repr()}, num_splits={self.num_splits}"
 
 
-class AllReduceBatchNorm2d(nn.BatchNorm2d):
-    """BatchNorm2d that, in training, normalises with the statistics of the global batch (all workers):
-    each worker's per-channel sum, sum of squares and element count are summed over the default process
+class _AllReduceBatchNorm:
+    """Training-mode forward of a BatchNorm that normalises with the statistics of the global batch (all
+    workers): each worker's per-channel sum, sum of squares and element count are summed over the default process
     group by a differentiable all-reduce, so gradients flow through the shared statistics as in
     ``torch.nn.SyncBatchNorm``, but on any backend (gloo on CPU, where SyncBatchNorm refuses to run).
     Workers are weighted by their element counts (images of different sizes count by their pixels), as
-    detectron2's ``NaiveSyncBatchNorm(stats_mode="N")``. With one worker, or in eval mode, it is BatchNorm2d.
+    detectron2's ``NaiveSyncBatchNorm(stats_mode="N")``. With one worker, or in eval mode, it is the plain BN.
     Its ``state_dict`` keys are plain BN keys."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training or world_size() == 1:
             return super().forward(x)
         c = x.shape[1]
-        local = torch.cat([x.sum((0, 2, 3)), (x * x).sum((0, 2, 3)), x.new_full((1,), x.numel() / c)])
+        dims = (0, *range(2, x.dim()))
+        local = torch.cat([x.sum(dims), (x * x).sum(dims), x.new_full((1,), x.numel() / c)])
         total = all_reduce_with_grad(local)
         count = total[-1]
         mean = total[:c] / count
@@ -81,21 +82,34 @@ class AllReduceBatchNorm2d(nn.BatchNorm2d):
         if self.affine:
             scale = scale * self.weight
         shift = -mean * scale + (self.bias if self.affine else 0)
-        return x * scale.view(1, c, 1, 1) + shift.view(1, c, 1, 1)
+        shape = (1, c) + (1,) * (x.dim() - 2)
+        return x * scale.view(shape) + shift.view(shape)
 
     @torch.no_grad()
     def _update_running_stats(self, mean: torch.Tensor, var: torch.Tensor, count: float) -> None:
         self.num_batches_tracked.add_(1)
         momentum = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
         self.running_mean.lerp_(mean, momentum)
-        self.running_var.lerp_(var * count / max(count - 1, 1), momentum)  # unbiased, as BatchNorm2d keeps it
+        self.running_var.lerp_(var * count / max(count - 1, 1), momentum)  # unbiased, as BatchNorm keeps it
+
+
+class AllReduceBatchNorm2d(_AllReduceBatchNorm, nn.BatchNorm2d):
+    """BatchNorm2d synchronised over workers on any backend (see :class:`_AllReduceBatchNorm`)."""
+
+
+class AllReduceBatchNorm1d(_AllReduceBatchNorm, nn.BatchNorm1d):
+    """BatchNorm1d synchronised over workers on any backend (MoCo v3's projector and predictor MLPs)."""
+
+
+ALL_REDUCE_VARIANTS = {nn.BatchNorm2d: AllReduceBatchNorm2d, nn.BatchNorm1d: AllReduceBatchNorm1d}
 
 
 def to_allreduce_batchnorm(module: nn.Module) -> nn.Module:
-    """``module`` with every BatchNorm2d replaced by :class:`AllReduceBatchNorm2d` holding the same weights
-    and running statistics (FrozenBatchNorm2d and other norms are left alone)."""
-    if type(module) is nn.BatchNorm2d:
-        synced = AllReduceBatchNorm2d(
+    """``module`` with every BatchNorm2d / BatchNorm1d replaced by :class:`AllReduceBatchNorm2d` /
+    :class:`AllReduceBatchNorm1d` holding the same weights and running statistics (FrozenBatchNorm2d and other
+    norms are left alone)."""
+    if type(module) in ALL_REDUCE_VARIANTS:
+        synced = ALL_REDUCE_VARIANTS[type(module)](
             module.num_features,
             eps=module.eps,
             momentum=module.momentum,
@@ -113,17 +127,24 @@ def to_allreduce_batchnorm(module: nn.Module) -> nn.Module:
     return module
 
 
-def convert_batchnorm(module: nn.Module, mode: str, splits: int = 1) -> nn.Module:
-    """Return ``module`` with its BatchNorm2d layers set up for ``model.bn``:
+def sync_batchnorm(module: nn.Module, use_gpu: bool) -> nn.Module:
+    """``module`` with every BN synchronised across workers: torch.nn.SyncBatchNorm on GPU, the all-reduce BN
+    (gloo) on CPU."""
+    return nn.SyncBatchNorm.convert_sync_batchnorm(module) if use_gpu else to_allreduce_batchnorm(module)
 
-    ``split`` -> SplitBatchNorm2d(``splits``); ``sync`` -> torch.nn.SyncBatchNorm (CUDA only);
+
+def convert_batchnorm(module: nn.Module, mode: str, splits: int = 1, use_gpu: bool = True) -> nn.Module:
+    """Return ``module`` with its BatchNorm layers set up for ``model.bn``:
+
+    ``split`` -> SplitBatchNorm2d(``splits``); ``sync`` -> :func:`sync_batchnorm` (SyncBatchNorm with
+    ``use_gpu``, else the all-reduce BN);
     ``shuffle`` and ``plain`` -> unchanged BatchNorm2d (shuffle-BN happens in the model's key path).
     Weights and running statistics are carried over.
     """
     if mode not in BN_MODES:
         raise ValueError(f"model.bn={mode!r} is not one of {', '.join(BN_MODES)}")
     if mode == "sync":
-        return nn.SyncBatchNorm.convert_sync_batchnorm(module)
+        return sync_batchnorm(module, use_gpu)
     if mode == "split":
         return _to_split(module, splits)
     return module

@@ -26,7 +26,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 import torch.distributed as dist
@@ -61,6 +61,16 @@ def lr_factor(step: int, steps_per_epoch: int, train: TrainConfig) -> float:
         span = max(train.epochs - train.warmup_epochs, 1)
         return 0.5 * (1.0 + math.cos(math.pi * min((epoch - train.warmup_epochs) / span, 1.0)))
     return train.lr_decay ** sum(int(epoch) >= m for m in train.lr_milestones)
+
+
+def momentum_schedule(cfg: Config, steps_per_epoch: int) -> Optional[Callable[[int], float]]:
+    """The key encoder's momentum at each global step for ``moco.momentum_schedule=cosine`` (v3's, raised from
+    ``moco.momentum`` to 1 over ``train.epochs``); None for a constant momentum."""
+    if cfg.moco.momentum_schedule == "constant":
+        return None
+    from mocolab.moco.v3_heads import cosine_momentum
+
+    return lambda step: cosine_momentum(step, steps_per_epoch, cfg.train.epochs, cfg.moco.momentum)
 
 
 def loop_config(cfg: Config, mlflow_run_id: str) -> dict[str, Any]:
@@ -212,11 +222,12 @@ def broadcast_buffers(module: torch.nn.Module, world_size: int) -> None:
 
 def _train_epoch(
     step: TrainStep, loader, scheduler, device, world_size: int, global_step: int, check_every: int, poison: bool,
-    bar: StepProgress,
+    bar: StepProgress, momentum_at: Optional[Callable[[int], float]] = None,
 ) -> _EpochStats:
     """One pass over this rank's shard, shown on ``bar``. Every ``check_every`` steps and at the end, all ranks agree
     on the first non-finite loss (a collective at the same step everywhere: every rank has as many batches); the
-    epoch stops at the first check that finds one. ``poison``: fault injection, NaN query crops."""
+    epoch stops at the first check that finds one. ``poison``: fault injection, NaN query crops. ``momentum_at``:
+    the key encoder's momentum of each global step (None: constant)."""
     step.model.train()
     watch = LossWatch(device)
     images = corrupt = 0
@@ -227,6 +238,8 @@ def _train_epoch(
         if poison:
             im_q = im_q * float("nan")
         last_lr = step.optimizer.param_groups[0]["lr"]
+        if momentum_at is not None:
+            _unwrap(step.model).momentum = momentum_at(global_step)
         loss = step(im_q, im_k, index)
         watch.add(loss, global_step)
         scheduler.step()
@@ -296,10 +309,12 @@ def train_loop(config_dict: dict[str, Any]) -> None:
     # running stats) at every forward.
     model = ray.train.torch.prepare_model(model, parallel_strategy_kwargs={"forward_sync_buffers": False})
     optimizer = make_optimizer(
-        (p for p in model.parameters() if p.requires_grad), train.lr, train.sgd_momentum, train.weight_decay, train.amp
+        (p for p in model.parameters() if p.requires_grad), cfg.base_lr, train.sgd_momentum, train.weight_decay,
+        train.amp, train.optimizer,
     )
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, steps_per_epoch, train))
     step = TrainStep(model, optimizer, train.amp, device.type)
+    momentum_at = momentum_schedule(cfg, steps_per_epoch)
 
     tracker = _Tracker(cfg, run_id, active=worker.is_chief)
     start_epoch, global_step = 0, 0
@@ -326,7 +341,7 @@ def train_loop(config_dict: dict[str, Any]) -> None:
         with StepProgress(f"epoch {epoch}/{train.epochs}", steps_per_epoch, active=worker.is_chief) as bar:
             stats = _train_epoch(
                 step, loader, scheduler, device, world_size, global_step, train.check_finite_every,
-                epoch == nan_epoch, bar,
+                epoch == nan_epoch, bar, momentum_at,
             )
         epoch_time = time.perf_counter() - started
         if stats.nonfinite_step is not None:

@@ -32,11 +32,23 @@ def check_amp(amp: str) -> None:
 
 
 def make_optimizer(
-    params: Iterable[nn.Parameter], lr: float, momentum: float, weight_decay: float, amp: str = "off"
-) -> torch.optim.SGD:
-    """SGD over ``params``. With fp16 the fused kernel, which takes the GradScaler's inf check on the device
-    (a non-fused optimizer makes the scaler read it back on the host every step)."""
-    return torch.optim.SGD(list(params), lr=lr, momentum=momentum, weight_decay=weight_decay,
+    params: Iterable[nn.Parameter], lr: float, momentum: float, weight_decay: float, amp: str = "off",
+    name: str = "sgd",
+) -> torch.optim.Optimizer:
+    """The ``train.optimizer`` over ``params``: SGD (with fp16 the fused kernel, which takes the GradScaler's inf
+    check on the device; a non-fused optimizer makes the scaler read it back on the host every step), MoCo v3's
+    LARS (``train/lars.py``; ``momentum`` is its momentum) or AdamW (torch's defaults, as the v3 code: every
+    parameter decayed, betas 0.9/0.999)."""
+    params = list(params)
+    if name == "lars":
+        from mocolab.train.lars import LARS
+
+        return LARS(params, lr=lr, weight_decay=weight_decay, momentum=momentum)
+    if name == "adamw":
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    if name != "sgd":
+        raise ValueError(f"train.optimizer={name!r} is not one of sgd, lars, adamw")
+    return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay,
                            fused=True if amp == "fp16" else None)
 
 

@@ -12,6 +12,7 @@ MECHANISMS = {
     "moco": "mocolab.moco.mechanisms.queue:QueueDictionary",
     "end_to_end": "mocolab.moco.mechanisms.end_to_end:EndToEndDictionary",
     "memory_bank": "mocolab.moco.mechanisms.memory_bank:MemoryBankDictionary",
+    "moco_v3": "mocolab.moco.mechanisms.moco_v3:GlobalBatchDictionary",
 }
 
 

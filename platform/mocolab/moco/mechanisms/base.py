@@ -3,7 +3,8 @@
 A mechanism is the *dictionary* of the paper's Figure 2: an ``nn.Module`` called once per step as
 ``dictionary(queries, keys, index, temperature) -> (logits, labels)`` with one or two directions
 (``queries[d]`` pairs with ``keys[d]``; two for ``moco.symmetric``). It returns the logits of all directions
-stacked along the batch (positive at column 0, labels zeros) and updates its state for the step.
+stacked along the batch and their labels (the positive's column: 0 for v1/v2, the own key's row of the global
+batch for v3) and updates its state for the step.
 """
 
 from __future__ import annotations
@@ -70,6 +71,12 @@ class Mechanism(nn.Module, abc.ABC):
 
     name: ClassVar[str]
     key_source: ClassVar[KeySource]
+    uses_predictor: ClassVar[bool] = False  # MoCo v3: queries pass a predictor MLP; projector and predictor heads
+
+    @classmethod
+    def loss_scale(cls, temperature: float) -> float:
+        """Factor of each direction's mean cross-entropy in the loss (1; MoCo v3: ``2 T``)."""
+        return 1.0
 
     @classmethod
     def check(cls, settings: DictionarySettings) -> None:
