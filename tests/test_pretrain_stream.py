@@ -49,6 +49,20 @@ def test_stream_reads_image_files_only():
         build_config({"data": {"dataset": "digits", "reader": "stream"}})
 
 
+def test_decode_tasks_that_could_never_start_are_refused(tmp_path):
+    from mocolab.preflight import stream_cpu_shortfall
+
+    cfg = stream_config(tmp_path, "x", 1, stream_cpus=1)
+    assert stream_cpu_shortfall(cfg, cpus=2) == (
+        "data.stream_cpus=1: the training workers hold 2 of the local Ray's 2 CPUs, so Ray Data's decode tasks could "
+        "never start; set data.stream_cpus=0 (decode beside the workers) or lower scaling.num_workers / "
+        "scaling.cpus_per_worker"
+    )
+    assert stream_cpu_shortfall(cfg, cpus=3) is None
+    cfg.data.stream_cpus = 0
+    assert stream_cpu_shortfall(cfg, cpus=2) is None
+
+
 def test_equal_shares_in_whole_batches():
     assert steps_per_epoch(96, 2, 16) == 3 and steps_per_epoch(100, 3, 16) == 2 and steps_per_epoch(10, 2, 16) == 0
 

@@ -254,6 +254,22 @@ def _check_capacity(configs: Sequence[Config], stages: Sequence[str], concurrent
         workers = stage_workers(cfg, stages)
         if workers and (problem := capacity_shortfall(workers, worker_resources(cfg.scaling), available, concurrent)):
             raise ConfigError(problem)
+        if "pretrain" in stages and (problem := stream_cpu_shortfall(cfg, available.get("CPU", 0.0), concurrent)):
+            raise ConfigError(problem)
+
+
+def stream_cpu_shortfall(cfg: Config, cpus: float, concurrent: int = 1) -> Optional[str]:
+    """Why ``data.reader=stream``'s decode tasks (``data.stream_cpus`` each) could never start beside the training
+    workers on a local Ray of ``cpus`` CPUs, or None. Pure."""
+    data, scaling = cfg.data, cfg.scaling
+    held = concurrent * scaling.num_workers * scaling.cpus_per_worker
+    if data.reader != "stream" or data.stream_cpus == 0 or held + data.stream_cpus <= cpus:
+        return None
+    return (
+        f"data.stream_cpus={data.stream_cpus:g}: the training workers hold {held:g} of the local Ray's {cpus:g} CPUs, "
+        "so Ray Data's decode tasks could never start; set data.stream_cpus=0 (decode beside the workers) or lower "
+        "scaling.num_workers / scaling.cpus_per_worker"
+    )
 
 
 def _data_sections(cfg: Config, stages: Sequence[str]) -> list[tuple[str, object]]:

@@ -1,7 +1,8 @@
 """The MoCo pretraining loop run by every Ray Train worker (Ray Train V2 API).
 
-Per epoch, every rank trains on its shard (DistributedSampler, drop_last) with :class:`~mocolab.train.step.TrainStep`
-(no host read inside the step), rank 0 shows a progress bar over the epoch's steps (:mod:`mocolab.console`), the
+Per epoch, every rank trains on its shard (``data.reader=loader``: DistributedSampler, drop_last; ``stream``: its
+equal share of the Ray Data stream, ``get_dataset_shard("train")``, as many steps on every rank) with
+:class:`~mocolab.train.step.TrainStep` (no host read inside the step), rank 0 shows a progress bar over the epoch's steps (:mod:`mocolab.console`), the
 mean loss is all-reduced once at the end, every rank embeds its shard of the kNN monitor's labeled data
 (:attr:`Config.knn_data`; ``train/knn.py``: the bank all-gathered, the correct counts summed), rank 0 logs the
 epoch to MLflow, prints the epoch line and, every ``train.checkpoint_every`` epochs, hands a checkpoint to
