@@ -3,9 +3,10 @@
 Every node is ``ray start --block`` in its own process session: all the processes of a node (its raylet,
 agents, log monitor and the workers its raylet starts, which Ray puts in process groups of their own) share
 that session, so SIGKILL to every process of the session is the node vanishing at once, and stopping the
-cluster ends exactly what the test started. The
-nodes share one short temp dir (Ray's unix sockets must stay under ~107 characters), free ports and their
-own auth token, so other Ray instances on the machine (the suite's ``ray_local``, other users') are never
+cluster ends exactly what the test started. Each
+node has a temp dir of its own, as on separate machines (short: Ray's unix sockets must stay under ~107 characters;
+one shared dir let a new node's agents remove files of a live job's working dir, and every node's log monitor stream
+every worker's lines), under one cluster folder; the nodes use free ports and the cluster's own auth token, so other Ray instances on the machine (the suite's ``ray_local``, other users') are never
 touched; never ``ray stop``, which ends every Ray on the machine.
 """
 
@@ -81,8 +82,9 @@ class LocalCluster:
         else:
             role = ["--head", f"--port={self.port}", f"--dashboard-port={self.dashboard_port}",
                     "--dashboard-host=127.0.0.1"]  # fmt: skip
+        temp_dir = self.folder / f"ray{len(self.nodes)}"
         cmd = [*wrap, str(VENV_BIN / "ray"), "start", "--block", *role, f"--num-cpus={num_cpus}",
-               f"--resources={json.dumps(resources)}", "--disable-usage-stats", f"--temp-dir={self.folder / 'ray'}",
+               f"--resources={json.dumps(resources)}", "--disable-usage-stats", f"--temp-dir={temp_dir}",
                *(f"--{name}={free_port()}" for name in (HEAD_PORTS if head else NODE_PORTS))]  # fmt: skip
         log = self.folder / f"node{len(self.nodes)}.log"
         node = start_in_session(cmd, cwd=self.folder, env=self.env, log=log)
