@@ -62,3 +62,11 @@ def test_timm_export_needs_the_model_and_weights_that_fit_it(backbone_pt, tmp_pa
     with pytest.raises(ConfigError, match="timm's vit_tiny_patch16_224 does not load these weights"):
         export(weights, "timm", tmp_path / "x.pt", where, timm_model_of(other))
     assert not (tmp_path / "x.pt").exists()
+
+
+def test_the_logged_backbone_model_of_a_vit_run_holds_its_backbone_pt(backbone_pt):
+    from mocolab.train.launch import backbone_module
+
+    cfg, path = backbone_pt
+    module = backbone_module(cfg, path)
+    assert torch.equal(module.state_dict()["patch_embed.proj.weight"], torch.load(path)["patch_embed.proj.weight"])
