@@ -83,6 +83,9 @@ def make_files(folder: Path, quickstart: str) -> None:
     (folder / "empty-dir").mkdir()
     (folder / "not-a-db.db").write_text("not a database\n")
     (folder / "not-weights.pt").write_text("hello\n")
+    import torch
+
+    torch.save({"conv1.weight": torch.zeros(1, 3, 1, 1)}, folder / "a-resnet.pth")
     for split in ("train", "test"):
         (folder / "empty-classes" / split).mkdir(parents=True)
     from PIL import Image

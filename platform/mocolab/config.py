@@ -53,7 +53,10 @@ linear head, T=0.07, the v1 augmentation, step lr; v2 (Chen et al. 2020): MLP he
 v3 (Chen, Xie, He 2021; the official code's defaults and README recipes): no queue, symmetric loss, projector and
 predictor MLPs, cosine momentum from 0.99, every BN synchronised, lr per 256 images, 10 warm-up epochs, plus
 :data:`V3_ARCH_PRESETS` by backbone. Left out of v3: its asymmetric augmentations (blur 1.0/0.1, solarisation;
-data.augment stays moco_v2), the ResNet's zero-init residual and the ViT's own weight init."""
+data.augment stays moco_v2), the ResNet's zero-init residual and the ViT's own weight init. Departures: the warm-up
+(shared with v1/v2) is ``(step + 1) / warmup_steps`` where the v3 code's ``adjust_learning_rate`` starts at 0 (its
+first step does not move the weights); AdamW, as in the v3 code, decays every parameter (biases, norms, the class
+token and the position table too), unlike LARS, which leaves out those with ndim <= 1."""
 V3_ARCH_PRESETS: dict[str, dict[str, Any]] = {
     "vit": {"moco.temperature": 0.2, "train.optimizer": "adamw", "train.lr": 1.5e-4, "train.weight_decay": 0.1},
     "other": {"moco.temperature": 1.0, "train.optimizer": "lars", "train.lr": 0.6, "train.weight_decay": 1e-6},

@@ -137,7 +137,8 @@ def _check_pretrain(cfg: Config, report: PreflightReport) -> None:
     if cfg.model.init_weights is not None and (key := f"{cfg.model.init_weights}{cfg.model}") not in report.init_weights:
         from mocolab.weights_io.arch import load_checked
 
-        found = load_checked(cfg.model.init_weights, cfg.model, f"model.init_weights={cfg.model.init_weights}")
+        found = load_checked(cfg.model.init_weights, cfg.model, f"model.init_weights={cfg.model.init_weights}",
+                             cfg.data.image_size)
         report.init_weights[key] = found.summary()
     _check_knn(cfg, report)
 

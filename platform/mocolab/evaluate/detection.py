@@ -58,6 +58,11 @@ def detector_layout(model_cfg: ModelConfig, det: DetectionConfig) -> str:
 
 def check_detection(cfg: Config, model_cfg: ModelConfig, det: DetectionConfig) -> None:
     """Refuse, before compute, a detection setup that cannot run (naming the field and the fix)."""
+    if model_cfg.arch.startswith("timm:"):
+        raise ConfigError(
+            f"model.arch={model_cfg.arch}: detection transfer builds its Faster R-CNN on small_cnn and torchvision "
+            "ResNets only (no feature pyramid for timm backbones or ViTs); evaluate it with mocolab lincls instead"
+        )
     if det.min_size > det.max_size:
         raise ConfigError(f"eval.detection.min_size={det.min_size} is above max_size={det.max_size}")
     if any(not 0 < m < 1 for m in det.milestones) or det.milestones != sorted(det.milestones):

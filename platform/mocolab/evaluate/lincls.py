@@ -191,7 +191,7 @@ def lincls_train_loop(config: dict[str, Any]) -> dict[str, float]:
     started = time.perf_counter()
 
     model_cfg = source.model.model_copy(update={"bn": "plain"})
-    backbone, feat_dim = build_backbone(model_cfg, use_gpu=cfg.scaling.use_gpu)
+    backbone, feat_dim = build_backbone(model_cfg, use_gpu=cfg.scaling.use_gpu, image_size=source.image_size)
     load_backbone_state(backbone, source)
     before = snapshot(backbone)
     classes = num_classes(data_cfg)

@@ -32,6 +32,7 @@ class BackboneSource:
     pretrain_run_id: Optional[str] = None
     weights_path: Optional[str] = None
     origin: Optional[str] = None  # where the weights come from, for messages: "--weights x.pt (solo-learn layout)"
+    image_size: int = 224  # the pretraining images' size: a timm ViT's position table is built for it
 
     @property
     def label(self) -> str:
@@ -59,12 +60,12 @@ def resolve_source(
 
         run_config, content = load_pretrain_artifacts(cfg.tracking.tracking_uri, pretrain_run)
         run_model = run_config.get("model", {})
-        model = cfg.model.model_copy(
-            update={"arch": run_model.get("arch", cfg.model.arch), "cifar_stem": run_model.get("cifar_stem", False)}
-        )
+        update = {key: run_model[key] for key in ("arch", "timm_kwargs") if key in run_model}
+        model = cfg.model.model_copy(update=update | {"cifar_stem": run_model.get("cifar_stem", False)})
+        size = run_config.get("data", {}).get("image_size", cfg.data.image_size)
         found = backbone_weights(content, f"--pretrain-run {pretrain_run} (its backbone.pt)")
         origin = f"--pretrain-run {pretrain_run} (its backbone.pt, {found.layout.name} layout)"
-        return BackboneSource("pretrain", model, found.state, pretrain_run, origin=origin)
+        return BackboneSource("pretrain", model, found.state, pretrain_run, origin=origin, image_size=size)
     if weights:
         from mocolab.weights_io.files import load_backbone_weights
 
@@ -72,8 +73,9 @@ def resolve_source(
         print(f"[mocolab] --weights {weights}: {found.summary()}", flush=True)
         init = "supervised" if init == "supervised" else "file"
         origin = f"--weights {weights} ({found.layout.name} layout)"
-        return BackboneSource(init, cfg.model, found.state, weights_path=weights, origin=origin)
-    return BackboneSource("random", cfg.model)
+        return BackboneSource(init, cfg.model, found.state, weights_path=weights, origin=origin,
+                              image_size=cfg.data.image_size)
+    return BackboneSource("random", cfg.model, image_size=cfg.data.image_size)
 
 
 def check_source(source: BackboneSource) -> None:
@@ -81,7 +83,7 @@ def check_source(source: BackboneSource) -> None:
     from mocolab.weights_io.arch import check_fits
 
     if source.state is not None:
-        check_fits(source.state, source.model, source.origin or source.label)
+        check_fits(source.state, source.model, source.origin or source.label, source.image_size)
 
 
 def load_backbone_state(backbone: nn.Module, source: BackboneSource) -> None:

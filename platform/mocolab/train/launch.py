@@ -81,9 +81,10 @@ def backbone_module(cfg: Config, weights: Path):
     (a ``backbone.pt``): what the logged MLflow model ``backbone`` is."""
     import torch
 
-    from mocolab.moco.backbones import make_backbone
+    from mocolab.moco.backbones import make_backbone, timm_options
 
-    backbone, _ = make_backbone(cfg.model.arch, cfg.model.cifar_stem)
+    backbone, _ = make_backbone(cfg.model.arch, cfg.model.cifar_stem,
+                                timm_options=timm_options(cfg.model, cfg.data.image_size))
     backbone.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
     return backbone.eval()
 

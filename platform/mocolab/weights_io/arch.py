@@ -76,11 +76,13 @@ def guess_arch(state: dict[str, torch.Tensor]) -> Optional[ArchGuess]:
     return ArchGuess(name, cifar_stem=conv1.shape[-1] == 3)
 
 
-def fit_problems(state: dict[str, torch.Tensor], model_cfg: ModelConfig) -> list[str]:
-    """Why ``state`` does not load strictly into the backbone of ``model_cfg`` (empty: it does)."""
+def fit_problems(state: dict[str, torch.Tensor], model_cfg: ModelConfig, image_size: int = 224) -> list[str]:
+    """Why ``state`` does not load strictly into the backbone of ``model_cfg`` (empty: it does); ``image_size``
+    sets a timm ViT's ``img_size`` (its position table)."""
     from mocolab.moco.backbones import build_backbone
 
-    backbone, _ = build_backbone(model_cfg.model_copy(update={"bn": "plain", "channels_last": False}))
+    plain = model_cfg.model_copy(update={"bn": "plain", "channels_last": False})
+    backbone, _ = build_backbone(plain, image_size=image_size)
     target = backbone.state_dict()
     missing = sorted(set(target) - set(state))
     unexpected = sorted(set(state) - set(target))
@@ -99,9 +101,9 @@ def fit_problems(state: dict[str, torch.Tensor], model_cfg: ModelConfig) -> list
     return problems
 
 
-def check_fits(state: dict[str, torch.Tensor], model_cfg: ModelConfig, where: str) -> None:
+def check_fits(state: dict[str, torch.Tensor], model_cfg: ModelConfig, where: str, image_size: int = 224) -> None:
     """Raise ConfigError, naming ``where``, the keys and the fix, if ``state`` does not fit ``model_cfg``."""
-    problems = fit_problems(state, model_cfg)
+    problems = fit_problems(state, model_cfg, image_size)
     if not problems:
         return
     guess = guess_arch(state)
@@ -119,8 +121,9 @@ def check_fits(state: dict[str, torch.Tensor], model_cfg: ModelConfig, where: st
     )
 
 
-def load_checked(path, model_cfg: ModelConfig, where: str) -> BackboneWeights:
-    """The backbone in the weights file ``path`` (any known layout), checked to fit ``model_cfg``."""
+def load_checked(path, model_cfg: ModelConfig, where: str, image_size: int = 224) -> BackboneWeights:
+    """The backbone in the weights file ``path`` (any known layout), checked to fit ``model_cfg`` (a timm ViT built
+    for ``image_size``)."""
     weights = load_backbone_weights(path, where)
-    check_fits(weights.state, model_cfg, f"{where} ({weights.layout.name} layout)")
+    check_fits(weights.state, model_cfg, f"{where} ({weights.layout.name} layout)", image_size)
     return weights

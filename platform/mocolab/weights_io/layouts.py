@@ -19,7 +19,7 @@ import torch
 
 from mocolab.weights_io.detectron2 import torchvision_name
 
-STEM_KEYS = ("conv1.weight", "features.0.0.weight")  # a ResNet's or small_cnn's first convolution
+STEM_KEYS = ("conv1.weight", "features.0.0.weight", "patch_embed.proj.weight")  # a ResNet's, small_cnn's, timm ViT's
 WRAPPERS = ("module.", "_orig_mod.")
 HEAD_PREFIX = "fc."
 # torchvision ResNet children in order: conv1, bn1, relu, maxpool, layer1..layer4, avgpool, fc; lightly's
@@ -88,7 +88,7 @@ LAYOUTS: tuple[Layout, ...] = (
     Layout(
         "torchvision",
         "torchvision-keyed state_dict: mocolab backbone.pt, torchvision or timm ResNet (conv1.*, layer1-4.*, fc.* "
-        "dropped; small_cnn: features.*)",
+        "dropped; small_cnn: features.*), a timm ViT (patch_embed.*; also mocolab export --format timm)",
         lambda key: key,
     ),
 )
