@@ -60,6 +60,25 @@ def mlflow_on_postgres(postgres, s3, tmp_path_factory):
         yield server
 
 
+@pytest.fixture(scope="session")
+def job_cluster(s3, mlflow_on_postgres):
+    """What ray_cluster.yaml builds on AWS, on this machine: a Ray head with no CPU for training (job server on
+    127.0.0.1, token auth) and two worker nodes of one CPU and one ``JOB_SLOT`` each, every node exporting the AWS
+    variables of ``s3`` and ``MLFLOW_TRACKING_URI`` (``mlflow_on_postgres``) before ``ray start``. A
+    ``local_cluster.LocalCluster`` (``dashboard_url``, ``env``, ``nodes``, ``add_node``, ``kill_node``)."""
+    from local_cluster import JOB_SLOT, local_cluster
+    from local_servers import wait_for_http
+
+    node_env = {**s3.env, "MLFLOW_TRACKING_URI": mlflow_on_postgres.uri}
+    with local_cluster(node_env=node_env, dashboard=True) as cluster:
+        cluster.add_node(num_cpus=0, resources={})  # the head: job drivers, Ray Train's controller; no training
+        for _ in range(2):
+            cluster.add_node(num_cpus=1, resources={JOB_SLOT: 1})
+        token = {"Authorization": f"Bearer {cluster.token.read_text()}"}
+        wait_for_http(f"{cluster.dashboard_url}/api/version", 120, token)
+        yield cluster
+
+
 @pytest.fixture
 def command_output(capsys):
     """``capsys.readouterr`` for a command run in-process, without the lines streamed from Ray workers: the session's

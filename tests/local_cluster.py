@@ -36,6 +36,9 @@ NODE_PORTS = (
     "metrics-export-port",
 )
 HEAD_PORTS = NODE_PORTS + ("ray-client-server-port",)
+JOB_SLOT = "node_slot"
+"""The custom resource of the session's job cluster (conftest ``job_cluster``): one per worker node, so a run's
+workers asking for one each land one per node."""
 
 
 class LocalCluster:

@@ -20,12 +20,13 @@ from __future__ import annotations
 import json
 import subprocess
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import yaml
-from console_output import chatter
-from local_cluster import local_cluster
+from console_output import chatter, progress_lines
+from local_cluster import JOB_SLOT as SLOT
 from mlflow import MlflowClient
 from readme_commands import readme_job_commands
 
@@ -34,7 +35,6 @@ from mocolab.config import parse_override
 pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[1]
-SLOT = "node_slot"
 RUN_NAME = "imagenet-v2"  # the README's tracking.run_name
 DATA_PREFIX = "mocolab/data/imagenet"
 EPOCHS = 4
@@ -109,91 +109,132 @@ def sweep_file(folder: Path, bucket_overrides: list[str]) -> Path:
     return path
 
 
-def test_the_readme_cluster_commands_run_as_written(s3, mlflow_on_postgres):
+@dataclass
+class Ran:
+    """What the README's three jobs left: their logs, the pretraining run, the epoch whose checkpoint was
+    registered when a node was lost."""
+
+    logs: dict[str, str]
+    client: MlflowClient
+    experiment_id: str
+    run_id: str
+    lost_at: int
+
+
+def pretrain_losing_a_node(jobs: Jobs, argv: list[str], store, mark) -> tuple[str, int]:
+    """Run the pretraining job; once an epoch's checkpoint is registered in the bucket, SIGKILL the last worker node
+    and start a replacement (the run's two workers need both slots). Returns the job's log and that epoch."""
+    cluster, s3 = jobs.cluster, store.client()
+    run_prefix = f"mocolab/ray_results/{RUN_NAME}"
+    job = jobs.start("pretrain", argv)
+    deadline = time.monotonic() + 420
+    while registered_epoch(s3, store.bucket, run_prefix) < 1:
+        assert job.poll() is None, jobs.logs["pretrain"].read_text()[-8000:]
+        assert time.monotonic() < deadline, "no checkpoint registered in the bucket within 420 s"
+        time.sleep(0.5)
+    lost_at = registered_epoch(s3, store.bucket, run_prefix)
+    victims = cluster.kill_node(cluster.nodes[-1])
+    mark(f"epoch {lost_at} checkpoint in the bucket; a worker node killed ({len(victims)} processes)")
+    cluster.add_node(num_cpus=1, resources={SLOT: 1})
+    mark("replacement node up")
+    job.wait(900)
+    return jobs.finished("pretrain", job), lost_at
+
+
+@pytest.fixture(scope="module")
+def ran(s3, mlflow_on_postgres, job_cluster) -> Ran:
+    """The README's pretraining (a node lost mid-run), linear eval and sweep jobs, run as written on the job cluster
+    with the data in the bucket."""
     started = time.monotonic()
 
     def mark(event: str) -> None:
         print(f"[cluster-e2e] {time.monotonic() - started:6.1f} s  {event}", flush=True)
 
-    store, bucket = s3, s3.bucket
-    s3 = store.client()
-    n_objects = upload_dataset(s3, bucket, REPO.parent / "shared/data/cifar10-subset", {"train": 16, "val": 8})
-    mark(f"{n_objects} images in s3://{bucket}/{DATA_PREFIX}")
+    n_objects = upload_dataset(s3.client(), s3.bucket, REPO.parent / "shared/data/cifar10-subset",
+                               {"train": 16, "val": 8})  # fmt: skip
+    mark(f"{n_objects} images in s3://{s3.bucket}/{DATA_PREFIX}")
     commands = readme_job_commands(REPO)
-    node_env = {**store.env, "MLFLOW_TRACKING_URI": mlflow_on_postgres.uri}
-    with local_cluster(node_env=node_env, dashboard=True) as cluster:
-        cluster.add_node(num_cpus=0, resources={})  # the head: job drivers, Ray Train's controller; no training
-        cluster.add_node(num_cpus=1, resources={SLOT: 1})
-        second = cluster.add_node(num_cpus=1, resources={SLOT: 1})
-        mark("head + 2 worker nodes up")
-        jobs = Jobs(cluster, bucket)
-        replace = {"BUCKET": bucket, "http://127.0.0.1:8265": cluster.dashboard_url}
+    jobs = Jobs(job_cluster, s3.bucket)
+    replace = {"BUCKET": s3.bucket, "http://127.0.0.1:8265": job_cluster.dashboard_url}
+    scale = [f"--set={item}" for item in SCALE]
 
-        # 1. Pretraining, as written; a worker node is lost once an epoch's checkpoint is in the bucket.
-        run_prefix = f"mocolab/ray_results/{RUN_NAME}"
-        pretrain = jobs.start("pretrain", commands["pretrain"].argv(replace, extra=[
-            *(f"--set={item}" for item in SCALE + PRETRAIN_SCALE)]))  # fmt: skip
-        deadline = time.monotonic() + 420
-        while registered_epoch(s3, bucket, run_prefix) < 1:
-            assert pretrain.poll() is None, jobs.logs["pretrain"].read_text()[-8000:]
-            assert time.monotonic() < deadline, "no checkpoint registered in the bucket within 420 s"
-            time.sleep(0.5)
-        lost_at = registered_epoch(s3, bucket, run_prefix)
-        victims = cluster.kill_node(second)
-        mark(f"epoch {lost_at} checkpoint in the bucket; second worker node killed ({len(victims)} processes)")
-        cluster.add_node(num_cpus=1, resources={SLOT: 1})  # the only way back to two slots: the run needs it
-        mark("replacement node up")
-        pretrain.wait(900)
-        pretrain_log = jobs.finished("pretrain", pretrain)
-        mark("pretraining job finished")
-        assert lost_at < EPOCHS, "the run had finished before the node was lost"
-        assert "resumed from epoch " in pretrain_log, pretrain_log[-6000:]
+    pretrain_argv = commands["pretrain"].argv(replace, extra=scale + [f"--set={item}" for item in PRETRAIN_SCALE])
+    logs = {}
+    logs["pretrain"], lost_at = pretrain_losing_a_node(jobs, pretrain_argv, s3, mark)
+    mark("pretraining job finished")
+    client = MlflowClient(mlflow_on_postgres.uri)  # over HTTP, as a laptop through a tunnel would
+    experiment_id = client.get_experiment_by_name("imagenet-moco").experiment_id
+    (run,) = client.search_runs([experiment_id], f"attributes.run_name = '{RUN_NAME}'")
 
-        client = MlflowClient(mlflow_on_postgres.uri)  # over HTTP, as a laptop through a tunnel would
-        experiment = client.get_experiment_by_name("imagenet-moco")
-        (run,) = client.search_runs([experiment.experiment_id], f"attributes.run_name = '{RUN_NAME}'")
-        run_id = run.info.run_id
-        assert run.info.status == "FINISHED"
-        assert run.data.params["data.root"] == f"s3://{bucket}/{DATA_PREFIX}"
-        assert run.data.params["scaling.storage_path"] == f"s3://{bucket}/mocolab/ray_results"
-        assert not any(store.env["AWS_SECRET_ACCESS_KEY"] in value for value in run.data.params.values())
-        steps = [m.step for m in client.get_metric_history(run_id, "loss")]
-        assert sorted(set(steps)) == list(range(1, EPOCHS + 1))  # every epoch, in the one run
-        assert "lincls_top1" in run.data.metrics  # the config's eval.lincls ran after it and was copied back
-        assert chatter(pretrain_log) == []
-        checkpoints = store.keys(run_prefix)
-        assert sum(key.endswith("/checkpoint.pt") for key in checkpoints) >= EPOCHS
-        artifacts = store.keys("mocolab/mlflow-artifacts")
-        assert any(key.endswith(f"{run_id}/artifacts/backbone.pt") for key in artifacts), artifacts[:20]
+    logs["lincls"] = jobs.run("lincls", commands["lincls"].argv({**replace, "RUN_ID": run.info.run_id}, extra=scale),
+                              timeout_s=600)  # fmt: skip
+    mark("linear eval job finished")
+    bucket_sets = [arg for arg in commands["sweep"].argv(replace) if "s3://" in arg]
+    sweep = sweep_file(job_cluster.folder, bucket_sets)
+    logs["sweep"] = jobs.run("sweep", commands["sweep"].argv(replace, config=str(sweep)), timeout_s=900)
+    mark("sweep job finished")
+    return Ran(logs, client, experiment_id, run.info.run_id, lost_at)
 
-        # 2. The README's linear eval of that run, by its run ID.
-        lincls_log = jobs.run("lincls", commands["lincls"].argv({**replace, "RUN_ID": run_id}, extra=[
-            *(f"--set={item}" for item in SCALE)]), timeout_s=600)  # fmt: skip
-        mark("linear eval job finished")
-        lincls_runs = client.search_runs(
-            [experiment.experiment_id], f"tags.`mocolab.pretrain_run_id` = '{run_id}' and tags.`mocolab.stage` = 'lincls'"
-        )
-        assert len(lincls_runs) == 2 and all(r.info.status == "FINISHED" for r in lincls_runs)  # configured + README's
-        assert "top-1" in lincls_log
 
-        # 3. A 2-trial sweep (the README's sweep file at CPU scale).
-        bucket_sets = [arg for arg in commands["sweep"].argv(replace)[1:] if "s3://" in arg]
-        sweep = sweep_file(cluster.folder, bucket_sets)
-        jobs.run("sweep", commands["sweep"].argv(replace, config=str(sweep)), timeout_s=900)
-        mark("sweep job finished")
-        sweep_runs = client.search_runs([experiment.experiment_id], "tags.`mocolab.sweep` = 'temperature-e2e'")
-        (parent,) = [r for r in sweep_runs if r.data.tags.get("mocolab.stage") == "sweep"]
-        trials = [r for r in sweep_runs if r.data.tags.get("mocolab.stage") == "pretrain"]
-        assert len(trials) == 2 and {r.data.tags["mlflow.parentRunId"] for r in trials} == {parent.info.run_id}
-        assert {r.data.params["moco.temperature"] for r in trials} == {"0.1", "0.2"}
-        assert all(r.info.status == "FINISHED" and "knn_top1" in r.data.metrics for r in trials)
+def test_pretraining_survives_a_lost_node_in_one_mlflow_run(ran, s3):
+    assert ran.lost_at < EPOCHS, "the run had finished before the node was lost"
+    assert f"resumed from epoch {ran.lost_at}" in ran.logs["pretrain"], ran.logs["pretrain"][-6000:]
+    run = ran.client.get_run(ran.run_id)
+    assert run.info.status == "FINISHED"
+    steps = [m.step for m in ran.client.get_metric_history(ran.run_id, "loss")]
+    assert sorted(set(steps)) == list(range(1, EPOCHS + 1))  # every epoch, in the one run
+    assert all(steps.count(epoch) == 1 for epoch in range(1, ran.lost_at + 1))  # none before the checkpoint again
+    checkpoints = s3.keys(f"mocolab/ray_results/{RUN_NAME}")
+    assert sum(key.endswith("/checkpoint.pt") for key in checkpoints) >= EPOCHS
 
-        # 4. The tracking server restarted on the same database: every run is still there (SQLite on the head's
-        # disk would have gone with `ray down`).
-        before = {r.info.run_id: r for r in client.search_runs([experiment.experiment_id])}
-        mlflow_on_postgres.restart()
-        mark("MLflow server restarted")
-        after = {r.info.run_id: r for r in client.search_runs([experiment.experiment_id])}
-        assert set(after) == set(before) and len(after) >= 1 + 2 + 1 + 2
-        assert after[run_id].data.metrics == before[run_id].data.metrics
-        assert {a.path for a in client.list_artifacts(run_id)} >= {"config.yaml", "backbone.pt"}
+
+def test_pretraining_run_reads_the_bucket_and_files_everything(ran, s3, mlflow_on_postgres):
+    run = ran.client.get_run(ran.run_id)
+    assert run.data.params["data.root"] == f"s3://{s3.bucket}/{DATA_PREFIX}"
+    assert run.data.params["scaling.storage_path"] == f"s3://{s3.bucket}/mocolab/ray_results"
+    secret = s3.env["AWS_SECRET_ACCESS_KEY"]
+    assert not any(secret in value for value in [*run.data.params.values(), *run.data.tags.values()])
+    assert "lincls_top1" in run.data.metrics  # the config's eval.lincls ran after it and was copied back
+    assert {"system/cpu_utilization_percentage", "system/system_memory_usage_megabytes"} <= set(run.data.metrics)
+    (dataset_input,) = run.inputs.dataset_inputs
+    assert dataset_input.dataset.name == "imagenet/train" and f"s3://{s3.bucket}/{DATA_PREFIX}" in (
+        dataset_input.dataset.source
+    )
+    (output,) = run.outputs.model_outputs
+    assert ran.client.get_logged_model(output.model_id).name == "backbone"
+    assert any(key.endswith(f"{ran.run_id}/artifacts/backbone.pt") for key in s3.keys("mocolab/mlflow-artifacts"))
+    assert run.data.tags["mlflow.source.name"] == "mocolab pretrain"
+    log = ran.logs["pretrain"]
+    assert f"[mocolab] MLflow UI: {mlflow_on_postgres.uri}/#/experiments/" in log
+    assert chatter(log) == []  # mocolab's lines, none of Ray's internals
+    lines = [line for line in progress_lines(log) if "resumed" not in line]
+    epoch_lines = [line for line in lines if line.startswith("[mocolab] epoch")]
+    assert len(epoch_lines) == len(set(epoch_lines)) >= EPOCHS  # each node streams its own workers' lines once
+
+
+def test_linear_eval_of_the_run_by_its_id(ran):
+    lincls_runs = ran.client.search_runs(
+        [ran.experiment_id], f"tags.`mocolab.pretrain_run_id` = '{ran.run_id}' and tags.`mocolab.stage` = 'lincls'"
+    )
+    assert len(lincls_runs) == 2  # the config's eval.lincls after pretraining, and the README's lincls job
+    assert all(r.info.status == "FINISHED" and "lincls_top1" in r.data.metrics for r in lincls_runs)
+    assert "top-1" in ran.logs["lincls"]
+
+
+def test_sweep_has_a_parent_and_its_trials(ran):
+    runs = ran.client.search_runs([ran.experiment_id], "tags.`mocolab.sweep` = 'temperature-e2e'")
+    (parent,) = [r for r in runs if r.data.tags.get("mocolab.stage") == "sweep"]
+    trials = [r for r in runs if r.data.tags.get("mocolab.stage") == "pretrain"]
+    assert len(trials) == 2 and {r.data.tags["mlflow.parentRunId"] for r in trials} == {parent.info.run_id}
+    assert {r.data.params["moco.temperature"] for r in trials} == {"0.1", "0.2"}
+    assert all(r.info.status == "FINISHED" and "knn_top1" in r.data.metrics for r in trials)
+
+
+def test_every_run_outlives_the_tracking_server(ran, mlflow_on_postgres):
+    """Restarted on the same database, the server has every run (SQLite on the head's disk went with `ray down`)."""
+    before = {r.info.run_id: r for r in ran.client.search_runs([ran.experiment_id])}
+    mlflow_on_postgres.restart()
+    after = {r.info.run_id: r for r in ran.client.search_runs([ran.experiment_id])}
+    assert set(after) == set(before) and len(after) >= 1 + 2 + 1 + 2
+    assert after[ran.run_id].data.metrics == before[ran.run_id].data.metrics
+    assert {a.path for a in ran.client.list_artifacts(ran.run_id)} >= {"config.yaml", "backbone.pt"}
