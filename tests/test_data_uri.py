@@ -1,11 +1,12 @@
-"""Datasets and the pre-flight step over an object store (moto's S3 server on 127.0.0.1): the same images,
+"""Datasets and the pre-flight step over an object store (the session's moto S3 server on 127.0.0.1): the same images,
 labels and digests as the local folder they were uploaded from, one listing per process, corrupt images named by
 their URI, and one-line refusals of a missing prefix, a missing split and an unreachable store."""
 
 
+from pathlib import Path
+
 import numpy as np
 import pytest
-from moto_s3 import moto_store, upload
 from PIL import Image
 
 from mocolab.config import ConfigError, build_config
@@ -13,7 +14,7 @@ from mocolab.data import datasets, location
 from mocolab.data.datasets import CorruptImageError, image_source, num_classes, summarize
 from mocolab.preflight import preflight
 
-BUCKET = "mocolab-test"
+BUCKET = "mocolab-test"  # the session store's bucket (conftest ``s3``)
 
 
 def make_imagefolder(root, per_class=3):
@@ -26,13 +27,27 @@ def make_imagefolder(root, per_class=3):
     (root / "train" / "cat" / "notes.txt").write_text("not an image")
 
 
+def upload(s3, folder: Path, prefix: str) -> None:
+    """Every file under ``folder`` to ``s3://BUCKET/<prefix>/<its path under folder>``."""
+    client = s3.client()
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        client.upload_file(str(path), s3.bucket, f"{prefix}/{path.relative_to(folder).as_posix()}")
+
+
 @pytest.fixture(scope="module")
-def store(tmp_path_factory):
+def store(s3, tmp_path_factory):
+    """A local image folder, uploaded to ``s3://BUCKET/sets/pets``, with this process's AWS environment pointing at
+    the store (filesystems opened before read the old environment: the cache is cleared both ways)."""
+    assert s3.bucket == BUCKET
     local = tmp_path_factory.mktemp("imagefolder")
     make_imagefolder(local)
-    with moto_store(BUCKET):
-        upload(local, f"s3://{BUCKET}/sets/pets")
+    upload(s3, local, "sets/pets")
+    with pytest.MonkeyPatch.context() as env:
+        for key, value in s3.env.items():
+            env.setenv(key, value)
+        location._store.cache_clear()
         yield local
+    location._store.cache_clear()
 
 
 def _section(root, **extra):
@@ -74,11 +89,11 @@ def test_folder_dataset_from_a_uri(store, tmp_path):
     assert len(source) == 6 and not any(p.endswith(".txt") for p in source.paths)
 
 
-def test_a_corrupt_object_is_named_by_its_uri(store, tmp_path):
+def test_a_corrupt_object_is_named_by_its_uri(store, s3, tmp_path):
     upload_dir = tmp_path / "bad"
     (upload_dir / "x").mkdir(parents=True)
     (upload_dir / "x" / "broken.png").write_bytes(b"\x89PNG not really")
-    upload(upload_dir, f"s3://{BUCKET}/corrupt")
+    upload(s3, upload_dir, "corrupt")
     uri = f"s3://{BUCKET}/corrupt/x/broken.png"
     with pytest.raises(CorruptImageError, match=rf"cannot read image {uri}: .*data.on_corrupt=skip"):
         datasets.read_rgb(uri)
