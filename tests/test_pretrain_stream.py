@@ -14,7 +14,8 @@ from PIL import Image
 from mocolab import tracking
 from mocolab.config import ConfigError, build_config
 from mocolab.data.datasets import CorruptImageError
-from mocolab.data.stream import TwoCropBatch, steps_per_epoch
+from mocolab.data.datasets import image_source
+from mocolab.data.stream import TwoCropBatch, pretrain_dataset, steps_per_epoch
 from mocolab.runtime import ensure_ray
 from mocolab.train.checkpoint import load_checkpoint
 from mocolab.train.launch import build_trainer
@@ -78,6 +79,15 @@ def test_the_map_function_fails_naming_the_file_or_skips_and_counts(tmp_path):
     cfg.data.on_corrupt = "fail"
     with pytest.raises(CorruptImageError, match=rf"cannot read image {folder / 'g0' / 'broken.png'}"):
         TwoCropBatch(cfg.data)(rows)
+
+
+def test_every_epoch_reads_every_image_once_in_a_new_seeded_order(ray_local, tmp_path):
+    (image_folder(tmp_path / "images") / "g0" / "broken.png").unlink()
+    cfg = stream_config(tmp_path, "x", 1)
+    dataset = pretrain_dataset(image_source(cfg.data, "train"), cfg.data, seed=0, num_workers=WORKERS)
+    epochs = [[int(i) for b in dataset.iter_batches(batch_size=None) for i in b["index"]] for _ in range(2)]
+    assert all(sorted(order) == list(range(GOOD)) for order in epochs)
+    assert epochs[0] != epochs[1] and epochs[0] != sorted(epochs[0])
 
 
 @pytest.mark.slow

@@ -1,10 +1,12 @@
-"""Epoch images/s of pretraining for the three ways of reading data (issue 20): (a) a local folder with today's
+"""Epoch images/s of pretraining for the ways of reading data (issue 20): (a) a local folder with today's
 DataLoader (``data.reader=loader``), (b) the same folder through Ray Data (``data.reader=stream``), (c) the same
-images in an S3-compatible store on 127.0.0.1 (moto's server) through Ray Data.
+images in an S3-compatible store on 127.0.0.1 (moto's server) through Ray Data, (d) that store through the
+DataLoader (each worker reads its own objects through ``data.location``).
 
 Each run is a real ``mocolab pretrain`` (``mocolab.bench.pretrain_run``: a subprocess with its own local Ray, kNN
 monitor and evaluations off, first epoch dropped as warm-up); the three readers alternate round by round, and the
-table gives the median [min, max] of whole-epoch images/s over the rounds.
+table gives the median [min, max] of whole-epoch images/s over the rounds and the 1-minute load average seen
+around the runs (the machine may be shared).
 
     python platform/benchmarks/stream_throughput.py CONFIG --images 512 --rounds 3 [--set KEY=VALUE ...]
 
@@ -23,7 +25,7 @@ import statistics
 import tempfile
 from pathlib import Path
 
-READERS = ("loader-local", "stream-local", "stream-s3")
+READERS = ("loader-local", "stream-local", "stream-s3", "loader-s3")
 BUCKET = "mocolab-bench"
 
 
@@ -43,9 +45,12 @@ def copy_subset(cfg, images: int, dest: Path) -> None:
 def start_store(folder: Path):
     """moto's S3 server on a free port, the AWS environment of this process (inherited by the runs) pointing at
     it, and ``folder`` uploaded to ``s3://mocolab-bench/data``; returns the server."""
+    import logging
+
     import boto3
     from moto.server import ThreadedMotoServer
 
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # no line per request
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -80,8 +85,10 @@ def main() -> None:
     local = work / "images"
     copy_subset(base, args.images, local)
     server = start_store(local)
-    roots = {"loader-local": str(local), "stream-local": str(local), "stream-s3": f"s3://{BUCKET}/data"}
+    uri = f"s3://{BUCKET}/data"
+    roots = {"loader-local": str(local), "stream-local": str(local), "stream-s3": uri, "loader-s3": uri}
     rates: dict[str, list[float]] = {name: [] for name in READERS}
+    loads = [os.getloadavg()[0]]
     try:
         for round_no in range(args.rounds):
             for name in READERS:
@@ -90,17 +97,19 @@ def main() -> None:
                                                  "data.limit_train=null", "data.limit_test=null"])
                 times = run_timed_pretrain(cfg, work / f"{name}-{round_no}", epochs=args.epochs)
                 rates[name].append(times.epochs.img_s)
-                print(f"round {round_no + 1} {name}: {times.epochs.img_s:.1f} img/s", flush=True)
+                loads.append(os.getloadavg()[0])
+                print(f"round {round_no + 1} {name}: {times.epochs.img_s:.1f} img/s (load {loads[-1]:.1f})", flush=True)
     finally:
         server.stop()
     summary = {name: {"median": statistics.median(v), "min": min(v), "max": max(v), "rounds": v}
                for name, v in rates.items()}
-    print(f"{'reader':<14} epoch img/s median [min, max] over {args.rounds} rounds, {args.images} images")
+    print(f"{'reader':<14} epoch img/s median [min, max] over {args.rounds} rounds, {args.images} images, "
+          f"load average {min(loads):.1f}-{max(loads):.1f}")
     for name, s in summary.items():
         ratio = s["median"] / summary["loader-local"]["median"]
         print(f"{name:<14} {s['median']:7.1f} [{s['min']:.1f}, {s['max']:.1f}]  x{ratio:.2f} of loader-local")
     if args.json:
-        args.json.write_text(json.dumps(summary, indent=2))
+        args.json.write_text(json.dumps({"readers": summary, "load_average": loads}, indent=2))
     shutil.rmtree(work, ignore_errors=True)
 
 

@@ -34,6 +34,10 @@ QUIET_WORKER_CONSOLE = "WARNING"
 """Unless verbose: the level of a Ray Train worker's console for everything outside ``ray.train`` (mocolab's own
 warnings, e.g. skipped corrupt images, still show)."""
 GCS_PORT_ENV = "RAY_GCS_SERVER_PORT"
+# Idle worker processes a local Ray keeps. Ray's default is the node's CPU count, which the training workers and the
+# run's actors already reach on a small machine, so it killed Ray Data's decode workers 1 s after each epoch's last
+# task and restarted them (importing torch again: ~10 s on 2 cores) at the next epoch.
+LOCAL_IDLE_WORKERS_KEPT = 32
 
 
 def ray_job_env(address: Optional[str]) -> dict[str, str]:
@@ -169,6 +173,7 @@ def ensure_ray() -> None:
         ray.init(
             address="local",
             include_dashboard=False,
+            _system_config={"num_workers_soft_limit": LOCAL_IDLE_WORKERS_KEPT},
             runtime_env={"env_vars": ray_job_env(f"127.0.0.1:{port}")},
             **quiet,
         )

@@ -3,9 +3,12 @@ Ray Data's CPU tasks (which Ray may place on CPU-only nodes), reaching the Ray T
 ``ray.train.get_dataset_shard("train")``.
 
 The driver lists the training split once (:func:`mocolab.data.datasets.image_source`: the same files, order,
-``data.limit_train`` and indices as the loader path) and makes rows ``(location, index)``; every epoch Ray Data
-shuffles them (seeded from ``train.seed``, a different order per execution), then :class:`TwoCropBatch` reads each
-file through :mod:`mocolab.data.location`, decodes it and makes the two views with the same albumentations recipe
+``data.limit_train`` and indices as the loader path) and makes rows ``(location, index)``, in a seeded order, in
+blocks of :data:`ROWS_PER_BLOCK`. Every epoch Ray Data puts the blocks in a new seeded order
+(``randomize_block_order``: no shuffle tasks, whose all-to-all barrier cost seconds per epoch on 2 CPUs) and each
+worker mixes its rows in a local shuffle buffer of :data:`SHUFFLE_BUFFER_BATCHES` batches, so batches differ from
+epoch to epoch (a block's rows stay near each other: not the loader's full permutation); :class:`TwoCropBatch` reads
+each file through :mod:`mocolab.data.location`, decodes it and makes the two views with the same albumentations recipe
 (``data.augment``). ``data.on_corrupt`` behaves as in the loader: ``fail`` raises the
 :class:`~mocolab.data.datasets.CorruptImageError` naming the file; ``skip`` fills the row with a repeat of a readable
 image of the same map batch and counts it in the ``skipped`` column. Ray Train splits the stream equally
@@ -25,7 +28,8 @@ from mocolab.data.augment import two_crop_transform
 from mocolab.data.datasets import CorruptImageError, FileImages, read_rgb
 
 MAP_BATCH_SIZE = 64
-MAX_BLOCKS = 64  # blocks of (location, index) rows: few shuffle tasks, each streaming its decoded batches
+ROWS_PER_BLOCK = 8  # the unit the per-epoch block order moves: small, so an epoch's batches mix freely
+SHUFFLE_BUFFER_BATCHES = 4  # each worker's local shuffle buffer, in training batches
 
 
 @functools.lru_cache(maxsize=4)
@@ -80,13 +84,13 @@ def pretrain_dataset(files: FileImages, data_cfg: DataConfig, seed: int, num_wor
 
     rows = [{"location": where, "index": i} for i, where in enumerate(files.paths)]
     cpus = data_cfg.stream_cpus
-    blocks = max(1, min(len(rows) // MAP_BATCH_SIZE, MAX_BLOCKS))
+    order = np.random.default_rng(seed).permutation(len(rows))  # rows in a block: a seeded mix, not file order
     dataset = (
-        ray.data.from_items(rows, override_num_blocks=blocks)
-        .random_shuffle(seed=RandomSeedConfig(seed=seed, reseed_after_execution=True), num_cpus=cpus)
+        ray.data.from_items([rows[i] for i in order], override_num_blocks=max(1, len(rows) // ROWS_PER_BLOCK))
+        .randomize_block_order(seed=RandomSeedConfig(seed=seed, reseed_after_execution=True))
         .map_batches(
             TwoCropBatch(data_cfg), batch_size=MAP_BATCH_SIZE, batch_format="numpy", num_cpus=cpus,
-            concurrency=num_workers if cpus == 0 else None,
+            concurrency=num_workers if cpus == 0 else None, zero_copy_batch=True,
         )
     )
     dataset.context.enable_progress_bars = False  # the workers draw mocolab's own epoch bar
@@ -102,9 +106,12 @@ class ShardBatches:
     """This worker's shard, iterated afresh by every ``for`` (one epoch), as a DataLoader is: yields
     ``((view_q, view_k, index), skipped)`` per batch, as the loader path does."""
 
-    def __init__(self, shard, batch_size: int):
-        self.shard, self.batch_size = shard, batch_size
+    def __init__(self, shard, batch_size: int, seed: int):
+        self.shard, self.batch_size, self.seed = shard, batch_size, seed
 
     def __iter__(self) -> Iterator[tuple[tuple[Any, Any, Any], int]]:
-        for batch in self.shard.iter_torch_batches(batch_size=self.batch_size, drop_last=True):
+        for batch in self.shard.iter_torch_batches(
+            batch_size=self.batch_size, drop_last=True,
+            local_shuffle_buffer_size=SHUFFLE_BUFFER_BATCHES * self.batch_size, local_shuffle_seed=self.seed,
+        ):
             yield (batch["view_q"], batch["view_k"], batch["index"]), int(batch["skipped"].sum())

@@ -194,7 +194,7 @@ def _training_batches(cfg: Config, config_dict: dict[str, Any], rank: int, world
     from mocolab.data.stream import ShardBatches, steps_per_epoch
 
     num_images, batch_size = config_dict[STREAM_IMAGES_KEY], cfg.train.batch_size
-    batches = ShardBatches(ray.train.get_dataset_shard("train"), batch_size)
+    batches = ShardBatches(ray.train.get_dataset_shard("train"), batch_size, cfg.train.seed + rank)
     return batches, None, steps_per_epoch(num_images, world_size, batch_size), num_images
 
 
