@@ -1,4 +1,4 @@
-"""The table of refused bad input in platform/ARCHITECTURE.md, run row by row through the real CLI (in process).
+"""The table of refused bad input in docs/bad_input.md, run row by row through the real CLI (in process).
 
 Each row's command runs in a fresh folder holding the files the rows name; the test checks what the table promises:
 exit 2, every `quoted` part of the message on stderr, no traceback, no secret, no MLflow run created, no Ray started,
@@ -21,7 +21,7 @@ import pytest
 from mocolab import cli
 
 REPO = Path(__file__).resolve().parents[1]
-TABLE_TITLE = "## Bad input the project refuses"
+TABLE_TITLE = "# Bad input the project refuses"
 PLACEHOLDERS = {
     "quickstart": str(REPO / "experiments" / "pretrain" / "quickstart.yaml"),
     "evals": str(REPO / "experiments" / "eval" / "quickstart.yaml"),
@@ -49,7 +49,7 @@ def table_rows(text: str) -> list[Row]:
     return rows
 
 
-ROWS = table_rows((REPO / "platform" / "ARCHITECTURE.md").read_text())
+ROWS = table_rows((REPO / "docs" / "bad_input.md").read_text())
 
 
 def test_the_table_has_at_least_40_distinct_cases():
