@@ -4,6 +4,12 @@ services (PostgreSQL, an S3-compatible store, an MLflow server on both), each st
 from __future__ import annotations
 
 import os
+import sys
+from pathlib import Path
+
+# The helpers (tests/support/) import as top-level modules, here, in forked ranks and in Ray workers (which get the
+# driver's sys.path).
+sys.path.insert(0, str(Path(__file__).resolve().parent / "support"))
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")

@@ -17,7 +17,7 @@ from local_servers import VENV_BIN
 
 pytestmark = pytest.mark.slow
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 RUNTIME_ENV_EXCLUDES = [".git", ".venv", "*.db", "mlruns", "ray_results", "reports", "__pycache__"]
 
 

@@ -11,7 +11,7 @@ from mocolab.config import ConfigError, build_config
 from mocolab.data.datasets import build_pretrain_dataset, folder_images, image_source, summarize
 from mocolab.preflight import KNN_OFF_NOTE, preflight
 
-CIFAR = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10-subset"
+CIFAR = Path(__file__).resolve().parents[3] / "shared" / "data" / "cifar10-subset"
 
 
 def make_folder(root: Path, n: int = 6) -> list[Path]:

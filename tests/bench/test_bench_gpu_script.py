@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-BENCHMARKS = Path(__file__).resolve().parents[1] / "platform" / "benchmarks"
+BENCHMARKS = Path(__file__).resolve().parents[2] / "platform" / "benchmarks"
 NOT_ON_THE_GPU_MACHINE = ("pydantic", "ray", "mlflow", "albumentations", "yaml", "cv2", "pandas")
 
 RUN_WITHOUT_PLATFORM_DEPS = f"""

@@ -21,7 +21,7 @@ from local_cluster import local_cluster
 
 pytestmark = pytest.mark.slow
 
-SHARED = Path(__file__).resolve().parents[2] / "shared/data/cifar10-subset"
+SHARED = Path(__file__).resolve().parents[3] / "shared/data/cifar10-subset"
 PREFLIGHT = """
 import sys
 from mocolab.config import ConfigError, load_config

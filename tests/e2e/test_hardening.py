@@ -24,7 +24,7 @@ from mocolab import cli, tracking
 from mocolab.config import ConfigError, build_config
 from mocolab.preflight import capacity_shortfall, repeated_folder, stage_workers
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 QUICKSTART = str(REPO / "experiments" / "pretrain" / "quickstart.yaml")
 HOST = socket.gethostname()
 

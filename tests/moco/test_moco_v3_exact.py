@@ -1,4 +1,4 @@
-"""mocolab's MoCo v3 step against the plain reference of tests/moco_v3_reference.py, in float64: two training steps
+"""mocolab's MoCo v3 step against the plain reference of tests/support/moco_v3_reference.py, in float64: two training steps
 (v3 momentum schedule, v3 optimizer: LARS for the ResNet, AdamW for the ViT) on 1 and on 2 gloo ranks, for a
 ResNet-18 and a 2-block timm ViT-Tiny. Compared: each step's loss and gradients, then every parameter and buffer of
 both encoders and the predictor (the momentum update and the synchronised BN statistics). The reference runs in this

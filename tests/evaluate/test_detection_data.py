@@ -18,7 +18,7 @@ from mocolab.data.detection import (
     voc_classes,
 )
 
-RACCOON = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "raccoon-voc"
+RACCOON = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "raccoon-voc"
 GREYSCALE = {"raccoon-150.jpg", "raccoon-152.jpg", "raccoon-161.jpg"}
 needs_raccoon = pytest.mark.skipif(not RACCOON.is_dir(), reason="../shared/data/raccoon-voc not present")
 

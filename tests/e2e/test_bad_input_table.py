@@ -20,7 +20,7 @@ import pytest
 
 from mocolab import cli
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 TABLE_TITLE = "# Bad input the project refuses"
 PLACEHOLDERS = {
     "quickstart": str(REPO / "experiments" / "pretrain" / "quickstart.yaml"),

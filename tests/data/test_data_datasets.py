@@ -30,7 +30,7 @@ from mocolab.data.datasets import (
     stratified_head,
 )
 
-SUBSET = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "cifar10-subset"
+SUBSET = Path(__file__).resolve().parents[2] / ".." / "shared" / "data" / "cifar10-subset"
 needs_subset = pytest.mark.skipif(not SUBSET.is_dir(), reason="../shared/data/cifar10-subset is not present")
 CLASSES = ("airplane", "automobile", "bird")
 

@@ -2,8 +2,8 @@
 from the last checkpoint, and the run ends in exactly the state of an uninterrupted run with the same
 seed (queue, pointer, weights, optimizer, scheduler, epoch, RNG), in one MLflow run with every epoch.
 
-(Killing the driver and relaunching under the same name is tests/test_pretrain_resume.py; a NaN loss
-is tests/test_pretrain_ray.py; a crash while a checkpoint file is written is test_fault_checkpoint.py.)
+(Killing the driver and relaunching under the same name is tests/train/test_pretrain_resume.py; a NaN loss
+is tests/train/test_pretrain_ray.py; a crash while a checkpoint file is written is test_fault_checkpoint.py.)
 """
 
 from __future__ import annotations

@@ -20,7 +20,7 @@ from mocolab.weights_io.arch import ArchGuess, guess_arch
 from mocolab.weights_io.files import load_backbone_weights, read_weights_file
 from mocolab.weights_io.layouts import LAYOUTS
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 EVAL_QUICKSTART = str(REPO / "experiments" / "eval" / "quickstart.yaml")
 PRETRAIN_QUICKSTART = str(REPO / "experiments" / "pretrain" / "quickstart.yaml")
 

@@ -26,7 +26,7 @@ from mocolab.config import build_config
 from mocolab.data.datasets import CorruptImageError, FileImages, TwoCropDataset, collate_keep_batch_size
 from mocolab.orchestrate import run_pretrain
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 QUICKSTART = str(REPO / "experiments" / "pretrain" / "quickstart.yaml")
 SHARED_CIFAR = REPO.parent / "shared" / "data" / "cifar10-subset"
 needs_cifar = pytest.mark.skipif(not SHARED_CIFAR.is_dir(), reason=f"{SHARED_CIFAR} is not there")

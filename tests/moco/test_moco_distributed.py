@@ -1,6 +1,6 @@
 """Real gloo ranks (torch.multiprocessing, no Ray): the gathers, the shuffle-BN shuffle (all-to-all against the
 official all-gather, on 2 and 4 ranks), one MoCo step per mechanism, and two steps of moco and end_to_end (shuffle
-BN) compared with the plain reference of tests/moco_reference.py.
+BN) compared with the plain reference of tests/support/moco_reference.py.
 
 One start of the ranks per world size runs every check of that size; the ranks are forked from a clean fork server
 that has imported everything they use once (spawned ranks would each import torch and mocolab again, which dominated

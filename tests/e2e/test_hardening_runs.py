@@ -28,7 +28,7 @@ from mocolab.config import build_config
 
 pytestmark = pytest.mark.slow
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 QUICKSTART = str(REPO / "experiments" / "pretrain" / "quickstart.yaml")
 SMALL = ["--set", "train.epochs=8", "--set", "data.limit_train=256", "--set", "data.limit_test=64",
          "--set", "train.knn_every=0", "--set", "train.checkpoint_every=1", "--set", "moco.queue_size=256"]  # fmt: skip

@@ -11,7 +11,7 @@ import yaml
 from mocolab.config import ConfigError, read_yaml
 from mocolab.tune.spec import assignment_of, base_raw, load_sweep, parse_sweep, trial_config
 
-SWEEPS = Path(__file__).resolve().parents[1] / "experiments" / "sweeps"
+SWEEPS = Path(__file__).resolve().parents[2] / "experiments" / "sweeps"
 
 BASE = {
     "moco": {"queue_size": 64, "dim": 16},

@@ -9,7 +9,7 @@ import pytest
 from analysis_store import make_store
 from nbclient import NotebookClient
 
-NOTEBOOKS = Path(__file__).resolve().parents[1] / "analysis"
+NOTEBOOKS = Path(__file__).resolve().parents[2] / "analysis"
 
 
 @pytest.fixture(scope="module")

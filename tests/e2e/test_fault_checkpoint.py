@@ -1,5 +1,5 @@
 """A process killed (SIGKILL: no exception handler, no cleanup) in the middle of writing a checkpoint leaves
-the previous checkpoint intact and loadable. (tests/test_checkpoint.py covers a save that raises.)"""
+the previous checkpoint intact and loadable. (tests/train/test_checkpoint.py covers a save that raises.)"""
 
 from __future__ import annotations
 

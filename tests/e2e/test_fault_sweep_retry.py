@@ -1,6 +1,6 @@
 """A sweep trial whose training worker dies is retried by Ray Tune (the sweep's ``max_failures``) with the
 same config: the retry resumes the trial's checkpoint, in the trial's one MLflow run, and the sweep
-reports no failed trial. (A trial that keeps failing is reported FAILED: tests/test_sweep_ray.py.)"""
+reports no failed trial. (A trial that keeps failing is reported FAILED: tests/tune/test_sweep_ray.py.)"""
 
 from __future__ import annotations
 

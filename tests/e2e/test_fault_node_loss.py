@@ -1,6 +1,6 @@
 """A whole node lost mid-epoch (issue 11, "A lost node, not just a lost process").
 
-A real 2-node Ray cluster on this machine (tests/local_cluster.py): a head and a second node, 1 CPU and one
+A real 2-node Ray cluster on this machine (tests/support/local_cluster.py): a head and a second node, 1 CPU and one
 ``train_slot`` each; the run's two workers ask for one ``train_slot`` each (``scaling.resources_per_worker``),
 so one runs on each node and shuffle-BN's all-gather crosses nodes. Both nodes use one storage folder. Once
 a checkpoint is registered, the second node is SIGKILLed mid-epoch (its raylet, agents and training worker

@@ -1,4 +1,4 @@
-"""mocolab's MoCo step against the plain reference of tests/moco_reference.py on one process, two steps with SGD
+"""mocolab's MoCo step against the plain reference of tests/support/moco_reference.py on one process, two steps with SGD
 between them (so the momentum update and the queue matter in the second): split BN (which samples share BN
 statistics, for queries and shuffled keys) and the symmetric loss (which crops each direction pairs).
 The two-rank comparisons (shuffle BN, end_to_end) are in test_moco_distributed.py."""

@@ -17,7 +17,7 @@ from mocolab.train.launch import build_trainer, finish_pretrain_run
 from mocolab.train.nonfinite import NonFiniteLossError
 from mocolab.train.pretrain import INJECT_NAN_KEY
 
-SHARED_CIFAR = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "cifar10-subset"
+SHARED_CIFAR = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "cifar10-subset"
 EPOCH_METRICS = ("loss", "lr", "knn_top1", "epoch_time_s", "throughput_img_s", "corrupt_skipped")
 
 

@@ -16,7 +16,7 @@ import yaml
 from mocolab import tracking
 from mocolab.config import ConfigError, load_config
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 QUICKSTART = REPO / "experiments" / "pretrain" / "quickstart.yaml"
 ARTIFACTS_PREFIX = "mocolab/mlflow-artifacts/"
 
