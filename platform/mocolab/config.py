@@ -365,12 +365,22 @@ class TrackingConfig(_Section):
 
 
 class LinclsConfig(_Section):
-    """The paper's linear-classification protocol on frozen features."""
+    """Linear classification on frozen features; ``protocol`` fills ``lr``, ``schedule`` and ``lr_per_256`` where
+    they are unset (:func:`resolve_lincls`, from the evaluated backbone)."""
 
+    protocol: Optional[Literal["moco", "v3"]] = Field(
+        None, description="default: v3 for a timm ViT backbone, else moco (LINCLS_PROTOCOLS; explicit keys win)"
+    )
     dataset: Optional[DataConfig] = Field(None, description="default: the pretraining run's data section")
     epochs: int = Field(100, ge=1)
     batch_size: int = Field(256, ge=1, description="per worker")
-    lr: float = Field(30.0, gt=0)
+    lr: Optional[float] = Field(None, gt=0, description="protocol: 30 (moco); 3 per 256 (v3, ViT), 0.1 (v3, other)")
+    lr_per_256: Optional[bool] = Field(
+        None, description="lr per 256 images of the global batch (batch_size x num_workers); protocol: v3 only"
+    )
+    schedule: Optional[Literal["step", "cosine"]] = Field(
+        None, description="protocol: step (moco: x0.1 at the milestones), cosine per epoch (v3)"
+    )
     momentum: float = Field(0.9, ge=0, lt=1)
     weight_decay: float = Field(0.0, ge=0)
     milestones: list[float] = Field(default_factory=lambda: [0.6, 0.8], description="fractions of the epochs")
@@ -384,6 +394,31 @@ class LinclsConfig(_Section):
         if any(not 0 < m < 1 for m in v) or v != sorted(v):
             raise ValueError(f"eval.lincls.milestones={v} must be increasing fractions of the epochs in (0, 1)")
         return v
+
+
+LINCLS_PROTOCOLS: dict[str, dict[str, Any]] = {
+    "moco": {"lr": 30.0, "lr_per_256": False, "schedule": "step"},
+    "v3": {"lr_per_256": True, "schedule": "cosine"},
+}
+"""``eval.lincls.protocol``: moco = the MoCo v1/v2 ``main_lincls.py`` (SGD lr 30, x0.1 at 60 % and 80 %); v3 = the v3
+code's ``main_lincls.py`` (c349e6e): SGD, lr per 256 images, cosine per epoch, no weight decay, the class token of a
+ViT (what a timm ViT built with ``num_classes=0`` returns), no BN before the linear layer. The v3 lr is its
+CONFIG.md's ViT recipe (``--lr=3``) for a ViT and its default (0.1) otherwise (:data:`V3_LINCLS_LR`). Kept from the
+shared keys: ``epochs`` (v3: 90) and ``batch_size`` (v3: 1024 in all)."""
+V3_LINCLS_LR = {"vit": 3.0, "other": 0.1}
+
+
+def resolve_lincls(lin: "LinclsConfig", arch: str) -> "LinclsConfig":
+    """``lin`` with ``protocol`` (v3 for a timm ViT ``arch``, else moco) and the protocol's ``lr``, ``lr_per_256``
+    and ``schedule`` where ``lin`` leaves them unset. Idempotent."""
+    vit = _is_timm_vit(arch)
+    protocol = lin.protocol or ("v3" if vit else "moco")
+    preset = dict(LINCLS_PROTOCOLS[protocol])
+    if protocol == "v3":
+        preset["lr"] = V3_LINCLS_LR["vit" if vit else "other"]
+    given = {key: getattr(lin, key) for key in preset}
+    return lin.model_copy(update={"protocol": protocol, **{k: v if v is not None else preset[k]
+                                                           for k, v in given.items()}})
 
 
 class DetectionDataConfig(_Section):

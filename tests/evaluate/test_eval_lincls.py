@@ -10,7 +10,7 @@ import torch.nn.functional as F
 import torchvision
 from torch import nn
 
-from mocolab.config import ConfigError, LinclsConfig, ModelConfig, build_config
+from mocolab.config import ConfigError, LinclsConfig, ModelConfig, build_config, resolve_lincls
 from mocolab.evaluate.lincls import (
     LinearProbe,
     LinearTrainTransform,
@@ -95,13 +95,15 @@ def test_bn_in_train_mode_would_be_caught():
 def test_protocol_defaults_are_the_papers():
     """MoCo's linear classification protocol (main_lincls.py): 100 epochs, batch 256, SGD lr 30, momentum 0.9,
     no weight decay, lr x0.1 at epochs 60 and 80."""
-    lin = LinclsConfig()
+    lin = resolve_lincls(LinclsConfig(), "small_cnn")
     assert (lin.epochs, lin.batch_size, lin.lr, lin.momentum, lin.weight_decay) == (100, 256, 30.0, 0.9, 0.0)
+    assert (lin.protocol, lin.schedule, lin.lr_per_256) == ("moco", "step", False)
     assert milestone_epochs(lin.epochs, lin.milestones) == [60, 80]
 
 
 @pytest.mark.parametrize(
-    "lin", [LinclsConfig(), LinclsConfig(lr=0.5, momentum=0.5, weight_decay=1e-3)], ids=["defaults", "set"]
+    "lin", [resolve_lincls(LinclsConfig(), "resnet18"),
+            resolve_lincls(LinclsConfig(lr=0.5, momentum=0.5, weight_decay=1e-3), "resnet18")], ids=["defaults", "set"]
 )
 def test_optimizer_is_plain_sgd_with_the_configured_settings(lin):
     fc = make_classifier(16, 3)
@@ -112,7 +114,7 @@ def test_optimizer_is_plain_sgd_with_the_configured_settings(lin):
 
 
 def test_step_schedule_at_60_and_80_percent():
-    lin = LinclsConfig()
+    lin = resolve_lincls(LinclsConfig(), "resnet50")
     assert milestone_epochs(100, lin.milestones) == [60, 80]
     assert [lr_at_epoch(e, lin) for e in (0, 59, 60, 79, 80, 99)] == pytest.approx([30, 30, 3, 3, 0.3, 0.3])
 

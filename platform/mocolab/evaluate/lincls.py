@@ -1,8 +1,11 @@
-"""Linear classification on frozen features: the MoCo paper's protocol, run by Ray Train workers.
+"""Linear classification on frozen features: the MoCo papers' protocols, run by Ray Train workers.
 
 Protocol (``eval.lincls``): the backbone is frozen and stays in eval mode (BN statistics untouched);
-a linear classifier initialised N(0, 0.01), bias 0, is trained with SGD (lr 30, momentum 0.9, weight
-decay 0), lr x0.1 at 60 % and 80 % of the epochs; training images get RandomResizedCrop + horizontal
+a linear classifier initialised N(0, 0.01), bias 0, is trained with SGD (momentum 0.9, weight decay 0).
+``protocol: moco`` (default for ResNets and small_cnn): lr 30, x0.1 at 60 % and 80 % of the epochs;
+``protocol: v3`` (default for timm ViTs, whose features are the class token after the final norm): lr per 256
+images (3 for a ViT), cosine per epoch, as the v3 code's ``main_lincls.py`` (``config.resolve_lincls``).
+Training images get RandomResizedCrop + horizontal
 flip, test images resize + center crop (albumentations); top-1 / top-5 in percent on the test split.
 At the end every worker checks that the backbone's weights and BN statistics are bit-identical to
 the ones it started with. A NaN/inf loss on any worker stops every worker at that step and ends the run
@@ -28,7 +31,7 @@ from albumentations.pytorch import ToTensorV2
 from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler, Subset
 
-from mocolab.config import Config, LinclsConfig
+from mocolab.config import Config, LinclsConfig, resolve_lincls
 from mocolab.console import StepProgress, console
 from mocolab.tracking import LINCLS_FAST_METRICS, LINCLS_METRICS
 
@@ -48,10 +51,16 @@ def make_classifier(feat_dim: int, num_classes: int) -> nn.Linear:
     return fc
 
 
-def make_optimizer(classifier: nn.Module, lin: LinclsConfig) -> torch.optim.SGD:
-    """The protocol's optimizer of the classifier: SGD with ``lin.lr``, ``lin.momentum`` and ``lin.weight_decay``
-    (the epoch's lr is then set by :func:`lr_at_epoch`)."""
-    return torch.optim.SGD(classifier.parameters(), lr=lin.lr, momentum=lin.momentum, weight_decay=lin.weight_decay)
+def peak_lr(lin: LinclsConfig, world_size: int = 1) -> float:
+    """The lr of epoch 0: ``lin.lr``, times the global batch / 256 with ``lin.lr_per_256`` (a resolved ``lin``)."""
+    return lin.lr * lin.batch_size * world_size / 256 if lin.lr_per_256 else lin.lr
+
+
+def make_optimizer(classifier: nn.Module, lin: LinclsConfig, world_size: int = 1) -> torch.optim.SGD:
+    """The protocol's optimizer of the classifier: SGD with :func:`peak_lr`, ``lin.momentum`` and
+    ``lin.weight_decay`` (the epoch's lr is then set by :func:`lr_at_epoch`)."""
+    return torch.optim.SGD(classifier.parameters(), lr=peak_lr(lin, world_size), momentum=lin.momentum,
+                           weight_decay=lin.weight_decay)
 
 
 def freeze(backbone: nn.Module) -> nn.Module:
@@ -89,9 +98,13 @@ def milestone_epochs(epochs: int, fractions: Sequence[float]) -> list[int]:
     return [int(round(f * epochs)) for f in fractions]
 
 
-def lr_at_epoch(epoch: int, lin: LinclsConfig) -> float:
-    """The step schedule: ``lin.lr`` x 0.1 per milestone reached by ``epoch`` (0-based)."""
-    return lin.lr * 0.1 ** sum(epoch >= m for m in milestone_epochs(lin.epochs, lin.milestones))
+def lr_at_epoch(epoch: int, lin: LinclsConfig, world_size: int = 1) -> float:
+    """The lr of ``epoch`` (0-based) from :func:`peak_lr`: x 0.1 per milestone reached (``schedule: step``), or
+    ``0.5 (1 + cos(pi epoch / epochs))`` times it (``cosine``, the v3 code's ``adjust_learning_rate``)."""
+    lr = peak_lr(lin, world_size)
+    if lin.schedule == "cosine":
+        return lr * 0.5 * (1.0 + math.cos(math.pi * epoch / lin.epochs))
+    return lr * 0.1 ** sum(epoch >= m for m in milestone_epochs(lin.epochs, lin.milestones))
 
 
 def topk_correct(logits: torch.Tensor, labels: torch.Tensor, ks: Sequence[int] = TOPK) -> torch.Tensor:
@@ -186,7 +199,7 @@ def lincls_train_loop(config: dict[str, Any]) -> dict[str, float]:
     worker = start_worker(config, seed=config["config"]["eval"]["lincls"]["seed"])
     cfg, rank, world, device = worker.cfg, worker.rank, worker.world_size, worker.device
     source: BackboneSource = config["source"]
-    lin = cfg.eval.lincls
+    lin = resolve_lincls(cfg.eval.lincls, source.model.arch)
     data_cfg = dataset_config(cfg)
     started = time.perf_counter()
 
@@ -197,7 +210,7 @@ def lincls_train_loop(config: dict[str, Any]) -> dict[str, float]:
     classes = num_classes(data_cfg)
     probe = LinearProbe(backbone, make_classifier(feat_dim, classes)).to(device)
     classifier = ray.train.torch.prepare_model(probe.classifier) if world > 1 else probe.classifier
-    optimizer = make_optimizer(probe.classifier, lin)
+    optimizer = make_optimizer(probe.classifier, lin, world)
 
     test_transform = eval_transform(data_cfg.image_size)
     train_transform = test_transform if lin.fast else LinearTrainTransform(data_cfg.image_size)
@@ -219,7 +232,7 @@ def lincls_train_loop(config: dict[str, Any]) -> dict[str, float]:
     bar = StepProgress("lincls", lin.epochs * steps, active=worker.is_chief)
     nan_at, step = config.get(INJECT_NAN_STEP_KEY), 0
     for epoch in range(lin.epochs):
-        lr = lr_at_epoch(epoch, lin)
+        lr = lr_at_epoch(epoch, lin, world)
         for group in optimizer.param_groups:
             group["lr"] = lr
         probe.train()

@@ -5,23 +5,27 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from mocolab.config import Config, LinclsConfig, flatten, load_config
+from mocolab.config import Config, LinclsConfig, flatten, load_config, resolve_lincls
 from mocolab.evaluate.lincls import dataset_config, lincls_train_loop, metric_names
 from mocolab.evaluate.runner import eval_params, run_eval
 from mocolab.evaluate.weights import BackboneSource, add_source_arguments, resolve_source
 
 
-def with_lincls(cfg: Config) -> Config:
-    """``cfg`` with an ``eval.lincls`` section (the paper's protocol by default)."""
+def with_lincls(cfg: Config, arch: str | None = None) -> Config:
+    """``cfg`` with an ``eval.lincls`` section (the paper's protocol by default), resolved for the backbone ``arch``
+    when given (``config.resolve_lincls``: the v3 protocol for a timm ViT)."""
     lin = cfg.eval.lincls or LinclsConfig()
+    if arch is not None:
+        lin = resolve_lincls(lin, arch)
     return cfg.model_copy(update={"eval": cfg.eval.model_copy(update={"lincls": lin})})
 
 
 def run_lincls(cfg: Config, source: BackboneSource) -> dict[str, Any]:
     """Linear evaluation of ``source``'s backbone per ``cfg.eval.lincls`` (defaults: the paper's) on
     Ray Train workers, filed in MLflow. Returns the metrics (``lincls_top1``/``_top5`` in percent, or
-    ``lincls_fast_*``) and ``run_id``. The caller has run the pre-flight step."""
-    cfg = with_lincls(cfg)
+    ``lincls_fast_*``) and ``run_id``. The caller has run the pre-flight step. The params show the protocol's
+    resolved values."""
+    cfg = with_lincls(cfg, source.model.arch)
     lin = cfg.eval.lincls
     params = eval_params(cfg, "lincls", lin, source)
     params.pop("eval.lincls.dataset", None)

@@ -17,8 +17,9 @@ KNN_SECONDS_PER_IMAGE = 0.35e-3
 """One image of the kNN monitor (train bank + test queries, one forward each) at 16 px."""
 TRIAL_OVERHEAD_SECONDS = 25.0
 """Per trial: Ray Train worker group start, MLflow run, checkpoints, final backbone."""
-MECHANISM_FACTOR = {"moco": 1.0, "memory_bank": 1.0, "end_to_end": 1.5}
-"""end_to_end back-propagates through the keys too."""
+MECHANISM_FACTOR = {"moco": 1.0, "memory_bank": 1.0, "end_to_end": 1.5, "moco_v3": 1.0}
+"""end_to_end back-propagates through the keys too; moco_v3 is symmetric (doubled below), its MLP heads not
+calibrated."""
 REFERENCE_SIDE = 16
 
 
