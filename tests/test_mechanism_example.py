@@ -35,8 +35,15 @@ def example_registered(tmp_path, monkeypatch):
 
 
 def _config(mechanism: str, **sets):
-    overrides = [f"moco.mechanism={mechanism}", "model.bn=split", "model.bn_splits=1", "scaling.num_workers=1",
-                 "train.batch_size=8", "moco.queue_size=32", *(f"{k}={v}" for k, v in sets.items())]
+    overrides = [
+        f"moco.mechanism={mechanism}",
+        "model.bn=split",
+        "model.bn_splits=1",
+        "scaling.num_workers=1",
+        "train.batch_size=8",
+        "moco.queue_size=32",
+        *(f"{k}={v}" for k, v in sets.items()),
+    ]
     return load_config(QUICKSTART, overrides)
 
 
@@ -64,4 +71,6 @@ def test_reproduce_estimates_the_documented_mechanism_by_its_cost_factor(example
     overhead = estimate.TRIAL_OVERHEAD_SECONDS
     cost = mechanisms.mechanism_class(example_registered).cost_factor
     assert cost != 1.0  # so that the comparison below can fail
-    assert training_seconds(example_registered) - overhead == pytest.approx(cost * (training_seconds("moco") - overhead))
+    assert training_seconds(example_registered) - overhead == pytest.approx(
+        cost * (training_seconds("moco") - overhead)
+    )

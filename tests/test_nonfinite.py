@@ -47,7 +47,8 @@ def test_recorded_nonfinite_loss_fails_the_run_with_where_and_fix(mlflow_uri):
     with pytest.raises(NonFiniteLossError) as err:
         raise_if_nonfinite(mlflow_uri, run_id, "detection run 'x'", "Lower the lr.")
     assert str(err.value) == (
-        "detection run 'x': NaN/inf loss nan at iteration 56/100 (classifier 14.2); stopped without retry. Lower the lr."
+        "detection run 'x': NaN/inf loss nan at iteration 56/100 (classifier 14.2); stopped without retry. "
+        "Lower the lr."
     )
     run = MlflowClient(mlflow_uri).get_run(run_id)
     assert run.info.status == "FAILED"

@@ -32,7 +32,10 @@ SUBCOMMANDS = {
     "export": ("mocolab.commands.export", "write a backbone as torchvision keys or a detectron2 .pkl"),
     "config": ("mocolab.commands.config", "print a config as it resolves (preset, --set overrides, absolute paths) in YAML"),
 }
-VERBOSE_HELP = "also show Ray's and MLflow's informational output (start-up, worker groups, reports); Ray's log files keep it either way"
+VERBOSE_HELP = (
+    "also show Ray's and MLflow's informational output (start-up, worker groups, reports); Ray's log files keep it "
+    "either way"
+)
 
 
 def add_overrides_argument(parser: argparse.ArgumentParser, help: str = "override a config key, e.g. "

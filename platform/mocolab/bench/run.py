@@ -1,4 +1,5 @@
-"""The benchmarks of ``mocolab bench`` (``commands/bench.py``): where a MoCo run's time goes, and how mocolab compares with what a user would run instead.
+"""The benchmarks of ``mocolab bench`` (``commands/bench.py``): where a MoCo run's time goes, and how mocolab
+compares with what a user would run instead.
 
 Parts (``--what``, default all): ``step`` (mocolab's training step, images/s of one worker), ``reference``
 (the textbook loop side by side, and the ratio), ``data`` (one loader worker's decode + two-crop augment, timed

@@ -71,8 +71,8 @@ def spec_from_config(cfg, device: str, precision: Optional[str] = None) -> StepS
 
     if cfg.moco.mechanism != QueueDictionary.name or cfg.moco.symmetric:
         raise ValueError(
-            f"the step benchmark covers moco.mechanism={QueueDictionary.name} with moco.symmetric=false (the reference loop's "
-            f"algorithm); got mechanism={cfg.moco.mechanism}, symmetric={cfg.moco.symmetric}"
+            f"the step benchmark covers moco.mechanism={QueueDictionary.name} with moco.symmetric=false "
+            f"(the reference loop's algorithm); got mechanism={cfg.moco.mechanism}, symmetric={cfg.moco.symmetric}"
         )
     cuda = device.startswith("cuda")
     if precision is None:

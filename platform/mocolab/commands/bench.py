@@ -25,25 +25,59 @@ def parse_parts(text: str) -> tuple[str, ...]:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", type=Path, default=None,
-                        help="YAML config to benchmark (default: experiments/pretrain/quickstart.yaml)")
+    parser.add_argument(
+        "--config",
+        type=Path,
+        default=None,
+        help="YAML config to benchmark (default: experiments/pretrain/quickstart.yaml)",
+    )
     add_overrides_argument(parser, "override a config key, e.g. --set model.arch=resnet50 (repeatable)")
     parser.add_argument("--json", type=Path, default=None, metavar="PATH", help="write the results as JSON")
-    parser.add_argument("--mlflow", action="store_true",
-                        help="log the results to the config's MLflow store (run tagged mocolab.stage=bench)")
-    parser.add_argument("--device", choices=("cpu", "cuda"), default=None,
-                        help="device of the step benchmarks (default: cuda if available, else cpu)")
-    parser.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default=None,
-                        help="step precision (default: the config's train.amp; off = fp32)")
-    parser.add_argument("--steps", type=int, default=10, help="timed steps (and data batches) per repetition (default 10)")
-    parser.add_argument("--repeats", type=int, default=5,
-                        help="interleaved repetitions of step, reference and data; ratios per repetition (default 5)")
-    parser.add_argument("--what", type=parse_parts, default=PARTS, metavar="PARTS",
-                        help=f"comma-separated parts to run (default: all of {','.join(PARTS)})")
-    parser.add_argument("--rounds", type=int, default=3,
-                        help="launcher: alternating rounds of a mocolab run and a launcher run (default 3)")
-    parser.add_argument("--epochs", type=int, default=3,
-                        help="epochs of each timed run of launcher/fixed; all but the first count (default 3)")
+    parser.add_argument(
+        "--mlflow",
+        action="store_true",
+        help="log the results to the config's MLflow store (run tagged mocolab.stage=bench)",
+    )
+    parser.add_argument(
+        "--device",
+        choices=("cpu", "cuda"),
+        default=None,
+        help="device of the step benchmarks (default: cuda if available, else cpu)",
+    )
+    parser.add_argument(
+        "--precision",
+        choices=("fp32", "bf16", "fp16"),
+        default=None,
+        help="step precision (default: the config's train.amp; off = fp32)",
+    )
+    parser.add_argument(
+        "--steps", type=int, default=10, help="timed steps (and data batches) per repetition (default 10)"
+    )
+    parser.add_argument(
+        "--repeats",
+        type=int,
+        default=5,
+        help="interleaved repetitions of step, reference and data; ratios per repetition (default 5)",
+    )
+    parser.add_argument(
+        "--what",
+        type=parse_parts,
+        default=PARTS,
+        metavar="PARTS",
+        help=f"comma-separated parts to run (default: all of {','.join(PARTS)})",
+    )
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=3,
+        help="launcher: alternating rounds of a mocolab run and a launcher run (default 3)",
+    )
+    parser.add_argument(
+        "--epochs",
+        type=int,
+        default=3,
+        help="epochs of each timed run of launcher/fixed; all but the first count (default 3)",
+    )
 
 
 def _check_args(args: argparse.Namespace) -> str:

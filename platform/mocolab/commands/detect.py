@@ -22,6 +22,7 @@ def main(args: argparse.Namespace) -> int:
     metrics = run_detection(cfg, source)
     print(
         f"[mocolab detect] {source.label}: AP {metrics['det_AP']:.2f}  AP50 {metrics['det_AP50']:.2f}  "
-        f"AP75 {metrics['det_AP75']:.2f}  (percent; train {metrics['det_train_s']:.0f} s, MLflow run {metrics['run_id']})"
+        f"AP75 {metrics['det_AP75']:.2f}  (percent; train {metrics['det_train_s']:.0f} s, "
+        f"MLflow run {metrics['run_id']})"
     )
     return 0

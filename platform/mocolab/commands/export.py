@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
-from typing import Optional
 
 from mocolab.config import ConfigError, absolute_tracking_uri, build_config, default_tracking_uri
 from mocolab.tracking import load_pretrain_artifacts
@@ -14,8 +13,8 @@ from mocolab.weights_io.layouts import BackboneWeights
 
 
 def read_source(
-    pretrain_run: Optional[str], weights: Optional[str], tracking_uri: str
-) -> tuple[str, BackboneWeights, Optional[TimmModel]]:
+    pretrain_run: str | None, weights: str | None, tracking_uri: str
+) -> tuple[str, BackboneWeights, TimmModel | None]:
     """``(what it is, the backbone, its timm model or None)`` of a pretraining run's ``backbone.pt`` (the timm
     model from its config) or of a weights file (from the file, if ``--format timm`` wrote it)."""
     if pretrain_run:
@@ -34,12 +33,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     source.add_argument("--pretrain-run", metavar="RUN_ID", help="MLflow id of a finished pretraining run")
     source.add_argument("--weights", metavar="PATH", help="a weights file of any layout --weights of lincls reads")
     parser.add_argument(
-        "--format", choices=FORMATS, required=True,
+        "--format",
+        choices=FORMATS,
+        required=True,
         help="torchvision state_dict, detectron2 .pkl or timm (model name, kwargs, state_dict)",
     )
     parser.add_argument("--out", metavar="FILE", required=True, help="the file to write")
     parser.add_argument(
-        "--tracking-uri", metavar="URI",
+        "--tracking-uri",
+        metavar="URI",
         help="MLflow store of --pretrain-run (default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)",
     )
 

@@ -14,7 +14,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--experiment", help="report an MLflow experiment's pretraining runs instead")
     parser.add_argument("--out", type=Path, help="report folder (default reports/<name>/)")
     parser.add_argument(
-        "--metric", dest="metrics", action="append", default=[],
+        "--metric",
+        dest="metrics",
+        action="append",
+        default=[],
         help="metric to tabulate (repeatable; first = primary; default: knn_top1, lincls_top1, det_AP, ... present)",
     )
     parser.add_argument("--tracking-uri", help="MLflow store (default $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)")

@@ -31,8 +31,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--list", action="store_true", help="list the claims with their trials and expected time")
     parser.add_argument("--dry-run", action="store_true", help="validate every claim and trial, print the plan, stop")
     parser.add_argument("--seeds", type=int, help="seeds 0..N-1 for every setting (default: the claim files', 3)")
-    parser.add_argument("--resume", nargs="?", const="", metavar="NAME",
-                        help="continue the newest (or the named) reproduction: finished claims are read back")
+    parser.add_argument(
+        "--resume",
+        nargs="?",
+        const="",
+        metavar="NAME",
+        help="continue the newest (or the named) reproduction: finished claims are read back",
+    )
     parser.add_argument("--experiment", default=DEFAULT_EXPERIMENT, help="MLflow experiment (default: reproduce)")
     parser.add_argument("--out", type=Path, help="report folder (default: reports/<reproduction name>/)")
     add_overrides_argument(parser, "override a key of every claim's base run config (repeatable)")

@@ -30,9 +30,13 @@ def main(args: argparse.Namespace) -> int:
     ensure_ray()
     parent_run_id, failed, unfinished = run_sweep(spec, base, cfg, resume=args.resume)
     if unfinished:
-        print(f"sweep '{spec.name}' interrupted with {unfinished} unfinished trial(s); continue it with "
-              f"mocolab sweep {args.sweep_file} --resume")
+        print(
+            f"sweep '{spec.name}' interrupted with {unfinished} unfinished trial(s); continue it with "
+            f"mocolab sweep {args.sweep_file} --resume"
+        )
         return 1
-    print(f"sweep '{spec.name}' done: MLflow parent run {parent_run_id}, {failed} failed trial(s); "
-          f"tables and plots: mocolab report {spec.name}")
+    print(
+        f"sweep '{spec.name}' done: MLflow parent run {parent_run_id}, {failed} failed trial(s); "
+        f"tables and plots: mocolab report {spec.name}"
+    )
     return 1 if failed else 0

@@ -168,10 +168,11 @@ def report_header(run_name: str, command: str, seconds: float, plans: list[Plan]
 
     commit = tracking.git_commit() or "unknown"
     level = round(100 * (1 - 2 * ALPHA))
+    expected = minutes(sum(p.seconds for p in plans))
     return f"""# Reproduction of the MoCo papers' claims at CPU scale
 
 `{command}` (reproduction `{run_name}`, commit `{commit[:12]}`,
-{time.strftime("%Y-%m-%d %H:%M")}; this invocation {minutes(seconds)} wall, expected {minutes(sum(p.seconds for p in plans))} on 2 quiet cores).
+{time.strftime("%Y-%m-%d %H:%M")}; this invocation {minutes(seconds)} wall, expected {expected} on 2 quiet cores).
 
 **Rule.** Every setting runs with the same seeds; a check pairs two quantities seed by seed and puts a two-sided
 {level}% Student-t interval on their mean difference (so each bound is a one-sided test at alpha = {ALPHA}):

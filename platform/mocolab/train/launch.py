@@ -56,7 +56,8 @@ def finish_pretrain_run(cfg: Config, run_id: str, result) -> None:
     kept = result.checkpoint.path if result.checkpoint is not None else "none (no epoch completed)"
     raise_if_nonfinite(
         uri, run_id, f"run '{cfg.tracking.run_name}'",
-        f"Last good checkpoint: {kept}. Lower train.lr, add train.warmup_epochs or check the data, then start a new run.",
+        f"Last good checkpoint: {kept}. Lower train.lr, add train.warmup_epochs or check the data, then start a "
+        "new run.",
     )
     if result.checkpoint is None:
         raise RuntimeError(f"run '{cfg.tracking.run_name}' ended without a checkpoint; nothing to export")

@@ -1,8 +1,9 @@
-"""``mocolab sweep SWEEP.yaml``: Ray Tune over a sweep file, one MLflow child run per trial.
+"""A sweep (``mocolab sweep SWEEP.yaml``): Ray Tune over a sweep file, one MLflow child run per trial.
 
 Train V2 pattern: each trial is a function trainable (holding no CPU) that runs
 ``orchestrate.pretrain_and_evaluate`` (a ``TorchTrainer`` per trial) and forwards its per-epoch reports to
-Tune with ``TuneReportCallback``. The driver runs the pre-flight step over every trial config before Ray starts. The sweep has a parent MLflow run (``mocolab.stage=sweep``); each trial's
+Tune with ``TuneReportCallback``. The command (``commands/sweep.py``) runs the pre-flight step over every trial
+config before Ray starts. The sweep has a parent MLflow run (``mocolab.stage=sweep``); each trial's
 pretraining run is its child, named ``<sweep>-<trial number>`` so that ``--resume`` (Tuner.restore)
 continues unfinished trials in the same MLflow run and Ray Train checkpoint, and never re-runs or
 duplicates a finished one.
@@ -157,7 +158,8 @@ def find_sweep_run(uri: str, experiment: str, sweep: str) -> Optional[Any]:
         return None
     runs = client.search_runs(
         [exp.experiment_id],
-        filter_string=f"tags.`{tracking.STAGE_TAG}` = '{tracking.STAGE_SWEEP}' and tags.`{tracking.SWEEP_TAG}` = '{sweep}'",
+        filter_string=f"tags.`{tracking.STAGE_TAG}` = '{tracking.STAGE_SWEEP}' "
+        f"and tags.`{tracking.SWEEP_TAG}` = '{sweep}'",
         order_by=["attributes.start_time DESC"],
     )
     return runs[0] if runs else None

@@ -1,8 +1,9 @@
 """A backbone written for other programs (``mocolab export``: ``mocolab.commands.export``).
 
-``torchvision`` is ``torch.save`` of the torchvision-keyed ``state_dict`` (no ``fc.*``; load it with ``strict=False``), ``detectron2`` the pickle MoCo's
-``detection/convert-pretrain-to-detectron2.py`` writes (ResNets with the ImageNet stem only), for
-detectron2's ``MODEL.WEIGHTS`` (e.g. MoCo's ``detection/configs/pascal_voc_R_50_C4_24k_moco.yaml``).
+``torchvision`` is ``torch.save`` of the torchvision-keyed ``state_dict`` (no ``fc.*``; load it with
+``strict=False``), ``detectron2`` the pickle MoCo's ``detection/convert-pretrain-to-detectron2.py`` writes
+(ResNets with the ImageNet stem only), for detectron2's ``MODEL.WEIGHTS`` (e.g. MoCo's
+``detection/configs/pascal_voc_R_50_C4_24k_moco.yaml``).
 ``timm`` (a ``model.arch: timm:<name>`` backbone) is ``torch.save`` of ``{"model": name, "kwargs": {...},
 "state_dict": ...}``: ``timm.create_model(name, **kwargs).load_state_dict(state_dict, strict=True)`` loads it
 (checked before the file is written). The name and arguments come from the run's config, or from a file this

@@ -22,7 +22,7 @@ from mocolab.moco.mechanisms.params import EFFECTIVE_K_PARAM, NEGATIVES_PARAM
 
 
 Embeddings = Sequence[torch.Tensor]  # one [B, dim] tensor per direction
-Keys = Optional[Embeddings]  # None for a mechanism whose keys are STORED
+Keys = Embeddings | None  # None for a mechanism whose keys are STORED
 LogitsAndLabels = tuple[torch.Tensor, torch.Tensor]
 
 
