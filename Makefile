@@ -8,7 +8,7 @@ export NO_ALBUMENTATIONS_UPDATE := 1
 export MLFLOW_DISABLE_TELEMETRY := true
 export RAY_USAGE_STATS_ENABLED := 0
 
-.PHONY: setup quickstart test test-fast clean
+.PHONY: setup quickstart test test-fast lint clean
 
 setup: $(STAMP)
 
@@ -29,6 +29,11 @@ test: $(STAMP)
 ## The default suite without tests marked slow.
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -ra -m "not slow"
+
+## Style: ruff's checks and its formatter, configured in pyproject.toml (what .ci/run runs before the tests).
+lint: $(STAMP)
+	$(VENV)/bin/ruff check platform tests
+	$(VENV)/bin/ruff format --check platform tests
 
 clean:
 	rm -rf reports .pytest_cache

@@ -249,9 +249,9 @@ def test_object_store_roots_stay_as_given(uri, tmp_path, monkeypatch):
 def test_config_command_prints_the_uri_unchanged(capsys):
     import argparse
 
-    from mocolab import config_cli
+    from mocolab.commands import config as config_command
 
-    config_cli.main(argparse.Namespace(config=None, overrides=["data.dataset=folder", "data.root=s3://b/x/y"]))
+    config_command.main(argparse.Namespace(config=None, overrides=["data.dataset=folder", "data.root=s3://b/x/y"]))
     assert "root: s3://b/x/y\n" in capsys.readouterr().out
 
 

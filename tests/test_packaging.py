@@ -1,4 +1,4 @@
-"""Packaging: pyproject.toml declares what mocolab imports, pinned as requirements.txt pins it."""
+"""Packaging: pyproject.toml declares what mocolab imports as compatible ranges that hold requirements.txt's pins."""
 
 from __future__ import annotations
 
@@ -8,6 +8,9 @@ import re
 import sys
 import tomllib
 from pathlib import Path
+
+from packaging.requirements import Requirement
+from packaging.version import Version
 
 REPO = Path(__file__).resolve().parents[1]
 PACKAGE = REPO / "platform" / "mocolab"
@@ -21,14 +24,21 @@ def _pins(lines) -> dict[str, str]:
     return {_name(line): line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")}
 
 
-def test_pyproject_and_requirements_pin_the_same_versions():
+def test_pyproject_ranges_hold_the_requirements_pins():
+    """Every dependency is a range from the locked version to below its next major (next minor below 1.0), with
+    the same extras; requirements.txt pins exactly what pyproject.toml declares (jupyterlab's extra is optional)."""
     project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
     declared = _pins(project["dependencies"] + [r for extra in project["optional-dependencies"].values() for r in extra])
     required = _pins((REPO / "requirements.txt").read_text().splitlines())
-    assert all("==" in pin for pin in declared.values())
-    missing = {name: pin for name, pin in declared.items() if required.get(name) != pin}
-    assert not missing or set(missing) == {"jupyterlab"}, missing  # the notebooks extra is optional
     assert set(required) - set(declared) == set(), "requirements.txt pins something pyproject.toml does not declare"
+    assert set(declared) - set(required) <= {"jupyterlab"}
+    for name, pin in required.items():
+        lock, wanted = Requirement(pin), Requirement(declared[name])
+        (exact,) = lock.specifier
+        version = Version(exact.version)
+        upper = f"{version.major + 1}" if version.major else f"0.{version.minor + 1}"
+        assert exact.operator == "==" and lock.extras == wanted.extras, pin
+        assert {str(s) for s in wanted.specifier} == {f">={version}", f"<{upper}"}, declared[name]
 
 
 def _imported_top_level_modules() -> set[str]:

@@ -21,24 +21,45 @@ from pathlib import Path
 from typing import Optional
 
 SUBCOMMANDS = {
-    "pretrain": ("mocolab.orchestrate", "MoCo pretraining on Ray Train (resumes a run of the same name)"),
-    "quickstart": ("mocolab.quickstart", "pretrain on bundled digits, then kNN/linear/detection vs random init"),
-    "lincls": ("mocolab.evaluate.lincls_cli", "linear classification on frozen features (the paper's protocol)"),
-    "detect": ("mocolab.evaluate.detection_cli", "Faster R-CNN transfer, COCO-style AP"),
-    "sweep": ("mocolab.tune.sweep", "Ray Tune sweep from a sweep file (experiments/sweeps/)"),
-    "report": ("mocolab.analysis.report", "ablation tables, plots and a markdown report from MLflow"),
-    "reproduce": ("mocolab.reproduce.cli", "the MoCo papers' claims at CPU scale over seeds, with verdicts and a report"),
-    "bench": ("mocolab.bench.cli", "step, reference-loop, data-pipeline and overhead benchmarks"),
-    "export": ("mocolab.weights_io.export", "write a backbone as torchvision keys or a detectron2 .pkl"),
-    "config": ("mocolab.config_cli", "print a config as it resolves (preset, --set overrides, absolute paths) in YAML"),
+    "pretrain": ("mocolab.commands.pretrain", "MoCo pretraining on Ray Train (resumes a run of the same name)"),
+    "quickstart": ("mocolab.commands.quickstart", "pretrain on bundled digits, then kNN/linear/detection vs random init"),
+    "lincls": ("mocolab.commands.lincls", "linear classification on frozen features (the paper's protocol)"),
+    "detect": ("mocolab.commands.detect", "Faster R-CNN transfer, COCO-style AP"),
+    "sweep": ("mocolab.commands.sweep", "Ray Tune sweep from a sweep file (experiments/sweeps/)"),
+    "report": ("mocolab.commands.report", "ablation tables, plots and a markdown report from MLflow"),
+    "reproduce": ("mocolab.commands.reproduce", "the MoCo papers' claims at CPU scale over seeds, with verdicts and a report"),
+    "bench": ("mocolab.commands.bench", "step, reference-loop, data-pipeline and overhead benchmarks"),
+    "export": ("mocolab.commands.export", "write a backbone as torchvision keys or a detectron2 .pkl"),
+    "config": ("mocolab.commands.config", "print a config as it resolves (preset, --set overrides, absolute paths) in YAML"),
 }
-VERBOSE_HELP = "also show Ray's and MLflow's informational output (start-up, worker groups, reports); Ray's log files keep it either way"
+VERBOSE_HELP = (
+    "also show Ray's and MLflow's informational output (start-up, worker groups, reports); Ray's log files keep it "
+    "either way"
+)
 
 
 def add_overrides_argument(parser: argparse.ArgumentParser, help: str = "override a config key, e.g. "
                            "--set moco.temperature=0.2 (repeatable)") -> None:
     """The ``--set KEY=VALUE`` option every config-taking subcommand shares (collected in ``args.overrides``)."""
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help=help)
+
+
+def add_source_arguments(parser: argparse.ArgumentParser) -> None:
+    """The arguments that choose an evaluated backbone (shared by ``lincls`` and ``detect``), and ``--set``."""
+    parser.add_argument("config", help="the Config YAML (settings under eval.lincls / eval.detection)")
+    parser.add_argument("--pretrain-run", metavar="RUN_ID", help="MLflow id of a finished pretraining run")
+    parser.add_argument(
+        "--weights",
+        metavar="PATH",
+        help="backbone weights: mocolab backbone.pt/checkpoint.pt, official MoCo .pth.tar, solo-learn, lightly, "
+        "torchvision/timm ResNet or detectron2 .pkl (the layout is detected)",
+    )
+    parser.add_argument(
+        "--init",
+        choices=("random", "supervised"),
+        help="baseline: random init, or supervised (with --weights: torchvision's ImageNet weights file)",
+    )
+    add_overrides_argument(parser)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -95,6 +116,7 @@ def _run(command: str, module, args: argparse.Namespace, argv: list[str]) -> int
     from mocolab.config import ConfigError
     from mocolab.tracking import redact
     from mocolab.train.nonfinite import NonFiniteLossError
+    from mocolab.train.resume import NoLoadableCheckpointError
 
     def say(text: str) -> None:
         print(f"mocolab {command}: {redact(text)}", file=sys.stderr, flush=True)
@@ -104,7 +126,7 @@ def _run(command: str, module, args: argparse.Namespace, argv: list[str]) -> int
     except ConfigError as err:
         say(str(err))
         return 2
-    except NonFiniteLossError as err:  # the run is already marked FAILED with where it happened
+    except (NonFiniteLossError, NoLoadableCheckpointError) as err:  # the run is already FAILED, saying why
         say(str(err))
         return 1
     except KeyboardInterrupt as err:

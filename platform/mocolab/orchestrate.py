@@ -7,15 +7,10 @@ files or data again.
 
 from __future__ import annotations
 
-import argparse
-import sys
 from typing import Any, Optional, Sequence
 
 from mocolab import tracking
-from mocolab.cli import add_overrides_argument
-from mocolab.config import Config, load_config
-from mocolab.train.nonfinite import NonFiniteLossError
-from mocolab.train.resume import NoLoadableCheckpointError
+from mocolab.config import Config
 
 
 def pretrain_and_evaluate(
@@ -30,9 +25,10 @@ def pretrain_and_evaluate(
     ``parent_run_id`` / ``extra_tags`` file the run under a sweep; ``callbacks`` go to the Ray run (Tune's).
     Raises RunFinishedError (a ConfigError) if the name belongs to a finished run, RunInterrupted (a
     KeyboardInterrupt naming the run to resume) on Ctrl-C; the MLflow run is never left RUNNING."""
+    from mocolab.moco.mechanisms import run_params
     from mocolab.train.launch import fit_pretrain
 
-    run_id, resumed = tracking.start_pretrain_run(cfg, parent_run_id, extra_tags)
+    run_id, resumed = tracking.start_pretrain_run(cfg, parent_run_id, extra_tags, run_params(cfg))
     print(
         f"[mocolab] {'resuming' if resumed else 'starting'} run '{cfg.tracking.run_name}' "
         f"(MLflow run {run_id}, experiment '{cfg.tracking.experiment}', {tracking.redact(cfg.tracking.tracking_uri)})",
@@ -56,19 +52,3 @@ def run_pretrain(cfg: Config) -> str:
 
     preflight(cfg, configured_stages(cfg))
     return pretrain_and_evaluate(cfg)
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("config", help="YAML config (see experiments/pretrain/)")
-    add_overrides_argument(parser)
-
-
-def main(args: argparse.Namespace) -> int:
-    cfg = load_config(args.config, args.overrides)
-    try:
-        run_id = run_pretrain(cfg)
-    except (NonFiniteLossError, NoLoadableCheckpointError) as err:
-        print(f"mocolab pretrain: {err}", file=sys.stderr)
-        return 1
-    print(f"[mocolab] run '{cfg.tracking.run_name}' finished: MLflow run {run_id}", flush=True)
-    return 0

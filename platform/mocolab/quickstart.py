@@ -8,11 +8,9 @@ and ``mocolab/quickstart_evals.yaml``, links to those files, so the command also
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 from typing import Optional, Sequence
 
-from mocolab.cli import add_overrides_argument
 from mocolab.config import Config, load_config
 
 QUICKSTART_CONFIG = Path(__file__).with_name("quickstart.yaml")
@@ -107,18 +105,3 @@ def run_quickstart(cfg: Config) -> tuple[str, list[Row]]:
     run_id = run_pretrain(cfg)
     rows: list[Row] = [("kNN top-1 (%)", random_init_knn_top1(cfg), final_metric(cfg, run_id, KNN_TOP1))]
     return run_id, rows + evaluation_rows(cfg, run_id)
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--seed", type=int, default=None, help="train.seed (default: the config's)")
-    add_overrides_argument(parser, "override a key of experiments/pretrain/quickstart.yaml (repeatable)")
-
-
-def main(args: argparse.Namespace) -> int:
-    cfg = quickstart_config(args.seed, args.overrides)
-    run_id, rows = run_quickstart(cfg)
-    from mocolab.tracking import redact
-
-    print(f"\nquickstart: run '{cfg.tracking.run_name}' (MLflow run {run_id}, {redact(cfg.tracking.tracking_uri)})")
-    print(format_table(rows))
-    return 0

@@ -61,9 +61,6 @@ DATASET_CONTEXT_TAG, TRAINING_CONTEXT = "mlflow.data.context", "training"  # on 
 BACKBONE_MODEL = "backbone"  # the logged model of a pretraining run (its final backbone)
 DRIVER_TAG = "mocolab.driver"  # on a pretraining run: host:pid:start of the process driving it (see driver_state)
 
-# --- params beyond the flattened config ---------------------------------------------------------------
-EFFECTIVE_K_PARAM = "effective_k"  # the dictionary size K as the paper's Figure 3 counts it (per mechanism)
-
 # --- metrics ------------------------------------------------------------------------------------------
 LOSS, LR, KNN_TOP1 = "loss", "lr", "knn_top1"  # per epoch (step = epoch)
 EPOCH_TIME, THROUGHPUT, CORRUPT_SKIPPED = "epoch_time_s", "throughput_img_s", "corrupt_skipped"
@@ -265,14 +262,11 @@ def ui_link(uri: str, experiment_id: str, run_id: str) -> Optional[str]:
     return f"{redact(uri).rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}?workflowType=machine_learning"
 
 
-def params_of(cfg: Config) -> dict[str, str]:
-    """The flattened config as MLflow params: dotted keys, stringified, credentials removed."""
-    from mocolab.moco.mechanisms import mechanism_class
-    from mocolab.moco.mechanisms.base import DictionarySettings
-
-    flat = cfg.flat()
+def params_of(cfg: Config, extra: Optional[dict[str, Any]] = None) -> dict[str, str]:
+    """The flattened config and ``extra`` params (e.g. the mechanism's, ``moco.mechanisms.run_params``) as MLflow
+    params: dotted keys, stringified, credentials removed."""
+    flat = cfg.flat() | (extra or {})
     flat.pop("tracking.tracking_uri", None)
-    flat[EFFECTIVE_K_PARAM] = mechanism_class(cfg.moco.mechanism).effective_k(DictionarySettings.from_config(cfg))
     return {k: redact(str(v))[:MAX_PARAM_CHARS] for k, v in flat.items()}
 
 
@@ -395,10 +389,13 @@ def _check_unfinished(run: "Run", cfg: Config) -> None:
 
 
 def start_pretrain_run(
-    cfg: Config, parent_run_id: Optional[str] = None, extra_tags: Optional[dict[str, str]] = None
+    cfg: Config,
+    parent_run_id: Optional[str] = None,
+    extra_tags: Optional[dict[str, str]] = None,
+    extra_params: Optional[dict[str, Any]] = None,
 ) -> tuple[str, bool]:
-    """Create the pretraining run named ``tracking.run_name``, or resume it if it exists unfinished; either way
-    the run records this process as its driver (``DRIVER_TAG``).
+    """Create the pretraining run named ``tracking.run_name`` (params: the config and ``extra_params``), or resume
+    it if it exists unfinished; either way the run records this process as its driver (``DRIVER_TAG``).
 
     Returns ``(run_id, resumed)``. A FINISHED run of that name is refused (RunFinishedError), so is one whose
     driver still runs; a RUNNING one whose driver is gone is resumed with a notice."""
@@ -418,7 +415,7 @@ def start_pretrain_run(
         tags[PARENT_RUN_TAG] = parent_run_id
     run = client.create_run(experiment_id(client, cfg.tracking.experiment), run_name=cfg.tracking.run_name, tags=tags)
     run_id = run.info.run_id
-    log_params(client, run_id, params_of(cfg))
+    log_params(client, run_id, params_of(cfg, extra_params))
     log_config_artifact(client, run_id, cfg)
     log_dataset_input(client, run_id, cfg)
     return run_id, False

@@ -10,7 +10,7 @@ from analysis_store import MECHANISM_KNN, MOMENTUM_KNN, make_store
 from mlflow import MlflowClient
 
 from mocolab.analysis import runs, summary, tables
-from mocolab.analysis.report import add_arguments, main
+from mocolab.commands.report import add_arguments, main
 from mocolab.config import ConfigError
 
 

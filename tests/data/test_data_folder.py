@@ -95,7 +95,7 @@ def test_unlabeled_knn_or_linear_eval_data_is_refused(tmp_path):
     with pytest.raises(ConfigError, match="data.dataset=folder has no labels.*set eval.lincls.dataset"):
         _cfg(tmp_path, data=folder, eval={"lincls": {"epochs": 1}})
     with pytest.raises(ConfigError, match="data.dataset=folder has no labels"):  # mocolab lincls on a folder config
-        from mocolab.evaluate.lincls_cli import with_lincls
+        from mocolab.evaluate.pipeline import with_lincls
 
         preflight(with_lincls(_cfg(tmp_path, data=folder)), ("lincls",))
     labeled = _cfg(tmp_path, data=folder, eval={"lincls": {"dataset": {"dataset": "digits"}}})

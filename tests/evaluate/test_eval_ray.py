@@ -12,7 +12,7 @@ from mlflow import MlflowClient
 from mocolab import tracking
 from mocolab.config import build_config
 from mocolab.data.detection import make_digits_voc
-from mocolab.evaluate.lincls_cli import run_lincls
+from mocolab.evaluate.pipeline import run_lincls
 from mocolab.evaluate.pipeline import run_configured_evals, run_random_baselines
 from mocolab.evaluate.runner import eval_params, run_eval
 from mocolab.evaluate.weights import resolve_source
@@ -120,7 +120,7 @@ def _nonfinite_run(cfg, stage, loop, section, workers, headline, fix, step):
 
 def test_nonfinite_detection_loss_stops_both_workers_and_fails_the_run(ray_local, mlflow_uri, tmp_path):
     from mocolab.evaluate.detection import detection_train_loop
-    from mocolab.evaluate.detection_cli import NONFINITE_FIX
+    from mocolab.evaluate.pipeline import DETECTION_NONFINITE_FIX as NONFINITE_FIX
     from mocolab.tracking import DETECTION_METRICS
 
     root = make_digits_voc(tmp_path / "digits-voc", num_train=8, num_val=4)

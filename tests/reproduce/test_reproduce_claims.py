@@ -42,6 +42,7 @@ def runs_frame(knn: dict, loss: dict, status: dict | None = None) -> pd.DataFram
             "run_id": f"r{momentum}-{seed}", "status": (status or {}).get((momentum, seed), "FINISHED"),
             "params.moco.momentum": str(momentum), "params.train.seed": str(seed), "params.moco.mechanism": "moco",
             "params.moco.queue_size": "1024", "params.train.batch_size": "64", "params.scaling.num_workers": "1",
+            "params.negatives": "1024",
             "metrics.knn_top1": value, "metrics.loss": loss[(momentum, seed)],
         })
     return pd.DataFrame(rows)

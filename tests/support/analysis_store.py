@@ -32,7 +32,7 @@ def _trial(client, exp_id, sweep, parent, index, params, knn, status="FINISHED",
     tags = {tracking.STAGE_TAG: "pretrain", tracking.SWEEP_TAG: sweep, tracking.PARENT_RUN_TAG: parent}
     run_id = client.create_run(exp_id, run_name=f"{sweep}-{index:05d}", tags=tags).info.run_id
     base = {"moco.momentum": "0.99", "moco.mechanism": "moco", "moco.queue_size": "256", "train.batch_size": "32",
-            "effective_k": "256", "scaling.num_workers": "1", "train.epochs": "3", "tracking.run_name": f"{sweep}-{index:05d}"}
+            "effective_k": "256", "negatives": "256", "scaling.num_workers": "1", "train.epochs": "3", "tracking.run_name": f"{sweep}-{index:05d}"}
     params = [Param(k, str(v)) for k, v in {**base, **params}.items()]
     metrics = [Metric(name, value, 0, epoch) for epoch in range(3)  # a rising curve that ends at `knn`
                for name, value in (("knn_top1", knn - 10 * (2 - epoch)), ("loss", 5.0 - epoch))]
@@ -80,7 +80,8 @@ def make_mechanism_sweep(uri: str, name: str = "mechanism_test", experiment: str
     for (mechanism, queue, batch), knns in MECHANISM_KNN.items():
         for seed, knn in enumerate(knns):
             params = {"moco.mechanism": mechanism, "moco.queue_size": queue, "train.batch_size": batch,
-                      "train.seed": seed, "effective_k": batch if mechanism == "end_to_end" else queue}
+                      "train.seed": seed, "effective_k": batch if mechanism == "end_to_end" else queue,
+                      "negatives": batch - 1 if mechanism == "end_to_end" else queue}
             _trial(client, exp_id, name, parent, index, params, knn)
             index += 1
     client.set_terminated(parent, status="FINISHED")

@@ -47,7 +47,8 @@ def test_recorded_nonfinite_loss_fails_the_run_with_where_and_fix(mlflow_uri):
     with pytest.raises(NonFiniteLossError) as err:
         raise_if_nonfinite(mlflow_uri, run_id, "detection run 'x'", "Lower the lr.")
     assert str(err.value) == (
-        "detection run 'x': NaN/inf loss nan at iteration 56/100 (classifier 14.2); stopped without retry. Lower the lr."
+        "detection run 'x': NaN/inf loss nan at iteration 56/100 (classifier 14.2); stopped without retry. "
+        "Lower the lr."
     )
     run = MlflowClient(mlflow_uri).get_run(run_id)
     assert run.info.status == "FAILED"
@@ -55,12 +56,12 @@ def test_recorded_nonfinite_loss_fails_the_run_with_where_and_fix(mlflow_uri):
 
 
 def test_mocolab_prints_one_line_and_exits_1(monkeypatch, command_output, tmp_path):
-    import mocolab.evaluate.detection_cli as detection_cli
+    import mocolab.commands.detect as detect_command
 
     def diverge(cfg, source):
         raise NonFiniteLossError("detection run 'x': NaN/inf loss nan at iteration 3/3 (...); stopped without retry. Fix.")
 
-    monkeypatch.setattr(detection_cli, "run_detection", diverge)
+    monkeypatch.setattr(detect_command, "run_detection", diverge)
     config = tmp_path / "det.yaml"
     config.write_text("eval:\n  detection:\n    iterations: 3\n    warmup_iters: 1\n    data: {made_digits: true}\n")
     assert cli.main(["detect", str(config), "--init", "random"]) == 1

@@ -1,4 +1,4 @@
-"""``mocolab report SWEEP_NAME | --experiment NAME``: ablation table, plots and a markdown report.
+"""The report of a sweep or an experiment (``mocolab report``): ablation table, plots and a markdown report.
 
 Reads the runs from MLflow, prints the table (mean ± std over seeds), writes ``report.md``,
 ``ablation.csv`` and PNG plots to the report folder (default ``reports/<name>/``) and logs them to the
@@ -7,7 +7,6 @@ sweep's parent run under ``report/``.
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -91,24 +90,3 @@ def terminal_text(s: summ.Summary) -> str:
     if s.failed:
         parts.append(f"{s.failed} run(s) did not finish and are left out")
     return "\n".join(parts)
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("sweep", nargs="?", help="sweep name (the sweep file's 'name:')")
-    parser.add_argument("--experiment", help="report an MLflow experiment's pretraining runs instead")
-    parser.add_argument("--out", type=Path, help="report folder (default reports/<name>/)")
-    parser.add_argument(
-        "--metric", dest="metrics", action="append", default=[],
-        help="metric to tabulate (repeatable; first = primary; default: knn_top1, lincls_top1, det_AP, ... present)",
-    )
-    parser.add_argument("--tracking-uri", help="MLflow store (default $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)")
-    parser.add_argument("--no-log", action="store_true", help="do not log the report to the sweep's parent run")
-
-
-def main(args: argparse.Namespace) -> int:
-    uri = runs.resolve_uri(args.tracking_uri)
-    s, out = make_report(uri, args.sweep, args.experiment, args.out, args.metrics, log_to_parent=not args.no_log)
-    print(terminal_text(s))
-    print(f"report: {out / 'report.md'}")
-    return 0
-

@@ -10,10 +10,11 @@ from typing import Optional, Sequence
 
 import pandas as pd
 
-from mocolab.tracking import EFFECTIVE_K_PARAM, HEADLINE_METRICS
+from mocolab.moco.mechanisms import EFFECTIVE_K_PARAM, NEGATIVES_PARAM
+from mocolab.tracking import HEADLINE_METRICS
 
-# Params that differ between trials without being an ablation axis (the effective K follows the axes).
-NOT_AXES = ("train.seed", "tracking.", "scaling.storage_path", EFFECTIVE_K_PARAM)
+# Params that differ between trials without being an ablation axis (the mechanism's params follow the axes).
+NOT_AXES = ("train.seed", "tracking.", "scaling.storage_path", EFFECTIVE_K_PARAM, NEGATIVES_PARAM)
 MECHANISM = "moco.mechanism"
 K = EFFECTIVE_K_PARAM  # the dictionary size each pretraining run logs (see moco/mechanisms)
 

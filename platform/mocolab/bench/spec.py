@@ -67,10 +67,12 @@ def spec_from_config(cfg, device: str, precision: Optional[str] = None) -> StepS
     runs: ``train.amp`` (off = fp32). ``model.bn=shuffle`` becomes one worker's share of it; ``sync`` (BN
     statistics over all workers, no shuffle) becomes plain BN. Raises ValueError for settings the benchmark does
     not cover."""
-    if cfg.moco.mechanism != "moco" or cfg.moco.symmetric:
+    from mocolab.moco.mechanisms.queue import QueueDictionary
+
+    if cfg.moco.mechanism != QueueDictionary.name or cfg.moco.symmetric:
         raise ValueError(
-            f"the step benchmark covers moco.mechanism=moco with moco.symmetric=false (the reference loop's "
-            f"algorithm); got mechanism={cfg.moco.mechanism}, symmetric={cfg.moco.symmetric}"
+            f"the step benchmark covers moco.mechanism={QueueDictionary.name} with moco.symmetric=false "
+            f"(the reference loop's algorithm); got mechanism={cfg.moco.mechanism}, symmetric={cfg.moco.symmetric}"
         )
     cuda = device.startswith("cuda")
     if precision is None:

@@ -22,6 +22,7 @@ from mocolab.bench.timing import interleaved_rates
 from mocolab.moco.backbones import make_backbone
 from mocolab.moco.mechanisms import build_dictionary
 from mocolab.moco.mechanisms.base import DictionarySettings
+from mocolab.moco.mechanisms.queue import QueueDictionary
 from mocolab.moco.model import Encoder, MoCo
 from mocolab.train.step import TrainStep, make_optimizer
 
@@ -38,7 +39,7 @@ def build_model(spec: StepSpec) -> MoCo:
     settings = DictionarySettings(spec.queue_size, spec.dim, global_batch=spec.batch_size)
     model = MoCo(
         Encoder(backbone, feat_dim, spec.dim, spec.mlp),
-        build_dictionary("moco", settings),
+        build_dictionary(QueueDictionary.name, settings),  # the reference loop's algorithm
         momentum=spec.momentum,
         temperature=spec.temperature,
         shuffle_keys=spec.bn == "shuffle" or (spec.bn == "split" and spec.bn_splits > 1),

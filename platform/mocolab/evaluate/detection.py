@@ -44,7 +44,6 @@ from mocolab.console import StepProgress, console
 from mocolab.moco.norm import to_allreduce_batchnorm
 
 BASE_ANCHORS = (32, 64, 128, 256, 512)
-RESNET_LAYERS = ("conv1", "bn1", "layer1", "layer2", "layer3", "layer4")
 TRAINABLE_ORDER = ("layer4", "layer3", "layer2", "layer1", "conv1")
 SMALL_HEAD_DIM = 256  # small_cnn's two-FC box head width (torchvision's 1024 is costly on a CPU)
 

@@ -16,7 +16,6 @@ from typing import Optional
 import torch
 from torch import nn
 
-from mocolab.cli import add_overrides_argument
 from mocolab.config import Config, ConfigError, ModelConfig
 
 INITS = ("pretrain", "random", "supervised", "file")
@@ -107,20 +106,3 @@ def assert_unchanged(before: dict[str, torch.Tensor], module: nn.Module) -> None
             "the protocol requires frozen weights and untouched BN statistics"
         )
 
-
-def add_source_arguments(parser) -> None:
-    """The arguments that choose the backbone (shared by ``lincls`` and ``detect``)."""
-    parser.add_argument("config", help="the Config YAML (settings under eval.lincls / eval.detection)")
-    parser.add_argument("--pretrain-run", metavar="RUN_ID", help="MLflow id of a finished pretraining run")
-    parser.add_argument(
-        "--weights",
-        metavar="PATH",
-        help="backbone weights: mocolab backbone.pt/checkpoint.pt, official MoCo .pth.tar, solo-learn, lightly, "
-        "torchvision/timm ResNet or detectron2 .pkl (the layout is detected)",
-    )
-    parser.add_argument(
-        "--init",
-        choices=("random", "supervised"),
-        help="baseline: random init, or supervised (with --weights: torchvision's ImageNet weights file)",
-    )
-    add_overrides_argument(parser)

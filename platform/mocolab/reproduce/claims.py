@@ -30,7 +30,6 @@ from mocolab.tune.spec import SweepSpec, assignment_of, axis_keys, parse_sweep
 
 CLAIMS_DIR = Path(__file__).resolve().parents[3] / "experiments" / "reproduce"
 RANDOM_INIT = "random_init"
-METRICS = ("knn_top1", "loss", "loss_to_chance")
 Setting = dict[str, Any]
 
 

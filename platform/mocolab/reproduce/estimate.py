@@ -11,22 +11,23 @@ from __future__ import annotations
 import heapq
 from typing import Iterable
 
+from mocolab.moco.mechanisms import mechanism_class
+
 TRAIN_SECONDS_PER_IMAGE = 2.2e-3
 """One training image (both crops: query forward + backward, key forward) at 16 px, moco, small_cnn."""
 KNN_SECONDS_PER_IMAGE = 0.35e-3
 """One image of the kNN monitor (train bank + test queries, one forward each) at 16 px."""
 TRIAL_OVERHEAD_SECONDS = 25.0
 """Per trial: Ray Train worker group start, MLflow run, checkpoints, final backbone."""
-MECHANISM_FACTOR = {"moco": 1.0, "memory_bank": 1.0, "end_to_end": 1.5, "moco_v3": 1.0}
-"""end_to_end back-propagates through the keys too; moco_v3 is symmetric (doubled below), its MLP heads not
-calibrated."""
 REFERENCE_SIDE = 16
 
 
 def trial_seconds(cfg, train_images: int, test_images: int) -> float:
-    """Expected wall time of one trial of ``cfg`` (a Config) on ``train_images`` / ``test_images`` images."""
+    """Expected wall time of one trial of ``cfg`` (a Config) on ``train_images`` / ``test_images`` images; the
+    mechanism's ``cost_factor`` scales the training time."""
     pixels = (cfg.data.image_size / REFERENCE_SIDE) ** 2
-    per_epoch = train_images * TRAIN_SECONDS_PER_IMAGE * MECHANISM_FACTOR[cfg.moco.mechanism] * pixels
+    cost = mechanism_class(cfg.moco.mechanism).cost_factor
+    per_epoch = train_images * TRAIN_SECONDS_PER_IMAGE * cost * pixels
     if cfg.moco.symmetric:
         per_epoch *= 2
     knn_epochs = 0

@@ -16,6 +16,7 @@ import pandas as pd
 
 from mocolab.analysis.tables import finished
 from mocolab.analysis.verdict import Interval, combine, decide, paired_interval
+from mocolab.moco.mechanisms import NEGATIVES_PARAM
 from mocolab.reproduce.claims import RANDOM_INIT, Check, Claim, Setting, matches
 from mocolab.tune.spec import SEED_KEY
 
@@ -25,14 +26,6 @@ LOSS_TO_CHANCE = "loss_to_chance"
 def setting_label(setting: Setting) -> str:
     """``moco.momentum=0.9, moco.queue_size=1024``: how a setting is named in tables, plots and checks."""
     return ", ".join(f"{key}={value}" for key, value in setting.items())
-
-
-def negatives(params: pd.Series) -> int:
-    """Negatives per query of a run: the queue (moco) or K drawn (memory_bank); the global batch - 1 for
-    end_to_end, whose dictionary is the batch."""
-    if params.get("params.moco.mechanism", "moco") == "end_to_end":
-        return int(params["params.train.batch_size"]) * int(params.get("params.scaling.num_workers", 1)) - 1
-    return int(params["params.moco.queue_size"])
 
 
 def settings_of_runs(runs: pd.DataFrame, claim: Claim) -> pd.Series:
@@ -48,10 +41,12 @@ def settings_of_runs(runs: pd.DataFrame, claim: Claim) -> pd.Series:
 
 
 def final_metric(runs: pd.DataFrame, metric: str) -> pd.Series:
-    """The final value of ``metric`` per run (``loss_to_chance``: final loss / ln(1 + negatives))."""
+    """The final value of ``metric`` per run (``loss_to_chance``: final loss / ln(1 + negatives), the negatives per
+    query each run logged from its mechanism; NaN for a run that logged none)."""
     if metric == LOSS_TO_CHANCE:
-        chance = runs.apply(lambda row: math.log(1 + negatives(row)), axis=1)
-        return pd.to_numeric(runs["metrics.loss"]) / chance
+        column = f"params.{NEGATIVES_PARAM}"
+        negatives = pd.to_numeric(runs[column]) if column in runs else pd.Series(float("nan"), index=runs.index)
+        return pd.to_numeric(runs["metrics.loss"]) / (1 + negatives).map(math.log)
     column = f"metrics.{metric}"
     return pd.to_numeric(runs[column]) if column in runs else pd.Series(float("nan"), index=runs.index)
 

@@ -16,7 +16,7 @@ from typing import Any, Sequence
 from mocolab import tracking
 from mocolab.config import Config
 from mocolab.runtime import RunInterrupted, ensure_ray, fit, sigint_held, torch_trainer
-from mocolab.train.nonfinite import NonFiniteLossError
+from mocolab.train.nonfinite import raise_if_nonfinite
 from mocolab.train.pretrain import BACKBONE_FILE, STREAM_IMAGES_KEY, loop_config, train_loop
 from mocolab.train.resume import NoLoadableCheckpointError
 
@@ -49,19 +49,16 @@ def finish_pretrain_run(cfg: Config, run_id: str, result) -> None:
     """After ``fit``: stop on a non-finite loss or on a run none of whose checkpoints loads, else log
     ``backbone.pt`` and the model ``backbone``, and mark the run FINISHED."""
     uri = cfg.tracking.tracking_uri
-    tags = tracking.client_for(uri).get_run(run_id).data.tags
-    unloadable = tags.get(tracking.NO_LOADABLE_CHECKPOINT_TAG)
+    unloadable = tracking.client_for(uri).get_run(run_id).data.tags.get(tracking.NO_LOADABLE_CHECKPOINT_TAG)
     if unloadable:
         tracking.end_run(uri, run_id, status="FAILED")
         raise NoLoadableCheckpointError(f"run '{cfg.tracking.run_name}': {unloadable}")
-    nonfinite = tags.get(tracking.NONFINITE_LOSS_TAG)
-    if nonfinite:
-        tracking.end_run(uri, run_id, status="FAILED")
-        kept = result.checkpoint.path if result.checkpoint is not None else "none (no epoch completed)"
-        raise NonFiniteLossError(
-            f"run '{cfg.tracking.run_name}': NaN/inf {nonfinite}; stopped without retry. Last good checkpoint: "
-            f"{kept}. Lower train.lr, add train.warmup_epochs or check the data, then start a new run."
-        )
+    kept = result.checkpoint.path if result.checkpoint is not None else "none (no epoch completed)"
+    raise_if_nonfinite(
+        uri, run_id, f"run '{cfg.tracking.run_name}'",
+        f"Last good checkpoint: {kept}. Lower train.lr, add train.warmup_epochs or check the data, then start a "
+        "new run.",
+    )
     if result.checkpoint is None:
         raise RuntimeError(f"run '{cfg.tracking.run_name}' ended without a checkpoint; nothing to export")
     with result.checkpoint.as_directory() as directory:

@@ -1,8 +1,9 @@
-"""``mocolab sweep SWEEP.yaml``: Ray Tune over a sweep file, one MLflow child run per trial.
+"""A sweep (``mocolab sweep SWEEP.yaml``): Ray Tune over a sweep file, one MLflow child run per trial.
 
 Train V2 pattern: each trial is a function trainable (holding no CPU) that runs
 ``orchestrate.pretrain_and_evaluate`` (a ``TorchTrainer`` per trial) and forwards its per-epoch reports to
-Tune with ``TuneReportCallback``. The driver runs the pre-flight step over every trial config before Ray starts. The sweep has a parent MLflow run (``mocolab.stage=sweep``); each trial's
+Tune with ``TuneReportCallback``. The command (``commands/sweep.py``) runs the pre-flight step over every trial
+config before Ray starts. The sweep has a parent MLflow run (``mocolab.stage=sweep``); each trial's
 pretraining run is its child, named ``<sweep>-<trial number>`` so that ``--resume`` (Tuner.restore)
 continues unfinished trials in the same MLflow run and Ray Train checkpoint, and never re-runs or
 duplicates a finished one.
@@ -10,7 +11,6 @@ duplicates a finished one.
 
 from __future__ import annotations
 
-import argparse
 import os
 import re
 import tempfile
@@ -20,9 +20,8 @@ from typing import Any, Callable, Optional
 import yaml
 
 from mocolab import tracking
-from mocolab.cli import add_overrides_argument
 from mocolab.config import Config, ConfigError
-from mocolab.tune.spec import SEED_KEY, SweepSpec, assignment_of, load_sweep, trial_config
+from mocolab.tune.spec import SEED_KEY, SweepSpec, assignment_of, trial_config
 
 TRIAL_MEMORY_BYTES = 256 * 1024**2
 _COUNTER = re.compile(r"_(\d+)$")
@@ -159,7 +158,8 @@ def find_sweep_run(uri: str, experiment: str, sweep: str) -> Optional[Any]:
         return None
     runs = client.search_runs(
         [exp.experiment_id],
-        filter_string=f"tags.`{tracking.STAGE_TAG}` = '{tracking.STAGE_SWEEP}' and tags.`{tracking.SWEEP_TAG}` = '{sweep}'",
+        filter_string=f"tags.`{tracking.STAGE_TAG}` = '{tracking.STAGE_SWEEP}' "
+        f"and tags.`{tracking.SWEEP_TAG}` = '{sweep}'",
         order_by=["attributes.start_time DESC"],
     )
     return runs[0] if runs else None
@@ -302,33 +302,3 @@ def run_sweep(
     tracking.log_usage(client, parent_run_id, tracking.sweep_usage(uri, cfg.tracking.experiment, parent_run_id))
     tracking.end_run(uri, parent_run_id, "KILLED" if unfinished else "FINISHED")
     return parent_run_id, failed, unfinished
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("sweep_file", help="sweep YAML (experiments/sweeps/)")
-    parser.add_argument("--resume", action="store_true", help="continue an interrupted sweep of the same name")
-    add_overrides_argument(parser, "override a key of the base run config for every trial (repeatable)")
-    parser.add_argument("--name", help="run the sweep under another name (the file's name: otherwise)")
-    parser.add_argument("--dry-run", action="store_true", help="validate every trial config and stop")
-
-
-def main(args: argparse.Namespace) -> int:
-    from mocolab.preflight import configured_stages, preflight
-
-    spec, base, checked = load_sweep(args.sweep_file, args.overrides, name=args.name)
-    cfg = checked[0]
-    preflight(checked, configured_stages(cfg), concurrent=min(spec.max_concurrent_trials, count_trials(spec)))
-    print(f"sweep '{spec.name}': {count_trials(spec)} trial(s) over {spec.axes or ['seeds']}, all configs valid")
-    if args.dry_run:
-        return 0
-    from mocolab.runtime import ensure_ray
-
-    ensure_ray()
-    parent_run_id, failed, unfinished = run_sweep(spec, base, cfg, resume=args.resume)
-    if unfinished:
-        print(f"sweep '{spec.name}' interrupted with {unfinished} unfinished trial(s); continue it with "
-              f"mocolab sweep {args.sweep_file} --resume")
-        return 1
-    print(f"sweep '{spec.name}' done: MLflow parent run {parent_run_id}, {failed} failed trial(s); "
-          f"tables and plots: mocolab report {spec.name}")
-    return 1 if failed else 0

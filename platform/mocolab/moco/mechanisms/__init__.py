@@ -8,6 +8,10 @@ from __future__ import annotations
 
 import importlib
 
+from mocolab.moco.mechanisms.params import EFFECTIVE_K_PARAM, NEGATIVES_PARAM
+
+__all__ = ["EFFECTIVE_K_PARAM", "MECHANISMS", "NEGATIVES_PARAM", "build_dictionary", "mechanism_class", "run_params"]
+
 MECHANISMS = {
     "moco": "mocolab.moco.mechanisms.queue:QueueDictionary",
     "end_to_end": "mocolab.moco.mechanisms.end_to_end:EndToEndDictionary",
@@ -29,3 +33,10 @@ def build_dictionary(name: str, settings):
     cls = mechanism_class(name)
     cls.check(settings)
     return cls.from_settings(settings)
+
+
+def run_params(cfg) -> dict[str, int]:
+    """What a pretraining run of ``cfg`` (a Config) logs about its mechanism beyond the config (MLflow params)."""
+    from mocolab.moco.mechanisms.base import DictionarySettings
+
+    return mechanism_class(cfg.moco.mechanism).logged_params(DictionarySettings.from_config(cfg))

@@ -18,9 +18,11 @@ from typing import ClassVar, Optional
 import torch
 from torch import nn
 
+from mocolab.moco.mechanisms.params import EFFECTIVE_K_PARAM, NEGATIVES_PARAM
+
 
 Embeddings = Sequence[torch.Tensor]  # one [B, dim] tensor per direction
-Keys = Optional[Embeddings]  # None for a mechanism whose keys are STORED
+Keys = Embeddings | None  # None for a mechanism whose keys are STORED
 LogitsAndLabels = tuple[torch.Tensor, torch.Tensor]
 
 
@@ -67,11 +69,15 @@ class Mechanism(nn.Module, abc.ABC):
 
     A subclass sets ``name`` (the ``moco.mechanism`` value) and ``key_source``, and implements ``check``
     (its rules; ValueError naming the field and the fix), ``effective_k`` (the dictionary size, logged as the
-    ``effective_k`` param; default ``moco.queue_size``), ``from_settings`` and ``forward``."""
+    ``effective_k`` param; default ``moco.queue_size``), ``from_settings`` and ``forward``. Every other fact the
+    platform needs about a mechanism is a class attribute or class method here, with a default: nothing outside
+    ``moco/`` (and the schema's list of names) knows a mechanism by its name."""
 
     name: ClassVar[str]
     key_source: ClassVar[KeySource]
     uses_predictor: ClassVar[bool] = False  # MoCo v3: queries pass a predictor MLP; projector and predictor heads
+    cost_factor: ClassVar[float] = 1.0
+    """Training time per image relative to ``moco``'s queue (``reproduce/estimate.py``'s per-trial estimate)."""
 
     @classmethod
     def loss_scale(cls, temperature: float) -> float:
@@ -88,6 +94,17 @@ class Mechanism(nn.Module, abc.ABC):
         """The dictionary size K as the paper's Figure 3 counts it (the x axis of its mechanism comparison):
         ``moco.queue_size`` unless the mechanism says otherwise."""
         return settings.queue_size
+
+    @classmethod
+    def negatives(cls, settings: DictionarySettings) -> int:
+        """Negatives per query (the logits' columns - 1): ``effective_k`` unless K counts the positive too."""
+        return cls.effective_k(settings)
+
+    @classmethod
+    def logged_params(cls, settings: DictionarySettings) -> dict[str, int]:
+        """What a pretraining run logs about its mechanism (MLflow params; tables group by ``effective_k``,
+        ``reproduce``'s ``loss_to_chance`` divides by ``ln(1 + negatives)``)."""
+        return {EFFECTIVE_K_PARAM: cls.effective_k(settings), NEGATIVES_PARAM: cls.negatives(settings)}
 
     @classmethod
     @abc.abstractmethod

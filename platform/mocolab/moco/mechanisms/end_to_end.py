@@ -18,10 +18,15 @@ class EndToEndDictionary(Mechanism):
 
     name = "end_to_end"
     key_source = KeySource.QUERY_ENCODER
+    cost_factor = 1.5  # the keys are back-propagated too
 
     @classmethod
     def effective_k(cls, settings: DictionarySettings) -> int:
         return settings.global_batch  # the paper's Figure 3: K = mini-batch size (own key included)
+
+    @classmethod
+    def negatives(cls, settings: DictionarySettings) -> int:
+        return settings.global_batch - 1  # every key of the global batch but the query's own
 
     @classmethod
     def from_settings(cls, settings: DictionarySettings) -> "EndToEndDictionary":

@@ -33,6 +33,10 @@ class GlobalBatchDictionary(Mechanism):
         return settings.global_batch  # the keys of the global batch, own key included
 
     @classmethod
+    def negatives(cls, settings: DictionarySettings) -> int:
+        return settings.global_batch - 1  # every key of the global batch but the query's own
+
+    @classmethod
     def loss_scale(cls, temperature: float) -> float:
         """Each direction's cross-entropy times ``2 T`` (the v3 code's ``contrastive_loss``)."""
         return 2.0 * temperature

@@ -1,4 +1,4 @@
-"""``mocolab reproduce [CLAIM ...]``: the MoCo papers' claims at CPU scale, >= 3 seeds per setting, with verdicts.
+"""A reproduction (``mocolab reproduce``): the MoCo papers' claims at CPU scale, >= 3 seeds per setting, with verdicts.
 
 Every claim (``experiments/reproduce/<claim>.yaml``, see :mod:`mocolab.reproduce.claims`) runs as a sweep
 (:mod:`mocolab.tune.sweep`, one Ray Train worker per trial) whose MLflow run is a child of one parent run
@@ -10,8 +10,6 @@ are read back, unfinished sweeps resume where they stopped.
 
 from __future__ import annotations
 
-import argparse
-import shlex
 import sys
 import time
 from dataclasses import dataclass
@@ -21,9 +19,8 @@ from typing import Any, Optional
 import pandas as pd
 
 from mocolab import tracking
-from mocolab.cli import add_overrides_argument
-from mocolab.config import Config, ConfigError, new_run_name
-from mocolab.reproduce.claims import CLAIMS_DIR, Claim, grid_settings, list_claims, load_claim
+from mocolab.config import Config, ConfigError
+from mocolab.reproduce.claims import CLAIMS_DIR, Claim, grid_settings, load_claim
 from mocolab.reproduce.estimate import minutes, schedule_seconds, trial_seconds
 from mocolab.tune.spec import SEED_KEY, SweepSpec, prepare_sweep, trial_config
 
@@ -94,18 +91,6 @@ def find_parent(uri: str, experiment: str, name: Optional[str]) -> Optional[Any]
         query += f" and attributes.run_name = '{name}'"
     runs = client.search_runs([exp.experiment_id], filter_string=query, order_by=["attributes.start_time DESC"], max_results=1)
     return runs[0] if runs else None
-
-
-def command_text(args: argparse.Namespace, claims: list[str]) -> str:
-    """The command line that makes this reproduction (``--resume`` and ``--out`` left out)."""
-    parts = ["mocolab", "reproduce", *claims]
-    if args.seeds is not None:
-        parts += ["--seeds", str(args.seeds)]
-    if args.experiment != DEFAULT_EXPERIMENT:
-        parts += ["--experiment", args.experiment]
-    for override in args.overrides:
-        parts += ["--set", override]
-    return tracking.redact(" ".join(map(shlex.quote, parts)))
 
 
 def start_parent(uri: str, experiment: str, run_name: str, claims: list[str], seeds: Optional[list[int]], command: str) -> str:
@@ -183,10 +168,11 @@ def report_header(run_name: str, command: str, seconds: float, plans: list[Plan]
 
     commit = tracking.git_commit() or "unknown"
     level = round(100 * (1 - 2 * ALPHA))
+    expected = minutes(sum(p.seconds for p in plans))
     return f"""# Reproduction of the MoCo papers' claims at CPU scale
 
 `{command}` (reproduction `{run_name}`, commit `{commit[:12]}`,
-{time.strftime("%Y-%m-%d %H:%M")}; this invocation {minutes(seconds)} wall, expected {minutes(sum(p.seconds for p in plans))} on 2 quiet cores).
+{time.strftime("%Y-%m-%d %H:%M")}; this invocation {minutes(seconds)} wall, expected {expected} on 2 quiet cores).
 
 **Rule.** Every setting runs with the same seeds; a check pairs two quantities seed by seed and puts a two-sided
 {level}% Student-t interval on their mean difference (so each bound is a one-sided test at alpha = {ALPHA}):
@@ -198,41 +184,15 @@ not values. "Random init" is the same encoder at its initialization (same seed),
 """
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("claims", nargs="*", metavar="CLAIM", help=f"claims to run (default: all in {CLAIMS_DIR})")
-    parser.add_argument("--list", action="store_true", help="list the claims with their trials and expected time")
-    parser.add_argument("--dry-run", action="store_true", help="validate every claim and trial, print the plan, stop")
-    parser.add_argument("--seeds", type=int, help="seeds 0..N-1 for every setting (default: the claim files', 3)")
-    parser.add_argument("--resume", nargs="?", const="", metavar="NAME",
-                        help="continue the newest (or the named) reproduction: finished claims are read back")
-    parser.add_argument("--experiment", default=DEFAULT_EXPERIMENT, help="MLflow experiment (default: reproduce)")
-    parser.add_argument("--out", type=Path, help="report folder (default: reports/<reproduction name>/)")
-    add_overrides_argument(parser, "override a key of every claim's base run config (repeatable)")
-
-
-def main(args: argparse.Namespace) -> int:
-    if args.seeds is not None and args.seeds < 1:
-        raise ConfigError(f"--seeds {args.seeds}: give at least 1 (the claims need >= 3 for a verdict)")
-    seeds = list(range(args.seeds)) if args.seeds is not None else None
-    parent = None
-    if args.resume is not None:
-        from mocolab.analysis.runs import resolve_uri
-
-        parent = find_parent(resolve_uri(), args.experiment, args.resume or None)
-        if parent is None:
-            raise ConfigError(f"--resume: no reproduction {args.resume or ''} in experiment '{args.experiment}'; drop --resume")
-    run_name = parent.info.run_name if parent else new_run_name(tracking.STAGE_REPRODUCE)
-    names = args.claims or (parent.data.params["claims"].split(",") if parent else list_claims())
-    plans = [plan_claim(name, run_name, seeds, args.overrides, args.experiment) for name in names]
-    command = command_text(args, names if args.claims else [])
-    print(f"reproduction '{run_name}': {len(plans)} claim(s), all trial configs valid\n{plan_text(plans)}", flush=True)
-    if args.list or args.dry_run:
-        return 0
+def reproduce(plans: list[Plan], parent: Optional[Any], run_name: str, names: list[str], seeds: Optional[list[int]],
+              command: str, experiment: str, out: Optional[Path]) -> int:
+    """Run the ``plans`` under one parent run (``parent``'s when resuming), write the report to ``out`` (default
+    ``reports/<run_name>/``) and log it on the parent; 1 when a claim's sweep stopped with unfinished trials."""
     from mocolab.runtime import ensure_ray
 
     uri = plans[0].first.tracking.tracking_uri
     ensure_ray()  # before the parent run: a Ray that does not start leaves no run behind
-    parent_id = parent.info.run_id if parent else start_parent(uri, args.experiment, run_name, names, seeds, command)
+    parent_id = parent.info.run_id if parent else start_parent(uri, experiment, run_name, names, seeds, command)
     tracking.client_for(uri).update_run(parent_id, status="RUNNING")
     started = time.time()
     reports = []
@@ -252,7 +212,7 @@ def main(args: argparse.Namespace) -> int:
         raise
     from mocolab.reproduce.report import write_report
 
-    out = args.out or Path("reports") / run_name
+    out = out or Path("reports") / run_name
     findings = FINDINGS.read_text() if FINDINGS.is_file() else ""
     report = write_report(reports, out, report_header(run_name, command, time.time() - started, plans), findings)
     client = tracking.client_for(uri)

@@ -1,4 +1,5 @@
-"""``mocolab bench``: where a MoCo run's time goes, and how mocolab compares with what a user would run instead.
+"""The benchmarks of ``mocolab bench`` (``commands/bench.py``): where a MoCo run's time goes, and how mocolab
+compares with what a user would run instead.
 
 Parts (``--what``, default all): ``step`` (mocolab's training step, images/s of one worker), ``reference``
 (the textbook loop side by side, and the ratio), ``data`` (one loader worker's decode + two-crop augment, timed
@@ -15,64 +16,11 @@ config on its bundled digits. Prints a table; ``--json`` writes the record, ``--
 
 from __future__ import annotations
 
-import argparse
-import tempfile
-import time
-from statistics import median
 from pathlib import Path
+from statistics import median
 from typing import Any, Optional
 
-from mocolab.cli import add_overrides_argument
-
 PARTS = ("step", "reference", "data", "launcher", "fixed", "profile", "shuffle")
-
-
-def parse_parts(text: str) -> tuple[str, ...]:
-    """``"step,data"`` -> ``("step", "data")``; an unknown part is an argparse error naming the valid ones."""
-    parts = tuple(p.strip() for p in text.split(",") if p.strip())
-    unknown = [p for p in parts if p not in PARTS]
-    if unknown or not parts:
-        raise argparse.ArgumentTypeError(f"unknown part(s) {unknown or [text]}; choose from {','.join(PARTS)}")
-    return parts
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", type=Path, default=None,
-                        help="YAML config to benchmark (default: experiments/pretrain/quickstart.yaml)")
-    add_overrides_argument(parser, "override a config key, e.g. --set model.arch=resnet50 (repeatable)")
-    parser.add_argument("--json", type=Path, default=None, metavar="PATH", help="write the results as JSON")
-    parser.add_argument("--mlflow", action="store_true",
-                        help="log the results to the config's MLflow store (run tagged mocolab.stage=bench)")
-    parser.add_argument("--device", choices=("cpu", "cuda"), default=None,
-                        help="device of the step benchmarks (default: cuda if available, else cpu)")
-    parser.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default=None,
-                        help="step precision (default: the config's train.amp; off = fp32)")
-    parser.add_argument("--steps", type=int, default=10, help="timed steps (and data batches) per repetition (default 10)")
-    parser.add_argument("--repeats", type=int, default=5,
-                        help="interleaved repetitions of step, reference and data; ratios per repetition (default 5)")
-    parser.add_argument("--what", type=parse_parts, default=PARTS, metavar="PARTS",
-                        help=f"comma-separated parts to run (default: all of {','.join(PARTS)})")
-    parser.add_argument("--rounds", type=int, default=3,
-                        help="launcher: alternating rounds of a mocolab run and a launcher run (default 3)")
-    parser.add_argument("--epochs", type=int, default=3,
-                        help="epochs of each timed run of launcher/fixed; all but the first count (default 3)")
-
-
-def _check_args(args: argparse.Namespace) -> str:
-    """The device to use; raises ConfigError for arguments that cannot run."""
-    import torch
-
-    from mocolab.config import ConfigError
-
-    for name in ("steps", "repeats", "rounds"):
-        if getattr(args, name) < 1:
-            raise ConfigError(f"--{name}={getattr(args, name)} must be >= 1")
-    if args.epochs < 2:
-        raise ConfigError(f"--epochs={args.epochs} must be >= 2 (the first epoch of a timed run is warm-up)")
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("--device cuda: this machine has no CUDA device visible to torch; use --device cpu")
-    return device
 
 
 def step_spec(cfg, device: str, precision: Optional[str]):
@@ -153,39 +101,11 @@ def log_to_mlflow(cfg, result: dict[str, Any], json_path: Path) -> str:
     """Log ``result`` as a run tagged ``mocolab.stage=bench`` in the config's store; returns its id."""
     from mocolab import tracking
     from mocolab.bench.report import metrics_for_mlflow
+    from mocolab.moco.mechanisms import run_params
 
-    params = {f"bench.{k}": v for k, v in result["settings"].items()} | tracking.params_of(cfg)
+    params = {f"bench.{k}": v for k, v in result["settings"].items()} | tracking.params_of(cfg, run_params(cfg))
     run_id = tracking.start_eval_run(cfg, tracking.STAGE_BENCH, params, init="random", run_name=f"bench-{cfg.tracking.run_name}")
     tracking.log_metrics(tracking.client_for(cfg.tracking.tracking_uri), run_id, metrics_for_mlflow(result), step=0)
     tracking.log_file(cfg.tracking.tracking_uri, run_id, json_path)
     tracking.end_run(cfg.tracking.tracking_uri, run_id)
     return run_id
-
-
-def main(args: argparse.Namespace) -> int:
-    from mocolab.bench.report import result_table, write_json
-    from mocolab.config import load_config
-    from mocolab.quickstart import QUICKSTART_CONFIG
-
-    started = time.time()
-    device = _check_args(args)
-    cfg = load_config(args.config or QUICKSTART_CONFIG, args.overrides)
-    if args.mlflow:  # before the benchmark runs, not after
-        from mocolab.tracking import check_reachable
-
-        check_reachable(cfg.tracking.tracking_uri)
-    spec = step_spec(cfg, device, args.precision)
-    with tempfile.TemporaryDirectory(prefix="mocolab-bench-") as tmp:
-        result = run_bench(cfg, spec, args.what, args.steps, args.repeats, args.rounds, args.epochs, Path(tmp))
-        result["settings"]["config"] = str(args.config or QUICKSTART_CONFIG)
-        result["settings"]["bench_wall_s"] = time.time() - started
-        print(f"mocolab bench: {result['settings']['config']} ({device}, {result['settings']['threads']} threads)")
-        print(result_table(result))
-        json_path = args.json or Path(tmp) / "bench.json"
-        write_json(result, json_path)
-        if args.json:
-            print(f"[mocolab] wrote {args.json}")
-        if args.mlflow:
-            run_id = log_to_mlflow(cfg, result, json_path)
-            print(f"[mocolab] logged to MLflow run {run_id} (experiment '{cfg.tracking.experiment}')")
-    return 0
