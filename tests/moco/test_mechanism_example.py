@@ -18,7 +18,7 @@ from mocolab.moco.model import MoCo
 from mocolab.reproduce import estimate
 from mocolab.train.step import TrainStep, make_optimizer
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SECTION = (ROOT / "platform" / "ARCHITECTURE.md").read_text().split("### Worked example: adding a mechanism")[1]
 QUICKSTART = ROOT / "experiments" / "pretrain" / "quickstart.yaml"
 
