@@ -59,7 +59,7 @@ class EncodedDataset(Dataset):
 
     def __getitem__(self, index: int):
         if isinstance(self.source, ArrayImages):
-            return torch.from_numpy(np.ascontiguousarray(self.source.images[index])), f"#{index}", index
+            return torch.from_numpy(np.array(self.source.images[index])), f"#{index}", index
         where = self.source.paths[index]
         try:
             data = location.read_bytes(where)
@@ -111,6 +111,8 @@ def _decode_jpegs(payloads: list[torch.Tensor], device: torch.device) -> list[Op
     """torchvision's batched decode (one call; on a failure, one call per image: None for those that fail)."""
     from torchvision.io import ImageReadMode, decode_jpeg
 
+    if not payloads:
+        return []
     try:
         return list(decode_jpeg(payloads, mode=ImageReadMode.RGB, device=device))
     except RuntimeError:
