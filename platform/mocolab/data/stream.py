@@ -164,5 +164,5 @@ class ShardBatches:
         for batch in self.shard.iter_batches(batch_size=self.batch_size, drop_last=True, batch_format="numpy",
                                              **shuffle):
             payloads = [torch.frombuffer(bytearray(p), dtype=torch.uint8) for p in batch["payload"]]
-            yield EncodedBatch(payloads, [str(w) for w in batch["location"]], torch.from_numpy(batch["index"]),
+            yield EncodedBatch(payloads, [str(w) for w in batch["location"]], torch.tensor(batch["index"]),
                                int(batch["skipped"].sum()))
