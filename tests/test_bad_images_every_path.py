@@ -110,3 +110,17 @@ def test_every_path_treats_each_file_the_same(files, on_corrupt):
                 "stream device": stream_device()[1],
             }
             assert set(skipped.values()) == {0 if ok else 1}, (name, skipped)
+
+
+def test_a_worker_error_reaches_the_console_as_the_drivers_one_line_only():
+    """Ray Train's ``Error in training function:`` traceback stays off a quiet worker's console (the driver prints
+    the error's last line, naming the file; the log files keep the traceback); other warnings still show."""
+    import logging
+
+    from mocolab.runtime import TRAINING_FUNCTION_ERROR, _no_training_function_traceback
+
+    def record(message: str) -> logging.LogRecord:
+        return logging.LogRecord("ray.train.v2._internal.util", logging.ERROR, __file__, 1, message, None, None)
+
+    assert not _no_training_function_traceback(record(f"{TRAINING_FUNCTION_ERROR}:\nTraceback ...CorruptImageError"))
+    assert _no_training_function_traceback(record("data.on_corrupt=skip, skipped: cannot read image /x/a.jpg"))
