@@ -70,5 +70,5 @@ def test_gpu_check_script_smoke_run_on_cpu(tmp_path):
     assert proc.stdout.count("vs reference fp32") == 2 and "ResNet-50 at 224" in proc.stdout
     pipelines = proc.stdout.split("== Input pipelines: decode + augmentation + step per GPU")[1]
     assert "target: 3,500 img/s per H100" in pipelines and "CPU cores per GPU" in pipelines
-    rows = [line.split() for line in pipelines.splitlines() if line.split()[:1] in (["cpu"], ["device"])]
+    rows = [row for row in map(str.split, pipelines.splitlines()) if len(row) == 4 and row[0] in ("cpu", "device")]
     assert [row[0] for row in rows] == ["cpu", "device"] and all(float(v) > 0 for row in rows for v in row[1:3])
