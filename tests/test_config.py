@@ -287,3 +287,15 @@ def test_custom_worker_resources():
     refused({"scaling": {"resources_per_worker": {"CPU": 2}}}, "scaling.resources_per_worker", "scaling.cpus_per_worker")
     refused({"scaling": {"resources_per_worker": {"gpu": 1}}}, "scaling.resources_per_worker", "scaling.use_gpu")
     refused({"scaling": {"resources_per_worker": {"slot": 0}}}, "scaling.resources_per_worker", "> 0")
+
+
+def test_data_pipeline_defaults_to_cpu_and_device_takes_named_recipes_only():
+    assert build_config({}).data.pipeline == "cpu"
+    for recipe in ("moco_v1", "moco_v2", "none"):
+        assert build_config({"data": {"pipeline": "device", "augment": recipe}}).data.pipeline == "device"
+    refused({"data": {"pipeline": "gpu"}}, "data.pipeline", "'cpu'", "'device'")
+    refused(
+        {"data": {"pipeline": "device", "augment": [{"op": "HorizontalFlip"}]}},
+        "data.pipeline=device runs the named recipes moco_v1, moco_v2, none only",
+        "or data.pipeline=cpu for a custom list of albumentations ops",
+    )

@@ -89,3 +89,25 @@ def test_a_sweep_counts_each_data_section_once(tmp_path, monkeypatch):
     trials = [_cfg(tmp_path, moco={"temperature": t}) for t in (0.1, 0.2, 0.3)]
     preflight(trials)
     assert len(calls) == 2  # train and test of the one data section
+
+
+def _one_class_imagefolder(root: Path) -> Path:
+    from PIL import Image
+
+    for split, count in (("train", 20), ("test", 4)):
+        (root / split / "cat").mkdir(parents=True)
+        for i in range(count):
+            Image.new("RGB", (12, 12), (i * 10, 0, 0)).save(root / split / "cat" / f"{i}.png")
+    return root
+
+
+def test_a_single_class_split_is_refused_for_linear_eval_and_noted_for_knn(tmp_path, capsys):
+    root = _one_class_imagefolder(tmp_path / "imgs")
+    data = {"dataset": "imagefolder", "root": str(root), "image_size": 12}
+    refused(_cfg(tmp_path, data=data), "data.root=", "has 1 class folder under train/",
+            "linear accuracy is meaningless", stages=("lincls",))
+    preflight(_cfg(tmp_path, data=data))
+    out = capsys.readouterr().out
+    assert "the kNN monitor's accuracy is meaningless" in out and "or set train.knn_every=0" in out
+    preflight(_cfg(tmp_path, data=data, train={"knn_every": 0}))
+    assert "meaningless" not in capsys.readouterr().out

@@ -192,6 +192,10 @@ LABELED_DATASETS = ("digits", "imagefolder", "cifar10")
 """``data.dataset`` values with labels (a test split and classes); ``folder`` is unlabeled images for pretraining."""
 
 
+DEVICE_RECIPES = ("moco_v1", "moco_v2", "none")
+"""``data.augment`` values that ``data.pipeline=device`` runs (``data/device_augment.py``)."""
+
+
 class DataConfig(_Section):
     dataset: Literal["digits", "imagefolder", "cifar10", "folder"] = Field(
         "digits",
@@ -208,6 +212,12 @@ class DataConfig(_Section):
         description="how pretraining reads data.root: loader = a torch DataLoader per worker (resume at any "
         "checkpoint, bit-identical); stream = Ray Data (decode + two-crop in CPU tasks, which Ray may place on "
         "CPU-only nodes; shards via get_dataset_shard; resume at the epoch of a checkpoint, order not identical)",
+    )
+    pipeline: Literal["cpu", "device"] = Field(
+        "cpu",
+        description="where pretraining decodes and two-crops: cpu = albumentations in the loader or Ray Data tasks; "
+        "device = the CPU only reads file bytes, the worker's device decodes (torchvision decode_jpeg, batched) and "
+        "augments (kornia, same moco_v1/moco_v2/none recipes; custom op lists refused); see docs/device_pipeline.md",
     )
     stream_cpus: float = Field(
         1, ge=0,
@@ -588,6 +598,11 @@ def check_run_rules(cfg: Config) -> None:
         raise ValueError(
             f"data.reader=stream reads image files (data.dataset imagefolder or folder); data.dataset={data.dataset} "
             "is held in memory: use data.reader=loader"
+        )
+    if data.pipeline == "device" and not (isinstance(data.augment, str) and data.augment in DEVICE_RECIPES):
+        raise ValueError(
+            f"data.pipeline=device runs the named recipes {', '.join(DEVICE_RECIPES)} only, not data.augment="
+            f"{data.augment!r}: use one of them, or data.pipeline=cpu for a custom list of albumentations ops"
         )
     knn = train.knn_dataset
     if knn is not None and knn.dataset not in LABELED_DATASETS:

@@ -149,18 +149,38 @@ KNN_OFF_NOTE = (
 )
 
 
+def single_class_problem(data_cfg, where: str, purpose: str) -> Optional[str]:
+    """A line saying that the labeled section ``where`` has a single class (which makes ``purpose``'s accuracy
+    meaningless: every prediction is right), or None when it has two or more."""
+    from mocolab.data.datasets import num_classes
+
+    count = num_classes(data_cfg)
+    if count >= 2:
+        return None
+    return (f"{where}.root={data_cfg.root} has {count} class folder under {data_cfg.train_split}/, so {purpose} "
+            "accuracy is meaningless (every prediction is right); give a labeled dataset with two or more classes")
+
+
 def _check_knn(cfg: Config, report: PreflightReport) -> None:
-    """The kNN monitor's own labeled data (``train.knn_dataset``), or a note, once, that it is off."""
+    """The kNN monitor's own labeled data (``train.knn_dataset``), or a note, once, that it is off; a note when its
+    data has a single class."""
     if not cfg.train.knn_every:
         return
     if cfg.knn_data is None:
         if KNN_OFF_NOTE not in report.notes:
             report.notes.append(KNN_OFF_NOTE)
-    elif cfg.train.knn_dataset is not None and (key := "knn" + cfg.train.knn_dataset.model_dump_json()) not in (
+        return
+    where = "data" if cfg.train.knn_dataset is None else "train.knn_dataset"
+    if cfg.train.knn_dataset is not None and (key := "knn" + cfg.train.knn_dataset.model_dump_json()) not in (
         report.checked
     ):
         _check_data_section(cfg.train.knn_dataset, "train.knn_dataset")
         report.checked.add(key)
+    if cfg.knn_data.dataset == "imagefolder":
+        problem = single_class_problem(cfg.knn_data, where, "the kNN monitor's")
+        note = f"{problem} (or set train.knn_every=0)" if problem else None
+        if note and note not in report.notes:
+            report.notes.append(note)
 
 
 def _lincls_key(cfg: Config) -> str:
@@ -184,6 +204,8 @@ def _check_lincls(cfg: Config) -> None:
     except ValueError as err:
         raise _user_error(f"{where}.image_size", err) from None
     _check_data_section(data_cfg, where)
+    if data_cfg.dataset == "imagefolder" and (problem := single_class_problem(data_cfg, where, "linear")):
+        raise ConfigError(problem)
 
 
 def _check_detection(cfg: Config, model_cfg, report: PreflightReport) -> None:

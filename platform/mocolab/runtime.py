@@ -31,6 +31,7 @@ QUIET_RAY_LEVEL = "ERROR"
 """Unless verbose: the level of Ray's logging in the driver and the job's processes, and of Ray Train's console
 (Ray Train's log files, ``logs/train/`` in the Ray session folder, keep everything)."""
 QUIET_WORKER_CONSOLE = "WARNING"
+TRAINING_FUNCTION_ERROR = "Error in training function"  # how Ray Train V2 logs a worker's exception, traceback below
 """Unless verbose: the level of a Ray Train worker's console for everything outside ``ray.train`` (mocolab's own
 warnings, e.g. skipped corrupt images, still show)."""
 GCS_PORT_ENV = "RAY_GCS_SERVER_PORT"
@@ -326,6 +327,14 @@ def _quiet_worker_console() -> None:
     for handler in logging.getLogger().handlers:
         if isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler):
             handler.setLevel(QUIET_WORKER_CONSOLE)
+            handler.addFilter(_no_training_function_traceback)
+
+
+def _no_training_function_traceback(record: logging.LogRecord) -> bool:
+    """Keep Ray Train's ``Error in training function:`` traceback off the worker's console: the driver prints the
+    error's own last line (``cli.py``: e.g. the unreadable image's path and the fix) and writes the full traceback to
+    its log file; the worker's log file keeps it too."""
+    return not record.getMessage().startswith(TRAINING_FUNCTION_ERROR)
 
 
 def start_worker(config: dict[str, Any], seed: int) -> Worker:

@@ -1,5 +1,6 @@
-"""The GPU check runs where only torch is installed: ``step_bench.py`` and ``gpu_check.sh`` on the CPU, with
-pydantic, Ray, MLflow, albumentations, PyYAML, OpenCV and pandas made unimportable."""
+"""The GPU check: ``step_bench.py`` runs where only torch is installed (pydantic, Ray, MLflow, albumentations,
+PyYAML, OpenCV and pandas made unimportable); ``gpu_check.sh --smoke`` runs the step timings and both input pipelines
+(``pipeline_bench.py``, which needs the project's requirements) on the CPU."""
 
 from __future__ import annotations
 
@@ -67,3 +68,7 @@ def test_gpu_check_script_smoke_run_on_cpu(tmp_path):
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert proc.stdout.count("vs reference fp32") == 2 and "ResNet-50 at 224" in proc.stdout
+    pipelines = proc.stdout.split("== Input pipelines: decode + augmentation + step per GPU")[1]
+    assert "target: 3,500 img/s per H100" in pipelines and "CPU cores per GPU" in pipelines
+    rows = [row for row in map(str.split, pipelines.splitlines()) if len(row) == 4 and row[0] in ("cpu", "device")]
+    assert [row[0] for row in rows] == ["cpu", "device"] and all(float(v) > 0 for row in rows for v in row[1:3])

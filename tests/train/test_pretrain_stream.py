@@ -109,3 +109,24 @@ def test_two_worker_stream_run_resumes_at_an_epoch_boundary(ray_local, mlflow_ur
     assert [m.step for m in losses] == [1, 2] and all(np.isfinite(m.value) for m in losses)
     assert [m.value for m in client.get_metric_history(run_id, "corrupt_skipped")] == [1.0, 1.0]
     assert client.get_run(run_id).data.metrics["throughput_img_s"] > 0
+
+
+def test_device_pipeline_streams_bytes_that_decode_on_the_device(ray_local, tmp_path):
+    """``data.pipeline=device``: the stream's tasks only read bytes; the worker decodes and two-crops them (here on
+    the CPU), the unreadable file counted as skipped and every batch full."""
+    import torch
+
+    from mocolab.data.encoded import DeviceViews
+    from mocolab.data.stream import ShardBatches
+
+    image_folder(tmp_path / "images")
+    cfg = stream_config(tmp_path, "x", 1, pipeline="device", augment="moco_v2")
+    dataset = pretrain_dataset(image_source(cfg.data, "train"), cfg.data, seed=0, num_workers=WORKERS)
+    views = DeviceViews("moco_v2", 16, "skip", torch.device("cpu"), BATCH)
+    seen, skipped = [], 0
+    for batch in ShardBatches(dataset.iterator(), BATCH, seed=0, encoded=True):
+        view_q, view_k, index, count = views(batch)
+        assert view_q.shape == view_k.shape == (BATCH, 3, 16, 16) and not torch.equal(view_q, view_k)
+        seen += index.tolist()
+        skipped += count
+    assert skipped == 1 and len(seen) == GOOD + 1 and set(seen) <= set(range(GOOD + 1))

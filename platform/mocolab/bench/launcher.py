@@ -76,7 +76,7 @@ def _launcher_worker(rank: int, config: dict[str, Any], epochs: int, port: int, 
     from mocolab.moco.model import MoCo
     from mocolab.runtime import seed_everything
     from mocolab.train.knn import knn_top1
-    from mocolab.train.pretrain import broadcast_buffers, knn_loaders, lr_factor, pretrain_loader
+    from mocolab.train.pretrain import batch_views, broadcast_buffers, knn_loaders, lr_factor, pretrain_loader
     from mocolab.train.step import TrainStep, make_optimizer
 
     cfg = Config.model_validate(config)
@@ -98,6 +98,7 @@ def _launcher_worker(rank: int, config: dict[str, Any], epochs: int, port: int, 
         scheduler = LambdaLR(optimizer, lambda s: lr_factor(s, len(loader), train))
         step = TrainStep(ddp, optimizer, train.amp, device.type)
         seed_everything(train.seed + rank)
+        views = batch_views(cfg, device)
         images, loop_s, ends = [], [], [time.perf_counter()]
         with tempfile.TemporaryDirectory(prefix="mocolab-launcher-") as checkpoints:
             for epoch in range(1, epochs + 1):
@@ -105,8 +106,8 @@ def _launcher_worker(rank: int, config: dict[str, Any], epochs: int, port: int, 
                 ddp.train()
                 started = time.perf_counter()
                 loss_sum, seen = 0.0, 0
-                for (im_q, im_k, index), _ in loader:
-                    im_q, im_k, index = (t.to(device, non_blocking=True) for t in (im_q, im_k, index))
+                for batch in loader:
+                    im_q, im_k, index, _ = views(batch)
                     loss_sum += step(im_q, im_k, index).item() * im_q.shape[0]  # the official AverageMeter
                     seen += im_q.shape[0]
                     scheduler.step()

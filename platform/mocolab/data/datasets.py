@@ -37,6 +37,9 @@ MAX_AUTO_LOADER_WORKERS = 16
 logger = logging.getLogger(__name__)
 
 
+_SIXTEEN_BIT_GREY = ("I;16", "I;16B", "I;16L", "I")  # PIL's modes of 16-bit greyscale PNG / TIFF files
+
+
 class CorruptImageError(RuntimeError):
     """An image file that cannot be decoded; the message names the file and ``data.on_corrupt``."""
 
@@ -52,11 +55,16 @@ def _corrupt(where: Union[str, Path], err: Exception) -> CorruptImageError:
 
 
 def decode_rgb(data: bytes, where: Union[str, Path]) -> np.ndarray:
-    """Decode an encoded image to a uint8 RGB array ``[H, W, 3]`` (greyscale, palette and RGBA converted).
+    """Decode an encoded image to a uint8 RGB array ``[H, W, 3]`` (greyscale, palette, CMYK and RGBA converted by
+    PIL; 16-bit greyscale scaled to 8 bits, where PIL's conversion would clip it to white).
 
-    Raises CorruptImageError naming ``where`` (the file's location) for a truncated or undecodable image."""
+    Raises CorruptImageError naming ``where`` (the file's location) for a truncated or undecodable image. Every
+    pipeline decodes other than baseline JPEGs through this function (``data/encoded.py``)."""
     try:
         with Image.open(io.BytesIO(data)) as img:
+            if img.mode in _SIXTEEN_BIT_GREY:
+                grey = (np.clip(np.asarray(img, dtype=np.int64), 0, 65535) >> 8).astype(np.uint8)
+                return np.repeat(grey[:, :, None], 3, axis=2)
             return np.asarray(img.convert("RGB"))
     except (OSError, SyntaxError, ValueError) as err:  # PIL's ways of saying "not a readable image"
         raise _corrupt(where, err) from None

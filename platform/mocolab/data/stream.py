@@ -73,6 +73,43 @@ class TwoCropBatch:
         }
 
 
+class ReadBytesBatch:
+    """``data.pipeline=device``: Ray Data ``map_batches`` function: rows ``{location, index}`` -> the files' bytes
+    ``{payload, location, index, skipped}``; decode and augmentation happen on the training worker's device
+    (:mod:`mocolab.data.encoded`). A file that cannot be read follows ``data.on_corrupt`` as :class:`TwoCropBatch`."""
+
+    def __init__(self, data_cfg: DataConfig):
+        self.on_corrupt = data_cfg.on_corrupt
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        from mocolab.data import location
+        from mocolab.data.datasets import _corrupt
+
+        payloads, skipped = [], np.zeros(len(batch["index"]), dtype=np.int64)
+        for i, where in enumerate(batch["location"]):
+            try:
+                payloads.append(location.read_bytes(str(where)))
+            except OSError as err:
+                if self.on_corrupt != "skip":
+                    raise _corrupt(where, err) from None
+                payloads.append(None)
+                skipped[i] = 1
+        kept = [i for i, p in enumerate(payloads) if p is not None]
+        if not kept:
+            raise CorruptImageError(
+                f"all {len(payloads)} images of a batch are unreadable (data.on_corrupt=skip); check data.root"
+            )
+        source = [i if payloads[i] is not None else kept[i % len(kept)] for i in range(len(payloads))]
+        column = np.empty(len(source), dtype=object)
+        column[:] = [payloads[j] for j in source]
+        return {
+            "payload": column,
+            "location": np.asarray([str(batch["location"][j]) for j in source], dtype=object),
+            "index": np.asarray(batch["index"], dtype=np.int64)[source],
+            "skipped": skipped,
+        }
+
+
 def pretrain_dataset(files: FileImages, data_cfg: DataConfig, seed: int, num_workers: int):
     """The Ray Data dataset of the two-crop views of ``files`` (the training split's image files, as
     :func:`mocolab.data.datasets.image_source` lists them); lazy: nothing runs until a worker iterates.
@@ -89,7 +126,7 @@ def pretrain_dataset(files: FileImages, data_cfg: DataConfig, seed: int, num_wor
         ray.data.from_items([rows[i] for i in order], override_num_blocks=max(1, len(rows) // ROWS_PER_BLOCK))
         .randomize_block_order(seed=RandomSeedConfig(seed=seed, reseed_after_execution=True))
         .map_batches(
-            TwoCropBatch(data_cfg), batch_size=MAP_BATCH_SIZE, batch_format="numpy", num_cpus=cpus,
+            TwoCropBatch(data_cfg) if data_cfg.pipeline == "cpu" else ReadBytesBatch(data_cfg), batch_size=MAP_BATCH_SIZE, batch_format="numpy", num_cpus=cpus,
             concurrency=num_workers if cpus == 0 else None, zero_copy_batch=True,
         )
     )
@@ -104,14 +141,28 @@ def steps_per_epoch(num_images: int, world_size: int, batch_size: int) -> int:
 
 class ShardBatches:
     """This worker's shard, iterated afresh by every ``for`` (one epoch), as a DataLoader is: yields
-    ``((view_q, view_k, index), skipped)`` per batch, as the loader path does."""
+    ``((view_q, view_k, index), skipped)`` per batch, as the loader path does; with ``data.pipeline=device``
+    (``encoded``) an :class:`~mocolab.data.encoded.EncodedBatch` of the files' bytes, as the device loader does."""
 
-    def __init__(self, shard, batch_size: int, seed: int):
-        self.shard, self.batch_size, self.seed = shard, batch_size, seed
+    def __init__(self, shard, batch_size: int, seed: int, encoded: bool = False):
+        self.shard, self.batch_size, self.seed, self.encoded = shard, batch_size, seed, encoded
 
-    def __iter__(self) -> Iterator[tuple[tuple[Any, Any, Any], int]]:
-        for batch in self.shard.iter_torch_batches(
-            batch_size=self.batch_size, drop_last=True,
-            local_shuffle_buffer_size=SHUFFLE_BUFFER_BATCHES * self.batch_size, local_shuffle_seed=self.seed,
-        ):
+    def __iter__(self) -> Iterator[Any]:
+        shuffle = {"local_shuffle_buffer_size": SHUFFLE_BUFFER_BATCHES * self.batch_size,
+                   "local_shuffle_seed": self.seed}
+        if self.encoded:
+            yield from self._encoded(shuffle)
+            return
+        for batch in self.shard.iter_torch_batches(batch_size=self.batch_size, drop_last=True, **shuffle):
             yield (batch["view_q"], batch["view_k"], batch["index"]), int(batch["skipped"].sum())
+
+    def _encoded(self, shuffle: dict[str, Any]):
+        import torch
+
+        from mocolab.data.encoded import EncodedBatch
+
+        for batch in self.shard.iter_batches(batch_size=self.batch_size, drop_last=True, batch_format="numpy",
+                                             **shuffle):
+            payloads = [torch.frombuffer(bytearray(p), dtype=torch.uint8) for p in batch["payload"]]
+            yield EncodedBatch(payloads, [str(w) for w in batch["location"]], torch.tensor(batch["index"]),
+                               int(batch["skipped"].sum()))

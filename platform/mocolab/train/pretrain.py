@@ -164,10 +164,16 @@ class _EpochStats:
 
 
 def pretrain_loader(cfg: Config, rank: int, world_size: int) -> tuple[DataLoader, DistributedSampler]:
-    """This rank's shard of the two-crop training set (DistributedSampler and loader both drop_last)."""
-    from mocolab.data.datasets import build_pretrain_dataset, collate_keep_batch_size, loader_kwargs
+    """This rank's shard of the two-crop training set (DistributedSampler and loader both drop_last); with
+    ``data.pipeline=device`` of the images' bytes (:mod:`mocolab.data.encoded`), decoded on the device later."""
+    from mocolab.data.datasets import build_pretrain_dataset, collate_keep_batch_size, image_source, loader_kwargs
 
-    dataset = build_pretrain_dataset(cfg.data)
+    if cfg.data.pipeline == "device":
+        from mocolab.data.encoded import EncodedDataset, collate_encoded
+
+        dataset, collate = EncodedDataset(image_source(cfg.data, "train"), cfg.data.on_corrupt), collate_encoded
+    else:
+        dataset, collate = build_pretrain_dataset(cfg.data), collate_keep_batch_size
     sampler = DistributedSampler(
         dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=cfg.train.seed, drop_last=True
     )
@@ -176,7 +182,7 @@ def pretrain_loader(cfg: Config, rank: int, world_size: int) -> tuple[DataLoader
         batch_size=cfg.train.batch_size,
         sampler=sampler,
         drop_last=True,
-        collate_fn=collate_keep_batch_size,  # skipped corrupt images: equal batches on every rank
+        collate_fn=collate,  # skipped corrupt images: equal batches on every rank
         **loader_kwargs(cfg.data, cfg.scaling.cpus_per_worker, cfg.scaling.use_gpu),
     )
     return loader, sampler
@@ -194,8 +200,25 @@ def _training_batches(cfg: Config, config_dict: dict[str, Any], rank: int, world
     from mocolab.data.stream import ShardBatches, steps_per_epoch
 
     num_images, batch_size = config_dict[STREAM_IMAGES_KEY], cfg.train.batch_size
-    batches = ShardBatches(ray.train.get_dataset_shard("train"), batch_size, cfg.train.seed + rank)
+    batches = ShardBatches(ray.train.get_dataset_shard("train"), batch_size, cfg.train.seed + rank,
+                           encoded=cfg.data.pipeline == "device")
     return batches, None, steps_per_epoch(num_images, world_size, batch_size), num_images
+
+
+def batch_views(cfg: Config, device: torch.device) -> Callable[[Any], tuple[Any, Any, Any, int]]:
+    """What the loop does to a batch of its reader to get ``(view_q, view_k, index, skipped)`` on ``device``:
+    ``data.pipeline=cpu`` moves the CPU's views there; ``device`` decodes and two-crops the bytes there
+    (:class:`mocolab.data.encoded.DeviceViews`)."""
+    if cfg.data.pipeline == "device":
+        from mocolab.data.encoded import DeviceViews
+
+        return DeviceViews(cfg.data.augment, cfg.data.image_size, cfg.data.on_corrupt, device, cfg.train.batch_size)
+
+    def move(item):
+        batch, skipped = item
+        return (*(t.to(device, non_blocking=True) for t in batch), skipped)
+
+    return move
 
 
 def _restore(state: dict[str, Any], step: TrainStep, scheduler, rank: int, seed: int) -> tuple[int, int]:
@@ -222,20 +245,21 @@ def broadcast_buffers(module: torch.nn.Module, world_size: int) -> None:
 
 
 def _train_epoch(
-    step: TrainStep, loader, scheduler, device, world_size: int, global_step: int, check_every: int, poison: bool,
-    bar: StepProgress, momentum_at: Optional[Callable[[int], float]] = None,
+    step: TrainStep, loader, views: Callable, scheduler, device, world_size: int, global_step: int, check_every: int,
+    poison: bool, bar: StepProgress, momentum_at: Optional[Callable[[int], float]] = None,
 ) -> _EpochStats:
-    """One pass over this rank's shard, shown on ``bar``. Every ``check_every`` steps and at the end, all ranks agree
-    on the first non-finite loss (a collective at the same step everywhere: every rank has as many batches); the
-    epoch stops at the first check that finds one. ``poison``: fault injection, NaN query crops. ``momentum_at``:
-    the key encoder's momentum of each global step (None: constant)."""
+    """One pass over this rank's shard, shown on ``bar``; ``views`` (:func:`batch_views`) makes each batch's views
+    on the device. Every ``check_every`` steps and at the end, all ranks agree on the first non-finite loss (a
+    collective at the same step everywhere: every rank has as many batches); the epoch stops at the first check that
+    finds one. ``poison``: fault injection, NaN query crops. ``momentum_at``: the key encoder's momentum of each
+    global step (None: constant)."""
     step.model.train()
     watch = LossWatch(device)
     images = corrupt = 0
     last_lr = step.optimizer.param_groups[0]["lr"]
-    for batch, skipped in loader:
+    for batch in loader:
+        im_q, im_k, index, skipped = views(batch)
         corrupt += skipped
-        im_q, im_k, index = (t.to(device, non_blocking=True) for t in batch)
         if poison:
             im_q = im_q * float("nan")
         last_lr = step.optimizer.param_groups[0]["lr"]
@@ -316,6 +340,7 @@ def train_loop(config_dict: dict[str, Any]) -> None:
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, steps_per_epoch, train))
     step = TrainStep(model, optimizer, train.amp, device.type)
     momentum_at = momentum_schedule(cfg, steps_per_epoch)
+    views = batch_views(cfg, device)
 
     tracker = _Tracker(cfg, run_id, active=worker.is_chief)
     start_epoch, global_step = 0, 0
@@ -341,7 +366,7 @@ def train_loop(config_dict: dict[str, Any]) -> None:
         started = time.perf_counter()
         with StepProgress(f"epoch {epoch}/{train.epochs}", steps_per_epoch, active=worker.is_chief) as bar:
             stats = _train_epoch(
-                step, loader, scheduler, device, world_size, global_step, train.check_finite_every,
+                step, loader, views, scheduler, device, world_size, global_step, train.check_finite_every,
                 epoch == nan_epoch, bar, momentum_at,
             )
         epoch_time = time.perf_counter() - started
