@@ -73,6 +73,7 @@ def _launcher_worker(rank: int, config: dict[str, Any], epochs: int, port: int, 
     from torch.optim.lr_scheduler import LambdaLR
 
     from mocolab.config import Config
+    from mocolab.data.normalize import normalize_views
     from mocolab.moco.model import MoCo
     from mocolab.runtime import seed_everything
     from mocolab.train.knn import knn_top1
@@ -107,6 +108,7 @@ def _launcher_worker(rank: int, config: dict[str, Any], epochs: int, port: int, 
                 loss_sum, seen = 0.0, 0
                 for (im_q, im_k, index), _ in loader:
                     im_q, im_k, index = (t.to(device, non_blocking=True) for t in (im_q, im_k, index))
+                    im_q, im_k = normalize_views(im_q), normalize_views(im_k)
                     loss_sum += step(im_q, im_k, index).item() * im_q.shape[0]  # the official AverageMeter
                     seen += im_q.shape[0]
                     scheduler.step()

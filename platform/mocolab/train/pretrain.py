@@ -36,6 +36,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 from mocolab import tracking
 from mocolab.config import Config, TrainConfig
 from mocolab.console import StepProgress, console
+from mocolab.data.normalize import normalize_views
 from mocolab.runtime import seed_everything, start_worker
 from mocolab.train.checkpoint import capture_rng_state, restore_rng_state, save_checkpoint
 from mocolab.train.nonfinite import record_nonfinite
@@ -236,6 +237,7 @@ def _train_epoch(
     for batch, skipped in loader:
         corrupt += skipped
         im_q, im_k, index = (t.to(device, non_blocking=True) for t in batch)
+        im_q, im_k = normalize_views(im_q), normalize_views(im_k)  # uint8 views (the fast path) become floats here
         if poison:
             im_q = im_q * float("nan")
         last_lr = step.optimizer.param_groups[0]["lr"]
