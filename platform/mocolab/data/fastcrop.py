@@ -5,10 +5,11 @@ HorizontalFlip, which covers ``moco_v1`` and ``moco_v2``. It reads every paramet
 :mod:`mocolab.data.augment` builds (one source of truth) and applies albumentations' own kernels, so a view has the
 reference's distribution; what it saves is the work around them:
 
-- both crop boxes are drawn on the file's full size first, then the JPEG is decoded once by libjpeg-turbo
-  (simplejpeg) at the smallest DCT scale (1/2, 1/4, 1/8) that still gives both boxes at least ``image_size`` pixels a
-  side, the boxes mapped onto it (large photos decode faster; a box never upsamples more than in the reference);
-  libjpeg-turbo straight into a numpy array also skips PIL's two copies;
+- a JPEG is decoded by libjpeg-turbo (simplejpeg) straight into a numpy array, the same pixels as PIL's decoder
+  without PIL's two copies (``convert`` and ``tobytes``). Not done: decoding at a reduced DCT scale where both crops
+  allow it. It low-passes like an area filter where the reference's bilinear resize aliases, so the views' sharpness
+  distribution changes (tests/test_data_augment_distribution.py detects it), and at 224 px it never applies to photos
+  under ~450 px a side (ImageNet's typical size) anyway;
 - the views stay uint8 ``[3, S, S]`` (a quarter of the float bytes through collate and the loader's shared memory);
   the step normalises them once on its device (:func:`mocolab.data.normalize.normalize_views`);
 - GaussianBlur's 23-tap kernel (at 224 px) is cut to +-4 sigma (:func:`gaussian_taps`; at most one grey level off);
@@ -34,7 +35,6 @@ import torch
 from albumentations.augmentations.blur import functional as fblur
 from albumentations.augmentations.pixel import functional as fpixel
 
-DCT_FACTORS = (8, 4, 2)  # libjpeg-turbo's power-of-two scales, largest reduction first
 CROP_TRIES = 10  # RandomResizedCrop's attempts before its central fallback
 _JITTER = (
     fpixel.adjust_brightness_torchvision,
@@ -53,10 +53,6 @@ class CropBox:
     y0: int
     x1: int
     y1: int
-
-    def scaled(self, sy: float, sx: float) -> "CropBox":
-        return CropBox(int(self.x0 * sx), int(self.y0 * sy), max(int(self.x0 * sx) + 1, round(self.x1 * sx)),
-                       max(int(self.y0 * sy) + 1, round(self.y1 * sy)))
 
 
 def sample_crop(height: int, width: int, scale, ratio, u: np.ndarray) -> CropBox:
@@ -92,13 +88,6 @@ def gaussian_taps(sigma: float, ksize: int) -> np.ndarray:
         return kernel
     kept = kernel[cut:ksize - cut]
     return kept / kept.sum()
-
-
-def dct_factor(boxes: list[CropBox], size: int) -> int:
-    """The largest JPEG DCT reduction that leaves every box at least ``size`` pixels high and wide (1: none), with
-    a pixel to spare for the rounding of the box's corners on the reduced image."""
-    shortest = min(min(b.x1 - b.x0, b.y1 - b.y0) for b in boxes)
-    return next((f for f in DCT_FACTORS if shortest // f >= size + 1), 1)
 
 
 class FastTwoCrop:
@@ -154,35 +143,25 @@ class FastTwoCrop:
         return self._view(image, boxes[0], u[0]), self._view(image, boxes[1], u[1])
 
     def from_encoded(self, data: bytes) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
-        """Two views of an encoded image file's bytes, a JPEG decoded once at the scale both crops allow; None for
-        a file this decoder does not read (decode it with the reference decoder and call the transform)."""
-        header = _jpeg_header(data)
-        if header is None:
+        """Two views of an encoded image file's bytes; None for a file this decoder does not read (decode it with the
+        reference decoder and call the transform)."""
+        if not _decodable_jpeg(data):
             return None
-        u = self._uniforms()
-        height, width = header
-        boxes = self._crop_boxes(height, width, u)
-        factor = dct_factor(boxes, self.size)
         try:
-            image = simplejpeg.decode_jpeg(data, colorspace="RGB", min_height=-(-height // factor),
-                                           min_width=-(-width // factor))
+            image = simplejpeg.decode_jpeg(data, colorspace="RGB")
         except ValueError:  # a JPEG libjpeg-turbo refuses (truncated, corrupt): the reference decoder decides
             return None
-        if factor > 1:
-            sy, sx = image.shape[0] / height, image.shape[1] / width
-            boxes = [box.scaled(sy, sx) for box in boxes]
-        return self._view(image, boxes[0], u[0]), self._view(image, boxes[1], u[1])
+        return self(image)
 
 
-def _jpeg_header(data: bytes) -> Optional[tuple[int, int]]:
-    """``(height, width)`` of a JPEG that simplejpeg can decode to RGB, else None."""
+def _decodable_jpeg(data: bytes) -> bool:
+    """Whether ``data`` is a JPEG that simplejpeg decodes to RGB as PIL would (not CMYK/YCCK)."""
     if not simplejpeg.is_jpeg(data):
-        return None
+        return False
     try:
-        height, width, colorspace, _ = simplejpeg.decode_jpeg_header(data)
+        return simplejpeg.decode_jpeg_header(data)[2] in ("RGB", "YCbCr", "Gray")
     except ValueError:
-        return None
-    return (height, width) if colorspace in ("RGB", "YCbCr", "Gray") else None
+        return False
 
 
 def fast_ops(ops: list) -> Optional[list]:
