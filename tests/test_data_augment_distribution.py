@@ -48,8 +48,7 @@ def _reference_views(recipe, data, n, seed=0):
     torch.manual_seed(seed)
     transform = TwoCropTransform(recipe, SIZE)
     image = data if isinstance(data, np.ndarray) else decode_rgb(data, "photo")
-    to_uint8 = _unnormalize
-    return [to_uint8(v) for _ in range(n) for v in transform(image)]
+    return [_unnormalize(v) for _ in range(n) for v in transform(image)]
 
 
 def _fast_views(transform, data, n, seed=0):
@@ -115,7 +114,8 @@ def failed_checks(recipe: str, fast: FastTwoCrop, photo: bytes) -> list[str]:
         if p < ALPHA:
             failed.append(key)
     ramp = _ramp()
-    if _proportion_p(_flips(_reference_views(recipe, ramp, VIEWS // 2)), _flips(_fast_views(fast, ramp, VIEWS // 2))) < ALPHA:
+    flips = _flips(_reference_views(recipe, ramp, VIEWS // 2)), _flips(_fast_views(fast, ramp, VIEWS // 2))
+    if _proportion_p(*flips) < ALPHA:
         failed.append("flip")
     return failed
 

@@ -111,8 +111,8 @@ def pipeline_rows(blobs: list[bytes], image_size: int, images: int, rounds: int,
 
 def pipeline_table(rows: list[dict[str, Any]], step_rate: float, images: str) -> str:
     """The rows as text, with the step rate they are sized for and where the images came from."""
-    lines = [f"input pipelines, img/s per core ({images}; cores per GPU for a {step_rate:.0f} img/s step)",
-             f"{'pipeline':<16}{'augment':<10}{'size':>5}{'median':>9}{'min':>8}{'max':>8}{'x base':>8}{'cores/GPU':>11}"]
+    header = f"{'pipeline':<16}{'augment':<10}{'size':>5}{'median':>9}{'min':>8}{'max':>8}{'x base':>8}{'cores/GPU':>11}"
+    lines = [f"input pipelines, img/s per core ({images}; cores per GPU for a {step_rate:.0f} img/s step)", header]
     for row in rows:
         rate = row["img_per_s_per_core"]
         lines.append(f"{row['pipeline']:<16}{row['augment']:<10}{row['image_size']:>5}{rate['median']:>9.1f}"

@@ -3,10 +3,10 @@
 Every albumentations pipeline takes a numpy HWC uint8 RGB image and returns a normalised float CHW tensor of
 ``image_size x image_size``; this is the reference (and the bench's baseline row). For training,
 :func:`two_crop_transform` runs op lists that :mod:`mocolab.data.fastcrop` supports (``moco_v1``, ``moco_v2``) on
-that fast path instead, whose views are uint8: :func:`mocolab.data.normalize.normalize_views` normalises a batch once, on the step's device,
-and passes already-normalised float batches (any other op list) through. Policies are named (``moco_v1``, ``moco_v2``, ``none``) or given as a list
-of albumentations ops in ``data.augment``; ``check_policy`` builds and runs a pipeline once so that a
-bad one is refused when the config loads.
+that fast path instead, whose views are uint8: :func:`mocolab.data.normalize.normalize_views` normalises a batch
+once, on the step's device, and passes already-normalised float batches (any other op list) through. Policies are
+named (``moco_v1``, ``moco_v2``, ``none``) or given as a list of albumentations ops in ``data.augment``;
+``check_policy`` builds and runs a pipeline once so that a bad one is refused when the config loads.
 """
 
 from __future__ import annotations

@@ -9,8 +9,8 @@ blocks of :data:`ROWS_PER_BLOCK`. Every epoch Ray Data puts the blocks in a new 
 worker mixes its rows in a local shuffle buffer of :data:`SHUFFLE_BUFFER_BATCHES` batches, so batches differ from
 epoch to epoch (a block's rows stay near each other: not the loader's full permutation); :class:`TwoCropBatch` reads
 each file through :mod:`mocolab.data.location`, decodes it and makes the two views with the same recipe
-(``data.augment``, uint8 views on the fast path as in the loader). ``data.on_corrupt`` behaves as in the loader: ``fail`` raises the
-:class:`~mocolab.data.datasets.CorruptImageError` naming the file; ``skip`` fills the row with a repeat of a readable
+(``data.augment``, uint8 views on the fast path as in the loader). ``data.on_corrupt`` behaves as in the loader:
+``fail`` raises the :class:`~mocolab.data.datasets.CorruptImageError` naming the file; ``skip`` fills the row with a repeat of a readable
 image of the same map batch and counts it in the ``skipped`` column. Ray Train splits the stream equally
 (``streaming_split(equal=True)``), so every worker runs ``(N // world size) // batch size`` steps per epoch, as the
 DistributedSampler does.
