@@ -102,3 +102,11 @@ def test_eval_transform_center_crops_large_images_and_keeps_small_ones_whole():
     assert eval_transform(224)(_image(300, 400)).shape == (3, 224, 224)
     small = _image(32, 32)
     assert torch.equal(eval_transform(32)(small), two_crop_transform("none", 32)(small)[0])
+
+
+def test_uint8_views_are_normalised_once_as_the_reference_normalises():
+    image = _image(32, 32)
+    reference = build_pipeline("none", 32)(image=image)["image"]
+    pixels = torch.from_numpy(image).permute(2, 0, 1)[None]
+    assert torch.allclose(normalize_views(pixels)[0], reference, atol=1e-5)
+    assert torch.equal(normalize_views(reference[None])[0], reference)  # a float batch passes through
