@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import json
+import math
 
 import mlflow
+import numpy as np
 import pytest
+from PIL import Image
 
 from mocolab.bench.report import RESULT_KEYS, SHUFFLE_TITLE, SPREAD_KEYS, empty_result, result_table, set_spread
 from mocolab.bench.shuffle import ANALYTIC_WORKERS, TIMED_WORKERS, bytes_received_per_worker
@@ -133,8 +136,29 @@ def test_bench_refuses_an_unknown_part_naming_the_valid_ones(capsys):
         (["--epochs", "1"], "--epochs=1 must be >= 2"),
         (["--steps", "0"], "--steps=0 must be >= 1"),
         (["--set", "moco.mechanism=end_to_end"], "the step benchmark covers moco.mechanism=moco"),
+        (["--what", "data", "--images", "/nonexistent/photos"], "--images /nonexistent/photos: not a folder"),
+        (["--what", "data", "--step-rate", "0"], "--step-rate=0.0 must be > 0"),
     ],
 )
 def test_bench_refuses_settings_it_cannot_run_before_measuring(argv, message, capsys):
     assert main(["bench", *argv]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_bench_data_tables_each_pipeline_and_recipe_with_cores_per_gpu(tmp_path, capsys):
+    images = tmp_path / "photos"
+    images.mkdir()
+    for i, colour in enumerate(((200, 40, 40), (30, 160, 90))):
+        pixels = np.random.default_rng(i).integers(0, 40, (300, 280, 3)) + np.array(colour)
+        Image.fromarray(pixels.clip(0, 255).astype(np.uint8)).save(images / f"{i}.jpg", quality=90)
+    record = _run_bench(tmp_path, "data", "--images", str(images), "--image-size", "64", "--data-images", "8",
+                        "--step-rate", "1000")
+    rows = record["data_pipelines"]["rows"]
+    assert [(r["pipeline"], r["augment"]) for r in rows] == [
+        (p, a) for a in ("moco_v1", "moco_v2") for p in ("albumentations", "fast_cpu")]
+    for row in rows:
+        rate = row["img_per_s_per_core"]
+        assert row["image_size"] == 64 and 0 < rate["min"] <= rate["median"] <= rate["max"]
+        assert row["cores_per_gpu"] == math.ceil(1000 / rate["median"])
+    assert "cores/GPU" in capsys.readouterr().out
+

@@ -14,6 +14,7 @@ from mocolab.data.augment import (
     eval_transform,
     two_crop_transform,
 )
+from mocolab.data.normalize import normalize_views
 
 CUSTOM = [{"op": "RandomResizedCrop", "scale": [0.2, 1.0]}, {"op": "HorizontalFlip", "p": 0.5}]
 
@@ -27,15 +28,17 @@ def _image(h: int, w: int, seed: int = 0) -> np.ndarray:
 def test_two_crop_shapes_and_dtype(policy, size):
     check_policy(policy, size)
     view_q, view_k = two_crop_transform(policy, size)(_image(size + 20, size + 3))
+    fast = policy != "none"  # the named MoCo recipes and a list of fast-path ops: uint8 views, normalised later
     for view in (view_q, view_k):
         assert view.shape == (3, size, size)
-        assert view.dtype == torch.float32
+        assert view.dtype == (torch.uint8 if fast else torch.float32)
+        assert normalize_views(view[None]).dtype == torch.float32
 
 
 @pytest.mark.parametrize("policy", ["moco_v1", "moco_v2", CUSTOM])
 def test_two_views_differ(policy):
     view_q, view_k = two_crop_transform(policy, 32)(_image(48, 48))
-    assert not torch.allclose(view_q, view_k)
+    assert not torch.equal(view_q, view_k)
 
 
 def test_none_policy_is_resize_and_normalise_only():
@@ -99,3 +102,11 @@ def test_eval_transform_center_crops_large_images_and_keeps_small_ones_whole():
     assert eval_transform(224)(_image(300, 400)).shape == (3, 224, 224)
     small = _image(32, 32)
     assert torch.equal(eval_transform(32)(small), two_crop_transform("none", 32)(small)[0])
+
+
+def test_uint8_views_are_normalised_once_as_the_reference_normalises():
+    image = _image(32, 32)
+    reference = build_pipeline("none", 32)(image=image)["image"]
+    pixels = torch.from_numpy(image).permute(2, 0, 1)[None]
+    assert torch.allclose(normalize_views(pixels)[0], reference, atol=1e-5)
+    assert torch.equal(normalize_views(reference[None])[0], reference)  # a float batch passes through

@@ -22,6 +22,7 @@ from mocolab.data.augment import _ops, two_crop_transform
 from mocolab.data.datasets import decode_rgb
 from mocolab.data.device_augment import RECIPES, DeviceTwoCrop, sample_crop_boxes
 from mocolab.data.encoded import two_crop_bytes
+from mocolab.data.normalize import normalize_views
 
 ALPHA = 1e-3
 PIXEL_TOLERANCE = 0.15
@@ -113,7 +114,7 @@ def pixel_distance(name: str, recipe, n: int = 400) -> float:
     torch.manual_seed(0)
     albu = two_crop_transform(name, SIZE)
     image = decode_rgb(photo, "flower.jpg")
-    cpu = torch.stack([albu(image)[0] for _ in range(n)])
+    cpu = normalize_views(torch.stack([albu(image)[0] for _ in range(n)]))  # the CPU path's uint8 views, as the step sees them
     device = DeviceTwoCrop(recipe, SIZE).view([torch.from_numpy(image.copy()).permute(2, 0, 1).contiguous()] * n)
     worst = 0.0
     for reduce in (lambda t: t.mean(dim=(2, 3)), lambda t: t.std(dim=(2, 3))):

@@ -74,7 +74,7 @@ def test_the_map_function_fails_naming_the_file_or_skips_and_counts(tmp_path):
     rows = {"location": np.array([str(folder / "g0" / "000.png"), str(folder / "g0" / "broken.png")]),
             "index": np.array([7, 9])}
     out = TwoCropBatch(cfg.data)(rows)
-    assert out["view_q"].shape == out["view_k"].shape == (2, 3, 16, 16) and out["view_q"].dtype == np.float32
+    assert out["view_q"].shape == out["view_k"].shape == (2, 3, 16, 16) and out["view_q"].dtype == np.uint8
     assert out["index"].tolist() == [7, 7] and out["skipped"].tolist() == [0, 1]  # the slot refilled, counted
     cfg.data.on_corrupt = "fail"
     with pytest.raises(CorruptImageError, match=rf"cannot read image {folder / 'g0' / 'broken.png'}"):

@@ -73,6 +73,7 @@ def _launcher_worker(rank: int, config: dict[str, Any], epochs: int, port: int, 
     from torch.optim.lr_scheduler import LambdaLR
 
     from mocolab.config import Config
+    from mocolab.data.normalize import normalize_views
     from mocolab.moco.model import MoCo
     from mocolab.runtime import seed_everything
     from mocolab.train.knn import knn_top1

@@ -3,7 +3,9 @@ compares with what a user would run instead.
 
 Parts (``--what``, default all): ``step`` (mocolab's training step, images/s of one worker), ``reference``
 (the textbook loop side by side, and the ratio), ``data`` (one loader worker's decode + two-crop augment, timed
-in alternation with the step), ``launcher`` (whole epochs of a real ``mocolab pretrain`` run against the same
+in alternation with the step; and the input pipelines' img/s per core x recipe on real JPEGs with the cores per GPU
+a ``--step-rate`` needs, see :mod:`mocolab.bench.pipelines`), ``launcher`` (whole epochs of a real
+``mocolab pretrain`` run against the same
 config trained the official launcher's way, torch.multiprocessing spawn + DDP without Ray or MLflow, in
 alternating rounds; and one evaluation of the distributed kNN monitor), ``fixed`` (command start to first step;
 checkpoint save/load time and size), ``profile`` (``torch.profiler`` breakdown of the step), ``shuffle``

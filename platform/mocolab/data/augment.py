@@ -1,9 +1,12 @@
 """albumentations pipelines: MoCo's two-crop policies, custom op lists from config, the eval transform.
 
-Every pipeline takes a numpy HWC uint8 RGB image and returns a normalised float CHW tensor of
-``image_size x image_size``. Policies are named (``moco_v1``, ``moco_v2``, ``none``) or given as a list
-of albumentations ops in ``data.augment``; ``check_policy`` builds and runs a pipeline once so that a
-bad one is refused when the config loads.
+Every albumentations pipeline takes a numpy HWC uint8 RGB image and returns a normalised float CHW tensor of
+``image_size x image_size``; this is the reference (and the bench's baseline row). For training,
+:func:`two_crop_transform` runs op lists that :mod:`mocolab.data.fastcrop` supports (``moco_v1``, ``moco_v2``) on
+that fast path instead, whose views are uint8: :func:`mocolab.data.normalize.normalize_views` normalises a batch
+once, on the step's device, and passes already-normalised float batches (any other op list) through. Policies are
+named (``moco_v1``, ``moco_v2``, ``none``) or given as a list of albumentations ops in ``data.augment``;
+``check_policy`` builds and runs a pipeline once so that a bad one is refused when the config loads.
 """
 
 from __future__ import annotations
@@ -20,8 +23,9 @@ import torch
 from albumentations.core.transforms_interface import DualTransform, ImageOnlyTransform
 from albumentations.pytorch import ToTensorV2
 
-NORMALIZE = {"mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225)}
-"""ImageNet channel statistics used by every pipeline (as in the MoCo code)."""
+from mocolab.data.fastcrop import FastTwoCrop, fast_ops
+from mocolab.data.normalize import NORMALIZE
+
 
 AugmentSpec = Union[str, list[dict[str, Any]]]
 
@@ -174,9 +178,11 @@ class TwoCropTransform:
         return self.pipeline(image=image)["image"], self.pipeline(image=image)["image"]
 
 
-def two_crop_transform(augment: AugmentSpec, image_size: int) -> TwoCropTransform:
-    """A callable: numpy HWC uint8 RGB image -> (view_q, view_k) float tensors [3, S, S]."""
-    return TwoCropTransform(augment, image_size)
+def two_crop_transform(augment: AugmentSpec, image_size: int) -> Union[TwoCropTransform, FastTwoCrop]:
+    """A callable: numpy HWC uint8 RGB image -> (view_q, view_k) tensors [3, S, S]: uint8 from the fast path
+    (:class:`~mocolab.data.fastcrop.FastTwoCrop`) where it runs the op list, else normalised float."""
+    ops = fast_ops(_ops(augment, image_size))
+    return FastTwoCrop(ops, image_size) if ops is not None else TwoCropTransform(augment, image_size)
 
 
 class EvalTransform:

@@ -27,6 +27,7 @@ from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_datas
 from mocolab.config import DataConfig
 from mocolab.data import location
 from mocolab.data.augment import two_crop_transform
+from mocolab.data.fastcrop import FastTwoCrop
 from mocolab.data.digits import NUM_CLASSES as DIGITS_CLASSES
 from mocolab.data.digits import digits_split
 
@@ -70,15 +71,27 @@ def decode_rgb(data: bytes, where: Union[str, Path]) -> np.ndarray:
         raise _corrupt(where, err) from None
 
 
+def read_encoded(path: Union[str, Path]) -> bytes:
+    """The bytes of the image file at ``path`` (a local path or an object-store URI); CorruptImageError if missing."""
+    try:
+        return location.read_bytes(str(path))
+    except OSError as err:  # missing, unreadable, or gone from the store since the listing
+        raise _corrupt(path, err) from None
+
+
 def read_rgb(path: Union[str, Path]) -> np.ndarray:
     """Read and decode the image at ``path`` (a local path or an object-store URI), as :func:`decode_rgb`.
 
     Raises CorruptImageError for a missing, truncated or undecodable file."""
-    try:
-        data = location.read_bytes(str(path))
-    except OSError as err:  # missing, unreadable, or gone from the store since the listing
-        raise _corrupt(path, err) from None
-    return decode_rgb(data, path)
+    return decode_rgb(read_encoded(path), path)
+
+
+def two_crops_of_file(transform: Callable, path: Union[str, Path]) -> tuple[Any, Any]:
+    """The two views of the image file at ``path``: straight from its bytes on the fast path (which decodes a JPEG
+    at the scale its crops allow), else decoded by :func:`decode_rgb` first. CorruptImageError as :func:`read_rgb`."""
+    data = read_encoded(path)
+    views = transform.from_encoded(data) if isinstance(transform, FastTwoCrop) else None
+    return views if views is not None else transform(decode_rgb(data, path))
 
 
 class ArrayImages:
@@ -326,20 +339,27 @@ class _SourceDataset(Dataset):
         try:
             return self.source.read(index)
         except CorruptImageError as err:
-            if self.on_corrupt == "skip":
-                logger.warning("data.on_corrupt=skip, skipped: %s", err)
-                return None
-            raise
+            return self._skip_or_raise(err)
+
+    def _skip_or_raise(self, err: CorruptImageError) -> None:
+        if self.on_corrupt == "skip":
+            logger.warning("data.on_corrupt=skip, skipped: %s", err)
+            return None
+        raise err
 
 
 class TwoCropDataset(_SourceDataset):
-    """Pretraining items ``(view_q, view_k, index)``; ``None`` for a skipped corrupt image."""
+    """Pretraining items ``(view_q, view_k, index)`` (uint8 views on the fast path, see
+    :func:`mocolab.data.augment.two_crop_transform`); ``None`` for a skipped corrupt image."""
 
     def __getitem__(self, index: int):
-        image = self._read(index)
-        if image is None:
-            return None
-        view_q, view_k = self.transform(image)
+        if isinstance(self.source, FileImages):  # the transform decodes (the fast path: at a reduced scale)
+            try:
+                view_q, view_k = two_crops_of_file(self.transform, self.source.paths[index])
+            except CorruptImageError as err:
+                return self._skip_or_raise(err)
+            return view_q, view_k, index
+        view_q, view_k = self.transform(self.source.read(index))
         return view_q, view_k, index
 
 

@@ -8,9 +8,9 @@ blocks of :data:`ROWS_PER_BLOCK`. Every epoch Ray Data puts the blocks in a new 
 (``randomize_block_order``: no shuffle tasks, whose all-to-all barrier cost seconds per epoch on 2 CPUs) and each
 worker mixes its rows in a local shuffle buffer of :data:`SHUFFLE_BUFFER_BATCHES` batches, so batches differ from
 epoch to epoch (a block's rows stay near each other: not the loader's full permutation); :class:`TwoCropBatch` reads
-each file through :mod:`mocolab.data.location`, decodes it and makes the two views with the same albumentations recipe
-(``data.augment``). ``data.on_corrupt`` behaves as in the loader: ``fail`` raises the
-:class:`~mocolab.data.datasets.CorruptImageError` naming the file; ``skip`` fills the row with a repeat of a readable
+each file through :mod:`mocolab.data.location`, decodes it and makes the two views with the same recipe
+(``data.augment``, uint8 views on the fast path as in the loader). ``data.on_corrupt`` behaves as in the loader:
+``fail`` raises the :class:`~mocolab.data.datasets.CorruptImageError` naming the file; ``skip`` fills the row with a repeat of a readable
 image of the same map batch and counts it in the ``skipped`` column. Ray Train splits the stream equally
 (``streaming_split(equal=True)``), so every worker runs ``(N // world size) // batch size`` steps per epoch, as the
 DistributedSampler does.
@@ -25,7 +25,7 @@ import numpy as np
 
 from mocolab.config import DataConfig
 from mocolab.data.augment import two_crop_transform
-from mocolab.data.datasets import CorruptImageError, FileImages, read_rgb
+from mocolab.data.datasets import CorruptImageError, FileImages, two_crops_of_file
 
 MAP_BATCH_SIZE = 64
 ROWS_PER_BLOCK = 8  # the unit the per-epoch block order moves: small, so an epoch's batches mix freely
@@ -53,7 +53,7 @@ class TwoCropBatch:
         views, skipped = [], np.zeros(len(batch["index"]), dtype=np.int64)
         for i, where in enumerate(batch["location"]):
             try:
-                views.append(transform(read_rgb(str(where))))
+                views.append(two_crops_of_file(transform, str(where)))
             except CorruptImageError:
                 if self.on_corrupt != "skip":
                     raise

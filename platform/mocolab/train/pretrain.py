@@ -36,6 +36,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 from mocolab import tracking
 from mocolab.config import Config, TrainConfig
 from mocolab.console import StepProgress, console
+from mocolab.data.normalize import normalize_views
 from mocolab.runtime import seed_everything, start_worker
 from mocolab.train.checkpoint import capture_rng_state, restore_rng_state, save_checkpoint
 from mocolab.train.nonfinite import record_nonfinite
@@ -215,8 +216,9 @@ def batch_views(cfg: Config, device: torch.device) -> Callable[[Any], tuple[Any,
         return DeviceViews(cfg.data.augment, cfg.data.image_size, cfg.data.on_corrupt, device, cfg.train.batch_size)
 
     def move(item):
-        batch, skipped = item
-        return (*(t.to(device, non_blocking=True) for t in batch), skipped)
+        (im_q, im_k, index), skipped = item
+        im_q, im_k, index = (t.to(device, non_blocking=True) for t in (im_q, im_k, index))
+        return normalize_views(im_q), normalize_views(im_k), index, skipped  # uint8 views become floats here
 
     return move
 

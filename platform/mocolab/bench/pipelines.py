@@ -1,0 +1,127 @@
+"""Images/s per CPU core of each input pipeline x MoCo recipe, on real JPEGs: what sizing a GPU node needs.
+
+:data:`PIPELINES` is a registry ``name -> factory(recipe, image_size)``; a factory returns a function from one file's
+bytes to its two views. The first row is today's reference (PIL decode, albumentations Compose, float normalise), the
+baseline; more pipelines (a device one) are one more entry. Each round runs every row over the same images, decode +
+two crops + collate into batches of :data:`BATCH`, on one thread (a loader worker's share: one core), rows in
+alternating order; the table gives median/min/max over rounds and the cores per GPU a step rate needs.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Optional
+
+from torch.utils.data import default_collate
+
+from mocolab.bench.spread import Spread
+
+RECIPES = ("moco_v1", "moco_v2")
+BATCH = 64
+DEFAULT_STEP_RATE = 3500.0  # img/s of a ResNet-50 MoCo step, bf16, one H100 (issue 22)
+Views = Callable[[bytes], Any]
+
+
+def _reference(recipe: str, image_size: int) -> Views:
+    from mocolab.data.augment import TwoCropTransform
+    from mocolab.data.datasets import decode_rgb
+
+    transform = TwoCropTransform(recipe, image_size)
+    return lambda data: transform(decode_rgb(data, "bench image"))
+
+
+def _fast_cpu(recipe: str, image_size: int) -> Views:
+    from mocolab.data.augment import two_crop_transform
+    from mocolab.data.datasets import decode_rgb
+
+    transform = two_crop_transform(recipe, image_size)  # the fast path for the named recipes
+
+    def views(data: bytes):
+        out = transform.from_encoded(data)
+        return out if out is not None else transform(decode_rgb(data, "bench image"))
+
+    return views
+
+
+PIPELINES: dict[str, Callable[[str, int], Views]] = {"albumentations": _reference, "fast_cpu": _fast_cpu}
+BASELINE = "albumentations"
+
+
+def sample_jpegs() -> list[bytes]:
+    """scikit-learn's two sample photos (640x427), JPEG-encoded at quality 90 in memory."""
+    from PIL import Image
+    from sklearn.datasets import load_sample_images
+
+    blobs = []
+    for array in load_sample_images().images:
+        buffer = io.BytesIO()
+        Image.fromarray(array).save(buffer, format="JPEG", quality=90)
+        blobs.append(buffer.getvalue())
+    return blobs
+
+
+def folder_jpegs(folder: Path) -> list[bytes]:
+    """The bytes of every image file under ``folder``; ValueError naming ``--images`` when there is none."""
+    from mocolab.data.datasets import folder_images
+
+    paths = folder_images(folder)
+    if not paths:
+        raise ValueError(f"--images {folder}: no image files there; give a folder of JPEGs")
+    return [Path(p).read_bytes() for p in paths]
+
+
+def _round(views: Views, blobs: list[bytes], images: int) -> float:
+    start = time.perf_counter()
+    for first in range(0, images, BATCH):
+        default_collate([(*views(blobs[i % len(blobs)]), i) for i in range(first, min(images, first + BATCH))])
+    return images / (time.perf_counter() - start)
+
+
+def pipeline_rows(blobs: list[bytes], image_size: int, images: int, rounds: int,
+                  step_rate: float = DEFAULT_STEP_RATE) -> list[dict[str, Any]]:
+    """One row per pipeline x recipe: ``pipeline, augment, image_size, img_per_s_per_core`` (median/min/max over
+    ``rounds`` of ``images`` images), ``speedup`` over the baseline's median and ``cores_per_gpu`` for ``step_rate``."""
+    from mocolab.bench.data import single_threaded
+
+    rows = []
+    with single_threaded():
+        for recipe in RECIPES:
+            runs = {name: factory(recipe, image_size) for name, factory in PIPELINES.items()}
+            names = list(runs)
+            for name in names:
+                _round(runs[name], blobs, min(images, BATCH))  # warm-up
+            rates: dict[str, list[float]] = {name: [] for name in names}
+            for r in range(rounds):
+                for name in names if r % 2 == 0 else reversed(names):
+                    rates[name].append(_round(runs[name], blobs, images))
+            base = Spread.of(rates[BASELINE]).median
+            for name in names:
+                spread = Spread.of(rates[name])
+                rows.append({
+                    "pipeline": name, "augment": recipe, "image_size": image_size,
+                    "img_per_s_per_core": {"median": spread.median, "min": spread.min, "max": spread.max},
+                    "speedup": spread.median / base, "cores_per_gpu": math.ceil(step_rate / spread.median),
+                })
+    return rows
+
+
+def pipeline_table(rows: list[dict[str, Any]], step_rate: float, images: str) -> str:
+    """The rows as text, with the step rate they are sized for and where the images came from."""
+    header = f"{'pipeline':<16}{'augment':<10}{'size':>5}{'median':>9}{'min':>8}{'max':>8}{'x base':>8}{'cores/GPU':>11}"
+    lines = [f"input pipelines, img/s per core ({images}; cores per GPU for a {step_rate:.0f} img/s step)", header]
+    for row in rows:
+        rate = row["img_per_s_per_core"]
+        lines.append(f"{row['pipeline']:<16}{row['augment']:<10}{row['image_size']:>5}{rate['median']:>9.1f}"
+                     f"{rate['min']:>8.1f}{rate['max']:>8.1f}{row['speedup']:>8.2f}{row['cores_per_gpu']:>11}")
+    return "\n".join(lines)
+
+
+def image_bytes(folder: Optional[Path]) -> tuple[list[bytes], str]:
+    """The bench's images and a label: the files of ``folder``, or scikit-learn's sample photos."""
+    if folder is None:
+        return sample_jpegs(), "scikit-learn sample photos, 640x427 JPEG q90"
+    return folder_jpegs(folder), str(folder)
