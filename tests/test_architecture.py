@@ -12,8 +12,11 @@ from mocolab.moco.mechanisms import MECHANISMS
 
 PACKAGE = Path(__file__).resolve().parents[1] / "platform" / "mocolab"
 ARCHITECTURE = PACKAGE.parent / "ARCHITECTURE.md"
-SCHEMA_ASKS_CORE = {("mocolab.config", "mocolab.moco.mechanisms"), ("mocolab.config", "mocolab.moco.mechanisms.base"),
-                    ("mocolab.config", "mocolab.moco.timm_backbones")}
+SCHEMA_ASKS_CORE = {
+    ("mocolab.config", "mocolab.moco.mechanisms"),
+    ("mocolab.config", "mocolab.moco.mechanisms.base"),
+    ("mocolab.config", "mocolab.moco.timm_backbones"),
+}
 """The documented exception: the schema runs the mechanisms' own rules and the timm name check."""
 NOT_MECHANISM_NAMES = {("mocolab.evaluate.weights", "moco")}
 """Strings equal to a mechanism's name that mean something else: a MoCo-pretrained backbone's label ("moco" vs
@@ -38,9 +41,13 @@ def import_graph() -> dict[str, set[str]]:
             elif isinstance(node, ast.ImportFrom):
                 base = node.module or ""
                 if node.level:
-                    base = ".".join(package.split(".")[: len(package.split(".")) - node.level + 1] + ([base] if base else []))
+                    base = ".".join(
+                        package.split(".")[: len(package.split(".")) - node.level + 1] + ([base] if base else [])
+                    )
                 # ``from mocolab.x import y`` imports submodule mocolab.x.y when there is one
-                targets = [f"{base}.{alias.name}" if f"{base}.{alias.name}" in modules else base for alias in node.names]
+                targets = [
+                    f"{base}.{alias.name}" if f"{base}.{alias.name}" in modules else base for alias in node.names
+                ]
             for target in targets:
                 while target and target not in modules:  # ``import mocolab.a.b`` -> the deepest known module
                     target = target.rpartition(".")[0]
@@ -144,7 +151,11 @@ def mechanism_names_outside_moco() -> list[str]:
         if module.startswith("mocolab.moco") or module == "mocolab.config":
             continue
         for node in ast.walk(ast.parse(path.read_text(), str(path))):
-            if isinstance(node, ast.Constant) and node.value in MECHANISMS and (module, node.value) not in NOT_MECHANISM_NAMES:
+            if (
+                isinstance(node, ast.Constant)
+                and node.value in MECHANISMS
+                and (module, node.value) not in NOT_MECHANISM_NAMES
+            ):
                 found.append(f"{module}:{node.lineno} {node.value!r}")
     return found
 
@@ -159,8 +170,12 @@ def test_the_documented_layers_parse_and_place_every_module():
 
 def test_upward_import_detection_finds_one():
     layers = [("top", ["cli.py"]), ("middle", ["train/"]), ("bottom", ["moco/", "train/sweep.py"])]
-    graph = {"mocolab.train.launch": {"mocolab.cli", "mocolab.moco.model"}, "mocolab.moco.model": set(),
-             "mocolab.train.sweep": {"mocolab.train.launch"}, "mocolab.cli": {"mocolab.train.launch"}}
+    graph = {
+        "mocolab.train.launch": {"mocolab.cli", "mocolab.moco.model"},
+        "mocolab.moco.model": set(),
+        "mocolab.train.sweep": {"mocolab.train.launch"},
+        "mocolab.cli": {"mocolab.train.launch"},
+    }
     assert upward_imports(graph, layers) == [
         "mocolab.train.launch (middle) imports mocolab.cli (top)",
         "mocolab.train.sweep (bottom) imports mocolab.train.launch (middle)",  # the longest listed path decides

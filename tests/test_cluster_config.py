@@ -34,9 +34,7 @@ def test_cluster_yaml_passes_ray_schema_validation(raw_config):
     head = config["available_node_types"][config["head_node_type"]]
     assert head["max_workers"] == 0 and head["resources"] == {"CPU": 0}
     gpu_types = {
-        name: spec
-        for name, spec in config["available_node_types"].items()
-        if name != config["head_node_type"]
+        name: spec for name, spec in config["available_node_types"].items() if name != config["head_node_type"]
     }
     assert gpu_types, "no worker node types"
     for spec in gpu_types.values():

@@ -6,14 +6,13 @@ from __future__ import annotations
 import time
 
 import pytest
+from analysis_store import make_momentum_sweep
 from mlflow import MlflowClient
 
 from mocolab import tracking
 from mocolab.analysis.report import make_report
 from mocolab.compute import ComputeUsage, devices_per_worker, total, usage
 from mocolab.config import build_config
-
-from analysis_store import make_momentum_sweep
 
 
 def test_usage_counts_every_worker_and_its_devices():
@@ -32,10 +31,16 @@ def test_totals_add_worker_seconds_device_hours_and_the_known_costs():
 
 
 def _cfg(tmp_path, **tracking_section):
-    return build_config({
-        "scaling": {"num_workers": 2, "cpus_per_worker": 2, "storage_path": str(tmp_path / "ray_results")},
-        "tracking": {"experiment": "compute", "tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}", **tracking_section},
-    })
+    return build_config(
+        {
+            "scaling": {"num_workers": 2, "cpus_per_worker": 2, "storage_path": str(tmp_path / "ray_results")},
+            "tracking": {
+                "experiment": "compute",
+                "tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}",
+                **tracking_section,
+            },
+        }
+    )
 
 
 def test_each_attempt_adds_its_compute_to_the_run_even_when_it_fails(tmp_path):
@@ -73,11 +78,13 @@ def test_a_sweeps_compute_sums_its_trials_and_their_evaluations(tmp_path):
     for run_id in trials[:3]:
         tracking.log_usage(client, run_id, ComputeUsage(100.0, 0.5, 1.0))
     exp_id = tracking.experiment_id(client, "sweeps")
-    lincls = client.create_run(exp_id, tags={tracking.STAGE_TAG: tracking.STAGE_LINCLS,
-                                             tracking.PRETRAIN_RUN_TAG: trials[0]}).info.run_id
+    lincls = client.create_run(
+        exp_id, tags={tracking.STAGE_TAG: tracking.STAGE_LINCLS, tracking.PRETRAIN_RUN_TAG: trials[0]}
+    ).info.run_id
     tracking.log_usage(client, lincls, ComputeUsage(10.0, 0.25, None))
-    other = client.create_run(exp_id, tags={tracking.STAGE_TAG: tracking.STAGE_LINCLS,
-                                            tracking.PRETRAIN_RUN_TAG: "not-a-trial"}).info.run_id
+    other = client.create_run(
+        exp_id, tags={tracking.STAGE_TAG: tracking.STAGE_LINCLS, tracking.PRETRAIN_RUN_TAG: "not-a-trial"}
+    ).info.run_id
     tracking.log_usage(client, other, ComputeUsage(1000.0, 9.0, None))
     assert tracking.sweep_usage(uri, "sweeps", parent) == ComputeUsage(310.0, 1.75, 3.0)
 

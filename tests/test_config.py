@@ -4,6 +4,7 @@ import pytest
 
 from mocolab.config import ConfigError, build_config, load_config, parse_override
 
+
 def refused(raw: dict, *fragments: str) -> str:
     with pytest.raises(ConfigError) as err:
         build_config(raw)
@@ -21,7 +22,8 @@ def test_defaults_are_valid_and_get_a_run_name():
 
 
 @pytest.mark.parametrize(
-    "version, mlp, t, augment, schedule", [("v1", False, 0.07, "moco_v1", "step"), ("v2", True, 0.2, "moco_v2", "cosine")]
+    "version, mlp, t, augment, schedule",
+    [("v1", False, 0.07, "moco_v1", "step"), ("v2", True, 0.2, "moco_v2", "cosine")],
 )
 def test_version_is_a_preset(version, mlp, t, augment, schedule):
     cfg = build_config({"moco": {"version": version}, "train": {"epochs": 200}})
@@ -45,7 +47,12 @@ def test_version_override_on_a_v2_file_switches_every_preset_key(tmp_path):
     path = tmp_path / "v2.yaml"
     path.write_text("moco: {version: v2, queue_size: 4096}\ntrain: {epochs: 20}\n")
     cfg = load_config(path, ["moco.version=v1"])
-    assert (cfg.moco.mlp, cfg.moco.temperature, cfg.data.augment, cfg.train.schedule) == (False, 0.07, "moco_v1", "step")
+    assert (cfg.moco.mlp, cfg.moco.temperature, cfg.data.augment, cfg.train.schedule) == (
+        False,
+        0.07,
+        "moco_v1",
+        "step",
+    )
 
 
 def test_unknown_key_is_named():
@@ -114,26 +121,42 @@ def test_sync_bn_runs_on_cpu_and_gpu():
     assert build_config({"model": {"bn": "sync"}, "scaling": {"use_gpu": True}}).model.bn == "sync"
 
 
-@pytest.mark.parametrize("arch, optimizer, temperature, lr", [
-    ("timm:vit_tiny_patch16_224", "adamw", 0.2, 1.5e-4), ("resnet18", "lars", 1.0, 0.6),
-    ("timm:resnet18", "lars", 1.0, 0.6),
-])
+@pytest.mark.parametrize(
+    "arch, optimizer, temperature, lr",
+    [
+        ("timm:vit_tiny_patch16_224", "adamw", 0.2, 1.5e-4),
+        ("resnet18", "lars", 1.0, 0.6),
+        ("timm:resnet18", "lars", 1.0, 0.6),
+    ],
+)
 def test_v3_preset_by_backbone(arch, optimizer, temperature, lr):
     cfg = build_config({"moco": {"version": "v3"}, "model": {"arch": arch}, "data": {"image_size": 32}})
     assert (cfg.moco.mechanism, cfg.moco.symmetric, cfg.moco.momentum_schedule, cfg.model.bn) == (
-        "moco_v3", True, "cosine", "sync")
+        "moco_v3",
+        True,
+        "cosine",
+        "sync",
+    )
     assert (cfg.train.optimizer, cfg.moco.temperature, cfg.train.lr) == (optimizer, temperature, lr)
     assert cfg.base_lr == lr * cfg.global_batch / 256
     assert cfg.flat()["train.optimizer"] == optimizer  # MLflow params show the resolved values
 
 
 def test_v3_preset_explicit_keys_win():
-    cfg = build_config({"moco": {"version": "v3", "temperature": 0.5},
-                        "train": {"optimizer": "sgd", "lr_per_256": False},
-                        "model": {"arch": "timm:vit_tiny_patch16_224", "vit_freeze_patch_proj": False},
-                        "data": {"image_size": 32}})
+    cfg = build_config(
+        {
+            "moco": {"version": "v3", "temperature": 0.5},
+            "train": {"optimizer": "sgd", "lr_per_256": False},
+            "model": {"arch": "timm:vit_tiny_patch16_224", "vit_freeze_patch_proj": False},
+            "data": {"image_size": 32},
+        }
+    )
     assert (cfg.moco.temperature, cfg.train.optimizer, cfg.base_lr, cfg.model.vit_freeze_patch_proj) == (
-        0.5, "sgd", cfg.train.lr, False)
+        0.5,
+        "sgd",
+        cfg.train.lr,
+        False,
+    )
     assert cfg.model.vit_sincos_pos
 
 
@@ -145,17 +168,26 @@ def test_timm_arch_rules():
     refused({"model": {"arch": "timm:"}}, "model.arch")
     refused({"model": {"arch": "vgg"}}, "model.arch='vgg'", "timm:<timm model name>")
     refused({"model": {"arch": "timm:no_such_net"}}, "model.arch=timm:no_such_net", "timm.list_models")
-    refused({"model": {"arch": "timm:vit_tiny_patch16_224"}, "data": {"image_size": 40}},
-            "data.image_size=40", "patch size 16", "data.image_size=32")
+    refused(
+        {"model": {"arch": "timm:vit_tiny_patch16_224"}, "data": {"image_size": 40}},
+        "data.image_size=40",
+        "patch size 16",
+        "data.image_size=32",
+    )
     vit = "timm:vit_tiny_patch16_224"
-    refused({"model": {"arch": vit, "timm_kwargs": {"patch_size": 6}}, "data": {"image_size": 32}},
-            "patch size 6", "data.image_size=30")
+    refused(
+        {"model": {"arch": vit, "timm_kwargs": {"patch_size": 6}}, "data": {"image_size": 32}},
+        "patch size 6",
+        "data.image_size=30",
+    )
     refused({"model": {"arch": "timm:resnet18", "cifar_stem": True}}, "model.cifar_stem")
     refused({"model": {"arch": "resnet18", "timm_kwargs": {"depth": 2}}}, "model.timm_kwargs")
     build_config({"model": {"arch": vit, "timm_kwargs": {"patch_size": 8}}, "data": {"image_size": 32}})
 
 
-@pytest.mark.parametrize("value, amp", [("bf16", "bf16"), ("fp16", "fp16"), ("off", "off"), (False, "off"), (True, "bf16")])
+@pytest.mark.parametrize(
+    "value, amp", [("bf16", "bf16"), ("fp16", "fp16"), ("off", "off"), (False, "off"), (True, "bf16")]
+)
 def test_amp_names_the_precision_on_any_device(value, amp):
     cfg = build_config({"train": {"amp": value}})  # CPU: autocast and the fp16 GradScaler run there too
     assert cfg.train.amp == amp
@@ -235,11 +267,13 @@ def test_object_store_roots_stay_as_given(uri, tmp_path, monkeypatch):
     """A URI is kept byte for byte (a Path would make s3://b/x s3:/b/x); a path still becomes absolute."""
     monkeypatch.chdir(tmp_path)
     section = {"dataset": "imagefolder", "root": uri}
-    cfg = build_config({
-        "data": {**section, "reader": "stream"},
-        "train": {"knn_dataset": section},
-        "eval": {"lincls": {"dataset": section}},
-    })
+    cfg = build_config(
+        {
+            "data": {**section, "reader": "stream"},
+            "train": {"knn_dataset": section},
+            "eval": {"lincls": {"dataset": section}},
+        }
+    )
     assert cfg.data.root == cfg.train.knn_dataset.root == cfg.eval.lincls.dataset.root == uri
     assert cfg.data.reader == "stream" and cfg.flat()["data.root"] == uri
     assert build_config(cfg.model_dump()).data.root == uri  # a resolved config reloads unchanged
@@ -256,7 +290,9 @@ def test_config_command_prints_the_uri_unchanged(capsys):
 
 
 def test_uri_roots_that_name_no_bucket_or_detection_uris_are_refused():
-    refused({"data": {"dataset": "folder", "root": "s3://"}}, "data.root: s3:// names no bucket; use s3://BUCKET/prefix")
+    refused(
+        {"data": {"dataset": "folder", "root": "s3://"}}, "data.root: s3:// names no bucket; use s3://BUCKET/prefix"
+    )
     refused({"train": {"knn_dataset": {"dataset": "imagefolder", "root": "gs:///"}}}, "train.knn_dataset.root: gs:///")
     refused({"data": {"reader": "pipe"}}, "data.reader", "'loader'", "'stream'")
     refused(
@@ -272,11 +308,33 @@ def test_tracking_uri_from_environment(monkeypatch):
 
 def test_flat_params_use_dotted_keys():
     flat = build_config({}).flat()
-    for key in ("moco.version", "moco.dim", "moco.queue_size", "moco.momentum", "moco.temperature", "moco.mlp",
-                "model.arch", "model.cifar_stem", "model.bn", "model.bn_splits", "data.dataset", "data.root",
-                "data.augment", "data.image_size", "train.epochs", "train.batch_size", "train.lr",
-                "train.schedule", "train.weight_decay", "train.seed", "train.amp", "scaling.num_workers",
-                "scaling.use_gpu", "tracking.experiment", "tracking.run_name"):
+    for key in (
+        "moco.version",
+        "moco.dim",
+        "moco.queue_size",
+        "moco.momentum",
+        "moco.temperature",
+        "moco.mlp",
+        "model.arch",
+        "model.cifar_stem",
+        "model.bn",
+        "model.bn_splits",
+        "data.dataset",
+        "data.root",
+        "data.augment",
+        "data.image_size",
+        "train.epochs",
+        "train.batch_size",
+        "train.lr",
+        "train.schedule",
+        "train.weight_decay",
+        "train.seed",
+        "train.amp",
+        "scaling.num_workers",
+        "scaling.use_gpu",
+        "tracking.experiment",
+        "tracking.run_name",
+    ):
         assert key in flat, key
 
 
@@ -284,7 +342,9 @@ def test_custom_worker_resources():
     cfg = build_config({"scaling": {"resources_per_worker": {"spot_a100": 1}}})
     assert cfg.scaling.resources_per_worker == {"spot_a100": 1.0}
     assert cfg.flat()["scaling.resources_per_worker.spot_a100"] == 1.0  # an MLflow param and a sweep axis
-    refused({"scaling": {"resources_per_worker": {"CPU": 2}}}, "scaling.resources_per_worker", "scaling.cpus_per_worker")
+    refused(
+        {"scaling": {"resources_per_worker": {"CPU": 2}}}, "scaling.resources_per_worker", "scaling.cpus_per_worker"
+    )
     refused({"scaling": {"resources_per_worker": {"gpu": 1}}}, "scaling.resources_per_worker", "scaling.use_gpu")
     refused({"scaling": {"resources_per_worker": {"slot": 0}}}, "scaling.resources_per_worker", "> 0")
 

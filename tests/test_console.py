@@ -19,7 +19,7 @@ from mocolab.runtime import ray_job_env
 class RecordingBar:
     """Stands in for Ray's distributed tqdm: records every state the worker would send."""
 
-    instances: list["RecordingBar"] = []
+    instances: list[RecordingBar] = []
 
     def __init__(self, desc, total, unit, flush_interval_s):
         self.desc, self.total, self.n, self.sent, self.closed = desc, total, 0, [], False
@@ -66,7 +66,7 @@ def test_without_a_terminal_progress_is_a_line_a_minute(bars, monkeypatch, capfd
     clock = iter(range(0, 10_000, 10))  # 10 s a step
     monkeypatch.setattr(console.time, "perf_counter", lambda: next(clock))
     with console.StepProgress("epoch 2/9", total=30) as bar:
-        for step in range(30):
+        for _step in range(30):
             bar.step(images=100, loss=4.0, lr=0.5)
     lines = capfd.readouterr().out.splitlines()
     assert bars == [] and len(lines) == 30 * 10 // console.LINE_EVERY_S  # one a minute, none at close
@@ -103,8 +103,12 @@ def test_verbosity_sets_mlflow_level_unless_the_user_did(monkeypatch):
 
 
 def test_ray_job_env_quiets_train_and_names_the_cluster(monkeypatch):
-    for key in ("RAY_TRAIN_ENABLE_PRINT_PATCH", "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "RAY_worker_niceness",
-                "RAY_JOB_CONFIG_JSON_ENV_VAR"):
+    for key in (
+        "RAY_TRAIN_ENABLE_PRINT_PATCH",
+        "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER",
+        "RAY_worker_niceness",
+        "RAY_JOB_CONFIG_JSON_ENV_VAR",
+    ):
         monkeypatch.delenv(key, raising=False)
     monkeypatch.setenv(console.VERBOSE_ENV, "0")
     monkeypatch.setenv(console.PROGRESS_ENV, "lines")
@@ -131,6 +135,9 @@ def test_mocolab_config_prints_the_resolved_config(tmp_path, monkeypatch, capsys
     assert printed["moco"]["temperature"] == 0.07 and printed["train"]["schedule"] == "step"  # the v1 preset
     assert printed["data"]["root"] == str(tmp_path / "photos")
     assert printed["tracking"]["tracking_uri"] == "https://***@mlflow.example"
-    assert build_config(printed).model_dump() == load_config(
-        tmp_path / "c.yaml", ["tracking.run_name=r1", "tracking.tracking_uri=https://***@mlflow.example"]
-    ).model_dump()
+    assert (
+        build_config(printed).model_dump()
+        == load_config(
+            tmp_path / "c.yaml", ["tracking.run_name=r1", "tracking.tracking_uri=https://***@mlflow.example"]
+        ).model_dump()
+    )

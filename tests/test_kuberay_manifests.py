@@ -12,16 +12,16 @@ import importlib
 import re
 import shlex
 import tomllib
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import jsonschema
+import kuberay_schema
 import kubernetes_validate
 import pytest
 import yaml
 from packaging.specifiers import SpecifierSet
-
-import kuberay_schema
 
 REPO = Path(__file__).resolve().parents[1]
 DEPLOY = REPO / "deploy" / "kuberay"
@@ -84,9 +84,15 @@ def _ray_containers() -> list[dict[str, Any]]:
 
 def test_the_manifests_cover_every_piece():
     kinds = {(d["kind"], d["metadata"]["name"]) for _, d in DOCS}
-    assert {("RayCluster", "mocolab"), ("RayJob", "mocolab-pretrain"), ("RayJob", "mocolab-sweep-temperature"),
-            ("Deployment", "mocolab-mlflow"), ("Service", "mocolab-mlflow"), ("StatefulSet", "mocolab-postgres"),
-            ("Service", "mocolab-postgres")} <= kinds
+    assert {
+        ("RayCluster", "mocolab"),
+        ("RayJob", "mocolab-pretrain"),
+        ("RayJob", "mocolab-sweep-temperature"),
+        ("Deployment", "mocolab-mlflow"),
+        ("Service", "mocolab-mlflow"),
+        ("StatefulSet", "mocolab-postgres"),
+        ("Service", "mocolab-postgres"),
+    } <= kinds
     assert {d["kind"] for _, d in BUILTIN} == {"Deployment", "Service", "StatefulSet", "Secret"}
 
 
@@ -146,33 +152,59 @@ SWEEP = ("RayJob", "mocolab-sweep-temperature")
 MLFLOW = ("Deployment", "mocolab-mlflow")
 # case: (kind and name, mutation, what the error message says)
 BROKEN = {
-    "RayCluster: misspelt workerGroupSpec": (CLUSTER, _rename("spec.workerGroupSpecs", "workerGroupSpec"),
-                                             "workerGroupSpec"),
-    "RayCluster: misspelt rayStartParam": (CLUSTER, _rename(f"{HEAD}.rayStartParams", "rayStartParam"),
-                                           "rayStartParam"),
-    "RayCluster: minReplicas as a string": (CLUSTER, _set(f"{WORKER}.minReplicas", "0"),
-                                            "'0' is not of type 'integer'"),
+    "RayCluster: misspelt workerGroupSpec": (
+        CLUSTER,
+        _rename("spec.workerGroupSpecs", "workerGroupSpec"),
+        "workerGroupSpec",
+    ),
+    "RayCluster: misspelt rayStartParam": (
+        CLUSTER,
+        _rename(f"{HEAD}.rayStartParams", "rayStartParam"),
+        "rayStartParam",
+    ),
+    "RayCluster: minReplicas as a string": (
+        CLUSTER,
+        _set(f"{WORKER}.minReplicas", "0"),
+        "'0' is not of type 'integer'",
+    ),
     "RayCluster: maxReplicas beyond int32": (CLUSTER, _set(f"{WORKER}.maxReplicas", 2**31), "maximum"),
-    "RayCluster: worker group without maxReplicas": (CLUSTER, _drop(f"{WORKER}.maxReplicas"),
-                                                     "'maxReplicas' is a required property"),
-    "RayCluster: auth mode outside the enum": (CLUSTER, _set("spec.authOptions.mode", "tokens"),
-                                               "'tokens' is not one of"),
-    "RayCluster: rayStartParams value not a string": (CLUSTER, _set(f"{HEAD}.rayStartParams.num-cpus", 0),
-                                                      "0 is not of type 'string'"),
+    "RayCluster: worker group without maxReplicas": (
+        CLUSTER,
+        _drop(f"{WORKER}.maxReplicas"),
+        "'maxReplicas' is a required property",
+    ),
+    "RayCluster: auth mode outside the enum": (
+        CLUSTER,
+        _set("spec.authOptions.mode", "tokens"),
+        "'tokens' is not one of",
+    ),
+    "RayCluster: rayStartParams value not a string": (
+        CLUSTER,
+        _set(f"{HEAD}.rayStartParams.num-cpus", 0),
+        "0 is not of type 'string'",
+    ),
     "RayCluster: misspelt container field": (CLUSTER, _rename(f"{HEAD_CONTAINER}.envFrom", "envFrm"), "envFrm"),
-    "RayCluster: containerPort as a string": (CLUSTER, _set(f"{HEAD_CONTAINER}.ports.0.containerPort", "6379"),
-                                              "'6379' is not of type 'integer'"),
+    "RayCluster: containerPort as a string": (
+        CLUSTER,
+        _set(f"{HEAD_CONTAINER}.ports.0.containerPort", "6379"),
+        "'6379' is not of type 'integer'",
+    ),
     "RayCluster: misspelt metadata field": (CLUSTER, _rename("metadata.labels", "label"), "label"),
     "RayJob: misspelt entryPoint": (PRETRAIN, _rename("spec.entrypoint", "entryPoint"), "entryPoint"),
-    "RayJob: backoffLimit with clusterSelector": (PRETRAIN, _set("spec.backoffLimit", 2),
-                                                  "backoffLimit is incompatible"),
+    "RayJob: backoffLimit with clusterSelector": (
+        PRETRAIN,
+        _set("spec.backoffLimit", 2),
+        "backoffLimit is incompatible",
+    ),
     "RayJob: unknown submissionMode": (SWEEP, _set("spec.submissionMode", "K8sJob"), "submissionMode"),
     "Deployment: replicas as a string": (MLFLOW, _set("spec.replicas", "1"), "'1' is not of type 'integer'"),
     "Deployment: misspelt container field": (MLFLOW, _rename(f"{CONTAINER}.command", "comand"), "comand"),
     "Service: misspelt selector": (("Service", "mocolab-mlflow"), _rename("spec.selector", "selectr"), "selectr"),
     "StatefulSet: unknown retention policy field": (
-        ("StatefulSet", "mocolab-postgres"), _set("spec.persistentVolumeClaimRetentionPolicy.whenDelete", "Retain"),
-        "whenDelete"),
+        ("StatefulSet", "mocolab-postgres"),
+        _set("spec.persistentVolumeClaimRetentionPolicy.whenDelete", "Retain"),
+        "whenDelete",
+    ),
 }
 
 
@@ -181,8 +213,11 @@ def test_validation_refuses_a_broken_manifest(case):
     (kind, name), mutate, message = BROKEN[case]
     doc = _doc(kind, name)
     mutate(doc)
-    check = kuberay_schema.validate if doc["apiVersion"].startswith("ray.io/") else (
-        lambda d: kubernetes_validate.validate(d, kuberay_schema.KUBERNETES_VERSION, strict=True))
+    check = (
+        kuberay_schema.validate
+        if doc["apiVersion"].startswith("ray.io/")
+        else (lambda d: kubernetes_validate.validate(d, kuberay_schema.KUBERNETES_VERSION, strict=True))
+    )
     with pytest.raises(jsonschema.ValidationError) as refused:
         check(doc)
     assert message in str(refused.value.message), refused.value.message
@@ -338,8 +373,11 @@ SECRET_NAMED = re.compile(r"PASSWORD|SECRET|TOKEN|ACCESS_KEY|CREDENTIAL", re.IGN
 
 def credential_literals(text: str) -> list[str]:
     """Passwords written into URIs of ``text`` that are neither CAPITALS placeholders nor $VARIABLES."""
-    return [m["password"] for m in CREDENTIAL_IN_URI.finditer(text)
-            if not PLACEHOLDER.match(m["password"]) and not m["password"].startswith("$")]
+    return [
+        m["password"]
+        for m in CREDENTIAL_IN_URI.finditer(text)
+        if not PLACEHOLDER.match(m["password"]) and not m["password"].startswith("$")
+    ]
 
 
 def test_no_credential_is_written_anywhere_in_deploy():

@@ -28,7 +28,9 @@ def test_pyproject_ranges_hold_the_requirements_pins():
     """Every dependency is a range from the locked version to below its next major (next minor below 1.0), with
     the same extras; requirements.txt pins exactly what pyproject.toml declares (jupyterlab's extra is optional)."""
     project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
-    declared = _pins(project["dependencies"] + [r for extra in project["optional-dependencies"].values() for r in extra])
+    declared = _pins(
+        project["dependencies"] + [r for extra in project["optional-dependencies"].values() for r in extra]
+    )
     required = _pins((REPO / "requirements.txt").read_text().splitlines())
     assert set(required) - set(declared) == set(), "requirements.txt pins something pyproject.toml does not declare"
     assert set(declared) - set(required) <= {"jupyterlab"}

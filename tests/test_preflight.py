@@ -11,9 +11,13 @@ CIFAR = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10-subse
 
 
 def _cfg(tmp_path, **sections):
-    base = {"scaling": {"num_workers": 1, "storage_path": str(tmp_path / "ray_results")},
-            "tracking": {"tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}"},
-            "model": {"arch": "small_cnn", "bn": "plain"}, "train": {"batch_size": 16}, "moco": {"queue_size": 64}}
+    base = {
+        "scaling": {"num_workers": 1, "storage_path": str(tmp_path / "ray_results")},
+        "tracking": {"tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}"},
+        "model": {"arch": "small_cnn", "bn": "plain"},
+        "train": {"batch_size": 16},
+        "moco": {"queue_size": 64},
+    }
     for name, values in sections.items():
         base[name] = {**base.get(name, {}), **values}
     return build_config(base)
@@ -33,7 +37,9 @@ def test_a_good_config_passes_and_says_so_once(tmp_path, capsys):
 
 
 def test_missing_root_and_split_folders(tmp_path):
-    refused(_cfg(tmp_path, data={"dataset": "cifar10", "root": "/no/such/dir"}), "data.root=/no/such/dir", "does not exist")
+    refused(
+        _cfg(tmp_path, data={"dataset": "cifar10", "root": "/no/such/dir"}), "data.root=/no/such/dir", "does not exist"
+    )
     (tmp_path / "imgs" / "train").mkdir(parents=True)
     refused(_cfg(tmp_path, data={"dataset": "imagefolder", "root": str(tmp_path / "imgs")}), "data", "test")
 
@@ -104,8 +110,13 @@ def _one_class_imagefolder(root: Path) -> Path:
 def test_a_single_class_split_is_refused_for_linear_eval_and_noted_for_knn(tmp_path, capsys):
     root = _one_class_imagefolder(tmp_path / "imgs")
     data = {"dataset": "imagefolder", "root": str(root), "image_size": 12}
-    refused(_cfg(tmp_path, data=data), "data.root=", "has 1 class folder under train/",
-            "linear accuracy is meaningless", stages=("lincls",))
+    refused(
+        _cfg(tmp_path, data=data),
+        "data.root=",
+        "has 1 class folder under train/",
+        "linear accuracy is meaningless",
+        stages=("lincls",),
+    )
     preflight(_cfg(tmp_path, data=data))
     out = capsys.readouterr().out
     assert "the kNN monitor's accuracy is meaningless" in out and "or set train.knn_every=0" in out

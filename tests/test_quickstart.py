@@ -14,7 +14,12 @@ def test_package_config_is_the_experiments_file():
 def test_quickstart_config_is_two_workers_with_shuffle_bn_on_digits(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     cfg = quickstart_config(seed=7, overrides=["train.epochs=3"])
-    assert (cfg.data.dataset, cfg.model.bn, cfg.scaling.num_workers, cfg.scaling.use_gpu) == ("digits", "shuffle", 2, False)
+    assert (cfg.data.dataset, cfg.model.bn, cfg.scaling.num_workers, cfg.scaling.use_gpu) == (
+        "digits",
+        "shuffle",
+        2,
+        False,
+    )
     assert (cfg.train.seed, cfg.train.epochs) == (7, 3)
     assert cfg.tracking.run_name  # a fresh name per quickstart
     assert cfg.scaling.storage_path == str(tmp_path / "ray_results")  # the default, made absolute at load

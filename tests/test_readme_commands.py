@@ -35,7 +35,7 @@ def test_the_readme_submits_pretraining_linear_eval_and_a_sweep():
 def test_the_readme_configs_load_once_the_bucket_is_named(subcommand):
     command = readme_job_commands(REPO)[subcommand]
     argv = command.argv({"BUCKET": "my-bucket", "RUN_ID": "0123abcd"})
-    entry = argv[argv.index("--") + 1:]
+    entry = argv[argv.index("--") + 1 :]
     overrides = [entry[i + 1] for i, arg in enumerate(entry) if arg == "--set"]
     cfg = load_config(REPO / entry[2], overrides)
     assert cfg.data.root == "s3://my-bucket/mocolab/data/imagenet"
@@ -80,8 +80,9 @@ def test_the_readme_shows_quick_commands_to_run():
 @pytest.mark.parametrize("argv", [a for a in README_COMMANDS if is_quick(a)], ids=" ".join)
 def test_each_quick_readme_command_runs_as_written(argv, tmp_path):
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/mlflow.db"}
-    result = subprocess.run([sys.executable, "-m", "mocolab.cli", *argv], cwd=REPO, env=env, capture_output=True,
-                            text=True, timeout=300)
+    result = subprocess.run(
+        [sys.executable, "-m", "mocolab.cli", *argv], cwd=REPO, env=env, capture_output=True, text=True, timeout=300
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.strip()
 

@@ -44,7 +44,10 @@ def test_no_secret_in_params_tags_artifacts_logs_or_checkpoints(ray_local, tmp_p
         monkeypatch.setenv(name, value)
     monkeypatch.chdir(tmp_path)
     storage = tmp_path / "ray_results"
-    with tempfile.TemporaryDirectory(prefix="mlflow-", dir=tmp_path) as server_dir, mlflow_server(Path(server_dir)) as uri:
+    with (
+        tempfile.TemporaryDirectory(prefix="mlflow-", dir=tmp_path) as server_dir,
+        mlflow_server(Path(server_dir)) as uri,
+    ):
         uri_with_password = uri.replace("http://", f"http://alice:{FAKE_SECRETS['MLFLOW_TRACKING_PASSWORD']}@")
         code = cli.main(
             ["pretrain", QUICKSTART, "--set", f"tracking.tracking_uri={uri_with_password}",

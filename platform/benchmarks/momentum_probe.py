@@ -18,7 +18,8 @@ dictionary:
   the key encoder's embedding moves in an epoch).
 
 ``--switch EPOCH:M`` sets the momentum to ``M`` after epoch ``EPOCH`` (e.g. start at 0.99, continue at 0.9: is
-the failure an early-training event?). With ``--fresh-queue`` every queue key is encoded again by the current key encoder after each step: a
+the failure an early-training event?). With ``--fresh-queue`` every queue key is encoded again by the current key
+encoder after each step: a
 dictionary with no stale keys (an intervention, ~K/B times the key encoder's work), to tell staleness apart from
 the key encoder's speed as such.
 
@@ -39,8 +40,8 @@ from torch.utils.data import DataLoader
 from mocolab.config import load_config
 from mocolab.data.datasets import build_pretrain_dataset, collate_keep_batch_size
 from mocolab.moco.model import MoCo
-from mocolab.train.knn import knn_top1
 from mocolab.runtime import seed_everything
+from mocolab.train.knn import knn_top1
 from mocolab.train.pretrain import knn_loaders, lr_factor
 
 SWEEP_BASE = [  # the momentum_cpu sweep's trial: one worker, the quickstart's global batch, split-BN
@@ -83,17 +84,25 @@ def staleness(model: MoCo, crops: KeyCrops, batch: int, now: int) -> tuple[float
     return float(cos[order[:quarter]].mean()), float(cos[order[-quarter:]].mean())
 
 
-def run(cfg, epochs: int, log_every_step: bool, fresh_queue: bool = False, switch: tuple[int, float] | None = None) -> list[dict]:
+def run(
+    cfg, epochs: int, log_every_step: bool, fresh_queue: bool = False, switch: tuple[int, float] | None = None
+) -> list[dict]:
     torch.set_num_threads(1)
     seed_everything(cfg.train.seed)
     dataset = build_pretrain_dataset(cfg.data)
     loader = DataLoader(
-        dataset, batch_size=cfg.train.batch_size, shuffle=True, drop_last=True, collate_fn=collate_keep_batch_size,
+        dataset,
+        batch_size=cfg.train.batch_size,
+        shuffle=True,
+        drop_last=True,
+        collate_fn=collate_keep_batch_size,
         generator=torch.Generator().manual_seed(cfg.train.seed),
     )
     model = MoCo.from_config(cfg, num_train_samples=len(dataset))
     opt = torch.optim.SGD(
-        [p for p in model.parameters() if p.requires_grad], lr=cfg.train.lr, momentum=cfg.train.sgd_momentum,
+        [p for p in model.parameters() if p.requires_grad],
+        lr=cfg.train.lr,
+        momentum=cfg.train.sgd_momentum,
         weight_decay=cfg.train.weight_decay,
     )
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, len(loader), cfg.train))
@@ -175,8 +184,17 @@ def main() -> None:
         epoch, momentum = args.switch.split(":")
         switch = (int(epoch), float(momentum))
     cfg = load_config(args.config, SWEEP_BASE + [f"train.epochs={args.epochs}"] + args.overrides)
-    print(json.dumps({"config": {k: v for k, v in cfg.flat().items() if k.startswith(("moco.", "train.lr", "model.bn",
-                                                                                        "data.digits", "train.batch"))}}))
+    print(
+        json.dumps(
+            {
+                "config": {
+                    k: v
+                    for k, v in cfg.flat().items()
+                    if k.startswith(("moco.", "train.lr", "model.bn", "data.digits", "train.batch"))
+                }
+            }
+        )
+    )
     run(cfg, args.epochs, log_every_step=True, fresh_queue=args.fresh_queue, switch=switch)
 
 

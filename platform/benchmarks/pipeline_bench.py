@@ -20,8 +20,8 @@ import json
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # platform/: import mocolab without installing it
 
@@ -96,9 +96,10 @@ def cpu_bytes(files: list[bytes], batch_size: int) -> Callable[[], int]:
 
     def run() -> int:
         for start in range(0, len(files), batch_size):
-            chunk = files[start:start + batch_size]
-            collate_encoded([(torch.frombuffer(bytearray(d), dtype=torch.uint8), f"#{i}", i)
-                             for i, d in enumerate(chunk)])
+            chunk = files[start : start + batch_size]
+            collate_encoded(
+                [(torch.frombuffer(bytearray(d), dtype=torch.uint8), f"#{i}", i) for i, d in enumerate(chunk)]
+            )
         return len(files)
 
     return run
@@ -114,8 +115,15 @@ def gpu_loop(args: argparse.Namespace, batch: Callable[[], tuple], device: torch
     from mocolab.bench.spec import StepSpec
     from mocolab.bench.step import train_step
 
-    spec = StepSpec(arch=args.arch, image_size=args.image_size, batch_size=args.batch_size,
-                    queue_size=args.queue_size, precision="bf16", channels_last=True, device=str(device))
+    spec = StepSpec(
+        arch=args.arch,
+        image_size=args.image_size,
+        batch_size=args.batch_size,
+        queue_size=args.queue_size,
+        precision="bf16",
+        channels_last=True,
+        device=str(device),
+    )
     step = train_step(spec)
     index = torch.arange(args.batch_size, device=device)
 
@@ -143,8 +151,9 @@ def main(argv: list[str] | None = None) -> int:
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # the per-core timings
     per_core = {
-        "cpu": median_rate(cpu_decode_augment(cycle(files, args.cpu_images), args.augment, args.image_size),
-                           args.repeats),
+        "cpu": median_rate(
+            cpu_decode_augment(cycle(files, args.cpu_images), args.augment, args.image_size), args.repeats
+        ),
         "device": median_rate(cpu_bytes(cycle(files, args.cpu_images), args.batch_size), args.repeats),
     }
     torch.set_num_threads(threads)
@@ -162,26 +171,43 @@ def main(argv: list[str] | None = None) -> int:
     device_views = DeviceViews(args.augment, args.image_size, "fail", device, args.batch_size)
     decoded = lambda: device_views(encoded)[:2]  # noqa: E731
 
-    gpu = {"cpu": median_rate(gpu_loop(args, copied, device), args.repeats, args.warmup),
-           "device": median_rate(gpu_loop(args, decoded, device), args.repeats, args.warmup)}
+    gpu = {
+        "cpu": median_rate(gpu_loop(args, copied, device), args.repeats, args.warmup),
+        "device": median_rate(gpu_loop(args, decoded, device), args.repeats, args.warmup),
+    }
     augment_only = median_rate(lambda: (decoded(), sync(device), args.batch_size)[2], args.repeats, args.warmup)
 
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    print(f"{args.arch}@{args.image_size} batch {args.batch_size} bf16 channels_last, {args.augment}, "
-          f"{len(files)} JPEG(s), on {name}, torch {torch.__version__}")
-    print(f"target: {TARGET_IMG_S:,} img/s per H100 (ResNet-50 MoCo step, 224 px, bf16, channels_last, "
-          "batch 128 per GPU)")
+    print(
+        f"{args.arch}@{args.image_size} batch {args.batch_size} bf16 channels_last, {args.augment}, "
+        f"{len(files)} JPEG(s), on {name}, torch {torch.__version__}"
+    )
+    print(
+        f"target: {TARGET_IMG_S:,} img/s per H100 (ResNet-50 MoCo step, 224 px, bf16, channels_last, batch 128 per GPU)"
+    )
     print(f"{'pipeline':<9} {'CPU img/s per core':>19} {'GPU img/s (decode+aug+step)':>28} {'CPU cores per GPU':>18}")
-    record = {"device": name, "arch": args.arch, "image_size": args.image_size, "batch_size": args.batch_size,
-              "augment": args.augment, "target_img_s": TARGET_IMG_S, "pipelines": {}}
+    record = {
+        "device": name,
+        "arch": args.arch,
+        "image_size": args.image_size,
+        "batch_size": args.batch_size,
+        "augment": args.augment,
+        "target_img_s": TARGET_IMG_S,
+        "pipelines": {},
+    }
     for pipeline in ("cpu", "device"):
         cores = gpu[pipeline] / per_core[pipeline]
         print(f"{pipeline:<9} {per_core[pipeline]:>19.0f} {gpu[pipeline]:>28.0f} {cores:>18.2f}")
-        record["pipelines"][pipeline] = {"cpu_img_s_per_core": per_core[pipeline], "gpu_img_s": gpu[pipeline],
-                                         "cores_per_gpu": cores}
+        record["pipelines"][pipeline] = {
+            "cpu_img_s_per_core": per_core[pipeline],
+            "gpu_img_s": gpu[pipeline],
+            "cores_per_gpu": cores,
+        }
     cores_at_target = TARGET_IMG_S / per_core["cpu"]
-    print(f"device decode + two crops alone: {augment_only:.0f} img/s; at the target the cpu pipeline needs "
-          f"{cores_at_target:.1f} cores per GPU")
+    print(
+        f"device decode + two crops alone: {augment_only:.0f} img/s; at the target the cpu pipeline needs "
+        f"{cores_at_target:.1f} cores per GPU"
+    )
     record["device_decode_augment_img_s"] = augment_only
     if args.json:
         args.json.write_text(json.dumps(record, indent=2) + "\n")

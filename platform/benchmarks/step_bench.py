@@ -37,8 +37,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--momentum", type=float, default=0.999)
     p.add_argument("--temperature", type=float, default=0.2)
     p.add_argument("--linear-head", action="store_true", help="MoCo v1 / CIFAR demo linear head (default: v2 MLP)")
-    p.add_argument("--bn", default="shuffle", choices=("shuffle", "split", "plain"),
-                   help="shuffle: one worker's share of shuffle-BN (default); split: SplitBatchNorm (--bn-splits)")
+    p.add_argument(
+        "--bn",
+        default="shuffle",
+        choices=("shuffle", "split", "plain"),
+        help="shuffle: one worker's share of shuffle-BN (default); split: SplitBatchNorm (--bn-splits)",
+    )
     p.add_argument("--bn-splits", type=int, default=1)
     p.add_argument("--compile", action="store_true", help="also time the bf16 step with torch.compile'd encoders")
     p.add_argument("--steps", type=int, default=20)
@@ -52,9 +56,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def variants(args: argparse.Namespace) -> dict[str, StepSpec]:
     """The contenders: fp32, bf16 and fp16 autocast (contiguous), bf16 + channels_last (+ compiled when asked)."""
     base = StepSpec(
-        arch=args.arch, image_size=args.image_size, batch_size=args.batch_size, cifar_stem=args.cifar_stem,
-        bn=args.bn, bn_splits=args.bn_splits, dim=args.dim, queue_size=args.queue_size, momentum=args.momentum,
-        temperature=args.temperature, mlp=not args.linear_head, device=args.device,
+        arch=args.arch,
+        image_size=args.image_size,
+        batch_size=args.batch_size,
+        cifar_stem=args.cifar_stem,
+        bn=args.bn,
+        bn_splits=args.bn_splits,
+        dim=args.dim,
+        queue_size=args.queue_size,
+        momentum=args.momentum,
+        temperature=args.temperature,
+        mlp=not args.linear_head,
+        device=args.device,
     )
     specs = {
         "mocolab fp32": base,
@@ -78,15 +91,21 @@ def main(argv: list[str] | None = None) -> int:
     comparison = compare_steps(specs, steps=args.steps, repeats=args.repeats, warmup=args.warmup)
     ratios = {name: comparison.ratio(name) for name in comparison.rates}
     rows = [[name, format_value(rate), format_spread(ratios[name])] for name, rate in comparison.img_s.items()]
-    title = (f"{first.arch}{'-cifar' if first.cifar_stem else ''}@{first.image_size} batch {first.batch_size} "
-             f"K={first.queue_size} bn={first.bn} on {device_name}, torch {torch.__version__}")
+    title = (
+        f"{first.arch}{'-cifar' if first.cifar_stem else ''}@{first.image_size} batch {first.batch_size} "
+        f"K={first.queue_size} bn={first.bn} on {device_name}, torch {torch.__version__}"
+    )
     print(title)
     print(format_table(rows, ["step", "img/s", f"vs {REFERENCE} fp32 [min, max] xrepeats"]))
     noisy = [name for name, ratio in ratios.items() if ratio.noisy]
     if noisy:
         print(f"too noisy for a verdict on {', '.join(noisy)}: rerun with more --repeats or on a quiet machine")
-    record = {"title": title, "img_s": comparison.img_s, "ratio_vs_reference": {n: r.median for n, r in ratios.items()},
-              "spread": {n: r.as_dict() for n, r in ratios.items()}}
+    record = {
+        "title": title,
+        "img_s": comparison.img_s,
+        "ratio_vs_reference": {n: r.median for n, r in ratios.items()},
+        "spread": {n: r.as_dict() for n, r in ratios.items()},
+    }
     if args.profile_steps > 0:
         fractions = profile_step(specs["mocolab bf16+cl"], steps=args.profile_steps, warmup=args.warmup)
         record["profile_bf16_cl"] = fractions

@@ -57,7 +57,9 @@ def start_store(folder: Path):
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()
     os.environ.update(
-        AWS_ENDPOINT_URL=f"http://127.0.0.1:{port}", AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing",
+        AWS_ENDPOINT_URL=f"http://127.0.0.1:{port}",
+        AWS_ACCESS_KEY_ID="testing",
+        AWS_SECRET_ACCESS_KEY="testing",
         AWS_DEFAULT_REGION="us-east-1",
     )
     client = boto3.client("s3")
@@ -93,18 +95,29 @@ def main() -> None:
         for round_no in range(args.rounds):
             for name in READERS:
                 reader = name.split("-")[0]
-                cfg = load_config(args.config, [*args.overrides, f"data.root={roots[name]}", f"data.reader={reader}",
-                                                 "data.limit_train=null", "data.limit_test=null"])
+                cfg = load_config(
+                    args.config,
+                    [
+                        *args.overrides,
+                        f"data.root={roots[name]}",
+                        f"data.reader={reader}",
+                        "data.limit_train=null",
+                        "data.limit_test=null",
+                    ],
+                )
                 times = run_timed_pretrain(cfg, work / f"{name}-{round_no}", epochs=args.epochs)
                 rates[name].append(times.epochs.img_s)
                 loads.append(os.getloadavg()[0])
                 print(f"round {round_no + 1} {name}: {times.epochs.img_s:.1f} img/s (load {loads[-1]:.1f})", flush=True)
     finally:
         server.stop()
-    summary = {name: {"median": statistics.median(v), "min": min(v), "max": max(v), "rounds": v}
-               for name, v in rates.items()}
-    print(f"{'reader':<14} epoch img/s median [min, max] over {args.rounds} rounds, {args.images} images, "
-          f"load average {min(loads):.1f}-{max(loads):.1f}")
+    summary = {
+        name: {"median": statistics.median(v), "min": min(v), "max": max(v), "rounds": v} for name, v in rates.items()
+    }
+    print(
+        f"{'reader':<14} epoch img/s median [min, max] over {args.rounds} rounds, {args.images} images, "
+        f"load average {min(loads):.1f}-{max(loads):.1f}"
+    )
     for name, s in summary.items():
         ratio = s["median"] / summary["loader-local"]["median"]
         print(f"{name:<14} {s['median']:7.1f} [{s['min']:.1f}, {s['max']:.1f}]  x{ratio:.2f} of loader-local")

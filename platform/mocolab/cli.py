@@ -18,19 +18,27 @@ import tempfile
 import time
 import traceback
 from pathlib import Path
-from typing import Optional
 
 SUBCOMMANDS = {
     "pretrain": ("mocolab.commands.pretrain", "MoCo pretraining on Ray Train (resumes a run of the same name)"),
-    "quickstart": ("mocolab.commands.quickstart", "pretrain on bundled digits, then kNN/linear/detection vs random init"),
+    "quickstart": (
+        "mocolab.commands.quickstart",
+        "pretrain on bundled digits, then kNN/linear/detection vs random init",
+    ),
     "lincls": ("mocolab.commands.lincls", "linear classification on frozen features (the paper's protocol)"),
     "detect": ("mocolab.commands.detect", "Faster R-CNN transfer, COCO-style AP"),
     "sweep": ("mocolab.commands.sweep", "Ray Tune sweep from a sweep file (experiments/sweeps/)"),
     "report": ("mocolab.commands.report", "ablation tables, plots and a markdown report from MLflow"),
-    "reproduce": ("mocolab.commands.reproduce", "the MoCo papers' claims at CPU scale over seeds, with verdicts and a report"),
+    "reproduce": (
+        "mocolab.commands.reproduce",
+        "the MoCo papers' claims at CPU scale over seeds, with verdicts and a report",
+    ),
     "bench": ("mocolab.commands.bench", "step, reference-loop, data-pipeline and overhead benchmarks"),
     "export": ("mocolab.commands.export", "write a backbone as torchvision keys or a detectron2 .pkl"),
-    "config": ("mocolab.commands.config", "print a config as it resolves (preset, --set overrides, absolute paths) in YAML"),
+    "config": (
+        "mocolab.commands.config",
+        "print a config as it resolves (preset, --set overrides, absolute paths) in YAML",
+    ),
 }
 VERBOSE_HELP = (
     "also show Ray's and MLflow's informational output (start-up, worker groups, reports); Ray's log files keep it "
@@ -38,8 +46,9 @@ VERBOSE_HELP = (
 )
 
 
-def add_overrides_argument(parser: argparse.ArgumentParser, help: str = "override a config key, e.g. "
-                           "--set moco.temperature=0.2 (repeatable)") -> None:
+def add_overrides_argument(
+    parser: argparse.ArgumentParser, help: str = "override a config key, e.g. --set moco.temperature=0.2 (repeatable)"
+) -> None:
     """The ``--set KEY=VALUE`` option every config-taking subcommand shares (collected in ``args.overrides``)."""
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help=help)
 
@@ -63,7 +72,9 @@ def add_source_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="mocolab", description="MoCo pretraining, sweeps and analysis on Ray + MLflow")
+    parser = argparse.ArgumentParser(
+        prog="mocolab", description="MoCo pretraining, sweeps and analysis on Ray + MLflow"
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (module, help_text) in SUBCOMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
@@ -130,7 +141,7 @@ def _run(command: str, module, args: argparse.Namespace, argv: list[str]) -> int
         say(str(err))
         return 1
     except KeyboardInterrupt as err:
-        run_name: Optional[str] = getattr(err, "run_name", None)
+        run_name: str | None = getattr(err, "run_name", None)
         resume = f"; resume it with: {resume_command(argv, run_name)}" if run_name else ""
         say(f"{err or 'interrupted'}{resume}")
         return 130

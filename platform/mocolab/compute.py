@@ -11,7 +11,6 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Optional
 
 
 @dataclass(frozen=True)
@@ -20,12 +19,15 @@ class ComputeUsage:
 
     worker_seconds: float
     device_hours: float
-    cost: Optional[float] = None
+    cost: float | None = None
 
-    def __add__(self, other: "ComputeUsage") -> "ComputeUsage":
+    def __add__(self, other: ComputeUsage) -> ComputeUsage:
         costs = [c for c in (self.cost, other.cost) if c is not None]
-        return ComputeUsage(self.worker_seconds + other.worker_seconds, self.device_hours + other.device_hours,
-                            sum(costs) if costs else None)
+        return ComputeUsage(
+            self.worker_seconds + other.worker_seconds,
+            self.device_hours + other.device_hours,
+            sum(costs) if costs else None,
+        )
 
 
 NONE = ComputeUsage(0.0, 0.0)
@@ -36,7 +38,7 @@ def devices_per_worker(use_gpu: bool, cpus_per_worker: float) -> float:
     return 1.0 if use_gpu else float(cpus_per_worker)
 
 
-def usage(wall_s: float, num_workers: int, devices: float, price_per_device_hour: Optional[float] = None) -> ComputeUsage:
+def usage(wall_s: float, num_workers: int, devices: float, price_per_device_hour: float | None = None) -> ComputeUsage:
     """The usage of ``num_workers`` workers of ``devices`` devices each held for ``wall_s`` seconds."""
     if wall_s < 0 or num_workers < 1 or devices <= 0:
         raise ValueError(f"wall_s={wall_s}, num_workers={num_workers} and devices={devices} must be >= 0, >= 1, > 0")

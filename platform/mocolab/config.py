@@ -13,7 +13,7 @@ import re
 import secrets
 import time
 from pathlib import Path
-from typing import Any, Literal, Optional, Union
+from typing import Any, Literal
 
 import yaml
 from pydantic import (
@@ -42,10 +42,19 @@ PRESETS: dict[str, dict[str, Any]] = {
     "v1": {"moco.mlp": False, "moco.temperature": 0.07, "data.augment": "moco_v1", "train.schedule": "step"},
     "v2": {"moco.mlp": True, "moco.temperature": 0.2, "data.augment": "moco_v2", "train.schedule": "cosine"},
     "v3": {
-        "moco.mechanism": "moco_v3", "moco.symmetric": True, "moco.momentum": 0.99, "moco.momentum_schedule": "cosine",
-        "moco.dim": 256, "moco.mlp_dim": 4096, "model.bn": "sync", "model.vit_sincos_pos": True,
-        "model.vit_freeze_patch_proj": True, "data.augment": "moco_v2", "train.schedule": "cosine",
-        "train.lr_per_256": True, "train.warmup_epochs": 10,
+        "moco.mechanism": "moco_v3",
+        "moco.symmetric": True,
+        "moco.momentum": 0.99,
+        "moco.momentum_schedule": "cosine",
+        "moco.dim": 256,
+        "moco.mlp_dim": 4096,
+        "model.bn": "sync",
+        "model.vit_sincos_pos": True,
+        "model.vit_freeze_patch_proj": True,
+        "data.augment": "moco_v2",
+        "train.schedule": "cosine",
+        "train.lr_per_256": True,
+        "train.warmup_epochs": 10,
     },
 }
 """``moco.version`` as a preset: the keys it sets unless the YAML or ``--set`` gives them. v1 (He et al. 2020):
@@ -68,8 +77,9 @@ STEP_MILESTONE_FRACTIONS = (0.6, 0.8)
 
 class MocoConfig(_Section):
     version: Literal["v1", "v2", "v3"] = Field(
-        "v2", description="preset (config.PRESETS): v1/v2 set mlp, temperature, data.augment, train.schedule; v3 "
-        "sets the mechanism, heads, momentum schedule, BN, optimizer and lr recipe"
+        "v2",
+        description="preset (config.PRESETS): v1/v2 set mlp, temperature, data.augment, train.schedule; v3 "
+        "sets the mechanism, heads, momentum schedule, BN, optimizer and lr recipe",
     )
     mechanism: str = Field("moco", description="moco | end_to_end | memory_bank | moco_v3 (see moco/mechanisms/)")
     dim: int = Field(128, gt=0, description="embedding dimension; preset: 256 (v3)")
@@ -78,7 +88,8 @@ class MocoConfig(_Section):
         "constant", description="cosine: moco.momentum raised to 1 over the run, per step (v3's moco-m-cos)"
     )
     queue_size: int = Field(
-        65536, gt=0,
+        65536,
+        gt=0,
         description="K: negatives in the queue (moco) or drawn per step (memory_bank); end_to_end: K = global batch",
     )
     momentum: float = 0.999
@@ -142,13 +153,14 @@ class ModelConfig(_Section):
     )
     cifar_stem: bool = False
     bn: Literal["shuffle", "split", "sync", "plain"] = Field(
-        "shuffle", description="sync: every BN synchronised across workers (SyncBatchNorm on GPU, an all-reduce BN "
-        "over gloo on CPU); preset: sync (v3)"
+        "shuffle",
+        description="sync: every BN synchronised across workers (SyncBatchNorm on GPU, an all-reduce BN "
+        "over gloo on CPU); preset: sync (v3)",
     )
     bn_splits: int = Field(8, ge=1)
-    channels_last: Optional[bool] = Field(None, description="default: true on GPU, false on CPU")
+    channels_last: bool | None = Field(None, description="default: true on GPU, false on CPU")
     compile: bool = False
-    init_weights: Optional[Path] = Field(
+    init_weights: Path | None = Field(
         None,
         description="pretraining starts both encoders' backbones from this weights file (any layout --weights "
         "reads; the pre-flight step checks it against model.arch)",
@@ -174,7 +186,7 @@ class DigitsConfig(_Section):
     seed: int = 0
 
     @model_validator(mode="after")
-    def _digit_fits_canvas(self) -> "DigitsConfig":
+    def _digit_fits_canvas(self) -> DigitsConfig:
         if self.min_scale > self.max_scale:
             raise ValueError(
                 f"data.digits.min_scale={self.min_scale} is above data.digits.max_scale={self.max_scale}; swap them"
@@ -202,7 +214,7 @@ class DataConfig(_Section):
         description="imagefolder: root/<split>/<class>/<image>; folder: every image anywhere under data.root, "
         "no labels, no splits (pretraining only)",
     )
-    root: Optional[str] = Field(
+    root: str | None = Field(
         None,
         description="the dataset's folder (local or NFS path, made absolute at load) or an object-store URI "
         "(s3://bucket/prefix, gs://...; endpoint and credentials from the AWS environment, kept as given)",
@@ -220,32 +232,34 @@ class DataConfig(_Section):
         "augments (kornia, same moco_v1/moco_v2/none recipes; custom op lists refused); see docs/device_pipeline.md",
     )
     stream_cpus: float = Field(
-        1, ge=0,
+        1,
+        ge=0,
         description="data.reader=stream: CPUs each Ray Data read/decode/augment task asks for; 0 runs them on the "
         "CPUs the training workers hold (a machine with no CPU to spare, e.g. 2 workers on 2 CPUs)",
     )
     train_split: str = Field("train", description="unused by folder")
     test_split: str = Field("test", description="unused by folder")
-    augment: Union[str, list[dict[str, Any]]] = Field(
-        "moco_v2", description="moco_v1 | moco_v2 | none, or a list of albumentations ops; preset: moco_v1 (v1), moco_v2 (v2)"
+    augment: str | list[dict[str, Any]] = Field(
+        "moco_v2",
+        description="moco_v1 | moco_v2 | none, or a list of albumentations ops; preset: moco_v1 (v1), moco_v2 (v2)",
     )
     image_size: int = Field(32, ge=8)
-    loader_workers: Union[int, Literal["auto"]] = "auto"
+    loader_workers: int | Literal["auto"] = "auto"
     on_corrupt: Literal["fail", "skip"] = "fail"
-    limit_train: Optional[int] = Field(None, gt=0, description="use only the first N training images")
-    limit_test: Optional[int] = Field(None, gt=0)
+    limit_train: int | None = Field(None, gt=0, description="use only the first N training images")
+    limit_test: int | None = Field(None, gt=0)
     digits: DigitsConfig = Field(default_factory=DigitsConfig)
 
     _root_as_text = field_validator("root", mode="before")(classmethod(lambda cls, v: _as_text(v)))
 
     @field_validator("root")
     @classmethod
-    def _root_names_a_location(cls, v: Optional[str]) -> Optional[str]:
+    def _root_names_a_location(cls, v: str | None) -> str | None:
         return _names_a_location(v)
 
     @field_validator("loader_workers")
     @classmethod
-    def _loader_workers_count(cls, v: Union[int, str]) -> Union[int, str]:
+    def _loader_workers_count(cls, v: int | str) -> int | str:
         if v != "auto" and v < 0:
             raise ValueError(f"data.loader_workers={v} must be >= 0 or 'auto' (one fewer than scaling.cpus_per_worker)")
         return v
@@ -259,8 +273,9 @@ class TrainConfig(_Section):
         False, description="scale train.lr by the global batch / 256 (v3's linear scaling rule); preset: true (v3)"
     )
     optimizer: Literal["sgd", "lars", "adamw"] = Field(
-        "sgd", description="lars: v3's LARS (no decay or adaptation of biases and norms); adamw: as the v3 code (every "
-        "parameter decayed); preset: adamw for timm ViTs, lars otherwise (v3)"
+        "sgd",
+        description="lars: v3's LARS (no decay or adaptation of biases and norms); adamw: as the v3 code (every "
+        "parameter decayed); preset: adamw for timm ViTs, lars otherwise (v3)",
     )
     schedule: Literal["cosine", "step"] = Field("cosine", description="preset: step (v1), cosine (v2)")
     lr_milestones: list[int] = Field(
@@ -277,7 +292,8 @@ class TrainConfig(_Section):
         "fp32; YAML's false/off read as off",
     )
     check_finite_every: int = Field(
-        100, ge=1,
+        100,
+        ge=1,
         description="steps between checks that the loss stayed finite (one host read + all-reduce each, and at "
         "every epoch end); a NaN/inf stops the run at the next check, naming the step where it first appeared",
     )
@@ -285,17 +301,17 @@ class TrainConfig(_Section):
     checkpoint_every: int = Field(1, ge=1, description="epochs between checkpoints")
     keep_checkpoints: int = Field(2, ge=1)
     knn_every: int = Field(1, ge=0, description="epochs between kNN monitor evaluations; 0 disables it")
-    knn_dataset: Optional[DataConfig] = Field(
+    knn_dataset: DataConfig | None = Field(
         None,
         description="labeled data of the kNN monitor (its train split is the bank, its test split the queries); "
         "default: the data section, unless data.dataset=folder (no labels: the monitor is then off)",
     )
     knn_k: int = Field(200, ge=1)
     knn_t: float = Field(0.1, gt=0)
-    knn_bank_images: Optional[int] = Field(
+    knn_bank_images: int | None = Field(
         None, gt=0, description="kNN monitor: at most this many training images as its bank, evenly spaced (all: null)"
     )
-    knn_test_images: Optional[int] = Field(
+    knn_test_images: int | None = Field(
         None, gt=0, description="kNN monitor: at most this many test images as its queries, evenly spaced (all: null)"
     )
     max_failures: int = Field(0, ge=0, description="Ray Train FailureConfig retries of a failed worker group")
@@ -313,7 +329,8 @@ class ScalingConfig(_Section):
     cpus_per_worker: float = Field(1, gt=0)
     storage_path: str = Field("ray_results", description="local dir, NFS or s3:// URI for Ray checkpoints")
     start_timeout_s: float = Field(
-        600, gt=0,
+        600,
+        gt=0,
         description="how long Ray Train may wait for the workers' resources (an autoscaling cluster adding nodes) "
         "before the run fails naming what is pending; a local Ray that can never hold them is refused at once",
     )
@@ -350,22 +367,23 @@ class ScalingConfig(_Section):
 
 class TrackingConfig(_Section):
     experiment: str = Field("mocolab", min_length=1)
-    run_name: Optional[str] = Field(None, description="letters, digits, '.', '_', '-' (it names the Ray storage folder)")
-    tracking_uri: Optional[str] = Field(None, description="default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db")
-    register_model: Optional[str] = Field(
+    run_name: str | None = Field(None, description="letters, digits, '.', '_', '-' (it names the Ray storage folder)")
+    tracking_uri: str | None = Field(None, description="default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db")
+    register_model: str | None = Field(
         None, description="register the final backbone (the logged model 'backbone') under this model-registry name"
     )
     system_metrics_interval_s: float = Field(
         10.0, ge=0, description="seconds between system-metric samples (CPU, memory, GPU) of a pretraining run; 0: off"
     )
-    price_per_device_hour: Optional[float] = Field(
-        None, gt=0,
+    price_per_device_hour: float | None = Field(
+        None,
+        gt=0,
         description="price of one device-hour (a GPU-hour with scaling.use_gpu, else a CPU-hour); runs then log cost",
     )
 
     @field_validator("run_name")
     @classmethod
-    def _run_name_is_a_folder_name(cls, v: Optional[str]) -> Optional[str]:
+    def _run_name_is_a_folder_name(cls, v: str | None) -> str | None:
         if v is not None and not SAFE_NAME.match(v):
             raise ValueError(
                 f"tracking.run_name={v!r}: use letters, digits, '.', '_' and '-' (it names the run's folder under "
@@ -378,17 +396,17 @@ class LinclsConfig(_Section):
     """Linear classification on frozen features; ``protocol`` fills ``lr``, ``schedule`` and ``lr_per_256`` where
     they are unset (:func:`resolve_lincls`, from the evaluated backbone)."""
 
-    protocol: Optional[Literal["moco", "v3"]] = Field(
+    protocol: Literal["moco", "v3"] | None = Field(
         None, description="default: v3 for a timm ViT backbone, else moco (LINCLS_PROTOCOLS; explicit keys win)"
     )
-    dataset: Optional[DataConfig] = Field(None, description="default: the pretraining run's data section")
+    dataset: DataConfig | None = Field(None, description="default: the pretraining run's data section")
     epochs: int = Field(100, ge=1)
     batch_size: int = Field(256, ge=1, description="per worker")
-    lr: Optional[float] = Field(None, gt=0, description="protocol: 30 (moco); 3 per 256 (v3, ViT), 0.1 (v3, other)")
-    lr_per_256: Optional[bool] = Field(
+    lr: float | None = Field(None, gt=0, description="protocol: 30 (moco); 3 per 256 (v3, ViT), 0.1 (v3, other)")
+    lr_per_256: bool | None = Field(
         None, description="lr per 256 images of the global batch (batch_size x num_workers); protocol: v3 only"
     )
-    schedule: Optional[Literal["step", "cosine"]] = Field(
+    schedule: Literal["step", "cosine"] | None = Field(
         None, description="protocol: step (moco: x0.1 at the milestones), cosine per epoch (v3)"
     )
     momentum: float = Field(0.9, ge=0, lt=1)
@@ -418,7 +436,7 @@ shared keys: ``epochs`` (v3: 90) and ``batch_size`` (v3: 1024 in all)."""
 V3_LINCLS_LR = {"vit": 3.0, "other": 0.1}
 
 
-def resolve_lincls(lin: "LinclsConfig", arch: str) -> "LinclsConfig":
+def resolve_lincls(lin: LinclsConfig, arch: str) -> LinclsConfig:
     """``lin`` with ``protocol`` (v3 for a timm ViT ``arch``, else moco) and the protocol's ``lr``, ``lr_per_256``
     and ``schedule`` where ``lin`` leaves them unset. Idempotent."""
     vit = _is_timm_vit(arch)
@@ -427,27 +445,28 @@ def resolve_lincls(lin: "LinclsConfig", arch: str) -> "LinclsConfig":
     if protocol == "v3":
         preset["lr"] = V3_LINCLS_LR["vit" if vit else "other"]
     given = {key: getattr(lin, key) for key in preset}
-    return lin.model_copy(update={"protocol": protocol, **{k: v if v is not None else preset[k]
-                                                           for k, v in given.items()}})
+    return lin.model_copy(
+        update={"protocol": protocol, **{k: v if v is not None else preset[k] for k, v in given.items()}}
+    )
 
 
 class DetectionDataConfig(_Section):
     format: Literal["voc", "coco"] = "voc"
-    root: Optional[str] = Field(
+    root: str | None = Field(
         None, description="VOC root (JPEGImages/, Annotations/, ImageSets/) or COCO image dir; a local path"
     )
     train_split: str = "train"
     val_split: str = "val"
-    train_json: Optional[Path] = None
-    val_json: Optional[Path] = None
-    classes: Optional[list[str]] = Field(None, description="VOC class names; default: labels.txt or from the XML")
+    train_json: Path | None = None
+    val_json: Path | None = None
+    classes: list[str] | None = Field(None, description="VOC class names; default: labels.txt or from the XML")
     made_digits: bool = Field(False, description="make a VOC set of digits on canvases (no download)")
 
     _root_as_text = field_validator("root", mode="before")(classmethod(lambda cls, v: _as_text(v)))
 
     @field_validator("root")
     @classmethod
-    def _local_root(cls, v: Optional[str]) -> Optional[str]:
+    def _local_root(cls, v: str | None) -> str | None:
         if v is not None and is_uri(v):
             raise ValueError(
                 f"{v}: detection reads a local or NFS folder, not an object store; copy the set to a path "
@@ -473,20 +492,22 @@ class DetectionConfig(_Section):
     momentum: float = Field(0.9, ge=0, lt=1)
     weight_decay: float = Field(1e-4, ge=0)
     milestones: list[float] = Field(default_factory=lambda: [0.75, 0.92])
-    warmup_iters: int = Field(100, ge=0, description="linear lr warm-up from warmup_factor x lr (detectron2's WARMUP_ITERS)")
+    warmup_iters: int = Field(
+        100, ge=0, description="linear lr warm-up from warmup_factor x lr (detectron2's WARMUP_ITERS)"
+    )
     warmup_factor: float = Field(0.001, gt=0, le=1)
-    clip_grad_norm: Optional[float] = Field(None, gt=0, description="clip the global gradient L2 norm to this; null: off")
+    clip_grad_norm: float | None = Field(None, gt=0, description="clip the global gradient L2 norm to this; null: off")
     trainable_layers: int = Field(5, ge=0, le=5)
     roi_batch_size: int = Field(512, ge=1, description="RoIs sampled per image for the box head in training")
     test_proposals: int = Field(1000, ge=1, description="RPN proposals per image scored by the box head at test")
-    anchor_sizes: Optional[list[int]] = Field(None, description="RPN anchor sides in px; default 32..512 x min_size/800")
+    anchor_sizes: list[int] | None = Field(None, description="RPN anchor sides in px; default 32..512 x min_size/800")
     num_workers: int = Field(1, ge=1)
     seed: int = 0
 
 
 class EvalConfig(_Section):
-    lincls: Optional[LinclsConfig] = None
-    detection: Optional[DetectionConfig] = None
+    lincls: LinclsConfig | None = None
+    detection: DetectionConfig | None = None
 
 
 class Config(_Section):
@@ -508,7 +529,7 @@ class Config(_Section):
         return raw
 
     @model_validator(mode="after")
-    def _cross_field_rules(self) -> "Config":
+    def _cross_field_rules(self) -> Config:
         check_run_rules(self)
         return self
 
@@ -522,7 +543,7 @@ class Config(_Section):
         return self.train.lr * self.global_batch / 256 if self.train.lr_per_256 else self.train.lr
 
     @property
-    def knn_data(self) -> Optional[DataConfig]:
+    def knn_data(self) -> DataConfig | None:
         """The kNN monitor's labeled data: ``train.knn_dataset``, else the data section when it has labels;
         None (the monitor is off) for unlabeled ``data.dataset=folder`` without a ``train.knn_dataset``."""
         if self.train.knn_dataset is not None:
@@ -689,7 +710,7 @@ def absolute_tracking_uri(uri: str, base: Path) -> str:
     """Make a relative ``sqlite:///x.db`` absolute against ``base``; other URIs are returned unchanged."""
     prefix = "sqlite:///"
     if uri.startswith(prefix) and not uri.startswith(prefix + "/"):
-        return prefix + str((base / uri[len(prefix):]).resolve())
+        return prefix + str((base / uri[len(prefix) :]).resolve())
     return uri
 
 
@@ -703,7 +724,7 @@ def _as_text(v: Any) -> Any:
     return str(v) if isinstance(v, os.PathLike) else v
 
 
-def _names_a_location(v: Optional[str]) -> Optional[str]:
+def _names_a_location(v: str | None) -> str | None:
     scheme, sep, rest = (v or "").partition("://")
     if sep and is_uri(v) and not rest.strip("/"):
         raise ValueError(f"{v} names no bucket; use {scheme}://BUCKET/prefix")
@@ -764,7 +785,7 @@ def format_validation_error(err: ValidationError) -> str:
     return "invalid config:\n  " + "\n  ".join(lines)
 
 
-def build_config(raw: dict[str, Any], base: Optional[Path] = None) -> Config:
+def build_config(raw: dict[str, Any], base: Path | None = None) -> Config:
     """Validate a raw dict into a Config: paths absolute against ``base`` (default: cwd),
     a fresh run name if none is given, the tracking URI resolved. Raises ConfigError."""
     base = Path.cwd() if base is None else base
@@ -781,7 +802,7 @@ def build_config(raw: dict[str, Any], base: Optional[Path] = None) -> Config:
     return cfg
 
 
-def read_yaml(path: Union[str, Path]) -> dict[str, Any]:
+def read_yaml(path: str | Path) -> dict[str, Any]:
     """The mapping a YAML config file holds; ConfigError naming the file if it cannot be one."""
     path = Path(path)
     if path.is_dir():
@@ -801,7 +822,7 @@ def read_yaml(path: Union[str, Path]) -> dict[str, Any]:
     return raw
 
 
-def load_config(path: Optional[Union[str, Path]] = None, overrides: tuple[str, ...] | list[str] = ()) -> Config:
+def load_config(path: str | Path | None = None, overrides: tuple[str, ...] | list[str] = ()) -> Config:
     """Load a YAML config (or the defaults), apply ``--set KEY=VALUE`` overrides, validate.
 
     Relative paths in the file and in overrides resolve against the current directory."""

@@ -20,7 +20,6 @@ import logging
 import os
 import sys
 import time
-from typing import Optional
 
 VERBOSE_ENV = "MOCOLAB_VERBOSE"
 """``1``: Ray's and MLflow's informational console output is shown (``--verbose``); otherwise only their errors."""
@@ -59,7 +58,7 @@ def console(line: str) -> None:
     print(line, file=sys.__stdout__, flush=True)
 
 
-def describe(label: str, loss: Optional[float], lr: Optional[float], images_per_s: float) -> str:
+def describe(label: str, loss: float | None, lr: float | None, images_per_s: float) -> str:
     """A bar's text: ``epoch 3/200  loss 6.1234  lr 0.03  812 img/s`` (no loss and lr before the first step)."""
     parts = [label] + ([f"loss {loss:.4f}", f"lr {lr:.4g}"] if loss is not None else [])
     return "  ".join(parts + [f"{images_per_s:,.0f} img/s"])
@@ -88,12 +87,12 @@ class StepProgress:
 
             self._bar = tqdm(desc=label, total=total, unit="step", flush_interval_s=0)
         self._steps = self._images = 0
-        self._loss: Optional[float] = None
-        self._lr: Optional[float] = None
+        self._loss: float | None = None
+        self._lr: float | None = None
         self._started = time.perf_counter()
         self._sent = self._started if self._lines else float("-inf")
 
-    def __enter__(self) -> "StepProgress":
+    def __enter__(self) -> StepProgress:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -116,7 +115,9 @@ class StepProgress:
         elapsed = max(now - self._started, 1e-9)
         if self._lines:
             eta = (self.total - self._steps) * elapsed / self._steps
-            console(progress_line(self.label, self._steps, self.total, self._loss, self._lr, self._images / elapsed, eta))
+            console(
+                progress_line(self.label, self._steps, self.total, self._loss, self._lr, self._images / elapsed, eta)
+            )
             return
         self._bar.n = self._steps
         self._bar.set_description(describe(self.label, self._loss, self._lr, self._images / elapsed))

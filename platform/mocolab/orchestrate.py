@@ -7,7 +7,8 @@ files or data again.
 
 from __future__ import annotations
 
-from typing import Any, Optional, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from mocolab import tracking
 from mocolab.config import Config
@@ -15,8 +16,8 @@ from mocolab.config import Config
 
 def pretrain_and_evaluate(
     cfg: Config,
-    parent_run_id: Optional[str] = None,
-    extra_tags: Optional[dict[str, str]] = None,
+    parent_run_id: str | None = None,
+    extra_tags: dict[str, str] | None = None,
     callbacks: Sequence[Any] = (),
 ) -> str:
     """Pretrain per ``cfg`` (resuming an unfinished run of the same ``tracking.run_name``), then run the

@@ -14,7 +14,6 @@ import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional, Union
 
 from mocolab.config import LABELED_DATASETS, Config, ConfigError, check_labeled, is_uri
 
@@ -51,7 +50,7 @@ def _data_key(cfg: Config) -> str:
     return cfg.data.model_dump_json()
 
 
-def repeated_folder(folder: Path) -> Optional[tuple[Path, Path]]:
+def repeated_folder(folder: Path) -> tuple[Path, Path] | None:
     """``(path, folder it is)`` for the first folder under ``folder`` reached a second time when symbolic links
     are followed (as torchvision's ImageFolder walks): a link loop, which would send the walk round and round, or
     a second link to one folder, which would count its images twice. None if there is none."""
@@ -134,11 +133,15 @@ def _check_pretrain(cfg: Config, report: PreflightReport) -> None:
         mechanism_class(cfg.moco.mechanism).check(DictionarySettings.from_config(cfg, n_train))
     except ValueError as err:
         raise ConfigError(str(err)) from None
-    if cfg.model.init_weights is not None and (key := f"{cfg.model.init_weights}{cfg.model}") not in report.init_weights:
+    if (
+        cfg.model.init_weights is not None
+        and (key := f"{cfg.model.init_weights}{cfg.model}") not in report.init_weights
+    ):
         from mocolab.weights_io.arch import load_checked
 
-        found = load_checked(cfg.model.init_weights, cfg.model, f"model.init_weights={cfg.model.init_weights}",
-                             cfg.data.image_size)
+        found = load_checked(
+            cfg.model.init_weights, cfg.model, f"model.init_weights={cfg.model.init_weights}", cfg.data.image_size
+        )
         report.init_weights[key] = found.summary()
     _check_knn(cfg, report)
 
@@ -149,7 +152,7 @@ KNN_OFF_NOTE = (
 )
 
 
-def single_class_problem(data_cfg, where: str, purpose: str) -> Optional[str]:
+def single_class_problem(data_cfg, where: str, purpose: str) -> str | None:
     """A line saying that the labeled section ``where`` has a single class (which makes ``purpose``'s accuracy
     meaningless: every prediction is right), or None when it has two or more."""
     from mocolab.data.datasets import num_classes
@@ -157,8 +160,10 @@ def single_class_problem(data_cfg, where: str, purpose: str) -> Optional[str]:
     count = num_classes(data_cfg)
     if count >= 2:
         return None
-    return (f"{where}.root={data_cfg.root} has {count} class folder under {data_cfg.train_split}/, so {purpose} "
-            "accuracy is meaningless (every prediction is right); give a labeled dataset with two or more classes")
+    return (
+        f"{where}.root={data_cfg.root} has {count} class folder under {data_cfg.train_split}/, so {purpose} "
+        "accuracy is meaningless (every prediction is right); give a labeled dataset with two or more classes"
+    )
 
 
 def _check_knn(cfg: Config, report: PreflightReport) -> None:
@@ -240,7 +245,7 @@ RESOURCE_FIELDS = {"CPU": "scaling.cpus_per_worker", "GPU": "scaling.use_gpu"}
 
 def capacity_shortfall(
     workers: dict[str, int], per_worker: dict[str, float], available: dict[str, float], concurrent: int = 1
-) -> Optional[str]:
+) -> str | None:
     """Why ``concurrent`` runs of the largest stage in ``workers`` (field -> count), each worker asking for
     ``per_worker`` (resource -> amount), can never start on ``available``, or None if they fit. Pure."""
     from mocolab.runtime import describe
@@ -281,7 +286,7 @@ def _check_capacity(configs: Sequence[Config], stages: Sequence[str], concurrent
             raise ConfigError(problem)
 
 
-def stream_cpu_shortfall(cfg: Config, cpus: float, concurrent: int = 1) -> Optional[str]:
+def stream_cpu_shortfall(cfg: Config, cpus: float, concurrent: int = 1) -> str | None:
     """Why ``data.reader=stream``'s decode tasks (``data.stream_cpus`` each) could never start beside the training
     workers on a local Ray of ``cpus`` CPUs, or None. Pure."""
     data, scaling = cfg.data, cfg.scaling
@@ -310,7 +315,7 @@ def _data_sections(cfg: Config, stages: Sequence[str]) -> list[tuple[str, object
     return [(where, data_cfg) for where, data_cfg in sections if data_cfg.root is not None]
 
 
-def _worker_view(data_cfg, where: str) -> Union[tuple[int, int], str]:
+def _worker_view(data_cfg, where: str) -> tuple[int, int] | str:
     """Run on a worker node: the section's (train, test) image counts as that node sees them, or why it cannot."""
     try:
         return _check_data_section(data_cfg, where)
@@ -373,7 +378,7 @@ def _check_source(source) -> None:
 
 
 def preflight(
-    configs: Union[Config, Sequence[Config]],
+    configs: Config | Sequence[Config],
     stages: Iterable[str] = ("pretrain",),
     source=None,
     quiet: bool = False,

@@ -8,8 +8,8 @@ and ``mocolab/quickstart_evals.yaml``, links to those files, so the command also
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Optional, Sequence
 
 from mocolab.config import Config, load_config
 
@@ -25,11 +25,11 @@ ROW_LABELS = {
     "det_AP75": "detection AP75 (%)",
 }
 
-Row = tuple[str, Optional[float], Optional[float]]
+Row = tuple[str, float | None, float | None]
 """One line of the comparison table: (metric, random init, MoCo)."""
 
 
-def quickstart_config(seed: Optional[int] = None, overrides: Sequence[str] = ()) -> Config:
+def quickstart_config(seed: int | None = None, overrides: Sequence[str] = ()) -> Config:
     """The quickstart Config, with the quickstart's evaluations when it names none; ``seed`` sets
     ``train.seed``, ``overrides`` are ``KEY=VALUE`` strings."""
     extra = [f"train.seed={seed}"] if seed is not None else []
@@ -57,12 +57,16 @@ def random_init_knn_top1(cfg: Config) -> float:
     model = MoCo.from_config(cfg, num_train_samples=dataset_size(cfg.data))
     train_loader, test_loader = knn_loaders(cfg)
     return knn_top1(
-        model.encoder_q.backbone, train_loader, test_loader, k=cfg.train.knn_k, t=cfg.train.knn_t,
+        model.encoder_q.backbone,
+        train_loader,
+        test_loader,
+        k=cfg.train.knn_k,
+        t=cfg.train.knn_t,
         device=torch.device("cpu"),
     )
 
 
-def final_metric(cfg: Config, run_id: str, name: str) -> Optional[float]:
+def final_metric(cfg: Config, run_id: str, name: str) -> float | None:
     """The last logged value of metric ``name`` on an MLflow run (None if never logged)."""
     from mocolab.tracking import client_for
 
@@ -72,7 +76,7 @@ def final_metric(cfg: Config, run_id: str, name: str) -> Optional[float]:
 def format_table(rows: Sequence[Row]) -> str:
     """A small text table: metric | random init | MoCo | gain."""
 
-    def cell(value: Optional[float]) -> str:
+    def cell(value: float | None) -> str:
         return "-" if value is None else f"{value:.2f}"
 
     header = ("metric", "random init", "MoCo", "gain")

@@ -18,14 +18,13 @@ import socket
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any
 
 import numpy as np
 import torch
 
 from mocolab.config import Config, ConfigError
 from mocolab.console import PROGRESS_ENV, VERBOSE_ENV, is_verbose, progress_mode
-
 
 QUIET_RAY_LEVEL = "ERROR"
 """Unless verbose: the level of Ray's logging in the driver and the job's processes, and of Ray Train's console
@@ -41,7 +40,7 @@ GCS_PORT_ENV = "RAY_GCS_SERVER_PORT"
 LOCAL_IDLE_WORKERS_KEPT = 32
 
 
-def ray_job_env(address: Optional[str]) -> dict[str, str]:
+def ray_job_env(address: str | None) -> dict[str, str]:
     """Environment variables for every process of the Ray job this command starts (Ray's own settings):
 
     - ``RAY_ADDRESS``: the cluster's address, so that Ray Train's placement-group cleaner, which asks Ray's State
@@ -83,7 +82,7 @@ retries without end unless ``FailureConfig.controller_failure_limit`` is set).""
 class RunInterrupted(KeyboardInterrupt):
     """Ctrl-C (or SIGTERM) stopped a run; ``run_name`` names the pretraining run to resume, if there is one."""
 
-    def __init__(self, message: str, run_name: Optional[str] = None):
+    def __init__(self, message: str, run_name: str | None = None):
         super().__init__(message)
         self.run_name = run_name
 
@@ -157,12 +156,16 @@ def ensure_ray() -> None:
 
     if ray.is_initialized():
         return
-    quiet = {} if is_verbose() else {
-        "logging_level": QUIET_RAY_LEVEL,
-        # also drops the "(RayTrainWorker pid=...)" prefix of the lines workers print (Ray does so for a job
-        # with a logging config), so the console shows mocolab's lines as they are
-        "logging_config": ray.LoggingConfig(log_level=QUIET_RAY_LEVEL),
-    }
+    quiet = (
+        {}
+        if is_verbose()
+        else {
+            "logging_level": QUIET_RAY_LEVEL,
+            # also drops the "(RayTrainWorker pid=...)" prefix of the lines workers print (Ray does so for a job
+            # with a logging config), so the console shows mocolab's lines as they are
+            "logging_config": ray.LoggingConfig(log_level=QUIET_RAY_LEVEL),
+        }
+    )
     address = os.environ.get("RAY_ADDRESS")
     if address:
         ray.init(address=address, runtime_env={"env_vars": ray_job_env(address)}, **quiet)
@@ -198,9 +201,9 @@ def torch_trainer(
     run_name: str,
     num_workers: int,
     max_failures: int = 0,
-    keep_checkpoints: Optional[int] = None,
+    keep_checkpoints: int | None = None,
     callbacks: Sequence[Any] = (),
-    datasets: Optional[dict[str, Any]] = None,
+    datasets: dict[str, Any] | None = None,
 ):
     """A TorchTrainer running ``loop(loop_config)`` on ``num_workers`` workers of ``cfg.scaling`` (CPUs, a GPU and
     the custom ``resources_per_worker`` each; gloo on CPU, nccl on GPU), storing under
@@ -259,7 +262,8 @@ def sigint_held() -> Iterator[None]:
 
 def _pending(cfg: Config, num_workers: int, workers_field: str) -> str:
     each = ", ".join(f"{amount:g} {name}" for name, amount in worker_resources(cfg.scaling).items())
-    return f"{num_workers} worker(s) of {each} each ({workers_field}; scaling.cpus_per_worker, use_gpu, resources_per_worker)"
+    fields = "scaling.cpus_per_worker, use_gpu, resources_per_worker"
+    return f"{num_workers} worker(s) of {each} each ({workers_field}; {fields})"
 
 
 def fit(trainer, cfg: Config, num_workers: int, workers_field: str = "scaling.num_workers"):

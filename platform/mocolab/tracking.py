@@ -18,10 +18,10 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Optional
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
@@ -130,9 +130,11 @@ def check_reachable(uri: str, timeout_s: float = 5.0) -> None:
                 if resp.status != 200:
                     raise OSError(f"HTTP {resp.status}")
         except (OSError, urllib.error.URLError) as err:
-            raise ConfigError(f"MLflow tracking server {redact(uri)} is unreachable ({err}); start it or {fix}") from None
+            raise ConfigError(
+                f"MLflow tracking server {redact(uri)} is unreachable ({err}); start it or {fix}"
+            ) from None
     elif uri.startswith("sqlite:///"):
-        path = Path(uri[len("sqlite:///"):])
+        path = Path(uri[len("sqlite:///") :])
         if not path.parent.is_dir() or not os.access(path.parent, os.W_OK):
             raise ConfigError(
                 f"MLflow store {redact(uri)}: folder {path.parent} does not exist or is not writable; "
@@ -174,14 +176,14 @@ def _is_sqlite(path: Path) -> bool:
         return False
 
 
-def mlflow_client(uri: str) -> "MlflowClient":
+def mlflow_client(uri: str) -> MlflowClient:
     """An MlflowClient on ``uri`` (no reachability check: see :func:`client_for`)."""
     from mlflow import MlflowClient
 
     return MlflowClient(tracking_uri=uri)
 
 
-def client_for(uri: str) -> "MlflowClient":
+def client_for(uri: str) -> MlflowClient:
     """An MlflowClient on ``uri`` after checking it is reachable."""
     check_reachable(uri)
     return mlflow_client(uri)
@@ -192,7 +194,7 @@ def downstream_tag(stage: str) -> str:
     return f"mocolab.{stage}_run_id"
 
 
-def experiment_id(client: "MlflowClient", name: str) -> str:
+def experiment_id(client: MlflowClient, name: str) -> str:
     """The id of experiment ``name``, created if missing, tagged as model training (an experiment of an older
     mocolab, without a kind, gets the tag; another kind is left alone)."""
     exp = client.get_experiment_by_name(name)
@@ -203,7 +205,7 @@ def experiment_id(client: "MlflowClient", name: str) -> str:
     return exp.experiment_id
 
 
-def find_run(client: "MlflowClient", experiment: str, run_name: str) -> Optional["Run"]:
+def find_run(client: MlflowClient, experiment: str, run_name: str) -> Run | None:
     """The newest run called ``run_name`` in ``experiment``, or None."""
     exp = client.get_experiment_by_name(experiment)
     if exp is None:
@@ -218,7 +220,7 @@ def find_run(client: "MlflowClient", experiment: str, run_name: str) -> Optional
     return runs[0] if runs else None
 
 
-def git_commit() -> Optional[str]:
+def git_commit() -> str | None:
     """The commit of the checkout mocolab runs from, if it is a git checkout."""
     try:
         out = subprocess.run(
@@ -254,7 +256,7 @@ def source_tags() -> dict[str, str]:
     return tags
 
 
-def ui_link(uri: str, experiment_id: str, run_id: str) -> Optional[str]:
+def ui_link(uri: str, experiment_id: str, run_id: str) -> str | None:
     """The run's page in the MLflow UI of a tracking server (None for other stores), opened on the model-training
     view: MLflow 3.17's UI starts on its GenAI view unless told ``workflowType=machine_learning``."""
     if not uri.startswith(("http://", "https://")):
@@ -262,7 +264,7 @@ def ui_link(uri: str, experiment_id: str, run_id: str) -> Optional[str]:
     return f"{redact(uri).rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}?workflowType=machine_learning"
 
 
-def params_of(cfg: Config, extra: Optional[dict[str, Any]] = None) -> dict[str, str]:
+def params_of(cfg: Config, extra: dict[str, Any] | None = None) -> dict[str, str]:
     """The flattened config and ``extra`` params (e.g. the mechanism's, ``moco.mechanisms.run_params``) as MLflow
     params: dotted keys, stringified, credentials removed."""
     flat = cfg.flat() | (extra or {})
@@ -270,7 +272,7 @@ def params_of(cfg: Config, extra: Optional[dict[str, Any]] = None) -> dict[str, 
     return {k: redact(str(v))[:MAX_PARAM_CHARS] for k, v in flat.items()}
 
 
-def log_params(client: "MlflowClient", run_id: str, params: dict[str, str]) -> None:
+def log_params(client: MlflowClient, run_id: str, params: dict[str, str]) -> None:
     """Log params in batches (MLflow caps a batch at 100 params)."""
     from mlflow.entities import Param
 
@@ -279,7 +281,7 @@ def log_params(client: "MlflowClient", run_id: str, params: dict[str, str]) -> N
         client.log_batch(run_id, params=items[i : i + 100])
 
 
-def log_metrics(client: "MlflowClient", run_id: str, metrics: dict[str, float], step: int, wait: bool = True) -> Any:
+def log_metrics(client: MlflowClient, run_id: str, metrics: dict[str, float], step: int, wait: bool = True) -> Any:
     """Log numeric metrics at ``step`` in one call; None values are skipped. With ``wait=False`` the call returns at
     once and MLflow writes in a background thread: the result (``None`` if nothing was logged) has ``wait()``, which
     must be called before the run's metrics are read elsewhere."""
@@ -292,7 +294,7 @@ def log_metrics(client: "MlflowClient", run_id: str, metrics: dict[str, float], 
     return None
 
 
-def log_config_artifact(client: "MlflowClient", run_id: str, cfg: Config) -> None:
+def log_config_artifact(client: MlflowClient, run_id: str, cfg: Config) -> None:
     """Store the resolved config as ``config.yaml`` at the root of the run's artifacts."""
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / CONFIG_ARTIFACT
@@ -300,7 +302,7 @@ def log_config_artifact(client: "MlflowClient", run_id: str, cfg: Config) -> Non
         client.log_artifact(run_id, str(path))
 
 
-def log_dataset_input(client: "MlflowClient", run_id: str, cfg: Config) -> None:
+def log_dataset_input(client: MlflowClient, run_id: str, cfg: Config) -> None:
     """Log the training set as the run's dataset input (context ``training``): its name, where it lives (a local
     folder, or the code that makes it), its image count as the profile and a digest of its file list."""
     import json
@@ -322,7 +324,9 @@ def log_dataset_input(client: "MlflowClient", run_id: str, cfg: Config) -> None:
         profile=json.dumps({"num_images": summary.num_images}),
     )
     client.log_inputs(run_id, datasets=[DatasetInput(dataset, tags=[InputTag(DATASET_CONTEXT_TAG, TRAINING_CONTEXT)])])
-def _process_start(pid: int) -> Optional[str]:
+
+
+def _process_start(pid: int) -> str | None:
     """When process ``pid`` started (Linux: clock ticks after boot, from /proc), or None if there is none."""
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
@@ -339,9 +343,7 @@ def driver_id() -> str:
 DRIVER_ALIVE, DRIVER_GONE, DRIVER_SELF, DRIVER_UNKNOWN = "alive", "gone", "self", "unknown"
 
 
-def driver_state(
-    tag: Optional[str], host: str, own_pid: int, process_start: Callable[[int], Optional[str]]
-) -> str:
+def driver_state(tag: str | None, host: str, own_pid: int, process_start: Callable[[int], str | None]) -> str:
     """Whether the driver recorded in a run's ``DRIVER_TAG`` still runs: ``DRIVER_SELF`` (this process),
     ``DRIVER_ALIVE``, ``DRIVER_GONE`` (no process with that pid and start time on this host), or
     ``DRIVER_UNKNOWN`` (no tag, another host, or no /proc to look in). Pure: ``process_start`` looks."""
@@ -354,7 +356,7 @@ def driver_state(
     return DRIVER_SELF if pid == own_pid else DRIVER_ALIVE
 
 
-def _check_unfinished(run: "Run", cfg: Config) -> None:
+def _check_unfinished(run: Run, cfg: Config) -> None:
     """Before resuming an unfinished run: refuse a FINISHED one or one a live driver still runs; say so when
     a RUNNING one was left behind by a driver that is gone (killed, crashed, its machine rebooted)."""
     name, run_id = cfg.tracking.run_name, run.info.run_id
@@ -390,9 +392,9 @@ def _check_unfinished(run: "Run", cfg: Config) -> None:
 
 def start_pretrain_run(
     cfg: Config,
-    parent_run_id: Optional[str] = None,
-    extra_tags: Optional[dict[str, str]] = None,
-    extra_params: Optional[dict[str, Any]] = None,
+    parent_run_id: str | None = None,
+    extra_tags: dict[str, str] | None = None,
+    extra_params: dict[str, Any] | None = None,
 ) -> tuple[str, bool]:
     """Create the pretraining run named ``tracking.run_name`` (params: the config and ``extra_params``), or resume
     it if it exists unfinished; either way the run records this process as its driver (``DRIVER_TAG``).
@@ -425,10 +427,10 @@ def start_eval_run(
     cfg: Config,
     stage: str,
     params: dict[str, Any],
-    pretrain_run_id: Optional[str] = None,
+    pretrain_run_id: str | None = None,
     init: str = "pretrain",
-    run_name: Optional[str] = None,
-    extra_tags: Optional[dict[str, str]] = None,
+    run_name: str | None = None,
+    extra_tags: dict[str, str] | None = None,
 ) -> str:
     """Create an evaluation run (``stage`` = lincls|detection), linked to its pretraining run by tag."""
     client = client_for(cfg.tracking.tracking_uri)
@@ -458,7 +460,7 @@ def end_run(uri: str, run_id: str, status: str = "FINISHED") -> None:
     mlflow_client(uri).set_terminated(run_id, status=status)
 
 
-def log_file(uri: str, run_id: str, path: Path, artifact_path: Optional[str] = None) -> None:
+def log_file(uri: str, run_id: str, path: Path, artifact_path: str | None = None) -> None:
     mlflow_client(uri).log_artifact(run_id, str(path), artifact_path)
 
 
@@ -471,7 +473,9 @@ def load_pretrain_artifacts(uri: str, run_id: str) -> tuple[dict[str, Any], dict
     try:
         run = client.get_run(run_id)
     except Exception as err:  # mlflow raises its own RestException/MlflowException types
-        raise ConfigError(f"--pretrain-run {run_id}: no such MLflow run in {redact(uri)} ({redact(str(err))})") from None
+        raise ConfigError(
+            f"--pretrain-run {run_id}: no such MLflow run in {redact(uri)} ({redact(str(err))})"
+        ) from None
     if run.data.tags.get(STAGE_TAG) not in (STAGE_PRETRAIN, None):
         raise ConfigError(f"--pretrain-run {run_id} is a '{run.data.tags.get(STAGE_TAG)}' run, not a pretraining run")
     with tempfile.TemporaryDirectory() as tmp:
@@ -488,18 +492,16 @@ def load_pretrain_artifacts(uri: str, run_id: str) -> tuple[dict[str, Any], dict
     return config, state
 
 
-def child_runs(uri: str, experiment: str, parent_run_id: str) -> list["Run"]:
+def child_runs(uri: str, experiment: str, parent_run_id: str) -> list[Run]:
     """Runs whose ``mlflow.parentRunId`` is ``parent_run_id``."""
     client = mlflow_client(uri)
     exp = client.get_experiment_by_name(experiment)
     if exp is None:
         return []
-    return list(
-        client.search_runs([exp.experiment_id], filter_string=f"tags.`{PARENT_RUN_TAG}` = '{parent_run_id}'")
-    )
+    return list(client.search_runs([exp.experiment_id], filter_string=f"tags.`{PARENT_RUN_TAG}` = '{parent_run_id}'"))
 
 
-def start_system_metrics(uri: str, run_id: str, interval_s: float, node_id: Optional[str] = None):
+def start_system_metrics(uri: str, run_id: str, interval_s: float, node_id: str | None = None):
     """Start MLflow's system-metrics monitor on run ``run_id``: CPU, memory, disk and network (and the GPUs, when
     nvidia-ml-py finds any) sampled every ``interval_s`` seconds as ``system/...`` metrics (``system/<node_id>/...``
     if given), continuing the steps of a resumed run. Returns the monitor, or None when ``interval_s`` is 0."""
@@ -526,7 +528,7 @@ def stop_system_metrics(monitor) -> None:
 
 
 def log_backbone_model(
-    uri: str, run_id: str, backbone, image_size: int, step: int, register_as: Optional[str] = None
+    uri: str, run_id: str, backbone, image_size: int, step: int, register_as: str | None = None
 ) -> str:
     """Log ``backbone`` (an ``nn.Module`` in eval mode mapping float32 ``[B, 3, image_size, image_size]`` images,
     normalised as in training, to features ``[B, D]``) as the MLflow model ``backbone`` of run ``run_id``, at
@@ -571,15 +573,21 @@ def log_backbone_model(
             registered_model_name=register_as,
         )
     return info.model_uri
-def usage_of(run: "Run") -> compute.ComputeUsage:
+
+
+def usage_of(run: Run) -> compute.ComputeUsage:
     """The compute a run has logged so far (zero if none)."""
     metrics = run.data.metrics
     return compute.ComputeUsage(metrics.get(WORKER_SECONDS, 0.0), metrics.get(DEVICE_HOURS, 0.0), metrics.get(COST))
 
 
-def log_usage(client: "MlflowClient", run_id: str, usage: compute.ComputeUsage) -> None:
-    log_metrics(client, run_id, {WORKER_SECONDS: usage.worker_seconds, DEVICE_HOURS: usage.device_hours,
-                                 COST: usage.cost}, step=0)
+def log_usage(client: MlflowClient, run_id: str, usage: compute.ComputeUsage) -> None:
+    log_metrics(
+        client,
+        run_id,
+        {WORKER_SECONDS: usage.worker_seconds, DEVICE_HOURS: usage.device_hours, COST: usage.cost},
+        step=0,
+    )
 
 
 @contextmanager
@@ -591,7 +599,8 @@ def compute_recorded(cfg: Config, run_id: str, num_workers: int) -> Iterator[Non
 
     def record() -> None:
         attempt = compute.usage(
-            time.monotonic() - started, num_workers,
+            time.monotonic() - started,
+            num_workers,
             compute.devices_per_worker(cfg.scaling.use_gpu, cfg.scaling.cpus_per_worker),
             cfg.tracking.price_per_device_hour,
         )
@@ -615,10 +624,16 @@ def sweep_usage(uri: str, experiment: str, parent_run_id: str) -> compute.Comput
     trials = child_runs(uri, experiment, parent_run_id)
     trial_ids = {run.info.run_id for run in trials}
     exp = client.get_experiment_by_name(experiment)
-    evals = [
-        run for stage in (STAGE_LINCLS, STAGE_DETECTION)
-        for run in client.search_runs([exp.experiment_id], filter_string=f"tags.`{STAGE_TAG}` = '{stage}'",
-                                      max_results=50000)
-        if run.data.tags.get(PRETRAIN_RUN_TAG) in trial_ids
-    ] if exp is not None else []
+    evals = (
+        [
+            run
+            for stage in (STAGE_LINCLS, STAGE_DETECTION)
+            for run in client.search_runs(
+                [exp.experiment_id], filter_string=f"tags.`{STAGE_TAG}` = '{stage}'", max_results=50000
+            )
+            if run.data.tags.get(PRETRAIN_RUN_TAG) in trial_ids
+        ]
+        if exp is not None
+        else []
+    )
     return compute.total(usage_of(run) for run in [*trials, *evals])

@@ -22,8 +22,16 @@ MEASURED_BY = {
     "reference": {"step_img_s", "reference_img_s", "ratio_vs_reference"},
     "data": {"step_img_s", "data_img_s_per_worker", "data_vs_step"},
     "profile": {"momentum_queue_fraction", "profile"},
-    "launcher": {"epoch_img_s", "launcher_img_s", "epoch_ratio_vs_launcher", "loop_ratio_vs_launcher",
-                 "between_epochs_s", "launcher_between_epochs_s", "knn_s", "knn_vs_epoch"},
+    "launcher": {
+        "epoch_img_s",
+        "launcher_img_s",
+        "epoch_ratio_vs_launcher",
+        "loop_ratio_vs_launcher",
+        "between_epochs_s",
+        "launcher_between_epochs_s",
+        "knn_s",
+        "knn_vs_epoch",
+    },
     "fixed": {"startup_s", "checkpoint_save_s", "checkpoint_load_s", "checkpoint_mb"},
     "shuffle": {"shuffle"},
 }
@@ -52,9 +60,20 @@ def _check_record(record: dict, parts: list[str], repeats: int = 2) -> None:
             assert [row["workers"] for row in record[key]] == list(ANALYTIC_WORKERS)
         else:
             assert isinstance(record[key], float), key
-    positive = measured & {"step_img_s", "reference_img_s", "ratio_vs_reference", "data_img_s_per_worker",
-                           "epoch_img_s", "launcher_img_s", "epoch_ratio_vs_launcher", "loop_ratio_vs_launcher",
-                           "knn_s", "knn_vs_epoch", "startup_s", "checkpoint_mb"}
+    positive = measured & {
+        "step_img_s",
+        "reference_img_s",
+        "ratio_vs_reference",
+        "data_img_s_per_worker",
+        "epoch_img_s",
+        "launcher_img_s",
+        "epoch_ratio_vs_launcher",
+        "loop_ratio_vs_launcher",
+        "knn_s",
+        "knn_vs_epoch",
+        "startup_s",
+        "checkpoint_mb",
+    }
     assert all(record[k] > 0 for k in positive)
     assert record["settings"]["device"] == "cpu" and record["settings"]["arch"] == "small_cnn"
     assert record["settings"]["bn"] == "shuffle"  # the quickstart's 2-worker shuffle-BN, one worker's share
@@ -72,8 +91,18 @@ def test_bench_step_reference_data_and_profile_write_their_keys_as_fractions(tmp
 
 @pytest.mark.slow
 def test_bench_launcher_and_fixed_costs_time_real_two_worker_runs_in_alternation(tmp_path):
-    record = _run_bench(tmp_path, "launcher,fixed", "--rounds", "2", "--epochs", "2", "--set", "data.digits.copies=1",
-                        "--set", "data.digits.test_fraction=0.5")
+    record = _run_bench(
+        tmp_path,
+        "launcher,fixed",
+        "--rounds",
+        "2",
+        "--epochs",
+        "2",
+        "--set",
+        "data.digits.copies=1",
+        "--set",
+        "data.digits.test_fraction=0.5",
+    )
     _check_record(record, ["launcher", "fixed"], repeats=2)
     assert record["between_epochs_s"] >= 0 and record["launcher_between_epochs_s"] >= 0
 
@@ -151,14 +180,15 @@ def test_bench_data_tables_each_pipeline_and_recipe_with_cores_per_gpu(tmp_path,
     for i, colour in enumerate(((200, 40, 40), (30, 160, 90))):
         pixels = np.random.default_rng(i).integers(0, 40, (300, 280, 3)) + np.array(colour)
         Image.fromarray(pixels.clip(0, 255).astype(np.uint8)).save(images / f"{i}.jpg", quality=90)
-    record = _run_bench(tmp_path, "data", "--images", str(images), "--image-size", "64", "--data-images", "8",
-                        "--step-rate", "1000")
+    record = _run_bench(
+        tmp_path, "data", "--images", str(images), "--image-size", "64", "--data-images", "8", "--step-rate", "1000"
+    )
     rows = record["data_pipelines"]["rows"]
     assert [(r["pipeline"], r["augment"]) for r in rows] == [
-        (p, a) for a in ("moco_v1", "moco_v2") for p in ("albumentations", "fast_cpu")]
+        (p, a) for a in ("moco_v1", "moco_v2") for p in ("albumentations", "fast_cpu")
+    ]
     for row in rows:
         rate = row["img_per_s_per_core"]
         assert row["image_size"] == 64 and 0 < rate["min"] <= rate["median"] <= rate["max"]
         assert row["cores_per_gpu"] == math.ceil(1000 / rate["median"])
     assert "cores/GPU" in capsys.readouterr().out
-

@@ -36,11 +36,34 @@ runpy.run_path(script, run_name="__main__")
 
 def test_step_bench_runs_on_cpu_with_torch_alone(tmp_path):
     out = tmp_path / "step.json"
-    argv = ["--device", "cpu", "--arch", "small_cnn", "--image-size", "12", "--batch-size", "8", "--queue-size",
-            "32", "--steps", "1", "--repeats", "1", "--warmup", "1", "--profile-steps", "1", "--json", str(out)]
+    argv = [
+        "--device",
+        "cpu",
+        "--arch",
+        "small_cnn",
+        "--image-size",
+        "12",
+        "--batch-size",
+        "8",
+        "--queue-size",
+        "32",
+        "--steps",
+        "1",
+        "--repeats",
+        "1",
+        "--warmup",
+        "1",
+        "--profile-steps",
+        "1",
+        "--json",
+        str(out),
+    ]
     proc = subprocess.run(
         [sys.executable, "-c", RUN_WITHOUT_PLATFORM_DEPS, str(BENCHMARKS / "step_bench.py"), *argv],
-        capture_output=True, text=True, timeout=600, cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=tmp_path,
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     record = json.loads(out.read_text())
@@ -54,7 +77,11 @@ def test_step_bench_runs_on_cpu_with_torch_alone(tmp_path):
 def test_step_bench_says_how_to_run_without_a_gpu(tmp_path):
     proc = subprocess.run(
         [sys.executable, str(BENCHMARKS / "step_bench.py"), "--device", "cuda"],
-        capture_output=True, text=True, timeout=300, cwd=tmp_path, env={**os.environ, "CUDA_VISIBLE_DEVICES": ""},
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=tmp_path,
+        env={**os.environ, "CUDA_VISIBLE_DEVICES": ""},
     )
     assert proc.returncode == 2
     assert "no CUDA device visible to torch; pass --device cpu" in proc.stderr
@@ -63,7 +90,11 @@ def test_step_bench_says_how_to_run_without_a_gpu(tmp_path):
 @pytest.mark.slow
 def test_gpu_check_script_smoke_run_on_cpu(tmp_path):
     proc = subprocess.run(
-        [str(BENCHMARKS / "gpu_check.sh"), "--smoke"], capture_output=True, text=True, timeout=1800, cwd=tmp_path,
+        [str(BENCHMARKS / "gpu_check.sh"), "--smoke"],
+        capture_output=True,
+        text=True,
+        timeout=1800,
+        cwd=tmp_path,
         env={**os.environ, "PYTHON": sys.executable},
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr

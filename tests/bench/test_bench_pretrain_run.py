@@ -45,8 +45,9 @@ def test_the_launcher_comparison_pairs_each_rounds_runs():
     def launcher(period, knn_s):
         return LauncherTimes(EpochTimes([100, 100], [0.9, 0.9], [period, period]), knn_s=knn_s)
 
-    comparison = LauncherComparison([mocolab(1.0), mocolab(1.2), mocolab(1.1)],
-                                    [launcher(1.0, 0.1), launcher(1.0, 0.2), launcher(1.1, 0.11)])
+    comparison = LauncherComparison(
+        [mocolab(1.0), mocolab(1.2), mocolab(1.1)], [launcher(1.0, 0.1), launcher(1.0, 0.2), launcher(1.1, 0.11)]
+    )
     ratio = comparison.epoch_ratio()
     assert (ratio.min, ratio.median, ratio.max, ratio.repeats) == pytest.approx((1 / 1.2, 1.0, 1.0, 3))
     assert ratio.noisy  # 1/1.2 is 17 % below the median
@@ -58,7 +59,10 @@ def test_spec_of_the_quickstart_is_one_workers_shuffle_bn_step_in_fp32_on_cpu():
     cfg = load_config(QUICKSTART_CONFIG)
     spec = spec_from_config(cfg, "cpu")
     assert (spec.arch, spec.image_size, spec.batch_size, spec.queue_size) == (
-        cfg.model.arch, cfg.data.image_size, cfg.train.batch_size, cfg.moco.queue_size
+        cfg.model.arch,
+        cfg.data.image_size,
+        cfg.train.batch_size,
+        cfg.moco.queue_size,
     )
     assert (spec.bn, spec.precision, spec.channels_last) == ("shuffle", "fp32", False)
     assert spec_from_config(load_config(QUICKSTART_CONFIG, ["train.amp=fp16"]), "cpu").precision == "fp16"

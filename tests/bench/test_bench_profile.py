@@ -6,47 +6,77 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from torch.autograd import DeviceType
+
 from mocolab.bench.profile import STEP_RANGE, phase_fractions, profile_step
 from mocolab.bench.spec import StepSpec
 from mocolab.moco.model import PHASES
 from mocolab.train.step import BACKWARD_RANGE, OPTIMIZER_RANGE
-from torch.autograd import DeviceType
 
 
-def _event(name: str, cpu_us: float = 0.0, device_us: float = 0.0, self_device_us: float = 0.0,
-           device_type: DeviceType = DeviceType.CPU, annotation: bool = False):
-    return SimpleNamespace(name=name, cpu_time_total=cpu_us, device_time_total=device_us,
-                           self_device_time_total=self_device_us, device_type=device_type,
-                           is_user_annotation=annotation)
+def _event(
+    name: str,
+    cpu_us: float = 0.0,
+    device_us: float = 0.0,
+    self_device_us: float = 0.0,
+    device_type: DeviceType = DeviceType.CPU,
+    annotation: bool = False,
+):
+    return SimpleNamespace(
+        name=name,
+        cpu_time_total=cpu_us,
+        device_time_total=device_us,
+        self_device_time_total=self_device_us,
+        device_type=device_type,
+        is_user_annotation=annotation,
+    )
 
 
 def test_cpu_fractions_are_range_wall_times_over_the_step_ranges():
     events = [
-        _event(STEP_RANGE, 500), _event(STEP_RANGE, 500),
-        _event(PHASES["query_forward"], 200), _event(PHASES["key_forward"], 150),
-        _event(PHASES["momentum_update"], 10), _event(PHASES["shuffle"], 5), _event(PHASES["shuffle"], 5),
-        _event(PHASES["queue_update"], 20), _event(PHASES["loss"], 30),
-        _event(BACKWARD_RANGE, 400), _event(OPTIMIZER_RANGE, 100),
+        _event(STEP_RANGE, 500),
+        _event(STEP_RANGE, 500),
+        _event(PHASES["query_forward"], 200),
+        _event(PHASES["key_forward"], 150),
+        _event(PHASES["momentum_update"], 10),
+        _event(PHASES["shuffle"], 5),
+        _event(PHASES["shuffle"], 5),
+        _event(PHASES["queue_update"], 20),
+        _event(PHASES["loss"], 30),
+        _event(BACKWARD_RANGE, 400),
+        _event(OPTIMIZER_RANGE, 100),
         _event("aten::conv2d", 90),  # ops inside the ranges are not counted twice
     ]
     f = phase_fractions(events, cuda=False)
-    assert f == pytest.approx({
-        "query_forward": 0.2, "momentum_update": 0.01, "shuffle": 0.01, "key_forward": 0.15, "loss": 0.03,
-        "queue_update": 0.02, "optimizer": 0.1, "backward": 0.4, "other": 0.08,
-    })
+    assert f == pytest.approx(
+        {
+            "query_forward": 0.2,
+            "momentum_update": 0.01,
+            "shuffle": 0.01,
+            "key_forward": 0.15,
+            "loss": 0.03,
+            "queue_update": 0.02,
+            "optimizer": 0.1,
+            "backward": 0.4,
+            "other": 0.08,
+        }
+    )
 
 
 def test_cuda_fractions_are_kernel_times_and_backward_is_the_rest():
     events = [
         _event(STEP_RANGE, cpu_us=50, device_us=300),
-        _event(PHASES["query_forward"], device_us=300), _event(PHASES["key_forward"], device_us=100),
-        _event(PHASES["momentum_update"], device_us=20), _event(OPTIMIZER_RANGE, device_us=80),
+        _event(PHASES["query_forward"], device_us=300),
+        _event(PHASES["key_forward"], device_us=100),
+        _event(PHASES["momentum_update"], device_us=20),
+        _event(OPTIMIZER_RANGE, device_us=80),
         _event("aten::conv2d", device_us=250, self_device_us=0),  # host op: its kernels are counted below
         _event("sm90_conv_kernel", device_us=600, self_device_us=600, device_type=DeviceType.CUDA),
         _event("sgd_kernel", device_us=400, self_device_us=400, device_type=DeviceType.CUDA),
         # the ranges' copies on the GPU timeline count neither as kernels nor as ranges
-        _event(PHASES["query_forward"], device_us=900, self_device_us=900, device_type=DeviceType.CUDA,
-               annotation=True),
+        _event(
+            PHASES["query_forward"], device_us=900, self_device_us=900, device_type=DeviceType.CUDA, annotation=True
+        ),
     ]
     f = phase_fractions(events, cuda=True)
     assert f["query_forward"] == pytest.approx(0.3) and f["momentum_update"] == pytest.approx(0.02)

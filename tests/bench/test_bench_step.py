@@ -11,8 +11,17 @@ from mocolab.bench.spread import Spread
 from mocolab.bench.step import REFERENCE, build_model, compare_steps, synthetic_batch, train_step
 from mocolab.bench.timing import interleaved_rates
 
-TINY = StepSpec(arch="small_cnn", image_size=12, batch_size=8, bn="split", bn_splits=2, dim=16, queue_size=32,
-                momentum=0.9, temperature=0.2)
+TINY = StepSpec(
+    arch="small_cnn",
+    image_size=12,
+    batch_size=8,
+    bn="split",
+    bn_splits=2,
+    dim=16,
+    queue_size=32,
+    momentum=0.9,
+    temperature=0.2,
+)
 
 
 @pytest.mark.parametrize(
@@ -25,10 +34,12 @@ def test_reference_loop_computes_mocolabs_loss_queue_and_weights_over_three_step
     step_m = train_step(spec)
     model, opt_m = step_m.model, step_m.optimizer
     assert model.shuffle_keys == (spec.bn != "plain")
-    reference = ReferenceMoCo(model.encoder_q, model.dictionary.queue, spec.momentum, spec.temperature,
-                              shuffle=model.shuffle_keys)
-    opt_r = torch.optim.SGD(reference.encoder_q.parameters(), lr=spec.lr, momentum=spec.sgd_momentum,
-                            weight_decay=spec.weight_decay)
+    reference = ReferenceMoCo(
+        model.encoder_q, model.dictionary.queue, spec.momentum, spec.temperature, shuffle=model.shuffle_keys
+    )
+    opt_r = torch.optim.SGD(
+        reference.encoder_q.parameters(), lr=spec.lr, momentum=spec.sgd_momentum, weight_decay=spec.weight_decay
+    )
     im_q, im_k, index = synthetic_batch(spec)
     for step in range(3):
         torch.manual_seed(100 + step)  # the same shuffle permutation for both
@@ -73,7 +84,11 @@ def test_interleaved_rates_alternate_order_and_keep_every_repetition():
     calls: list[str] = []
     rates = interleaved_rates(
         {"a": lambda: calls.append("a"), "b": lambda: calls.append("b")},
-        images_per_step=4, steps=2, repeats=3, warmup=1, device=torch.device("cpu"),
+        images_per_step=4,
+        steps=2,
+        repeats=3,
+        warmup=1,
+        device=torch.device("cpu"),
     )
     assert calls == ["a", "b"] + ["a", "a", "b", "b"] + ["b", "b", "a", "a"] + ["a", "a", "b", "b"]
     assert set(rates) == {"a", "b"} and all(len(r) == 3 and min(r) > 0 for r in rates.values())

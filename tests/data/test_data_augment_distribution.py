@@ -67,7 +67,9 @@ def _features(views) -> dict[str, np.ndarray]:
     v = np.stack(views).astype(np.float32)
     grey = [cv2.cvtColor(x, cv2.COLOR_RGB2GRAY) for x in views]
     return {
-        "mean_r": v[..., 0].mean((1, 2)), "mean_g": v[..., 1].mean((1, 2)), "mean_b": v[..., 2].mean((1, 2)),
+        "mean_r": v[..., 0].mean((1, 2)),
+        "mean_g": v[..., 1].mean((1, 2)),
+        "mean_b": v[..., 2].mean((1, 2)),
         "std": v.std((1, 2, 3)),
         "sharpness": np.array([cv2.Laplacian(g, cv2.CV_32F).var() for g in grey]),
         "grey": np.array([np.abs(x[..., 0].astype(int) - x[..., 2]).max() <= 1 for x in views]),
@@ -75,7 +77,7 @@ def _features(views) -> dict[str, np.ndarray]:
 
 
 def _flips(views) -> np.ndarray:
-    return np.array([x[:, : SIZE // 4].mean() > x[:, -SIZE // 4:].mean() for x in views])
+    return np.array([x[:, : SIZE // 4].mean() > x[:, -SIZE // 4 :].mean() for x in views])
 
 
 def _proportion_p(a: np.ndarray, b: np.ndarray) -> float:

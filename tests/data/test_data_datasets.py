@@ -121,8 +121,12 @@ def _write_cifar_batches(root: Path, images: np.ndarray, labels: list[int]) -> N
     names = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
     for i, name in enumerate(names):
         part = slice(2 * i, 2 * i + 2)
-        batch = {b"batch_label": name.encode(), b"labels": labels[part], b"data": rows[part],
-                 b"filenames": [b"x.png"] * len(labels[part])}
+        batch = {
+            b"batch_label": name.encode(),
+            b"labels": labels[part],
+            b"data": rows[part],
+            b"filenames": [b"x.png"] * len(labels[part]),
+        }
         with open(root / name, "wb") as f:
             pickle.dump(batch, f, protocol=2)
 
@@ -177,7 +181,8 @@ def test_unknown_split_argument_is_refused():
 
 
 @pytest.mark.parametrize(
-    "setting, cpus, expected", [("auto", 1, 0), ("auto", 0.5, 0), ("auto", 2, 1), ("auto", 8, 7), ("auto", 64, 16), (3, 1, 3)]
+    "setting, cpus, expected",
+    [("auto", 1, 0), ("auto", 0.5, 0), ("auto", 2, 1), ("auto", 8, 7), ("auto", 64, 16), (3, 1, 3)],
 )
 def test_loader_workers(setting, cpus, expected):
     assert resolve_loader_workers(DataConfig(loader_workers=setting), cpus) == expected

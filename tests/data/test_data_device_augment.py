@@ -28,8 +28,12 @@ ALPHA = 1e-3
 PIXEL_TOLERANCE = 0.15
 N = 3000
 SIZE = 64
-_KORNIA = {"ColorJitter": "ColorJitter", "RandomGrayscale": "ToGray", "RandomGaussianBlur": "GaussianBlur",
-           "RandomHorizontalFlip": "HorizontalFlip"}
+_KORNIA = {
+    "ColorJitter": "ColorJitter",
+    "RandomGrayscale": "ToGray",
+    "RandomGaussianBlur": "GaussianBlur",
+    "RandomHorizontalFlip": "HorizontalFlip",
+}
 
 
 def _photo() -> bytes:
@@ -74,8 +78,9 @@ def mismatches(name: str, recipe) -> list[str]:
     torch.manual_seed(0)
     for h, w in ((300, 400), (400, 150)):  # the second is outside the aspect range: fallbacks happen
         device = sample_crop_boxes(torch.full((N,), h), torch.full((N,), w), recipe.scale, recipe.ratio).numpy()
-        for label, a, b in zip(("crop area", "crop aspect"), _crop_stats(device, h, w),
-                               _crop_stats(_albu_boxes(name, h, w, N), h, w)):
+        for label, a, b in zip(
+            ("crop area", "crop aspect"), _crop_stats(device, h, w), _crop_stats(_albu_boxes(name, h, w, N), h, w)
+        ):
             if stats.ks_2samp(a, b).pvalue < ALPHA:
                 failed.append(f"{label} {h}x{w}")
     transform = DeviceTwoCrop(recipe, SIZE)
@@ -114,7 +119,9 @@ def pixel_distance(name: str, recipe, n: int = 400) -> float:
     torch.manual_seed(0)
     albu = two_crop_transform(name, SIZE)
     image = decode_rgb(photo, "flower.jpg")
-    cpu = normalize_views(torch.stack([albu(image)[0] for _ in range(n)]))  # the CPU path's uint8 views, as the step sees them
+    cpu = normalize_views(
+        torch.stack([albu(image)[0] for _ in range(n)])
+    )  # the CPU path's uint8 views, as the step sees them
     device = DeviceTwoCrop(recipe, SIZE).view([torch.from_numpy(image.copy()).permute(2, 0, 1).contiguous()] * n)
     worst = 0.0
     for reduce in (lambda t: t.mean(dim=(2, 3)), lambda t: t.std(dim=(2, 3))):
@@ -133,18 +140,21 @@ def test_device_views_have_the_pixel_statistics_of_albumentations(name):
     assert pixel_distance(name, RECIPES[name]) <= PIXEL_TOLERANCE
 
 
-@pytest.mark.parametrize("change, caught", [
-    ({"scale": (0.3, 1.0)}, "crop area 300x400"),
-    ({"ratio": (0.5, 2.0)}, "crop aspect 300x400"),
-    ({"gray_p": 0.25}, "ToGray rate"),
-    ({"flip_p": 0.45}, "HorizontalFlip rate"),
-    ({"blur_p": 0.45}, "GaussianBlur rate"),
-    ({"jitter_p": 0.75}, "ColorJitter rate"),
-    ({"jitter": (0.4, 0.4, 0.4, 0.15)}, "jitter hue"),
-    ({"jitter": (0.5, 0.4, 0.4, 0.1)}, "jitter brightness"),
-    ({"blur_sigma": (0.1, 2.5)}, "blur sigma"),
-    ({"gray_first": True}, "order"),
-])
+@pytest.mark.parametrize(
+    "change, caught",
+    [
+        ({"scale": (0.3, 1.0)}, "crop area 300x400"),
+        ({"ratio": (0.5, 2.0)}, "crop aspect 300x400"),
+        ({"gray_p": 0.25}, "ToGray rate"),
+        ({"flip_p": 0.45}, "HorizontalFlip rate"),
+        ({"blur_p": 0.45}, "GaussianBlur rate"),
+        ({"jitter_p": 0.75}, "ColorJitter rate"),
+        ({"jitter": (0.4, 0.4, 0.4, 0.15)}, "jitter hue"),
+        ({"jitter": (0.5, 0.4, 0.4, 0.1)}, "jitter brightness"),
+        ({"blur_sigma": (0.1, 2.5)}, "blur sigma"),
+        ({"gray_first": True}, "order"),
+    ],
+)
 def test_a_changed_parameter_fails_the_distribution_checks(change, caught):
     failed = mismatches("moco_v2", dataclasses.replace(RECIPES["moco_v2"], **change))
     assert any(f.startswith(caught) for f in failed), failed

@@ -21,7 +21,9 @@ def make_folder(root: Path, n: int = 6) -> list[Path]:
         folder = root / ("a" if i % 2 else "b/c/d") / f"batch{i % 3}"
         folder.mkdir(parents=True, exist_ok=True)
         path = folder / f"img{i}.{'JPG' if i % 3 == 0 else 'png'}"
-        Image.fromarray(np.full((20, 24, 3), (37 * i) % 256, dtype=np.uint8)).save(path, format="JPEG" if i % 3 == 0 else "PNG")
+        Image.fromarray(np.full((20, 24, 3), (37 * i) % 256, dtype=np.uint8)).save(
+            path, format="JPEG" if i % 3 == 0 else "PNG"
+        )
         paths.append(path)
     (root / "a" / "notes.txt").write_text("not an image")
     (root / ".thumbnails").mkdir()
@@ -31,9 +33,13 @@ def make_folder(root: Path, n: int = 6) -> list[Path]:
 
 
 def _cfg(tmp_path, **sections):
-    base = {"scaling": {"num_workers": 1, "storage_path": str(tmp_path / "ray_results")},
-            "tracking": {"tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}"},
-            "model": {"arch": "small_cnn", "bn": "plain"}, "train": {"batch_size": 2}, "moco": {"queue_size": 8}}
+    base = {
+        "scaling": {"num_workers": 1, "storage_path": str(tmp_path / "ray_results")},
+        "tracking": {"tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}"},
+        "model": {"arch": "small_cnn", "bn": "plain"},
+        "train": {"batch_size": 2},
+        "moco": {"queue_size": 8},
+    }
     for name, values in sections.items():
         base[name] = {**base.get(name, {}), **values}
     return build_config(base)

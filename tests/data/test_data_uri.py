@@ -2,7 +2,6 @@
 labels and digests as the local folder they were uploaded from, one listing per process, corrupt images named by
 their URI, and one-line refusals of a missing prefix, a missing split and an unreachable store."""
 
-
 from pathlib import Path
 
 import numpy as np
@@ -55,11 +54,16 @@ def _section(root, **extra):
 
 
 def _cfg(tmp_path, data):
-    return build_config({
-        "data": data, "model": {"arch": "small_cnn", "bn": "plain"}, "moco": {"queue_size": 8},
-        "train": {"batch_size": 2, "knn_every": 0}, "scaling": {"num_workers": 1, "storage_path": str(tmp_path)},
-        "tracking": {"tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}"},
-    })
+    return build_config(
+        {
+            "data": data,
+            "model": {"arch": "small_cnn", "bn": "plain"},
+            "moco": {"queue_size": 8},
+            "train": {"batch_size": 2, "knn_every": 0},
+            "scaling": {"num_workers": 1, "storage_path": str(tmp_path)},
+            "tracking": {"tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}"},
+        }
+    )
 
 
 def test_imagefolder_from_a_uri_matches_the_local_folder(store, tmp_path, monkeypatch):
@@ -115,8 +119,11 @@ def test_preflight_refuses_an_empty_prefix_and_a_missing_split(store, tmp_path):
         f"data.root=s3://{BUCKET}/sets/no-such: no images under it; upload the dataset there "
         f"(e.g. aws s3 sync DIR s3://{BUCKET}/sets/no-such) or fix the prefix"
     )
-    with pytest.raises(ConfigError, match=r"data.test_split=val under data.root=s3://.*/pets: no class folders with "
-                       r"images under s3://.*/pets/val; upload the split or fix it"):
+    with pytest.raises(
+        ConfigError,
+        match=r"data.test_split=val under data.root=s3://.*/pets: no class folders with "
+        r"images under s3://.*/pets/val; upload the split or fix it",
+    ):
         preflight(_cfg(tmp_path, _section(f"s3://{BUCKET}/sets/pets", test_split="val")), quiet=True)
 
 

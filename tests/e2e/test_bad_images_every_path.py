@@ -11,14 +11,14 @@ import pytest
 import torch
 from PIL import Image
 
-from mocolab.data.datasets import CorruptImageError, FileImages, TwoCropDataset, decode_rgb
+from mocolab.config import DataConfig
 from mocolab.data.augment import two_crop_transform
+from mocolab.data.datasets import CorruptImageError, FileImages, TwoCropDataset, decode_rgb
 from mocolab.data.encoded import EncodedDataset, collate_encoded, decode_images, plain_jpeg
 from mocolab.data.stream import ReadBytesBatch, TwoCropBatch
-from mocolab.config import DataConfig
 
 RGB = np.random.default_rng(0).integers(0, 256, (20, 30, 3), dtype=np.uint8)
-GREY16 = (RGB[..., 0].astype(np.uint16) * 257)  # 16-bit greyscale whose top byte is RGB's red channel
+GREY16 = RGB[..., 0].astype(np.uint16) * 257  # 16-bit greyscale whose top byte is RGB's red channel
 
 
 def _encode(image: Image.Image, fmt: str) -> bytes:
@@ -32,11 +32,17 @@ def bad_and_unusual_files(folder) -> dict[str, bool]:
     image = Image.fromarray(RGB)
     jpeg = _encode(image, "JPEG")
     files = {
-        "rgb.jpg": jpeg, "grey.jpg": _encode(image.convert("L"), "JPEG"), "cmyk.jpg": _encode(image.convert("CMYK"), "JPEG"),
-        "l.png": _encode(image.convert("L"), "PNG"), "la.png": _encode(image.convert("LA"), "PNG"),
-        "p.png": _encode(image.convert("P"), "PNG"), "rgba.png": _encode(image.convert("RGBA"), "PNG"),
-        "grey16.png": _encode(Image.fromarray(GREY16), "PNG"), "grey16.tif": _encode(Image.fromarray(GREY16), "TIFF"),
-        "truncated.jpg": jpeg[: len(jpeg) // 2], "text.jpg": b"this is not an image",
+        "rgb.jpg": jpeg,
+        "grey.jpg": _encode(image.convert("L"), "JPEG"),
+        "cmyk.jpg": _encode(image.convert("CMYK"), "JPEG"),
+        "l.png": _encode(image.convert("L"), "PNG"),
+        "la.png": _encode(image.convert("LA"), "PNG"),
+        "p.png": _encode(image.convert("P"), "PNG"),
+        "rgba.png": _encode(image.convert("RGBA"), "PNG"),
+        "grey16.png": _encode(Image.fromarray(GREY16), "PNG"),
+        "grey16.tif": _encode(Image.fromarray(GREY16), "TIFF"),
+        "truncated.jpg": jpeg[: len(jpeg) // 2],
+        "text.jpg": b"this is not an image",
     }
     for name, data in files.items():
         (folder / name).write_bytes(data)
@@ -66,12 +72,18 @@ def test_sixteen_bit_grey_is_scaled_not_clipped(files):
 
 def test_jpeg_decoders_agree_with_pil(files):
     folder, _ = files
-    payloads = [torch.frombuffer(bytearray((folder / n).read_bytes()), dtype=torch.uint8) for n in ("rgb.jpg", "grey.jpg")]
+    payloads = [
+        torch.frombuffer(bytearray((folder / n).read_bytes()), dtype=torch.uint8) for n in ("rgb.jpg", "grey.jpg")
+    ]
     assert all(plain_jpeg(p.numpy().tobytes()) for p in payloads)
-    assert not plain_jpeg((folder / "cmyk.jpg").read_bytes()) and not plain_jpeg((folder / "truncated.jpg").read_bytes())
+    assert not plain_jpeg((folder / "cmyk.jpg").read_bytes()) and not plain_jpeg(
+        (folder / "truncated.jpg").read_bytes()
+    )
     images, skipped = decode_images(payloads, ["rgb.jpg", "grey.jpg"], torch.device("cpu"), "fail")
     for image, name in zip(images, ("rgb.jpg", "grey.jpg")):
-        assert torch.equal(image.permute(1, 2, 0), torch.from_numpy(decode_rgb((folder / name).read_bytes(), name).copy()))
+        assert torch.equal(
+            image.permute(1, 2, 0), torch.from_numpy(decode_rgb((folder / name).read_bytes(), name).copy())
+        )
     assert skipped == 0
 
 

@@ -98,12 +98,20 @@ def corrupt_run_config(tmp_path: Path, root: Path, on_corrupt: str):
     raw = {
         "moco": {"dim": 32, "queue_size": 256, "momentum": 0.99},
         "model": {"arch": "small_cnn", "bn": "shuffle"},
-        "data": {"dataset": "imagefolder", "root": str(root), "image_size": 32, "loader_workers": 0,
-                 "on_corrupt": on_corrupt},  # fmt: skip
+        "data": {
+            "dataset": "imagefolder",
+            "root": str(root),
+            "image_size": 32,
+            "loader_workers": 0,
+            "on_corrupt": on_corrupt,
+        },  # fmt: skip
         "train": {"epochs": 1, "batch_size": 32, "knn_k": 10},  # 128 images: 2 steps on each of 2 workers
         "scaling": {"num_workers": 2, "storage_path": str(tmp_path / "ray_results")},
-        "tracking": {"experiment": "corrupt", "run_name": f"corrupt-{on_corrupt}",
-                     "tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}"},  # fmt: skip
+        "tracking": {
+            "experiment": "corrupt",
+            "run_name": f"corrupt-{on_corrupt}",
+            "tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}",
+        },  # fmt: skip
     }
     return build_config(raw, base=tmp_path)
 

@@ -38,7 +38,7 @@ class Row:
 
 def table_rows(text: str) -> list[Row]:
     """The rows of the table under TABLE_TITLE: number, input, command (backquoted), message fragments."""
-    section = text[text.index(TABLE_TITLE):]
+    section = text[text.index(TABLE_TITLE) :]
     rows = []
     for line in section.splitlines():
         cells = [c.strip() for c in line.strip().strip("|").split("|")]
@@ -62,7 +62,7 @@ def test_the_table_has_at_least_40_distinct_cases():
 def test_an_earlier_tests_ray_worker_lines_are_not_the_commands_output(command_output):
     """What the session's Ray streamed late (the CI run that failed row 1) is dropped; the command's lines stay."""
     print("\x1b[36m(RayTrainWorker pid=24716)\x1b[0m Traceback (most recent call last):", file=sys.stderr)
-    print("(_WrappedExecutor pid=81, ip=10.0.0.2)   File \"pretrain.py\", line 309", file=sys.stderr)
+    print('(_WrappedExecutor pid=81, ip=10.0.0.2)   File "pretrain.py", line 309', file=sys.stderr)
     print("mocolab pretrain: the config file (pid=3) is missing", file=sys.stderr)
     assert command_output().err == "mocolab pretrain: the config file (pid=3) is missing\n"
 

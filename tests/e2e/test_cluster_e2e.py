@@ -7,7 +7,8 @@ store on 127.0.0.1 (moto's server) holding the dataset, the checkpoints and MLfl
 AWS variables and ``MLFLOW_TRACKING_URI`` before ``ray start``, as the nodes of ray_cluster.yaml do, so the jobs need
 nothing else.
 
-The ``ray job submit`` commands are read out of README.md (tests/support/readme_commands.py); only placeholders (``BUCKET``,
+The ``ray job submit`` commands are read out of README.md (tests/support/readme_commands.py); only placeholders
+(``BUCKET``,
 ``RUN_ID``, the job server's address) and scale (the sweep file, ``--set`` for a small CPU run) are substituted.
 Then: pretraining (with its configured linear eval), a worker node SIGKILLed once a checkpoint is in the bucket and a
 replacement started, the run finishing in the same MLflow run; the README's linear eval on that run; a 2-trial sweep;

@@ -10,7 +10,6 @@ import pytest
 from console_output import chatter, progress_lines, run_in_terminal
 from local_servers import VENV_BIN, clean_env
 from mlflow import MlflowClient
-
 from test_data_folder import make_folder
 
 pytestmark = pytest.mark.slow
@@ -35,7 +34,9 @@ def pretrain(tmp_path, *extra: str, terminal: bool = False) -> str:
     if terminal:
         code, logs = run_in_terminal([*args, *extra], tmp_path, clean_env(), timeout_s=900)
     else:
-        out = subprocess.run([*args, *extra], cwd=tmp_path, env=clean_env(), capture_output=True, text=True, timeout=900)
+        out = subprocess.run(
+            [*args, *extra], cwd=tmp_path, env=clean_env(), capture_output=True, text=True, timeout=900
+        )
         code, logs = out.returncode, out.stdout + out.stderr
     assert code == 0, logs[-5000:]
     return logs

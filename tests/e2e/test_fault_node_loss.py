@@ -39,11 +39,20 @@ def write_config(folder: Path) -> Path:
         "moco": {"version": "v2", "dim": 32, "queue_size": QUEUE, "momentum": 0.99, "temperature": 0.2},
         "model": {"arch": "small_cnn", "bn": "shuffle"},
         "data": {"dataset": "digits", "image_size": 24, "loader_workers": 0, "limit_train": 512},
-        "train": {"epochs": EPOCHS, "batch_size": 32, "lr": 0.03, "knn_every": 0, "keep_checkpoints": EPOCHS + 2,
-                  "max_failures": 1},  # fmt: skip
+        "train": {
+            "epochs": EPOCHS,
+            "batch_size": 32,
+            "lr": 0.03,
+            "knn_every": 0,
+            "keep_checkpoints": EPOCHS + 2,
+            "max_failures": 1,
+        },  # fmt: skip
         "scaling": {"num_workers": 2, "storage_path": str(folder / "ray_results"), "resources_per_worker": SLOT},
-        "tracking": {"experiment": "node-loss", "run_name": "node-lost",
-                     "tracking_uri": f"sqlite:///{folder / 'mlflow.db'}"},  # fmt: skip
+        "tracking": {
+            "experiment": "node-loss",
+            "run_name": "node-lost",
+            "tracking_uri": f"sqlite:///{folder / 'mlflow.db'}",
+        },  # fmt: skip
     }
     path = folder / "config.yaml"
     path.write_text(yaml.safe_dump(raw))

@@ -25,10 +25,20 @@ def test_trial_with_a_killed_worker_is_retried_from_its_checkpoint(ray_local, ml
     base = {
         "moco": {"dim": 16, "queue_size": 256},
         "model": {"arch": "small_cnn"},
-        "data": {"dataset": "digits", "image_size": 16, "loader_workers": 0, "limit_train": 512,
-                 "digits": {"canvas": 16, "max_scale": 2.0}},  # fmt: skip
-        "train": {"epochs": EPOCHS, "batch_size": 32, "knn_every": 0, "checkpoint_every": 1,
-                  "max_failures": 0},  # fmt: skip  (the worker's death fails the trial: Tune retries it)
+        "data": {
+            "dataset": "digits",
+            "image_size": 16,
+            "loader_workers": 0,
+            "limit_train": 512,
+            "digits": {"canvas": 16, "max_scale": 2.0},
+        },  # fmt: skip
+        "train": {
+            "epochs": EPOCHS,
+            "batch_size": 32,
+            "knn_every": 0,
+            "checkpoint_every": 1,
+            "max_failures": 0,
+        },  # fmt: skip  (the worker's death fails the trial: Tune retries it)
         "scaling": {"storage_path": str(storage)},
         "tracking": {"experiment": "sweep-retry"},
     }
@@ -40,9 +50,7 @@ def test_trial_with_a_killed_worker_is_retried_from_its_checkpoint(ray_local, ml
 
     killed: dict[str, Any] = {}
     run_folder = storage / "retry-00000"  # the trial's Ray Train run: <sweep>-<trial number>
-    killer = threading.Thread(
-        target=kill_a_worker_after_checkpoint, args=(ray_local, run_folder, killed), daemon=True
-    )
+    killer = threading.Thread(target=kill_a_worker_after_checkpoint, args=(ray_local, run_folder, killed), daemon=True)
     killer.start()
     parent_id, failed, unfinished = run_sweep(spec, raw_base, cfg)
     killer.join(timeout=5)

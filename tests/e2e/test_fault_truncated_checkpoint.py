@@ -20,8 +20,8 @@ from mlflow import MlflowClient
 
 from mocolab import tracking
 from mocolab.config import build_config
-from mocolab.train.checkpoint import CHECKPOINT_FILE, load_checkpoint
 from mocolab.orchestrate import run_pretrain
+from mocolab.train.checkpoint import CHECKPOINT_FILE, load_checkpoint
 from mocolab.train.resume import NoLoadableCheckpointError
 
 EPOCHS = 5
@@ -35,11 +35,20 @@ def config(tmp_path: Path):
         "moco": {"version": "v2", "dim": 32, "queue_size": QUEUE, "momentum": 0.99, "temperature": 0.2},
         "model": {"arch": "small_cnn", "bn": "shuffle"},
         "data": {"dataset": "digits", "image_size": 24, "loader_workers": 0, "limit_train": 256},
-        "train": {"epochs": EPOCHS, "batch_size": 32, "lr": 0.03, "knn_every": 0, "keep_checkpoints": EPOCHS + 1,
-                  "max_failures": 0},  # fmt: skip
+        "train": {
+            "epochs": EPOCHS,
+            "batch_size": 32,
+            "lr": 0.03,
+            "knn_every": 0,
+            "keep_checkpoints": EPOCHS + 1,
+            "max_failures": 0,
+        },  # fmt: skip
         "scaling": {"num_workers": 2, "storage_path": str(tmp_path / "ray_results")},
-        "tracking": {"experiment": "truncated", "run_name": "truncated",
-                     "tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}"},  # fmt: skip
+        "tracking": {
+            "experiment": "truncated",
+            "run_name": "truncated",
+            "tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}",
+        },  # fmt: skip
     }
     return build_config(raw, base=tmp_path)
 

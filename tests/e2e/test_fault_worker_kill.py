@@ -19,8 +19,8 @@ from fault_injection import kill_a_worker_after_checkpoint
 from mlflow import MlflowClient
 
 from mocolab.config import build_config
-from mocolab.train.checkpoint import CHECKPOINT_FILE, load_checkpoint
 from mocolab.orchestrate import run_pretrain
+from mocolab.train.checkpoint import CHECKPOINT_FILE, load_checkpoint
 
 EPOCHS = 3
 
@@ -43,7 +43,11 @@ def deterministic_config(tmp_path: Path, run_name: str):
             "max_failures": 1,
         },
         "scaling": {"num_workers": 2, "storage_path": str(tmp_path / "ray_results")},
-        "tracking": {"experiment": "fault", "run_name": run_name, "tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}"},
+        "tracking": {
+            "experiment": "fault",
+            "run_name": run_name,
+            "tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}",
+        },
     }
     return build_config(raw, base=tmp_path)
 
@@ -73,9 +77,7 @@ def test_killed_worker_restarts_from_checkpoint_and_matches_an_uninterrupted_run
     cfg = deterministic_config(tmp_path, "worker-killed")
     killed: dict[str, Any] = {}
     run_folder = Path(cfg.scaling.storage_path, cfg.tracking.run_name)
-    killer = threading.Thread(
-        target=kill_a_worker_after_checkpoint, args=(ray_local, run_folder, killed), daemon=True
-    )
+    killer = threading.Thread(target=kill_a_worker_after_checkpoint, args=(ray_local, run_folder, killed), daemon=True)
     killer.start()
     run_id = run_pretrain(cfg)
     killer.join(timeout=5)
@@ -95,7 +97,11 @@ def test_killed_worker_restarts_from_checkpoint_and_matches_an_uninterrupted_run
 
     state = load_checkpoint(checkpoints(cfg)[-1])
     reference = load_checkpoint(checkpoints(reference_cfg)[-1])
-    assert (state["epoch"], state["global_step"]) == (reference["epoch"], reference["global_step"]) == (EPOCHS, 16 * EPOCHS)
+    assert (
+        (state["epoch"], state["global_step"])
+        == (reference["epoch"], reference["global_step"])
+        == (EPOCHS, 16 * EPOCHS)
+    )
     assert state["mlflow_run_id"] == run_id and reference["mlflow_run_id"] == reference_id
     queue_keys = [k for k in state["model"] if k.endswith(("queue", "queue_ptr"))]
     assert len(queue_keys) == 2

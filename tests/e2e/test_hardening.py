@@ -113,7 +113,8 @@ def test_a_run_this_process_left_running_resumes_silently(cfg, mlflow_uri, capsy
          "mocolab pretrain 'my exp.yaml' --set train.epochs=3 --set tracking.run_name=moco-1"),
         (["pretrain", "exp.yaml", "--set", "tracking.run_name=moco-1", "--set", "train.lr=0.1"],
          "mocolab pretrain exp.yaml --set train.lr=0.1 --set tracking.run_name=moco-1"),
-        (["pretrain", "exp.yaml", "--set=tracking.run_name=moco-1"], "mocolab pretrain exp.yaml --set tracking.run_name=moco-1"),
+        (["pretrain", "exp.yaml", "--set=tracking.run_name=moco-1"],
+         "mocolab pretrain exp.yaml --set tracking.run_name=moco-1"),
         (["quickstart", "--seed", "2"], "mocolab quickstart --seed 2 --set tracking.run_name=moco-1"),
     ],
 )  # fmt: skip
@@ -273,7 +274,11 @@ def test_trial_runs_left_running_are_closed_after_a_sweep(mlflow_uri):
     experiment = tracking.experiment_id(client, "sw")
     parent = client.create_run(experiment, run_name="sw").info.run_id
     child = lambda name: client.create_run(experiment, run_name=name, tags={tracking.PARENT_RUN_TAG: parent})  # noqa: E731
-    stopped, done, other = child("sw-1").info.run_id, child("sw-2").info.run_id, client.create_run(experiment).info.run_id
+    stopped, done, other = (
+        child("sw-1").info.run_id,
+        child("sw-2").info.run_id,
+        client.create_run(experiment).info.run_id,
+    )
     client.set_terminated(done, "FINISHED")
     assert close_stopped_trials(mlflow_uri, "sw", parent) == 1
     status = lambda run_id: client.get_run(run_id).info.status  # noqa: E731

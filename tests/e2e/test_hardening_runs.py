@@ -108,7 +108,9 @@ def test_case_4_sigkill_then_stale_resume_then_ctrl_c_then_the_printed_command_f
             kill_session(proc)
 
 
-def test_case_2_a_cluster_that_cannot_give_the_workers_fails_after_start_timeout(ray_local, mlflow_uri, monkeypatch, tmp_path):
+def test_case_2_a_cluster_that_cannot_give_the_workers_fails_after_start_timeout(
+    ray_local, mlflow_uri, monkeypatch, tmp_path
+):
     from mocolab.orchestrate import pretrain_and_evaluate
     from mocolab.runtime import WorkersNotStartedError
 
@@ -139,8 +141,10 @@ def test_case_1_report_names_a_reachable_server_masked(tmp_path):
     with mlflow_server(tmp_path) as uri:
         secret_uri = uri.replace("http://", "http://user:s3cret-77ab@")
         env = clean_env(PYTHONPATH=str(REPO / "platform"), MLFLOW_TRACKING_URI=secret_uri)
-        for args, expected in ((["nosuch"], "no sweep named 'nosuch' in http://***@127.0.0.1:"),
-                               (["--experiment", "nosuchexp"], "no experiment named 'nosuchexp' in http://***@127.0.0.1:")):  # fmt: skip
+        for args, expected in (
+            (["nosuch"], "no sweep named 'nosuch' in http://***@127.0.0.1:"),
+            (["--experiment", "nosuchexp"], "no experiment named 'nosuchexp' in http://***@127.0.0.1:"),
+        ):
             out = subprocess.run([sys.executable, "-m", "mocolab.cli", "report", *args], cwd=tmp_path, env=env,
                                  capture_output=True, text=True, timeout=600)  # fmt: skip
             assert out.returncode == 2, out.stderr[-3000:]

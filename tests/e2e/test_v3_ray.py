@@ -35,8 +35,7 @@ def _write_config(tmp_path, name: str, model: dict) -> tuple[str, str]:
 
 
 def _finished_pretrain_run(client: MlflowClient, name: str):
-    (run,) = client.search_runs([client.get_experiment_by_name("v3").experiment_id],
-                                f"tags.mlflow.runName = '{name}'")
+    (run,) = client.search_runs([client.get_experiment_by_name("v3").experiment_id], f"tags.mlflow.runName = '{name}'")
     assert run.info.status == "FINISHED"
     assert run.data.tags[tracking.STAGE_TAG] == "pretrain"
     for metric in ("loss", "lr", "knn_top1", "throughput_img_s"):
@@ -55,8 +54,16 @@ def test_v3_vit_pretrain_lincls_and_timm_export(ray_local, mlflow_uri, tmp_path)
     assert params["model.vit_freeze_patch_proj"] == "True"
     run_id = run.info.run_id
 
-    lincls = ["--set", "eval.lincls.fast=true", "--set", "eval.lincls.epochs=2", "--set", "eval.lincls.num_workers=2",
-              "--set", "tracking.run_name=v3-vit-lincls"]
+    lincls = [
+        "--set",
+        "eval.lincls.fast=true",
+        "--set",
+        "eval.lincls.epochs=2",
+        "--set",
+        "eval.lincls.num_workers=2",
+        "--set",
+        "tracking.run_name=v3-vit-lincls",
+    ]
     assert cli.main(["lincls", path, "--pretrain-run", run_id, *lincls]) == 0
     lin_id = client.get_run(run_id).data.tags["mocolab.lincls_run_id"]
     lin = client.get_run(lin_id)
@@ -66,8 +73,10 @@ def test_v3_vit_pretrain_lincls_and_timm_export(ray_local, mlflow_uri, tmp_path)
     assert 0 <= client.get_run(run_id).data.metrics["lincls_fast_top1"] <= 100
 
     out = tmp_path / "vit_timm.pt"
-    assert cli.main(["export", "--pretrain-run", run_id, "--format", "timm", "--out", str(out),
-                     "--tracking-uri", uri]) == 0
+    assert (
+        cli.main(["export", "--pretrain-run", run_id, "--format", "timm", "--out", str(out), "--tracking-uri", uri])
+        == 0
+    )
     content = torch.load(out, weights_only=True)
     net = timm.create_model(content["model"], **content["kwargs"])
     net.load_state_dict(content["state_dict"], strict=True)

@@ -23,7 +23,11 @@ def _pred(boxes, scores, labels=None):
 
 
 def test_perfect_predictions_give_100():
-    assert coco_ap([_record()], _pred(GT_BOXES, [0.9, 0.8]), 1) == {"det_AP": 100.0, "det_AP50": 100.0, "det_AP75": 100.0}
+    assert coco_ap([_record()], _pred(GT_BOXES, [0.9, 0.8]), 1) == {
+        "det_AP": 100.0,
+        "det_AP50": 100.0,
+        "det_AP75": 100.0,
+    }
 
 
 def test_one_of_two_boxes_found():

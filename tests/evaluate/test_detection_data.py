@@ -73,7 +73,9 @@ def test_config_splits_for_both_forms():
 
 
 def test_missing_coco_json_is_named(tmp_path):
-    cfg = DetectionDataConfig(format="coco", root=tmp_path, train_json=tmp_path / "nope.json", val_json=tmp_path / "nope.json")
+    cfg = DetectionDataConfig(
+        format="coco", root=tmp_path, train_json=tmp_path / "nope.json", val_json=tmp_path / "nope.json"
+    )
     with pytest.raises(ValueError, match="eval.detection.data.train_json"):
         read_detection_splits(cfg)
 
@@ -94,7 +96,7 @@ def test_bad_box_in_voc_file_is_refused(tmp_path):
     xml = root / "Annotations" / "val_00000.xml"
     text = xml.read_text()
     start = text.index("<xmax>") + len("<xmax>")
-    xml.write_text(text[:start] + "-3" + text[text.index("</xmax>"):])
+    xml.write_text(text[:start] + "-3" + text[text.index("</xmax>") :])
     with pytest.raises(ValueError, match="val_00000.xml: object 0 has an empty box"):
         read_voc(root, "val", voc_classes(root))
 

@@ -29,7 +29,7 @@ from mocolab.evaluate.weights import (
     resolve_source,
     snapshot,
 )
-from mocolab.moco.backbones import build_backbone, backbone_state_dict
+from mocolab.moco.backbones import backbone_state_dict, build_backbone
 
 
 def _probe(arch: str = "small_cnn") -> LinearProbe:
@@ -102,8 +102,12 @@ def test_protocol_defaults_are_the_papers():
 
 
 @pytest.mark.parametrize(
-    "lin", [resolve_lincls(LinclsConfig(), "resnet18"),
-            resolve_lincls(LinclsConfig(lr=0.5, momentum=0.5, weight_decay=1e-3), "resnet18")], ids=["defaults", "set"]
+    "lin",
+    [
+        resolve_lincls(LinclsConfig(), "resnet18"),
+        resolve_lincls(LinclsConfig(lr=0.5, momentum=0.5, weight_decay=1e-3), "resnet18"),
+    ],
+    ids=["defaults", "set"],
 )
 def test_optimizer_is_plain_sgd_with_the_configured_settings(lin):
     fc = make_classifier(16, 3)
@@ -208,7 +212,11 @@ def test_the_loop_trains_the_classifier_with_the_protocol(monkeypatch, tmp_path)
         {
             "model": {"arch": "small_cnn", "bn": "plain"},
             "data": {
-                "dataset": "digits", "image_size": 16, "limit_train": train_images, "limit_test": 32, "loader_workers": 0
+                "dataset": "digits",
+                "image_size": 16,
+                "limit_train": train_images,
+                "limit_test": 32,
+                "loader_workers": 0,
             },
             "scaling": {"num_workers": 1},
             "eval": {"lincls": {"epochs": epochs, "batch_size": batch, "fast": True}},

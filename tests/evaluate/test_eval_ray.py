@@ -12,8 +12,7 @@ from mlflow import MlflowClient
 from mocolab import tracking
 from mocolab.config import build_config
 from mocolab.data.detection import make_digits_voc
-from mocolab.evaluate.pipeline import run_lincls
-from mocolab.evaluate.pipeline import run_configured_evals, run_random_baselines
+from mocolab.evaluate.pipeline import run_configured_evals, run_lincls, run_random_baselines
 from mocolab.evaluate.runner import eval_params, run_eval
 from mocolab.evaluate.weights import resolve_source
 from mocolab.moco.backbones import backbone_state_dict, build_backbone
@@ -113,7 +112,9 @@ def _nonfinite_run(cfg, stage, loop, section, workers, headline, fix, step):
     source = resolve_source(cfg, init="random")
     loop_config = {"config": cfg.model_dump(mode="json"), INJECT_NAN_STEP_KEY: step}
     with pytest.raises(NonFiniteLossError) as err:
-        run_eval(cfg, source, stage, eval_params(cfg, stage, section, source), loop, loop_config, workers, headline, fix)
+        run_eval(
+            cfg, source, stage, eval_params(cfg, stage, section, source), loop, loop_config, workers, headline, fix
+        )
     run_id = re.search(r"\(MLflow run (\w+)\)", str(err.value)).group(1)
     return str(err.value), MlflowClient(cfg.tracking.tracking_uri).get_run(run_id)
 

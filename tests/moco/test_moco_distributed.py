@@ -18,10 +18,6 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
-from torch import nn
-from torch.nn.parallel import DistributedDataParallel
-from torch.testing import assert_close
-
 from moco_harness import (
     assert_grads_close,
     global_batch,
@@ -31,6 +27,10 @@ from moco_harness import (
     recorded_permutations,
     reference_for,
 )
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.testing import assert_close
+
 from mocolab.config import build_config
 from mocolab.moco import distributed
 from mocolab.moco import model as model_module
@@ -370,7 +370,10 @@ def test_two_rank_moco_shuffle_bn_steps_match_the_reference(ranks):
             enqueued = got["queue"][start : start + WORLD * BATCH]
             assert_close(enqueued, direction.k, atol=1e-5, rtol=0, msg=lambda m: f"{where}, keys: {m}")
             assert_close(
-                got["logits"], direction.logits[r * BATCH : (r + 1) * BATCH], atol=1e-4, rtol=0,
+                got["logits"],
+                direction.logits[r * BATCH : (r + 1) * BATCH],
+                atol=1e-4,
+                rtol=0,
                 msg=lambda m: f"{where}, logits: {m}",
             )
             loss = expected.rank_losses[r].detach()
@@ -397,7 +400,10 @@ def test_two_rank_end_to_end_positives_are_each_ranks_own_keys(ranks):
                 got["logits"][:, 0], logits[own, own], atol=1e-4, rtol=0, msg=lambda m: f"{where}, positives: {m}"
             )
             assert_close(
-                got["logits"].sort(dim=1).values, logits[own].sort(dim=1).values, atol=1e-4, rtol=0,
+                got["logits"].sort(dim=1).values,
+                logits[own].sort(dim=1).values,
+                atol=1e-4,
+                rtol=0,
                 msg=lambda m: f"{where}, all logits of each query: {m}",
             )
             loss = expected.rank_losses[r].detach()

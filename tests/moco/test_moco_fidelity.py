@@ -3,13 +3,11 @@ between them (so the momentum update and the queue matter in the second): split 
 statistics, for queries and shuffled keys) and the symmetric loss (which crops each direction pairs).
 The two-rank comparisons (shuffle BN, end_to_end) are in test_moco_distributed.py."""
 
-from typing import Iterator, NamedTuple
+from collections.abc import Iterator
+from typing import NamedTuple
 
 import pytest
 import torch
-from torch.testing import assert_close
-
-from mocolab.config import build_config
 from moco_harness import (
     assert_grads_close,
     global_batch,
@@ -19,6 +17,9 @@ from moco_harness import (
     recorded_permutations,
     reference_for,
 )
+from torch.testing import assert_close
+
+from mocolab.config import build_config
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -65,8 +66,14 @@ def _steps(cfg) -> Iterator[Compared]:
         expected = reference.step(im_q, im_k, perms)
         expected.loss.backward()
         yield Compared(
-            perms, out, grads_of(model.encoder_q), *queue_and_pointer(model),
-            expected, grads_of(reference.f_q), reference.queue_rows.clone(), reference.ptr,
+            perms,
+            out,
+            grads_of(model.encoder_q),
+            *queue_and_pointer(model),
+            expected,
+            grads_of(reference.f_q),
+            reference.queue_rows.clone(),
+            reference.ptr,
         )
         optimizer.step()
         optimizer.zero_grad()
@@ -111,7 +118,10 @@ def test_symmetric_directions_pair_each_query_crop_with_the_other_crops_key():
             at = f"{where}, direction {d + 1}"
             assert_close(logits[:, 0], want[:, 0], atol=1e-4, rtol=0, msg=lambda m: f"{at}, positives: {m}")
             assert_close(
-                logits[:, 1:].sort(dim=1).values, want[:, 1:].sort(dim=1).values, atol=1e-4, rtol=0,
+                logits[:, 1:].sort(dim=1).values,
+                want[:, 1:].sort(dim=1).values,
+                atol=1e-4,
+                rtol=0,
                 msg=lambda m: f"{at}, negatives: {m}",
             )
         loss = c.expected.rank_losses[0]

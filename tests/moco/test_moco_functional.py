@@ -160,8 +160,9 @@ def test_shuffle_plan_gives_the_gather_shuffle_and_its_inverse_moving_only_forei
     shuffled = [got[p.from_arrival] for got, p in zip(received, plans)]
     assert torch.equal(torch.cat(shuffled), everything[perm])  # the gather shuffle's slices
 
-    returned = _simulated_all_to_all([y[p.arrival_slots] for y, p in zip(shuffled, plans)],
-                                     [p.recv_counts for p in plans])
+    returned = _simulated_all_to_all(
+        [y[p.arrival_slots] for y, p in zip(shuffled, plans)], [p.recv_counts for p in plans]
+    )
     assert torch.equal(torch.cat([got[p.from_return] for got, p in zip(returned, plans)]), everything)
 
     # rows received from other workers = rows whose slot is on another worker than their sample

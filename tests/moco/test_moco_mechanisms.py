@@ -148,7 +148,9 @@ def test_memory_bank_gradient_reaches_only_the_queries():
 def test_memory_bank_refuses_symmetric_and_too_few_images():
     with pytest.raises(ValueError, match="moco.symmetric=true needs a key crop"):
         MemoryBankDictionary.check(DictionarySettings(16, 4, 4, symmetric=True))
-    with pytest.raises(ValueError, match="global batch of 16; the memory bank has 40 images, so use moco.queue_size <= 24"):
+    with pytest.raises(
+        ValueError, match="global batch of 16; the memory bank has 40 images, so use moco.queue_size <= 24"
+    ):
         MemoryBankDictionary.check(DictionarySettings(queue_size=32, dim=4, global_batch=16, num_train_samples=40))
     MemoryBankDictionary.check(DictionarySettings(queue_size=24, dim=4, global_batch=16, num_train_samples=40))
     MemoryBankDictionary.check(DictionarySettings(queue_size=10**6, dim=4, global_batch=16))  # size not known yet
@@ -182,7 +184,12 @@ def test_sample_excluding_is_uniform_over_the_allowed_indices():
 
 def _cfg(**moco):
     return build_config(
-        {"moco": moco, "model": {"arch": "small_cnn", "bn": "plain"}, "train": {"batch_size": 4}, "scaling": {"num_workers": 2}}
+        {
+            "moco": moco,
+            "model": {"arch": "small_cnn", "bn": "plain"},
+            "train": {"batch_size": 4},
+            "scaling": {"num_workers": 2},
+        }
     )
 
 

@@ -35,9 +35,7 @@ def _model(cfg, n=20):
     return MoCo.from_config(cfg, n).train()
 
 
-@pytest.mark.parametrize(
-    "mechanism, width", [("moco", 1 + 16), ("end_to_end", BATCH), ("memory_bank", 1 + 8)]
-)
+@pytest.mark.parametrize("mechanism, width", [("moco", 1 + 16), ("end_to_end", BATCH), ("memory_bank", 1 + 8)])
 def test_one_training_step_per_mechanism(mechanism, width):
     model = _model(_cfg(mechanism))
     out = model(*_batch())
@@ -48,9 +46,7 @@ def test_one_training_step_per_mechanism(mechanism, width):
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.encoder_q.parameters())
 
 
-@pytest.mark.parametrize(
-    "mechanism, keys_seen", [("moco", [False]), ("end_to_end", [True]), ("memory_bank", None)]
-)
+@pytest.mark.parametrize("mechanism, keys_seen", [("moco", [False]), ("end_to_end", [True]), ("memory_bank", None)])
 def test_key_pass_per_key_source(mechanism, keys_seen, monkeypatch):
     """Momentum encoder: keys without gradient; end-to-end: with gradient; memory bank: no key pass at all."""
     model = _model(_cfg(mechanism))

@@ -71,7 +71,9 @@ def test_convert_batchnorm_split_keeps_weights_and_key_names():
 
 
 def test_convert_batchnorm_sync_and_plain():
-    assert any(isinstance(m, nn.SyncBatchNorm) for m in convert_batchnorm(torchvision.models.resnet18(), "sync").modules())
+    assert any(
+        isinstance(m, nn.SyncBatchNorm) for m in convert_batchnorm(torchvision.models.resnet18(), "sync").modules()
+    )
     plain = convert_batchnorm(torchvision.models.resnet18(), "plain")
     assert not any(isinstance(m, (SplitBatchNorm2d, nn.SyncBatchNorm)) for m in plain.modules())
     with pytest.raises(ValueError, match="model.bn='group'"):

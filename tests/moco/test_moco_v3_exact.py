@@ -1,4 +1,5 @@
-"""mocolab's MoCo v3 step against the plain reference of tests/support/moco_v3_reference.py, in float64: two training steps
+"""mocolab's MoCo v3 step against the plain reference of tests/support/moco_v3_reference.py, in float64: two training
+steps
 (v3 momentum schedule, v3 optimizer: LARS for the ResNet, AdamW for the ViT) on 1 and on 2 gloo ranks, for a
 ResNet-18 and a 2-block timm ViT-Tiny. Compared: each step's loss and gradients, then every parameter and buffer of
 both encoders and the predictor (the momentum update and the synchronised BN statistics). The reference runs in this
@@ -19,6 +20,7 @@ mocolab's largest difference is 0.001 to 1.5 times that distance). A planted bug
 import copy
 import socket
 
+import moco_v3_reference as ref
 import pytest
 import timm
 import torch
@@ -28,7 +30,6 @@ import torchvision
 from torch import nn
 from torch.testing import assert_close
 
-import moco_v3_reference as ref
 from mocolab.config import build_config
 from mocolab.moco.model import MoCo
 from mocolab.moco.timm_backbones import sincos_2d_position_embedding
@@ -40,17 +41,21 @@ ARCHS = {"resnet": ("resnet18", {}, 16, 40.0), "vit": ("timm:vit_tiny_patch16_22
 BATCH, STEPS, EPOCHS = 4, 2, 2  # STEPS per epoch over EPOCHS: the momentum schedule runs its whole course
 ROUND_OFF = 1e-10  # float64 (a float32 step is off by ~1e-4)
 TIGHT = dict(atol=ROUND_OFF, rtol=0.0)
-NUDGE = 2.0 ** -52  # one unit in the last place of float64
+NUDGE = 2.0**-52  # one unit in the last place of float64
 SPREAD = 10.0
 
 
 def v3_config(arch, world):
     name, kwargs, size, lr = ARCHS[arch]
-    return build_config({
-        "moco": {"version": "v3", "dim": 16, "mlp_dim": 32, "momentum": 0.9, "temperature": 0.3},
-        "model": {"arch": name, "timm_kwargs": kwargs}, "data": {"image_size": size},
-        "train": {"batch_size": BATCH, "epochs": EPOCHS, "lr": lr}, "scaling": {"num_workers": world},
-    })
+    return build_config(
+        {
+            "moco": {"version": "v3", "dim": 16, "mlp_dim": 32, "momentum": 0.9, "temperature": 0.3},
+            "model": {"arch": name, "timm_kwargs": kwargs},
+            "data": {"image_size": size},
+            "train": {"batch_size": BATCH, "epochs": EPOCHS, "lr": lr},
+            "scaling": {"num_workers": world},
+        }
+    )
 
 
 def crops(step, world, size, nudge=0.0):
@@ -70,11 +75,12 @@ def run_mocolab(arch, world, rank):
     model = MoCo.from_config(cfg, 64).double().train()
     initial = copy.deepcopy(model.state_dict())
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = make_optimizer(params, cfg.base_lr, cfg.train.sgd_momentum, cfg.train.weight_decay,
-                               name=cfg.train.optimizer)
+    optimizer = make_optimizer(
+        params, cfg.base_lr, cfg.train.sgd_momentum, cfg.train.weight_decay, name=cfg.train.optimizer
+    )
     losses, grads = [], []
     for step in range(STEPS * EPOCHS):
-        x1, x2 = (x[rank * BATCH:(rank + 1) * BATCH] for x in crops(step, world, cfg.data.image_size))
+        x1, x2 = (x[rank * BATCH : (rank + 1) * BATCH] for x in crops(step, world, cfg.data.image_size))
         model.momentum = momentum_of(step)
         optimizer.zero_grad()
         loss = model(x1, x2, torch.arange(BATCH)).loss
@@ -93,8 +99,12 @@ def run_mocolab(arch, world, rank):
 
 def _ref_name(name):
     """mocolab's state name -> the reference's."""
-    for ours, theirs in (("encoder_q.backbone.", "base_encoder.0."), ("encoder_q.head.", "base_encoder.1."),
-                         ("encoder_k.backbone.", "momentum_encoder.0."), ("encoder_k.head.", "momentum_encoder.1.")):
+    for ours, theirs in (
+        ("encoder_q.backbone.", "base_encoder.0."),
+        ("encoder_q.head.", "base_encoder.1."),
+        ("encoder_k.backbone.", "momentum_encoder.0."),
+        ("encoder_k.head.", "momentum_encoder.1."),
+    ):
         if name.startswith(ours):
             return theirs + name.removeprefix(ours)
     return name
@@ -107,8 +117,9 @@ def run_reference(arch, world, initial, nudge=0.0):
     vit = arch == "vit"
     if vit:
         backbone = timm.create_model(name.removeprefix("timm:"), num_classes=0, img_size=size, **kwargs)
-        backbone.pos_embed = nn.Parameter(ref.sincos_position_embedding(backbone.patch_embed.grid_size,
-                                                                        backbone.embed_dim), requires_grad=False)
+        backbone.pos_embed = nn.Parameter(
+            ref.sincos_position_embedding(backbone.patch_embed.grid_size, backbone.embed_dim), requires_grad=False
+        )
         backbone.patch_embed.proj.weight.requires_grad = False  # stop_grad_conv1
         backbone.patch_embed.proj.bias.requires_grad = False
         hidden = backbone.embed_dim
@@ -144,8 +155,10 @@ def largest_difference(a, b):
 def round_off_bounds(reference, nudged):
     """Per step, then for the final state: the tolerance, from how far the reference's run moves when its crops move
     by one ulp."""
-    steps = [largest_difference([a["loss"], *a["grads"].values()], [b["loss"], *b["grads"].values()])
-             for a, b in zip(_steps(reference), _steps(nudged))]
+    steps = [
+        largest_difference([a["loss"], *a["grads"].values()], [b["loss"], *b["grads"].values()])
+        for a, b in zip(_steps(reference), _steps(nudged))
+    ]
     final = largest_difference(reference["final"].values(), [nudged["final"][n] for n in reference["final"]])
     return [max(ROUND_OFF, SPREAD * d) for d in steps], max(ROUND_OFF, SPREAD * final)
 
@@ -163,13 +176,13 @@ def assert_same_run(ours, theirs, bounds, where):
     for step, (a, b, atol) in enumerate(zip(ours["grads"], theirs["grads"], step_bounds)):
         assert {_ref_name(n) for n in a} == set(b), f"{where}: trained parameters differ"
         for n, g in a.items():
-            assert_close(g, b[_ref_name(n)], atol=atol, rtol=0.0,
-                         msg=lambda m: f"{where}, step {step}, grad {n}: {m}")
+            assert_close(g, b[_ref_name(n)], atol=atol, rtol=0.0, msg=lambda m: f"{where}, step {step}, grad {n}: {m}")
     final = {_ref_name(k): v for k, v in ours["final"].items()}
     assert final.keys() == theirs["final"].keys()
     for n, v in theirs["final"].items():  # momentum encoder, BN running statistics, trained weights
-        assert_close(final[n].to(v.dtype), v, atol=final_bound, rtol=0.0,
-                     msg=lambda m: f"{where}, after the steps, {n}: {m}")
+        assert_close(
+            final[n].to(v.dtype), v, atol=final_bound, rtol=0.0, msg=lambda m: f"{where}, after the steps, {n}: {m}"
+        )
 
 
 def compare_with_reference(ours, arch, world, where):

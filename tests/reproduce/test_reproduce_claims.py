@@ -21,13 +21,27 @@ def raw_claim(**extra):
         "paper": {"source": "a table", "rows": [{"setting": {"moco.momentum": 0.9}, "value": 55.2}]},
         "departures": "small",
         "chosen": "before",
-        "sweep": {"base": {"config": CONFIG}, "space": {"moco.momentum": {"grid": [0.0, 0.9, 0.99]}}, "seeds": [0, 1, 2]},
+        "sweep": {
+            "base": {"config": CONFIG},
+            "space": {"moco.momentum": {"grid": [0.0, 0.9, 0.99]}},
+            "seeds": [0, 1, 2],
+        },
         "checks": [
             {"name": "0.99 beats 0.9", "a": {"moco.momentum": 0.99}, "relation": ">", "b": {"moco.momentum": 0.9}},
-            {"name": "m=0 at most random init", "a": {"moco.momentum": 0.0}, "relation": "<=", "b": "random_init",
-             "margin": 2.0},
-            {"name": "m=0 loss near chance", "a": {"moco.momentum": 0.0}, "metric": "loss_to_chance",
-             "relation": ">=", "b": 0.9},
+            {
+                "name": "m=0 at most random init",
+                "a": {"moco.momentum": 0.0},
+                "relation": "<=",
+                "b": "random_init",
+                "margin": 2.0,
+            },
+            {
+                "name": "m=0 loss near chance",
+                "a": {"moco.momentum": 0.0},
+                "metric": "loss_to_chance",
+                "relation": ">=",
+                "b": 0.9,
+            },
         ],
     }
     raw.update(extra)
@@ -38,13 +52,21 @@ def runs_frame(knn: dict, loss: dict, status: dict | None = None) -> pd.DataFram
     """An mlflow.search_runs-like frame: knn/loss map (momentum, seed) -> final value."""
     rows = []
     for (momentum, seed), value in knn.items():
-        rows.append({
-            "run_id": f"r{momentum}-{seed}", "status": (status or {}).get((momentum, seed), "FINISHED"),
-            "params.moco.momentum": str(momentum), "params.train.seed": str(seed), "params.moco.mechanism": "moco",
-            "params.moco.queue_size": "1024", "params.train.batch_size": "64", "params.scaling.num_workers": "1",
-            "params.negatives": "1024",
-            "metrics.knn_top1": value, "metrics.loss": loss[(momentum, seed)],
-        })
+        rows.append(
+            {
+                "run_id": f"r{momentum}-{seed}",
+                "status": (status or {}).get((momentum, seed), "FINISHED"),
+                "params.moco.momentum": str(momentum),
+                "params.train.seed": str(seed),
+                "params.moco.mechanism": "moco",
+                "params.moco.queue_size": "1024",
+                "params.train.batch_size": "64",
+                "params.scaling.num_workers": "1",
+                "params.negatives": "1024",
+                "metrics.knn_top1": value,
+                "metrics.loss": loss[(momentum, seed)],
+            }
+        )
     return pd.DataFrame(rows)
 
 
@@ -71,23 +93,43 @@ def test_bad_claims_are_refused_naming_the_field():
     with pytest.raises(ConfigError, match="sweep.name"):
         parse_claim(raw_claim(sweep={"name": "mine", "space": {}}), "toy")
     with pytest.raises(ConfigError, match="random_init compares kNN"):
-        parse_claim(raw_claim(checks=[{"name": "x", "a": {"moco.momentum": 0.9}, "metric": "loss", "relation": "<=",
-                                       "b": "random_init"}]), "toy")
+        parse_claim(
+            raw_claim(
+                checks=[
+                    {"name": "x", "a": {"moco.momentum": 0.9}, "metric": "loss", "relation": "<=", "b": "random_init"}
+                ]
+            ),
+            "toy",
+        )
     with pytest.raises(ConfigError, match="grid axes"):
         parse_claim(raw_claim(sweep={"space": {"moco.momentum": {"uniform": [0.9, 0.99]}}, "search": "random"}), "toy")
 
 
 def test_named_values_are_resolved_for_the_trials_and_kept_for_labels():
     ops = [{"op": "RandomResizedCrop", "scale": [0.4, 1.0]}]
-    raw = raw_claim(values={"data.augment": {"crop": ops}},
-                    sweep={"base": {"config": CONFIG}, "seeds": [0, 1],
-                           "space": {"moco.momentum, data.augment": {"grid": [[0.9, "crop"], [0.99, "crop"]]}}},
-                    checks=[{"name": "x", "a": {"moco.momentum": 0.99, "data.augment": "crop"}, "relation": ">",
-                             "b": {"moco.momentum": 0.9}}],
-                    paper={"source": "s", "rows": []})
+    raw = raw_claim(
+        values={"data.augment": {"crop": ops}},
+        sweep={
+            "base": {"config": CONFIG},
+            "seeds": [0, 1],
+            "space": {"moco.momentum, data.augment": {"grid": [[0.9, "crop"], [0.99, "crop"]]}},
+        },
+        checks=[
+            {
+                "name": "x",
+                "a": {"moco.momentum": 0.99, "data.augment": "crop"},
+                "relation": ">",
+                "b": {"moco.momentum": 0.9},
+            }
+        ],
+        paper={"source": "s", "rows": []},
+    )
     claim, spec = parse_claim(raw, "toy")
     assert spec.space["moco.momentum, data.augment"].grid == [[0.9, ops], [0.99, ops]]
-    assert claim.grid() == [{"moco.momentum": 0.9, "data.augment": "crop"}, {"moco.momentum": 0.99, "data.augment": "crop"}]
+    assert claim.grid() == [
+        {"moco.momentum": 0.9, "data.augment": "crop"},
+        {"moco.momentum": 0.99, "data.augment": "crop"},
+    ]
     assert claim.resolve({"data.augment": "crop"}) == {"data.augment": ops}
     assert same_value(ops, str(ops)) and not same_value(ops, str(ops[:0]))  # an MLflow param holds str(list)
 
@@ -128,8 +170,13 @@ def test_rows_table_and_report(tmp_path):
     assert list(table["setting"]) == ["moco.momentum=0.0", "moco.momentum=0.9", "moco.momentum=0.99"]
     assert table.loc[1, "paper"] == 55.2 and table.loc[2, "knn_top1_mean"] == pytest.approx(70.333, abs=1e-3)
     labels = settings_of_runs(runs, claim)
-    curves = pd.DataFrame([{"run_id": rid, "step": e, "value": 7 - e, "setting": labels[rid], "seed": rid[-1]}
-                           for rid in labels.index for e in range(1, 4)])
+    curves = pd.DataFrame(
+        [
+            {"run_id": rid, "step": e, "value": 7 - e, "setting": labels[rid], "seed": rid[-1]}
+            for rid in labels.index
+            for e in range(1, 4)
+        ]
+    )
     verdict, results = evaluate_claim(claim, runs, BASELINES)
     report = ClaimReport(claim, "rep-toy", table, BASELINES, results, verdict, curves)
     path = write_report([report], tmp_path, "# Header")

@@ -20,15 +20,22 @@ def tiny_claim(folder):
         "sweep": {
             "base": {
                 "config": str(CLAIMS_DIR / "configs" / "digits_v1.yaml"),
-                "data.limit_train": 256, "data.limit_test": 128, "train.epochs": 1, "train.batch_size": 32,
-                "moco.queue_size": 64, "train.knn_every": 1, "train.checkpoint_every": 1,
+                "data.limit_train": 256,
+                "data.limit_test": 128,
+                "train.epochs": 1,
+                "train.batch_size": 32,
+                "moco.queue_size": 64,
+                "train.knn_every": 1,
+                "train.checkpoint_every": 1,
             },
             "space": {"moco.momentum": {"grid": [0.0, 0.99]}},
             "seeds": [0, 1],
             "resources": {"workers": 1, "cpus_per_worker": 1},
             "max_concurrent_trials": 2,
         },
-        "checks": [{"name": "0.99 beats 0", "a": {"moco.momentum": 0.99}, "relation": ">", "b": {"moco.momentum": 0.0}}],
+        "checks": [
+            {"name": "0.99 beats 0", "a": {"moco.momentum": 0.99}, "relation": ">", "b": {"moco.momentum": 0.0}}
+        ],
     }
     path = folder / "tiny.yaml"
     path.write_text(yaml.safe_dump(claim, sort_keys=False))
@@ -45,12 +52,16 @@ def test_reproduce_tiny_claim_end_to_end(ray_local, mlflow_uri, tmp_path, capsys
     parents = client.search_runs([exp.experiment_id], filter_string=f"tags.`{tracking.STAGE_TAG}` = 'reproduce'")
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
     parent = parents[0]
-    sweeps = client.search_runs([exp.experiment_id], filter_string=f"tags.`{tracking.PARENT_RUN_TAG}` = '{parent.info.run_id}'")
+    sweeps = client.search_runs(
+        [exp.experiment_id], filter_string=f"tags.`{tracking.PARENT_RUN_TAG}` = '{parent.info.run_id}'"
+    )
     assert len(sweeps) == 1
     sweep = sweeps[0]
     assert sweep.data.tags[tracking.CLAIM_TAG] == "tiny"
     assert sweep.data.tags[tracking.VERDICT_TAG] in ("reproduced", "not_reproduced", "inconclusive")
-    trials = client.search_runs([exp.experiment_id], filter_string=f"tags.`{tracking.PARENT_RUN_TAG}` = '{sweep.info.run_id}'")
+    trials = client.search_runs(
+        [exp.experiment_id], filter_string=f"tags.`{tracking.PARENT_RUN_TAG}` = '{sweep.info.run_id}'"
+    )
     assert len(trials) == 4 and all(t.info.status == "FINISHED" for t in trials)
     assert [m.step for m in client.get_metric_history(sweep.info.run_id, "random_init_knn_top1")] == [0, 1]
     text = (out / "report.md").read_text()
@@ -62,8 +73,20 @@ def test_reproduce_tiny_claim_end_to_end(ray_local, mlflow_uri, tmp_path, capsys
 
     # --resume of the finished reproduction reads the sweep back: no new trial runs, the same verdict
     again = tmp_path / "again"
-    assert main(["reproduce", "--resume", "--out", str(again), "--set", f"scaling.storage_path={tmp_path / 'ray'}",
-                 str(path)]) == 0
+    assert (
+        main(
+            [
+                "reproduce",
+                "--resume",
+                "--out",
+                str(again),
+                "--set",
+                f"scaling.storage_path={tmp_path / 'ray'}",
+                str(path),
+            ]
+        )
+        == 0
+    )
     assert "already finished" in capsys.readouterr().out
     trials_after = client.search_runs([exp.experiment_id], filter_string=f"tags.`{tracking.STAGE_TAG}` = 'pretrain'")
     assert len(trials_after) == 4

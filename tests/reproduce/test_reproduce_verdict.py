@@ -100,9 +100,7 @@ def test_false_reproduction_rate_is_alpha():
     # with no true effect, ">" is declared reproduced in ~alpha of the experiments (one-sided t test)
     rng = np.random.default_rng(1)
     trials = 4000
-    hits = sum(
-        decide(paired_interval(rng.normal(0, 1, size=3), 0.0), ">") == REPRODUCED for _ in range(trials)
-    )
+    hits = sum(decide(paired_interval(rng.normal(0, 1, size=3), 0.0), ">") == REPRODUCED for _ in range(trials))
     assert 0.04 < hits / trials < 0.06
 
 

@@ -31,11 +31,23 @@ def _sweep_parent(client: MlflowClient, exp_id: str, name: str, axes: list[str])
 def _trial(client, exp_id, sweep, parent, index, params, knn, status="FINISHED", lincls=None) -> str:
     tags = {tracking.STAGE_TAG: "pretrain", tracking.SWEEP_TAG: sweep, tracking.PARENT_RUN_TAG: parent}
     run_id = client.create_run(exp_id, run_name=f"{sweep}-{index:05d}", tags=tags).info.run_id
-    base = {"moco.momentum": "0.99", "moco.mechanism": "moco", "moco.queue_size": "256", "train.batch_size": "32",
-            "effective_k": "256", "negatives": "256", "scaling.num_workers": "1", "train.epochs": "3", "tracking.run_name": f"{sweep}-{index:05d}"}
+    base = {
+        "moco.momentum": "0.99",
+        "moco.mechanism": "moco",
+        "moco.queue_size": "256",
+        "train.batch_size": "32",
+        "effective_k": "256",
+        "negatives": "256",
+        "scaling.num_workers": "1",
+        "train.epochs": "3",
+        "tracking.run_name": f"{sweep}-{index:05d}",
+    }
     params = [Param(k, str(v)) for k, v in {**base, **params}.items()]
-    metrics = [Metric(name, value, 0, epoch) for epoch in range(3)  # a rising curve that ends at `knn`
-               for name, value in (("knn_top1", knn - 10 * (2 - epoch)), ("loss", 5.0 - epoch))]
+    metrics = [
+        Metric(name, value, 0, epoch)
+        for epoch in range(3)  # a rising curve that ends at `knn`
+        for name, value in (("knn_top1", knn - 10 * (2 - epoch)), ("loss", 5.0 - epoch))
+    ]
     if lincls is not None:
         metrics.append(Metric("lincls_top1", lincls, 0, 0))
     client.log_batch(run_id, metrics=metrics, params=params)  # one call: a sqlite store is slow per call
@@ -62,8 +74,18 @@ def make_momentum_sweep(uri: str, name: str = "momentum_test", experiment: str =
     for momentum, knns in MOMENTUM_KNN.items():
         for seed, knn in enumerate(knns):
             lincls = knn + 5 if seed == 0 else None
-            ids.append(_trial(client, exp_id, name, parent, index, {"moco.momentum": momentum, "train.seed": seed},
-                              knn, lincls=lincls))
+            ids.append(
+                _trial(
+                    client,
+                    exp_id,
+                    name,
+                    parent,
+                    index,
+                    {"moco.momentum": momentum, "train.seed": seed},
+                    knn,
+                    lincls=lincls,
+                )
+            )
             index += 1
     _trial(client, exp_id, name, parent, index, {"moco.momentum": 0.9999, "train.seed": 0}, 10.0, status="FAILED")
     client.set_terminated(parent, status="FINISHED")
@@ -79,9 +101,14 @@ def make_mechanism_sweep(uri: str, name: str = "mechanism_test", experiment: str
     index = 0
     for (mechanism, queue, batch), knns in MECHANISM_KNN.items():
         for seed, knn in enumerate(knns):
-            params = {"moco.mechanism": mechanism, "moco.queue_size": queue, "train.batch_size": batch,
-                      "train.seed": seed, "effective_k": batch if mechanism == "end_to_end" else queue,
-                      "negatives": batch - 1 if mechanism == "end_to_end" else queue}
+            params = {
+                "moco.mechanism": mechanism,
+                "moco.queue_size": queue,
+                "train.batch_size": batch,
+                "train.seed": seed,
+                "effective_k": batch if mechanism == "end_to_end" else queue,
+                "negatives": batch - 1 if mechanism == "end_to_end" else queue,
+            }
             _trial(client, exp_id, name, parent, index, params, knn)
             index += 1
     client.set_terminated(parent, status="FINISHED")

@@ -7,7 +7,7 @@ import os
 import signal
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import psutil
 
@@ -23,7 +23,7 @@ def train_workers(ray_module) -> list[psutil.Process]:
     return [p for p in raylet.children(recursive=True) if "RayTrainWorker" in " ".join(p.cmdline())]
 
 
-def registered_checkpoint(run_folder: Path) -> tuple[int, Optional[Path]]:
+def registered_checkpoint(run_folder: Path) -> tuple[int, Path | None]:
     """``(epoch, folder)`` of the latest checkpoint Ray Train's controller has registered for the run in
     ``run_folder`` (what a restart resumes from; a checkpoint still on its way from a worker when it dies
     does not count); ``(0, None)`` before the first."""

@@ -11,7 +11,8 @@ PodTemplateSpec) and ``metadata`` (ObjectMeta) are validated with Kubernetes' ow
 
 from __future__ import annotations
 
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import jsonschema
 import kubernetes_validate

@@ -6,7 +6,8 @@ that session, so SIGKILL to every process of the session is the node vanishing a
 cluster ends exactly what the test started. Each
 node has a temp dir of its own, as on separate machines (short: Ray's unix sockets must stay under ~107 characters;
 one shared dir let a new node's agents remove files of a live job's working dir, and every node's log monitor stream
-every worker's lines), under one cluster folder; the nodes use free ports and the cluster's own auth token, so other Ray instances on the machine (the suite's ``ray_local``, other users') are never
+every worker's lines), under one cluster folder; the nodes use free ports and the cluster's own auth token, so other
+Ray instances on the machine (the suite's ``ray_local``, other users') are never
 touched; never ``ray stop``, which ends every Ray on the machine.
 """
 
@@ -21,8 +22,8 @@ import signal
 import subprocess
 import tempfile
 import time
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Iterator, Sequence
 
 import psutil
 from local_servers import VENV_BIN, clean_env, free_port, start_in_session

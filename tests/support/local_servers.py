@@ -15,9 +15,9 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Optional
 
 VENV_BIN = Path(sys.executable).parent
 
@@ -29,7 +29,7 @@ def free_port() -> int:
 
 
 def wait_for_http(
-    url: str, timeout_s: float, headers: dict[str, str] | None = None, proc: Optional[subprocess.Popen] = None
+    url: str, timeout_s: float, headers: dict[str, str] | None = None, proc: subprocess.Popen | None = None
 ) -> None:
     """Poll ``url`` until it answers 200; fail at once if ``proc`` (the server) exits."""
     deadline = time.monotonic() + timeout_s
@@ -74,7 +74,7 @@ def clean_env(**extra: str) -> dict[str, str]:
 
 
 def start_in_session(
-    cmd: list[str], cwd: Path, env: dict[str, str], log: Path, user: Optional[str] = None
+    cmd: list[str], cwd: Path, env: dict[str, str], log: Path, user: str | None = None
 ) -> subprocess.Popen:
     """``cmd`` in its own process session (as ``user`` with that user's group, if given), output to ``log``."""
     as_user = {"user": user, "group": user, "extra_groups": []} if user else {}
@@ -91,16 +91,16 @@ class MlflowServer:
     def __init__(
         self,
         folder: Path,
-        env: Optional[dict[str, str]] = None,
-        backend_store_uri: Optional[str] = None,
-        artifacts_destination: Optional[str] = None,
+        env: dict[str, str] | None = None,
+        backend_store_uri: str | None = None,
+        artifacts_destination: str | None = None,
     ):
         self.folder, self.env = folder, env or clean_env()
         self.backend_store_uri = backend_store_uri or f"sqlite:///{folder / 'mlflow.db'}"
         self.artifacts_destination = artifacts_destination or str(folder / "mlartifacts")
         self.port = free_port()
         self.uri = f"http://127.0.0.1:{self.port}"
-        self._proc: Optional[subprocess.Popen] = None
+        self._proc: subprocess.Popen | None = None
 
     def start(self) -> str:
         """Start the server and wait for ``/health`` (~7 s on sqlite on a quiet machine; minutes under load)."""
@@ -126,7 +126,7 @@ class MlflowServer:
         self.stop()
         return self.start()
 
-    def __enter__(self) -> "MlflowServer":
+    def __enter__(self) -> MlflowServer:
         self.start()
         return self
 
@@ -135,7 +135,7 @@ class MlflowServer:
 
 
 @contextlib.contextmanager
-def mlflow_server(folder: Path, env: Optional[dict[str, str]] = None, **stores: Optional[str]) -> Iterator[str]:
+def mlflow_server(folder: Path, env: dict[str, str] | None = None, **stores: str | None) -> Iterator[str]:
     """An :class:`MlflowServer` (``stores``: ``backend_store_uri``, ``artifacts_destination``); yields its URI."""
     with MlflowServer(folder, env, **stores) as server:
         yield server.uri

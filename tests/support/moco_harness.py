@@ -4,13 +4,12 @@ matching :class:`moco_reference.ReferenceMoCo` from its initial state."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Iterator
 
 import torch
-from torch.testing import assert_close
-
 from moco_reference import ReferenceMoCo
+from torch.testing import assert_close
 
 
 def make_moco(cfg, num_train_samples: int = 64):

@@ -54,9 +54,7 @@ def _to_plain_bn(module: nn.Module) -> None:
 def bn_batches(world: int, batch: int, splits: int = 1) -> list[torch.Tensor]:
     """The rows of a global batch that one forward call normalises together: each rank's rows, cut into ``splits``
     strided sub-batches."""
-    return [
-        r * batch + s + splits * torch.arange(batch // splits) for r in range(world) for s in range(splits)
-    ]
+    return [r * batch + s + splits * torch.arange(batch // splits) for r in range(world) for s in range(splits)]
 
 
 class Net(nn.Module):

@@ -75,8 +75,9 @@ class LARS(torch.optim.Optimizer):
     """optimizer.py's LARS."""
 
     def __init__(self, params, lr=0, weight_decay=0, momentum=0.9, trust_coefficient=0.001):
-        super().__init__(params, dict(lr=lr, weight_decay=weight_decay, momentum=momentum,
-                                      trust_coefficient=trust_coefficient))
+        super().__init__(
+            params, dict(lr=lr, weight_decay=weight_decay, momentum=momentum, trust_coefficient=trust_coefficient)
+        )
 
     @torch.no_grad()
     def step(self):
@@ -90,9 +91,11 @@ class LARS(torch.optim.Optimizer):
                     param_norm = torch.norm(p)
                     update_norm = torch.norm(dp)
                     one = torch.ones_like(param_norm)
-                    q = torch.where(param_norm > 0.0,
-                                    torch.where(update_norm > 0, (g["trust_coefficient"] * param_norm / update_norm), one),
-                                    one)
+                    q = torch.where(
+                        param_norm > 0.0,
+                        torch.where(update_norm > 0, (g["trust_coefficient"] * param_norm / update_norm), one),
+                        one,
+                    )
                     dp = dp.mul(q)
                 state = self.state[p]
                 if "mu" not in state:

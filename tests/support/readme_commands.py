@@ -44,12 +44,12 @@ class JobCommand:
 def section(readme: str, heading: str = CLUSTER_SECTION) -> str:
     """The text under ``heading`` up to the next heading of any level (lines inside fenced code blocks, such as shell
     comments, are no headings)."""
-    lines = readme[readme.index(heading):].splitlines(keepends=True)
+    lines = readme[readme.index(heading) :].splitlines(keepends=True)
     fenced = False
     for i, line in enumerate(lines[1:], start=1):
         fenced ^= line.startswith("```")
         hashes = len(line) - len(line.lstrip("#"))
-        if not fenced and hashes and line[hashes:hashes + 1] == " ":
+        if not fenced and hashes and line[hashes : hashes + 1] == " ":
             return "".join(lines[:i])
     return "".join(lines)
 
@@ -63,7 +63,7 @@ def job_commands(readme: str) -> list[JobCommand]:
             argv = shlex.split(command, comments=True)
             if tuple(argv[:3]) == SUBMIT:
                 cut = argv.index("--")
-                found.append(JobCommand(argv[:cut], argv[cut + 1:]))
+                found.append(JobCommand(argv[:cut], argv[cut + 1 :]))
     return found
 
 

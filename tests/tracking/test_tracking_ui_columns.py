@@ -10,12 +10,11 @@ import mlflow
 import pytest
 import torch
 from mlflow import MlflowClient
+from test_data_folder import make_folder
 
 from mocolab import tracking
 from mocolab.config import build_config
 from mocolab.moco.backbones import make_backbone
-
-from test_data_folder import make_folder
 
 
 @pytest.fixture
@@ -47,7 +46,9 @@ def test_a_run_records_the_command_commit_and_dataset(folder_cfg, tmp_path, monk
     run = MlflowClient(folder_cfg.tracking.tracking_uri).get_run(run_id)
     tags = run.data.tags
     assert tags[tracking.SOURCE_NAME_TAG] == "mocolab pretrain"  # the UI's Source column shows it after the last '/'
-    assert tags[tracking.COMMAND_TAG] == "mocolab pretrain c.yaml --set tracking.tracking_uri=https://***@mlflow.example"
+    assert (
+        tags[tracking.COMMAND_TAG] == "mocolab pretrain c.yaml --set tracking.tracking_uri=https://***@mlflow.example"
+    )
     assert tags[tracking.SOURCE_TYPE_TAG] == "LOCAL"
     assert tags[tracking.SOURCE_GIT_COMMIT_TAG] == tags[tracking.GIT_COMMIT_TAG] == tracking.git_commit()
     (dataset_input,) = run.inputs.dataset_inputs

@@ -55,8 +55,10 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
         accuracy = knn_top1(backbone, bank, queries, k=cfg.train.knn_k, t=cfg.train.knn_t)
         feats, labels = (gather_shards(x) for x in extract_features(backbone, bank))
         shard_size = len(bank.dataset)
-        torch.save({"accuracy": accuracy, "bank": feats, "labels": labels, "shard_size": shard_size},
-                   f"{out_dir}/rank{rank}.pt")
+        torch.save(
+            {"accuracy": accuracy, "bank": feats, "labels": labels, "shard_size": shard_size},
+            f"{out_dir}/rank{rank}.pt",
+        )
     finally:
         dist.destroy_process_group()
 

@@ -59,11 +59,16 @@ def test_mocolab_prints_one_line_and_exits_1(monkeypatch, command_output, tmp_pa
     import mocolab.commands.detect as detect_command
 
     def diverge(cfg, source):
-        raise NonFiniteLossError("detection run 'x': NaN/inf loss nan at iteration 3/3 (...); stopped without retry. Fix.")
+        raise NonFiniteLossError(
+            "detection run 'x': NaN/inf loss nan at iteration 3/3 (...); stopped without retry. Fix."
+        )
 
     monkeypatch.setattr(detect_command, "run_detection", diverge)
     config = tmp_path / "det.yaml"
     config.write_text("eval:\n  detection:\n    iterations: 3\n    warmup_iters: 1\n    data: {made_digits: true}\n")
     assert cli.main(["detect", str(config), "--init", "random"]) == 1
     err = command_output().err  # without lines an earlier test's Ray workers may still be streaming
-    assert err == "mocolab detect: detection run 'x': NaN/inf loss nan at iteration 3/3 (...); stopped without retry. Fix.\n"
+    assert (
+        err
+        == "mocolab detect: detection run 'x': NaN/inf loss nan at iteration 3/3 (...); stopped without retry. Fix.\n"
+    )

@@ -16,10 +16,18 @@ from mocolab.tracking import CORRUPT_SKIPPED, KNN_TOP1
 
 @pytest.mark.slow
 def test_device_pipeline_pretraining_beats_random_init(ray_local, mlflow_uri, tmp_path):
-    cfg = load_config(QUICKSTART_CONFIG, [
-        "data.pipeline=device", "data.augment=moco_v2", "data.digits.min_scale=1.6", "train.epochs=10",
-        "train.knn_every=10", "train.checkpoint_every=10", f"scaling.storage_path={tmp_path / 'ray_results'}",
-    ])
+    cfg = load_config(
+        QUICKSTART_CONFIG,
+        [
+            "data.pipeline=device",
+            "data.augment=moco_v2",
+            "data.digits.min_scale=1.6",
+            "train.epochs=10",
+            "train.knn_every=10",
+            "train.checkpoint_every=10",
+            f"scaling.storage_path={tmp_path / 'ray_results'}",
+        ],
+    )
     run_id = run_pretrain(cfg)
     random_init, moco = random_init_knn_top1(cfg), final_metric(cfg, run_id, KNN_TOP1)
     assert moco >= random_init + 3, (random_init, moco)  # measured: 77.1 -> 82.4

@@ -7,12 +7,11 @@ import json
 
 import pytest
 from mlflow import MlflowClient
+from test_data_folder import make_folder
 
 from mocolab import tracking
 from mocolab.config import build_config
 from mocolab.orchestrate import run_pretrain
-
-from test_data_folder import make_folder
 
 
 @pytest.mark.slow

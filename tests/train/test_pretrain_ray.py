@@ -10,9 +10,9 @@ from mlflow import MlflowClient
 
 from mocolab import tracking
 from mocolab.config import build_config
-from mocolab.train.checkpoint import CHECKPOINT_FILE, load_checkpoint
 from mocolab.orchestrate import run_pretrain
 from mocolab.runtime import ensure_ray
+from mocolab.train.checkpoint import CHECKPOINT_FILE, load_checkpoint
 from mocolab.train.launch import build_trainer, finish_pretrain_run
 from mocolab.train.nonfinite import NonFiniteLossError
 from mocolab.train.pretrain import INJECT_NAN_KEY

@@ -16,8 +16,8 @@ import yaml
 from mlflow import MlflowClient
 
 from mocolab.config import load_config
-from mocolab.train.checkpoint import load_checkpoint
 from mocolab.orchestrate import run_pretrain
+from mocolab.train.checkpoint import load_checkpoint
 
 EPOCHS = 8
 STEPS_PER_EPOCH = 4  # 256 images / (2 workers x 32)

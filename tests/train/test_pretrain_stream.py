@@ -13,8 +13,7 @@ from PIL import Image
 
 from mocolab import tracking
 from mocolab.config import ConfigError, build_config
-from mocolab.data.datasets import CorruptImageError
-from mocolab.data.datasets import image_source
+from mocolab.data.datasets import CorruptImageError, image_source
 from mocolab.data.stream import TwoCropBatch, pretrain_dataset, steps_per_epoch
 from mocolab.runtime import ensure_ray
 from mocolab.train.checkpoint import load_checkpoint
@@ -36,8 +35,15 @@ def stream_config(tmp_path: Path, name: str, epochs: int, **data):
     raw = {
         "moco": {"version": "v2", "dim": 16, "queue_size": 96, "momentum": 0.99, "temperature": 0.2},
         "model": {"arch": "small_cnn", "bn": "shuffle"},
-        "data": {"dataset": "folder", "root": str(tmp_path / "images"), "image_size": 16, "reader": "stream",
-                 "stream_cpus": 0, "on_corrupt": "skip", **data},
+        "data": {
+            "dataset": "folder",
+            "root": str(tmp_path / "images"),
+            "image_size": 16,
+            "reader": "stream",
+            "stream_cpus": 0,
+            "on_corrupt": "skip",
+            **data,
+        },
         "train": {"epochs": epochs, "batch_size": BATCH, "lr": 0.03, "keep_checkpoints": 3, "knn_every": 0},
         "scaling": {"num_workers": WORKERS, "storage_path": str(tmp_path / "ray_results")},
         "tracking": {"experiment": "stream", "run_name": name, "tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}"},
@@ -71,8 +77,10 @@ def test_equal_shares_in_whole_batches():
 def test_the_map_function_fails_naming_the_file_or_skips_and_counts(tmp_path):
     folder = image_folder(tmp_path / "images")
     cfg = stream_config(tmp_path, "x", 1)
-    rows = {"location": np.array([str(folder / "g0" / "000.png"), str(folder / "g0" / "broken.png")]),
-            "index": np.array([7, 9])}
+    rows = {
+        "location": np.array([str(folder / "g0" / "000.png"), str(folder / "g0" / "broken.png")]),
+        "index": np.array([7, 9]),
+    }
     out = TwoCropBatch(cfg.data)(rows)
     assert out["view_q"].shape == out["view_k"].shape == (2, 3, 16, 16) and out["view_q"].dtype == np.uint8
     assert out["index"].tolist() == [7, 7] and out["skipped"].tolist() == [0, 1]  # the slot refilled, counted

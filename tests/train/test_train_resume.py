@@ -110,4 +110,3 @@ def test_a_checkpoint_that_would_run_code_is_refused_like_a_broken_one(tmp_path,
     ((path, reason),) = resumed.skipped
     assert path == str(tampered / CHECKPOINT_FILE)
     assert reason.startswith("refused by torch.load(weights_only=True): Unsupported global: GLOBAL pathlib.PosixPath")
-

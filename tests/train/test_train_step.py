@@ -13,8 +13,17 @@ from mocolab.bench.spec import AMP_OF_PRECISION, StepSpec
 from mocolab.bench.step import synthetic_batch, train_step
 from mocolab.train.step import LossWatch, TrainStep, check_amp
 
-TINY = StepSpec(arch="small_cnn", image_size=12, batch_size=8, bn="split", bn_splits=2, dim=16, queue_size=32,
-                momentum=0.9, temperature=0.2)
+TINY = StepSpec(
+    arch="small_cnn",
+    image_size=12,
+    batch_size=8,
+    bn="split",
+    bn_splits=2,
+    dim=16,
+    queue_size=32,
+    momentum=0.9,
+    temperature=0.2,
+)
 PRECISION_OF_AMP = {amp: precision for precision, amp in AMP_OF_PRECISION.items()}
 
 
@@ -102,8 +111,13 @@ def test_loss_watch_add_never_reads_back_to_the_host():
     class NoHostRead(torch.Tensor):
         @classmethod
         def __torch_function__(cls, func, types, args=(), kwargs=None):
-            if func in (torch.Tensor.item, torch.Tensor.__bool__, torch.Tensor.__float__, torch.Tensor.__int__,
-                        torch.Tensor.tolist):
+            if func in (
+                torch.Tensor.item,
+                torch.Tensor.__bool__,
+                torch.Tensor.__float__,
+                torch.Tensor.__int__,
+                torch.Tensor.tolist,
+            ):
                 raise AssertionError(f"host read: {func.__name__}")
             return super().__torch_function__(func, types, args, kwargs or {})
 

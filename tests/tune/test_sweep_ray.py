@@ -26,8 +26,14 @@ pytestmark = pytest.mark.slow
 TINY_BASE = {
     "moco": {"dim": 16, "queue_size": 64},
     "model": {"arch": "small_cnn"},
-    "data": {"dataset": "digits", "image_size": 16, "loader_workers": 0, "limit_train": 128, "limit_test": 64,
-             "digits": {"canvas": 16, "max_scale": 2.0, "copies": 1}},
+    "data": {
+        "dataset": "digits",
+        "image_size": 16,
+        "loader_workers": 0,
+        "limit_train": 128,
+        "limit_test": 64,
+        "digits": {"canvas": 16, "max_scale": 2.0, "copies": 1},
+    },
     "train": {"epochs": 1, "batch_size": 32, "knn_k": 10, "checkpoint_every": 1},
     "tracking": {"experiment": "sweeps"},
 }
@@ -66,7 +72,9 @@ def test_sweep_runs_one_child_run_per_trial_and_goes_on_after_a_failed_trial(ray
     # the kNN monitor reads the broken test image: data.on_corrupt=fail makes that trial fail at run time
     path = write_sweep(tmp_path, "tiny", {"data.on_corrupt": {"grid": ["skip", "fail"]}}, tmp_path / "ray")
     root = make_image_folder(tmp_path / "images")
-    spec, base, (cfg, *_) = load_sweep(path, overrides=["data.dataset=imagefolder", f"data.root={root}", "data.limit_train=null"])
+    spec, base, (cfg, *_) = load_sweep(
+        path, overrides=["data.dataset=imagefolder", f"data.root={root}", "data.limit_train=null"]
+    )
     parent_id, failed, unfinished = run_sweep(spec, base, cfg)
     assert (failed, unfinished) == (1, 0)
     runs = {r.info.run_name: r for r in children(mlflow_uri, "tiny")}
@@ -82,8 +90,11 @@ def _mocolab(log: Path, *args: str, **kwargs) -> subprocess.Popen:
     """``mocolab ARGS`` in its own session (so that it can be killed with the Ray it starts), output to ``log``."""
     with open(log, "w") as out:
         return subprocess.Popen(
-            [sys.executable, "-m", "mocolab.cli", *args], stdout=out, stderr=subprocess.STDOUT,
-            start_new_session=True, **kwargs,
+            [sys.executable, "-m", "mocolab.cli", *args],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            **kwargs,
         )
 
 

@@ -30,7 +30,9 @@ def write_sweep(tmp_path: Path, **fields) -> Path:
 
 def test_base_path_is_relative_to_the_sweep_file_and_inline_overrides_merge(tmp_path, monkeypatch):
     path = write_sweep(tmp_path, space={"moco.momentum": {"grid": [0.9, 0.99]}})
-    path.write_text(path.read_text().replace("base: base.yaml", "base: {config: base.yaml, train.epochs: 3, moco: {dim: 8}}"))
+    path.write_text(
+        path.read_text().replace("base: base.yaml", "base: {config: base.yaml, train.epochs: 3, moco: {dim: 8}}")
+    )
     monkeypatch.chdir("/")
     spec, base, (first, *_) = load_sweep(path, overrides=["train.lr=0.1"])
     assert spec.axes == ["moco.momentum"]
@@ -162,7 +164,10 @@ def test_tune_space_counts_and_unzips_trials(tmp_path):
     assert count_trials(spec) == 2 * 1 * 2 * 2
     params = {"moco.temperature": 0.1, "moco.mechanism, train.batch_size": ["moco", 16], "train.seed": 1}
     assert assignment_from(params) == {
-        "moco.temperature": 0.1, "moco.mechanism": "moco", "train.batch_size": 16, "train.seed": 1
+        "moco.temperature": 0.1,
+        "moco.mechanism": "moco",
+        "train.batch_size": 16,
+        "train.seed": 1,
     }
     assert trial_run_name("s", "3f2a1_00012") == "s-00012"
 

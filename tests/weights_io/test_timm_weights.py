@@ -12,8 +12,11 @@ from mocolab.moco.backbones import backbone_state_dict, build_backbone
 from mocolab.weights_io.arch import load_checked
 from mocolab.weights_io.export import export, timm_model_of
 
-VIT = {"model": {"arch": "timm:vit_tiny_patch16_224", "timm_kwargs": {"depth": 1, "patch_size": 4}},
-       "data": {"image_size": 16}, "moco": {"version": "v3"}}
+VIT = {
+    "model": {"arch": "timm:vit_tiny_patch16_224", "timm_kwargs": {"depth": 1, "patch_size": 4}},
+    "data": {"image_size": 16},
+    "moco": {"version": "v3"},
+}
 
 
 @pytest.fixture

@@ -9,8 +9,8 @@ from torch import nn
 
 from mocolab.config import build_config
 from mocolab.moco.model import MoCo
-from mocolab.train.checkpoint import save_checkpoint
 from mocolab.orchestrate import run_pretrain
+from mocolab.train.checkpoint import save_checkpoint
 
 
 def _config(tmp_path, **model):

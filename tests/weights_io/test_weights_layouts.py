@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import copy
 import pickle
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import pytest
 import torch
@@ -73,7 +73,9 @@ def write_torchvision(net, d: Path) -> Path:
 def write_torchvision_dataparallel(net, d: Path) -> Path:
     """The official MoCo main_lincls.py checkpoint: a DataParallel ResNet with its trained fc."""
     state = {f"module.{k}": v for k, v in net.state_dict().items()}
-    torch.save({"epoch": 100, "arch": "resnet50", "state_dict": state, "best_acc1": torch.tensor(60.0)}, d / "lincls.pth.tar")
+    torch.save(
+        {"epoch": 100, "arch": "resnet50", "state_dict": state, "best_acc1": torch.tensor(60.0)}, d / "lincls.pth.tar"
+    )
     return d / "lincls.pth.tar"
 
 
@@ -148,8 +150,19 @@ def write_solo_learn(net, d: Path) -> Path:
         "momentum_backbone": _distinct(copy.deepcopy(backbone), 4), "momentum_projector": nn.Linear(dim, 128),
     })  # fmt: skip
     state = {**model.state_dict(), "queue": torch.randn(2, 128, 64)}
-    torch.save({"epoch": 400, "global_step": 10, "pytorch-lightning_version": "2.0.2", "state_dict": state,
-                "loops": {}, "callbacks": {}, "optimizer_states": [], "lr_schedulers": []}, d / "solo.ckpt")  # fmt: skip
+    torch.save(
+        {
+            "epoch": 400,
+            "global_step": 10,
+            "pytorch-lightning_version": "2.0.2",
+            "state_dict": state,
+            "loops": {},
+            "callbacks": {},
+            "optimizer_states": [],
+            "lr_schedulers": [],
+        },
+        d / "solo.ckpt",
+    )
     return d / "solo.ckpt"
 
 

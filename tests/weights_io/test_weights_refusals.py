@@ -188,8 +188,14 @@ def test_init_backbones_sets_both_encoders(tmp_path):
     torch.nn.init.normal_(net.conv1.weight)
     path = tmp_path / "official.pth.tar"
     torch.save({"state_dict": {f"module.encoder_q.{k}": v for k, v in net.state_dict().items()}}, path)
-    cfg = build_config({"model": {"arch": "resnet18", "bn": "split", "bn_splits": 2, "init_weights": str(path)},
-                        "moco": {"queue_size": 64}, "train": {"batch_size": 8}, "scaling": {"num_workers": 1}})  # fmt: skip
+    cfg = build_config(
+        {
+            "model": {"arch": "resnet18", "bn": "split", "bn_splits": 2, "init_weights": str(path)},
+            "moco": {"queue_size": 64},
+            "train": {"batch_size": 8},
+            "scaling": {"num_workers": 1},
+        }
+    )
     model = MoCo.from_config(cfg, num_train_samples=64)
     assert not torch.equal(model.encoder_q.backbone.conv1.weight, net.conv1.weight)
     init_backbones(model, cfg.model.init_weights)
@@ -203,13 +209,21 @@ def test_export_refuses_what_detectron2_cannot_take(tmp_path, capsys):
     small = _small_cnn_backbone(tmp_path / "small.pt")
     out = tmp_path / "out.pkl"
     assert cli.main(["export", "--weights", str(small), "--format", "detectron2", "--out", str(out)]) == 2
-    assert "these weights are small_cnn, which detectron2 has no counterpart for. Use --format torchvision" in capsys.readouterr().err
+    assert (
+        "these weights are small_cnn, which detectron2 has no counterpart for. Use --format torchvision"
+        in capsys.readouterr().err
+    )
     cifar, _ = build_backbone(ModelConfig(arch="resnet18", cifar_stem=True, bn="plain"))
     torch.save(backbone_state_dict(cifar), tmp_path / "cifar.pt")
-    assert cli.main(["export", "--weights", str(tmp_path / "cifar.pt"), "--format", "detectron2", "--out", str(out)]) == 2
+    assert (
+        cli.main(["export", "--weights", str(tmp_path / "cifar.pt"), "--format", "detectron2", "--out", str(out)]) == 2
+    )
     assert "CIFAR-stem resnet18" in capsys.readouterr().err
     assert not out.exists()
-    assert cli.main(["export", "--weights", str(small), "--format", "torchvision", "--out", str(tmp_path / "no" / "x.pt")]) == 2
+    assert (
+        cli.main(["export", "--weights", str(small), "--format", "torchvision", "--out", str(tmp_path / "no" / "x.pt")])
+        == 2
+    )
     assert "the folder" in capsys.readouterr().err
 
 

@@ -10,10 +10,10 @@ import matplotlib
 matplotlib.use("Agg")
 
 import matplotlib.pyplot as plt  # noqa: E402
-from matplotlib.ticker import MaxNLocator  # noqa: E402
 import pandas as pd  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
-from mocolab.analysis.tables import K, MECHANISM  # noqa: E402
+from mocolab.analysis.tables import MECHANISM, K  # noqa: E402
 
 
 def save_figure(fig: plt.Figure, path: Path, dpi: int = 120) -> Path:
@@ -30,9 +30,7 @@ def plot_ablation(table: pd.DataFrame, param: str, metric: str, path: Path) -> P
     """Mean ± std of ``metric`` against the values of ``param``, evenly spaced as in the paper's tables."""
     fig, ax = plt.subplots(figsize=(5, 3.5))
     positions = range(len(table))
-    ax.errorbar(
-        positions, table[f"{metric}_mean"], yerr=table[f"{metric}_std"].fillna(0), marker="o", capsize=4
-    )
+    ax.errorbar(positions, table[f"{metric}_mean"], yerr=table[f"{metric}_std"].fillna(0), marker="o", capsize=4)
     ax.set_xticks(list(positions), [f"{v:g}" if isinstance(v, float) else str(v) for v in table[param]])
     ax.set_xlabel(param)
     ax.set_ylabel(metric)
@@ -46,7 +44,11 @@ def plot_accuracy_vs_k(table: pd.DataFrame, metric: str, path: Path) -> Path:
     for mechanism, rows in table.groupby(MECHANISM, sort=True):
         rows = rows.sort_values(K)
         ax.errorbar(
-            rows[K], rows[f"{metric}_mean"], yerr=rows[f"{metric}_std"].fillna(0), marker="o", capsize=4,
+            rows[K],
+            rows[f"{metric}_mean"],
+            yerr=rows[f"{metric}_std"].fillna(0),
+            marker="o",
+            capsize=4,
             label=str(mechanism),
         )
     ax.set_xscale("log", base=2)

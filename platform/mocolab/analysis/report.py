@@ -7,10 +7,11 @@ sweep's parent run under ``report/``.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Optional, Sequence
 
-from mocolab.analysis import plots, runs, summary as summ
+from mocolab.analysis import plots, runs
+from mocolab.analysis import summary as summ
 from mocolab.analysis.tables import K
 from mocolab.config import ConfigError
 from mocolab.tracking import REPORT_ARTIFACT_DIR, check_reachable, redact
@@ -38,9 +39,9 @@ def write_plots(s: summ.Summary, uri: str, out: Path) -> list[Path]:
 
 def make_report(
     uri: str,
-    sweep: Optional[str] = None,
-    experiment: Optional[str] = None,
-    out: Optional[Path] = None,
+    sweep: str | None = None,
+    experiment: str | None = None,
+    out: Path | None = None,
     metrics: Sequence[str] = (),
     log_to_parent: bool = True,
 ) -> tuple[summ.Summary, Path]:
@@ -86,7 +87,9 @@ def terminal_text(s: summ.Summary) -> str:
         parts += [f"{s.primary} against K:", s.mechanism_grid().to_string()]
     if s.best is not None:
         label = summ.run_label(s.best, [a for a in s.axes if a != K])
-        parts.append(f"best: {s.best.get('tags.mlflow.runName')} {s.primary}={s.best[f'metrics.{s.primary}']:.2f} ({label})")
+        parts.append(
+            f"best: {s.best.get('tags.mlflow.runName')} {s.primary}={s.best[f'metrics.{s.primary}']:.2f} ({label})"
+        )
     if s.failed:
         parts.append(f"{s.failed} run(s) did not finish and are left out")
     return "\n".join(parts)

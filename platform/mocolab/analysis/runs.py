@@ -6,8 +6,6 @@ in ``mlflow.search_runs``' layout; the table math in ``analysis.tables`` works o
 
 from __future__ import annotations
 
-from typing import Optional
-
 import pandas as pd
 from mlflow import MlflowClient
 from mlflow.entities import Run
@@ -24,7 +22,7 @@ from mocolab.tracking import (
 )
 
 
-def resolve_uri(uri: Optional[str] = None) -> str:
+def resolve_uri(uri: str | None = None) -> str:
     """The tracking URI to read: ``uri``, else ``$MLFLOW_TRACKING_URI``, else ``sqlite:///mlflow.db`` (cwd)."""
     from pathlib import Path
 

@@ -3,13 +3,13 @@ and its markdown; pure pandas on a runs frame, shared by ``mocolab report`` and 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Optional, Sequence
 
 import pandas as pd
 
 from mocolab.analysis import tables
-from mocolab.analysis.tables import K, MECHANISM
+from mocolab.analysis.tables import MECHANISM, K
 from mocolab.tracking import DEVICE_HOURS, HEADLINE_METRICS
 
 
@@ -23,11 +23,11 @@ class Summary:
     metrics: list[str]
     table: pd.DataFrame  # numbers: axes, n, <metric>_mean, <metric>_std
     display: pd.DataFrame  # the same as "mean ± std" strings
-    best: Optional[pd.Series]  # the run with the highest primary metric
+    best: pd.Series | None  # the run with the highest primary metric
     failed: int  # runs that did not finish
 
     @property
-    def primary(self) -> Optional[str]:
+    def primary(self) -> str | None:
         return self.metrics[0] if self.metrics else None
 
     @property
@@ -51,7 +51,7 @@ def table_axes(axes: Sequence[str]) -> list[str]:
 
 
 def summarize(
-    runs: pd.DataFrame, title: str, axes: Optional[Sequence[str]] = None, metrics: Optional[Sequence[str]] = None
+    runs: pd.DataFrame, title: str, axes: Sequence[str] | None = None, metrics: Sequence[str] | None = None
 ) -> Summary:
     """Summarize ``runs`` (an ``mlflow.search_runs`` frame) grouped by ``axes`` (default: the params that
     differ between runs). ValueError when no run finished or none has the metrics."""
@@ -95,15 +95,19 @@ def compute_points(summary: Summary) -> pd.DataFrame:
     if tables.metric_col(DEVICE_HOURS) not in runs or tables.metric_col(metric) not in runs:
         return pd.DataFrame(columns=columns)
     axes = [a for a in summary.axes if a != K]
-    points = pd.DataFrame({
-        DEVICE_HOURS: pd.to_numeric(runs[tables.metric_col(DEVICE_HOURS)]),
-        metric: pd.to_numeric(runs[tables.metric_col(metric)]),
-        "label": [" ".join(f"{a}={run.get(tables.param_col(a))}" for a in axes) or "runs" for _, run in runs.iterrows()],
-    })
+    points = pd.DataFrame(
+        {
+            DEVICE_HOURS: pd.to_numeric(runs[tables.metric_col(DEVICE_HOURS)]),
+            metric: pd.to_numeric(runs[tables.metric_col(metric)]),
+            "label": [
+                " ".join(f"{a}={run.get(tables.param_col(a))}" for a in axes) or "runs" for _, run in runs.iterrows()
+            ],
+        }
+    )
     return points.dropna(subset=[DEVICE_HOURS, metric]).reset_index(drop=True)
 
 
-def comparison(runs: pd.DataFrame, metrics: Optional[Sequence[str]] = None) -> pd.DataFrame:
+def comparison(runs: pd.DataFrame, metrics: Sequence[str] | None = None) -> pd.DataFrame:
     """Runs side by side: name, status, the params that differ between them, the metrics they have."""
     keys = tables.varying_params(runs, exclude=("tracking.", "scaling.storage_path"))
     out = pd.DataFrame({"run": runs.get("tags.mlflow.runName", runs["run_id"]), "status": runs["status"]})

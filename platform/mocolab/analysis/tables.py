@@ -6,7 +6,7 @@ A table has one row per value (or combination) of the swept parameters and, for 
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 import pandas as pd
 
@@ -32,7 +32,7 @@ def finished(runs: pd.DataFrame) -> pd.DataFrame:
     return runs[runs["status"] == "FINISHED"] if "status" in runs else runs
 
 
-def available_metrics(runs: pd.DataFrame, wanted: Optional[Sequence[str]] = None) -> list[str]:
+def available_metrics(runs: pd.DataFrame, wanted: Sequence[str] | None = None) -> list[str]:
     """The metrics of ``wanted`` (default: the headline ones) that at least one run has."""
     names = list(wanted) if wanted else list(HEADLINE_METRICS)
     return [m for m in names if metric_col(m) in runs and runs[metric_col(m)].notna().any()]

@@ -22,8 +22,8 @@ several checks is reproduced when all are, not reproduced when any is not, else 
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Iterable, Sequence, Union
 
 import numpy as np
 from scipy import stats
@@ -48,7 +48,7 @@ class Interval:
         return not (math.isnan(self.low) or math.isnan(self.high))
 
 
-def paired_interval(a: Sequence[float], b: Union[Sequence[float], float], alpha: float = ALPHA) -> Interval:
+def paired_interval(a: Sequence[float], b: Sequence[float] | float, alpha: float = ALPHA) -> Interval:
     """The t confidence interval (two-sided, level ``1 - 2 alpha``) of ``mean(a - b)`` over pairs.
 
     ``a`` and ``b`` are aligned by position (one value per seed); ``b`` may be a scalar. ValueError when the

@@ -35,10 +35,19 @@ def data_contender(data_cfg, batch_size: int, seed: int = 0) -> Callable[[], obj
     """A callable that loads one batch of ``batch_size`` random training images of ``data_cfg``'s pretraining
     pipeline (decode, two crops, collate) on one thread, for ``timing.interleaved_rates``."""
     dataset = build_pretrain_dataset(data_cfg)
-    sampler = RandomSampler(dataset, replacement=True, num_samples=sys.maxsize,
-                            generator=torch.Generator().manual_seed(seed))
-    batches = iter(DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=0,
-                              collate_fn=collate_skip_corrupt, drop_last=True))
+    sampler = RandomSampler(
+        dataset, replacement=True, num_samples=sys.maxsize, generator=torch.Generator().manual_seed(seed)
+    )
+    batches = iter(
+        DataLoader(
+            dataset,
+            batch_size=batch_size,
+            sampler=sampler,
+            num_workers=0,
+            collate_fn=collate_skip_corrupt,
+            drop_last=True,
+        )
+    )
 
     def load_batch() -> object:
         with single_threaded():

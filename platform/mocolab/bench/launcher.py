@@ -73,7 +73,6 @@ def _launcher_worker(rank: int, config: dict[str, Any], epochs: int, port: int, 
     from torch.optim.lr_scheduler import LambdaLR
 
     from mocolab.config import Config
-    from mocolab.data.normalize import normalize_views
     from mocolab.moco.model import MoCo
     from mocolab.runtime import seed_everything
     from mocolab.train.knn import knn_top1
@@ -92,10 +91,16 @@ def _launcher_worker(rank: int, config: dict[str, Any], epochs: int, port: int, 
         seed_everything(train.seed)
         loader, sampler = pretrain_loader(cfg, rank, world)
         model = MoCo.from_config(cfg, num_train_samples=len(loader.dataset)).to(device)
-        ddp = DistributedDataParallel(model, device_ids=[rank] if device.type == "cuda" else None,
-                                      forward_sync_buffers=False)
-        optimizer = make_optimizer((p for p in ddp.parameters() if p.requires_grad), train.lr, train.sgd_momentum,
-                                   train.weight_decay, train.amp)
+        ddp = DistributedDataParallel(
+            model, device_ids=[rank] if device.type == "cuda" else None, forward_sync_buffers=False
+        )
+        optimizer = make_optimizer(
+            (p for p in ddp.parameters() if p.requires_grad),
+            train.lr,
+            train.sgd_momentum,
+            train.weight_decay,
+            train.amp,
+        )
         scheduler = LambdaLR(optimizer, lambda s: lr_factor(s, len(loader), train))
         step = TrainStep(ddp, optimizer, train.amp, device.type)
         seed_everything(train.seed + rank)
@@ -116,8 +121,10 @@ def _launcher_worker(rank: int, config: dict[str, Any], epochs: int, port: int, 
                 loop_s.append(ends[-1] - started)
                 images.append(seen * world)
                 if rank == 0 and (epoch % train.checkpoint_every == 0 or epoch == epochs):
-                    torch.save({"epoch": epoch, "state_dict": model.state_dict(), "optimizer": optimizer.state_dict()},
-                               Path(checkpoints) / f"checkpoint_{epoch:04d}.pth.tar")
+                    torch.save(
+                        {"epoch": epoch, "state_dict": model.state_dict(), "optimizer": optimizer.state_dict()},
+                        Path(checkpoints) / f"checkpoint_{epoch:04d}.pth.tar",
+                    )
         bank, queries = knn_loaders(cfg, rank, world)
         backbone = model.encoder_q.backbone
         dist.barrier()
@@ -138,8 +145,9 @@ def launcher_run(cfg, epochs: int, workdir: Path) -> LauncherTimes:
     workdir.mkdir(parents=True, exist_ok=True)
     (workdir / RESULT_FILE).unlink(missing_ok=True)
     config = cfg.model_dump(mode="json")
-    mp.spawn(_launcher_worker, args=(config, epochs, _free_port(), str(workdir)), nprocs=cfg.scaling.num_workers,
-             join=True)
+    mp.spawn(
+        _launcher_worker, args=(config, epochs, _free_port(), str(workdir)), nprocs=cfg.scaling.num_workers, join=True
+    )
     record = json.loads((workdir / RESULT_FILE).read_text())
     return LauncherTimes(EpochTimes(record["images"], record["loop_s"], record["period_s"]), record["knn_s"])
 

@@ -14,7 +14,7 @@ import math
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 from torch.utils.data import default_collate
 
@@ -81,8 +81,9 @@ def _round(views: Views, blobs: list[bytes], images: int) -> float:
     return images / (time.perf_counter() - start)
 
 
-def pipeline_rows(blobs: list[bytes], image_size: int, images: int, rounds: int,
-                  step_rate: float = DEFAULT_STEP_RATE) -> list[dict[str, Any]]:
+def pipeline_rows(
+    blobs: list[bytes], image_size: int, images: int, rounds: int, step_rate: float = DEFAULT_STEP_RATE
+) -> list[dict[str, Any]]:
     """One row per pipeline x recipe: ``pipeline, augment, image_size, img_per_s_per_core`` (median/min/max over
     ``rounds`` of ``images`` images), ``speedup`` over the baseline's median and ``cores_per_gpu`` for ``step_rate``."""
     from mocolab.bench.data import single_threaded
@@ -101,26 +102,35 @@ def pipeline_rows(blobs: list[bytes], image_size: int, images: int, rounds: int,
             base = Spread.of(rates[BASELINE]).median
             for name in names:
                 spread = Spread.of(rates[name])
-                rows.append({
-                    "pipeline": name, "augment": recipe, "image_size": image_size,
-                    "img_per_s_per_core": {"median": spread.median, "min": spread.min, "max": spread.max},
-                    "speedup": spread.median / base, "cores_per_gpu": math.ceil(step_rate / spread.median),
-                })
+                rows.append(
+                    {
+                        "pipeline": name,
+                        "augment": recipe,
+                        "image_size": image_size,
+                        "img_per_s_per_core": {"median": spread.median, "min": spread.min, "max": spread.max},
+                        "speedup": spread.median / base,
+                        "cores_per_gpu": math.ceil(step_rate / spread.median),
+                    }
+                )
     return rows
 
 
 def pipeline_table(rows: list[dict[str, Any]], step_rate: float, images: str) -> str:
     """The rows as text, with the step rate they are sized for and where the images came from."""
-    header = f"{'pipeline':<16}{'augment':<10}{'size':>5}{'median':>9}{'min':>8}{'max':>8}{'x base':>8}{'cores/GPU':>11}"
+    header = (
+        f"{'pipeline':<16}{'augment':<10}{'size':>5}{'median':>9}{'min':>8}{'max':>8}{'x base':>8}{'cores/GPU':>11}"
+    )
     lines = [f"input pipelines, img/s per core ({images}; cores per GPU for a {step_rate:.0f} img/s step)", header]
     for row in rows:
         rate = row["img_per_s_per_core"]
-        lines.append(f"{row['pipeline']:<16}{row['augment']:<10}{row['image_size']:>5}{rate['median']:>9.1f}"
-                     f"{rate['min']:>8.1f}{rate['max']:>8.1f}{row['speedup']:>8.2f}{row['cores_per_gpu']:>11}")
+        lines.append(
+            f"{row['pipeline']:<16}{row['augment']:<10}{row['image_size']:>5}{rate['median']:>9.1f}"
+            f"{rate['min']:>8.1f}{rate['max']:>8.1f}{row['speedup']:>8.2f}{row['cores_per_gpu']:>11}"
+        )
     return "\n".join(lines)
 
 
-def image_bytes(folder: Optional[Path]) -> tuple[list[bytes], str]:
+def image_bytes(folder: Path | None) -> tuple[list[bytes], str]:
     """The bench's images and a label: the files of ``folder``, or scikit-learn's sample photos."""
     if folder is None:
         return sample_jpegs(), "scikit-learn sample photos, 640x427 JPEG q90"

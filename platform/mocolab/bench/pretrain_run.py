@@ -34,7 +34,9 @@ class EpochTimes:
 
     def __post_init__(self) -> None:
         if not self.images or not len(self.images) == len(self.loop_s) == len(self.period_s):
-            raise ValueError("a timed run needs at least 2 epochs (the first is warm-up) and one value of each per epoch")
+            raise ValueError(
+                "a timed run needs at least 2 epochs (the first is warm-up) and one value of each per epoch"
+            )
 
     @property
     def img_s(self) -> float:
@@ -96,7 +98,10 @@ def run_timed_pretrain(cfg, workdir: Path, epochs: int = 3, timeout_s: float = 3
     started = time.time()
     proc = subprocess.run(
         [sys.executable, "-m", "mocolab.cli", "pretrain", str(config_path)],
-        cwd=workdir, capture_output=True, text=True, timeout=timeout_s,
+        cwd=workdir,
+        capture_output=True,
+        text=True,
+        timeout=timeout_s,
     )
     wall = time.time() - started
     if proc.returncode != 0:

@@ -10,7 +10,7 @@ with ``K`` queued negatives, backward, SGD step, enqueue. Torch only (runs on th
 from __future__ import annotations
 
 import copy
-from typing import Callable, Optional
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -20,8 +20,9 @@ from torch import nn
 class ReferenceMoCo(nn.Module):
     """Textbook single-process MoCo (shuffle-BN emulated by shuffling the batch before the key encoder)."""
 
-    def __init__(self, encoder_q: nn.Module, queue: torch.Tensor, momentum: float, temperature: float,
-                 shuffle: bool = True):
+    def __init__(
+        self, encoder_q: nn.Module, queue: torch.Tensor, momentum: float, temperature: float, shuffle: bool = True
+    ):
         """``queue``: ``[K, dim]`` initial negatives (copied, stored as the paper's ``[dim, K]``); ``shuffle``:
         shuffle the key batch around the key encoder."""
         super().__init__()
@@ -33,7 +34,7 @@ class ReferenceMoCo(nn.Module):
         self.register_buffer("queue", queue.detach().T.clone())
         self.ptr = 0
 
-    def forward(self, im_q: torch.Tensor, im_k: torch.Tensor, perm: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def forward(self, im_q: torch.Tensor, im_k: torch.Tensor, perm: torch.Tensor | None = None) -> torch.Tensor:
         """The loss of one step; updates the key encoder first and the queue after (as in Algorithm 1)."""
         q = F.normalize(self.encoder_q(im_q), dim=1)
         with torch.no_grad():

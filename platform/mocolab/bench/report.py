@@ -9,7 +9,7 @@ import json
 import math
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 from mocolab.bench.spread import NOISE_TOLERANCE, Spread
 
@@ -36,16 +36,30 @@ RESULT_KEYS = (
     "profile",  # {phase: fraction of the step}
     "shuffle",  # shuffle-BN per worker per step, one row per worker count: SHUFFLE_COLUMNS (bench/shuffle.py)
 )
-SPREAD_KEYS = ("ratio_vs_reference", "data_vs_step", "epoch_ratio_vs_launcher", "loop_ratio_vs_launcher", "knn_vs_epoch")
+SPREAD_KEYS = (
+    "ratio_vs_reference",
+    "data_vs_step",
+    "epoch_ratio_vs_launcher",
+    "loop_ratio_vs_launcher",
+    "knn_vs_epoch",
+)
 """Ratios measured in repetitions: the record holds their median, and ``record["spread"][key]`` min / median / max."""
 
 # The columns of a "shuffle" row: bytes received (analytic) and seconds of shuffle + unshuffle (measured) of the
 # all-gather and the all-to-all shuffle; ratios are all-to-all / gather.
 SHUFFLE_COLUMNS = (
-    "workers", "gather_bytes", "all_to_all_bytes", "bytes_ratio", "gather_s", "all_to_all_s", "time_ratio"
+    "workers",
+    "gather_bytes",
+    "all_to_all_bytes",
+    "bytes_ratio",
+    "gather_s",
+    "all_to_all_s",
+    "time_ratio",
 )
-SHUFFLE_TITLE = ("shuffle-BN per worker per step: bytes received (analytic, expected) and seconds of shuffle + "
-                 "unshuffle (measured, gloo processes on this machine)")
+SHUFFLE_TITLE = (
+    "shuffle-BN per worker per step: bytes received (analytic, expected) and seconds of shuffle + "
+    "unshuffle (measured, gloo processes on this machine)"
+)
 
 # Targets of the performance issue: key -> (comparison, bound, note).
 TARGETS = {
@@ -82,7 +96,7 @@ def format_value(value: Any) -> str:
     return str(value)
 
 
-def target_status(key: str, value: Optional[float], spread: Optional[Spread] = None) -> str:
+def target_status(key: str, value: float | None, spread: Spread | None = None) -> str:
     """``">= 0.95 (note) ok"`` / ``"... MISS"`` for a key with a target, ``""`` otherwise; with a ``spread`` wider
     than NOISE_TOLERANCE, ``"... too noisy for a verdict"`` instead of ok or MISS."""
     if key not in TARGETS or value is None:
@@ -128,9 +142,11 @@ def result_table(result: dict[str, Any]) -> str:
         table = format_table(rows, ["metric", "value [min, max] xrepeats", "target"])
         noisy = noisy_keys(result)
         if noisy:
-            table += (f"\nthe machine is too noisy for a verdict on {', '.join(noisy)}: their repetitions differ by "
-                      f"more than +-{100 * NOISE_TOLERANCE:g}% from the median; rerun on a quiet machine or with more "
-                      "repeats")
+            table += (
+                f"\nthe machine is too noisy for a verdict on {', '.join(noisy)}: their repetitions differ by "
+                f"more than +-{100 * NOISE_TOLERANCE:g}% from the median; rerun on a quiet machine or with more "
+                "repeats"
+            )
         tables.append(table)
     if result.get("shuffle"):
         shuffle_rows = [[format_value(_as_float(row[c])) for c in SHUFFLE_COLUMNS] for row in result["shuffle"]]
@@ -151,8 +167,13 @@ def metrics_for_mlflow(result: dict[str, Any]) -> dict[str, float]:
         metrics.update({f"{key}_min": float(record["min"]), f"{key}_max": float(record["max"])})
     metrics.update({f"profile_{phase}": float(v) for phase, v in (result.get("profile") or {}).items()})
     for row in result.get("shuffle") or []:
-        metrics.update({f"shuffle_{column}_w{row['workers']}": float(row[column])
-                        for column in SHUFFLE_COLUMNS[1:] if row[column] is not None})
+        metrics.update(
+            {
+                f"shuffle_{column}_w{row['workers']}": float(row[column])
+                for column in SHUFFLE_COLUMNS[1:]
+                if row[column] is not None
+            }
+        )
     return metrics
 
 

@@ -20,12 +20,12 @@ from __future__ import annotations
 
 from pathlib import Path
 from statistics import median
-from typing import Any, Optional
+from typing import Any
 
 PARTS = ("step", "reference", "data", "launcher", "fixed", "profile", "shuffle")
 
 
-def step_spec(cfg, device: str, precision: Optional[str]):
+def step_spec(cfg, device: str, precision: str | None):
     """The benchmarked step of ``cfg``; a setting the benchmark cannot run is a ConfigError."""
     from mocolab.bench.spec import spec_from_config
     from mocolab.config import ConfigError
@@ -36,8 +36,9 @@ def step_spec(cfg, device: str, precision: Optional[str]):
         raise ConfigError(str(err)) from None
 
 
-def run_bench(cfg, spec, parts: tuple[str, ...], steps: int, repeats: int, rounds: int, epochs: int,
-              workdir: Path) -> dict[str, Any]:
+def run_bench(
+    cfg, spec, parts: tuple[str, ...], steps: int, repeats: int, rounds: int, epochs: int, workdir: Path
+) -> dict[str, Any]:
     """Run the chosen parts of the benchmark of ``spec`` (the step of ``cfg``) and return the JSON record
     (``report.RESULT_KEYS``, the ratios' ``spread`` and the settings under ``settings``)."""
     import torch
@@ -48,16 +49,26 @@ def run_bench(cfg, spec, parts: tuple[str, ...], steps: int, repeats: int, round
     threads = torch.get_num_threads() if device == "cuda" else max(1, int(cfg.scaling.cpus_per_worker))
     torch.set_num_threads(threads)
     result = empty_result()
-    result["settings"] = {**{k: getattr(spec, k) for k in spec.__dataclass_fields__}, "threads": threads,
-                          "torch": torch.__version__, "parts": list(parts)}
+    result["settings"] = {
+        **{k: getattr(spec, k) for k in spec.__dataclass_fields__},
+        "threads": threads,
+        "torch": torch.__version__,
+        "parts": list(parts),
+    }
 
     if {"step", "reference", "data"} & set(parts):
         from mocolab.bench.data import data_contender
         from mocolab.bench.step import REFERENCE, compare_steps
 
         extra = {"data": data_contender(cfg.data, cfg.train.batch_size, cfg.train.seed)} if "data" in parts else {}
-        comparison = compare_steps({"mocolab": spec}, with_reference="reference" in parts, steps=steps,
-                                   repeats=repeats, warmup=max(2, steps // 5), extra=extra)
+        comparison = compare_steps(
+            {"mocolab": spec},
+            with_reference="reference" in parts,
+            steps=steps,
+            repeats=repeats,
+            warmup=max(2, steps // 5),
+            extra=extra,
+        )
         result["step_img_s"] = comparison.img_s["mocolab"]
         if "reference" in parts:
             result["reference_img_s"] = comparison.img_s[REFERENCE]
@@ -106,7 +117,9 @@ def log_to_mlflow(cfg, result: dict[str, Any], json_path: Path) -> str:
     from mocolab.moco.mechanisms import run_params
 
     params = {f"bench.{k}": v for k, v in result["settings"].items()} | tracking.params_of(cfg, run_params(cfg))
-    run_id = tracking.start_eval_run(cfg, tracking.STAGE_BENCH, params, init="random", run_name=f"bench-{cfg.tracking.run_name}")
+    run_id = tracking.start_eval_run(
+        cfg, tracking.STAGE_BENCH, params, init="random", run_name=f"bench-{cfg.tracking.run_name}"
+    )
     tracking.log_metrics(tracking.client_for(cfg.tracking.tracking_uri), run_id, metrics_for_mlflow(result), step=0)
     tracking.log_file(cfg.tracking.tracking_uri, run_id, json_path)
     tracking.end_run(cfg.tracking.tracking_uri, run_id)

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import socket
 import statistics
-from typing import Any, Optional
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -53,15 +53,17 @@ def shuffle_rows(batch: int, image_size: int, dim: int, seconds: dict[int, dict[
     for workers in ANALYTIC_WORKERS:
         got = {impl: bytes_received_per_worker(impl, workers, batch, image_size, dim) for impl in IMPLS}
         timed = seconds.get(workers)
-        rows.append({
-            "workers": workers,
-            "gather_bytes": round(got["gather"]),
-            "all_to_all_bytes": round(got["all_to_all"]),
-            "bytes_ratio": got["all_to_all"] / got["gather"],
-            "gather_s": timed["gather"] if timed else None,
-            "all_to_all_s": timed["all_to_all"] if timed else None,
-            "time_ratio": timed["all_to_all"] / timed["gather"] if timed else None,
-        })
+        rows.append(
+            {
+                "workers": workers,
+                "gather_bytes": round(got["gather"]),
+                "all_to_all_bytes": round(got["all_to_all"]),
+                "bytes_ratio": got["all_to_all"] / got["gather"],
+                "gather_s": timed["gather"] if timed else None,
+                "all_to_all_s": timed["all_to_all"] if timed else None,
+                "time_ratio": timed["all_to_all"] / timed["gather"] if timed else None,
+            }
+        )
     return rows
 
 
@@ -76,8 +78,9 @@ def _round_trip(shuffle, unshuffle, crops: torch.Tensor, keys: torch.Tensor) -> 
     unshuffle(keys, undo)
 
 
-def _timing_worker(rank: int, workers: int, port: int, shape: tuple[int, int, int], steps: int, repeats: int,
-                   warmup: int, results) -> None:
+def _timing_worker(
+    rank: int, workers: int, port: int, shape: tuple[int, int, int], steps: int, repeats: int, warmup: int, results
+) -> None:
     """One gloo rank of :func:`time_shuffles`; rank 0 puts ``{impl: median seconds per step}`` on ``results``."""
     from mocolab.moco import distributed
 
@@ -107,8 +110,9 @@ def _timing_worker(rank: int, workers: int, port: int, shape: tuple[int, int, in
         dist.destroy_process_group()
 
 
-def time_shuffles(workers: int, batch: int, image_size: int, dim: int, steps: int, repeats: int,
-                  warmup: Optional[int] = None) -> dict[str, float]:
+def time_shuffles(
+    workers: int, batch: int, image_size: int, dim: int, steps: int, repeats: int, warmup: int | None = None
+) -> dict[str, float]:
     """Median seconds per step of shuffle + unshuffle (crops ``[B, 3, S, S]``, keys ``[B, dim]``, fp32) of each
     implementation on ``workers`` gloo processes."""
     if steps < 1 or repeats < 1:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any, Literal, Optional
+from typing import Any, Literal
 
 Precision = Literal["fp32", "bf16", "fp16"]
 PRECISIONS = ("fp32", "bf16", "fp16")
@@ -53,7 +53,7 @@ class StepSpec:
         if self.bn == "split" and self.batch_size % self.bn_splits:
             raise ValueError(f"bn_splits={self.bn_splits} must divide batch_size={self.batch_size}")
 
-    def replace(self, **changes: Any) -> "StepSpec":
+    def replace(self, **changes: Any) -> StepSpec:
         return dataclasses.replace(self, **changes)
 
     @property
@@ -62,7 +62,7 @@ class StepSpec:
         return AMP_OF_PRECISION[self.precision]
 
 
-def spec_from_config(cfg, device: str, precision: Optional[str] = None) -> StepSpec:
+def spec_from_config(cfg, device: str, precision: str | None = None) -> StepSpec:
     """The step one worker of ``cfg`` runs, on ``device``. ``precision`` defaults to what the training loop
     runs: ``train.amp`` (off = fp32). ``model.bn=shuffle`` becomes one worker's share of it; ``sync`` (BN
     statistics over all workers, no shuffle) becomes plain BN. Raises ValueError for settings the benchmark does

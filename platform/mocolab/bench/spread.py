@@ -25,13 +25,13 @@ class Spread:
     repeats: int
 
     @classmethod
-    def of(cls, values: Sequence[float]) -> "Spread":
+    def of(cls, values: Sequence[float]) -> Spread:
         if not values:
             raise ValueError("a spread needs at least one value")
         return cls(min(values), statistics.median(values), max(values), len(values))
 
     @classmethod
-    def from_dict(cls, record: dict[str, Any]) -> "Spread":
+    def from_dict(cls, record: dict[str, Any]) -> Spread:
         return cls(**record)
 
     def as_dict(self) -> dict[str, Any]:

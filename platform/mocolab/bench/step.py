@@ -11,7 +11,6 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 
@@ -77,8 +76,9 @@ def reference_contender(spec: StepSpec) -> StepFn:
     contiguous (channels-first) memory format, eager, as in the paper's code."""
     plain = spec.replace(precision="fp32", channels_last=False, compile=False)
     source = build_model(plain)
-    reference = ReferenceMoCo(source.encoder_q, source.dictionary.queue, spec.momentum, spec.temperature,
-                              shuffle=source.shuffle_keys)
+    reference = ReferenceMoCo(
+        source.encoder_q, source.dictionary.queue, spec.momentum, spec.temperature, shuffle=source.shuffle_keys
+    )
     del source
     step = reference_step_fn(reference.to(spec.device).train(), spec.lr, spec.sgd_momentum, spec.weight_decay)
     im_q, im_k, _ = synthetic_batch(plain)
@@ -97,7 +97,7 @@ class StepComparison:
         """Median images/s of each contender."""
         return {name: Spread.of(values).median for name, values in self.rates.items()}
 
-    def ratio(self, name: str, over: str = REFERENCE) -> Optional[Spread]:
+    def ratio(self, name: str, over: str = REFERENCE) -> Spread | None:
         """Throughput of ``name`` over ``over``'s, per repetition (fractions: 1.2 = 20% faster), or None if ``over``
         did not run. Both ran in every repetition, back to back, so each repetition's ratio is a fair pair."""
         if over not in self.rates:
@@ -106,8 +106,12 @@ class StepComparison:
 
 
 def compare_steps(
-    specs: Mapping[str, StepSpec], with_reference: bool = True, steps: int = 10, repeats: int = 5, warmup: int = 3,
-    extra: Optional[Mapping[str, StepFn]] = None,
+    specs: Mapping[str, StepSpec],
+    with_reference: bool = True,
+    steps: int = 10,
+    repeats: int = 5,
+    warmup: int = 3,
+    extra: Mapping[str, StepFn] | None = None,
 ) -> StepComparison:
     """Time mocolab's step for each spec, the reference loop for the first spec's sizes and the ``extra``
     contenders (each call handles one batch of the specs' batch size) in this process, interleaved. All specs must

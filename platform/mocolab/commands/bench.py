@@ -73,16 +73,33 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=3,
         help="launcher: alternating rounds of a mocolab run and a launcher run (default 3)",
     )
-    parser.add_argument("--images", type=Path, default=None, metavar="DIR",
-                        help="data: a folder of JPEGs for the input pipelines' table (default: scikit-learn's photos)")
-    parser.add_argument("--image-size", type=int, default=None,
-                        help="data: the pipelines' output size (default: the config's data.image_size with --config, "
-                             "else 224)")
-    parser.add_argument("--data-images", type=int, default=256,
-                        help="data: images per round of each pipeline; --repeats rounds (default 256)")
-    parser.add_argument("--step-rate", type=float, default=None, metavar="R",
-                        help="data: img/s one GPU's step consumes, for cores per GPU (default 3500, an H100's "
-                             "ResNet-50 MoCo step in bf16)")
+    parser.add_argument(
+        "--images",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="data: a folder of JPEGs for the input pipelines' table (default: scikit-learn's photos)",
+    )
+    parser.add_argument(
+        "--image-size",
+        type=int,
+        default=None,
+        help="data: the pipelines' output size (default: the config's data.image_size with --config, else 224)",
+    )
+    parser.add_argument(
+        "--data-images",
+        type=int,
+        default=256,
+        help="data: images per round of each pipeline; --repeats rounds (default 256)",
+    )
+    parser.add_argument(
+        "--step-rate",
+        type=float,
+        default=None,
+        metavar="R",
+        help="data: img/s one GPU's step consumes, for cores per GPU (default 3500, an H100's "
+        "ResNet-50 MoCo step in bf16)",
+    )
     parser.add_argument(
         "--epochs",
         type=int,

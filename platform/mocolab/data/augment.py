@@ -15,7 +15,7 @@ import difflib
 import inspect
 import random
 import warnings
-from typing import Any, Union
+from typing import Any
 
 import albumentations as A
 import numpy as np
@@ -26,8 +26,7 @@ from albumentations.pytorch import ToTensorV2
 from mocolab.data.fastcrop import FastTwoCrop, fast_ops
 from mocolab.data.normalize import NORMALIZE
 
-
-AugmentSpec = Union[str, list[dict[str, Any]]]
+AugmentSpec = str | list[dict[str, Any]]
 
 # Ops a custom list may name: albumentations' 2D image transforms (3D and box-only ones excluded).
 VALID_OPS = sorted(
@@ -178,7 +177,7 @@ class TwoCropTransform:
         return self.pipeline(image=image)["image"], self.pipeline(image=image)["image"]
 
 
-def two_crop_transform(augment: AugmentSpec, image_size: int) -> Union[TwoCropTransform, FastTwoCrop]:
+def two_crop_transform(augment: AugmentSpec, image_size: int) -> TwoCropTransform | FastTwoCrop:
     """A callable: numpy HWC uint8 RGB image -> (view_q, view_k) tensors [3, S, S]: uint8 from the fast path
     (:class:`~mocolab.data.fastcrop.FastTwoCrop`) where it runs the op list, else normalised float."""
     ops = fast_ops(_ops(augment, image_size))

@@ -15,9 +15,10 @@ import io
 import logging
 import os
 import pickle
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence, Union
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -27,9 +28,9 @@ from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_datas
 from mocolab.config import DataConfig
 from mocolab.data import location
 from mocolab.data.augment import two_crop_transform
-from mocolab.data.fastcrop import FastTwoCrop
 from mocolab.data.digits import NUM_CLASSES as DIGITS_CLASSES
 from mocolab.data.digits import digits_split
+from mocolab.data.fastcrop import FastTwoCrop
 
 SPLITS = ("train", "test")
 CIFAR10_CLASSES = 10
@@ -48,14 +49,14 @@ class CorruptImageError(RuntimeError):
 # --- reading images ---------------------------------------------------------------------------------
 
 
-def _corrupt(where: Union[str, Path], err: Exception) -> CorruptImageError:
+def _corrupt(where: str | Path, err: Exception) -> CorruptImageError:
     return CorruptImageError(
         f"cannot read image {where}: {err}; replace or remove the file, or set data.on_corrupt=skip "
         "to skip unreadable images (they are counted as corrupt_skipped)"
     )
 
 
-def decode_rgb(data: bytes, where: Union[str, Path]) -> np.ndarray:
+def decode_rgb(data: bytes, where: str | Path) -> np.ndarray:
     """Decode an encoded image to a uint8 RGB array ``[H, W, 3]`` (greyscale, palette, CMYK and RGBA converted by
     PIL; 16-bit greyscale scaled to 8 bits, where PIL's conversion would clip it to white).
 
@@ -71,7 +72,7 @@ def decode_rgb(data: bytes, where: Union[str, Path]) -> np.ndarray:
         raise _corrupt(where, err) from None
 
 
-def read_encoded(path: Union[str, Path]) -> bytes:
+def read_encoded(path: str | Path) -> bytes:
     """The bytes of the image file at ``path`` (a local path or an object-store URI); CorruptImageError if missing."""
     try:
         return location.read_bytes(str(path))
@@ -79,14 +80,14 @@ def read_encoded(path: Union[str, Path]) -> bytes:
         raise _corrupt(path, err) from None
 
 
-def read_rgb(path: Union[str, Path]) -> np.ndarray:
+def read_rgb(path: str | Path) -> np.ndarray:
     """Read and decode the image at ``path`` (a local path or an object-store URI), as :func:`decode_rgb`.
 
     Raises CorruptImageError for a missing, truncated or undecodable file."""
     return decode_rgb(read_encoded(path), path)
 
 
-def two_crops_of_file(transform: Callable, path: Union[str, Path]) -> tuple[Any, Any]:
+def two_crops_of_file(transform: Callable, path: str | Path) -> tuple[Any, Any]:
     """The two views of the image file at ``path``: straight from its bytes on the fast path (which decodes a JPEG
     at the scale its crops allow), else decoded by :func:`decode_rgb` first. CorruptImageError as :func:`read_rgb`."""
     data = read_encoded(path)
@@ -106,7 +107,7 @@ class ArrayImages:
     def read(self, index: int) -> np.ndarray:
         return self.images[index]
 
-    def subset(self, indices: np.ndarray) -> "ArrayImages":
+    def subset(self, indices: np.ndarray) -> ArrayImages:
         return ArrayImages(self.images[indices], self.labels[indices])
 
 
@@ -122,11 +123,11 @@ class FileImages:
     def read(self, index: int) -> np.ndarray:
         return read_rgb(self.paths[index])
 
-    def subset(self, indices: np.ndarray) -> "FileImages":
+    def subset(self, indices: np.ndarray) -> FileImages:
         return FileImages([self.paths[i] for i in indices], self.labels[indices])
 
 
-ImageSource = Union[ArrayImages, FileImages]
+ImageSource = ArrayImages | FileImages
 
 
 # --- sources per data.dataset -----------------------------------------------------------------------
@@ -155,7 +156,7 @@ def _uri_class_images(root: str, split: str) -> dict[str, list[str]]:
     prefix = location.join(root, split) + "/"
     by_class: dict[str, list[str]] = {}
     for uri in object_images(root):
-        if uri.startswith(prefix) and "/" in (relative := uri[len(prefix):]):
+        if uri.startswith(prefix) and "/" in (relative := uri[len(prefix) :]):
             by_class.setdefault(relative.split("/", 1)[0], []).append(uri)
     return by_class
 
@@ -319,7 +320,9 @@ def image_source(data_cfg: DataConfig, split: str) -> ImageSource:
     if limit is not None and limit < len(source):
         source = source.subset(stratified_head(source.labels, limit))
     if len(source) == 0:
-        raise ValueError(f"data.dataset={data_cfg.dataset}: the {split} split ({_split_name(data_cfg, split)}) is empty")
+        raise ValueError(
+            f"data.dataset={data_cfg.dataset}: the {split} split ({_split_name(data_cfg, split)}) is empty"
+        )
     return source
 
 
@@ -335,7 +338,7 @@ class _SourceDataset(Dataset):
     def __len__(self) -> int:
         return len(self.source)
 
-    def _read(self, index: int) -> Optional[np.ndarray]:
+    def _read(self, index: int) -> np.ndarray | None:
         try:
             return self.source.read(index)
         except CorruptImageError as err:
@@ -406,7 +409,7 @@ class DatasetSummary:
     list (image files: their paths relative to the root; in-memory data: the pixels and labels)."""
 
     name: str
-    root: Optional[str]
+    root: str | None
     num_images: int
     digest: str
 

@@ -22,9 +22,9 @@ import random
 import shutil
 import tempfile
 import xml.etree.ElementTree as ET
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Sequence
 
 import numpy as np
 import torch
@@ -84,7 +84,7 @@ def _xml_text(node: ET.Element, tag: str, where: str) -> str:
     return found.text.strip()
 
 
-def voc_classes(root: Path, classes: Optional[Sequence[str]] = None) -> list[str]:
+def voc_classes(root: Path, classes: Sequence[str] | None = None) -> list[str]:
     """Class names of a VOC folder: ``classes`` if given, else ``labels.txt``, else every ``<name>`` in
     ``Annotations/`` sorted (the same list for every split)."""
     if classes:
@@ -106,7 +106,7 @@ def read_voc(root: Path, split: str, classes: Sequence[str]) -> list[DetectionRe
         raise ValueError(f"VOC split file {split_file} does not exist; check eval.detection.data.root and *_split")
     index = {name: i + 1 for i, name in enumerate(classes)}
     records = []
-    for image_id, line in enumerate((l for l in split_file.read_text().splitlines() if l.strip()), start=1):
+    for image_id, line in enumerate((s for s in split_file.read_text().splitlines() if s.strip()), start=1):
         stem = line.split()[0]
         xml_path = root / "Annotations" / f"{stem}.xml"
         if not xml_path.is_file():
@@ -118,8 +118,9 @@ def read_voc(root: Path, split: str, classes: Sequence[str]) -> list[DetectionRe
             raise ValueError(f"{xml_path}: image {path} does not exist")
         size = tree.find("size")
         if size is not None and size.findtext("width"):
-            width, height = int(float(_xml_text(size, "width", str(xml_path)))), int(
-                float(_xml_text(size, "height", str(xml_path)))
+            width, height = (
+                int(float(_xml_text(size, "width", str(xml_path)))),
+                int(float(_xml_text(size, "height", str(xml_path)))),
             )
         else:
             with Image.open(path) as im:
@@ -158,7 +159,9 @@ def read_coco(image_dir: Path, json_path: Path) -> tuple[list[DetectionRecord], 
         x, y, w, h = (float(v) for v in ann["bbox"])
         if ann["image_id"] not in objects or ann["category_id"] not in label_of:
             raise ValueError(f"{json_path}: annotation {ann.get('id')} names an unknown image or category")
-        objects[ann["image_id"]].append(([x, y, x + w, y + h], label_of[ann["category_id"]], bool(ann.get("iscrowd", 0))))
+        objects[ann["image_id"]].append(
+            ([x, y, x + w, y + h], label_of[ann["category_id"]], bool(ann.get("iscrowd", 0)))
+        )
     records = []
     for img in data["images"]:
         path = image_dir / img["file_name"]
@@ -183,7 +186,9 @@ class DetectionDataset(Dataset):
     ``target`` holds ``boxes``, ``labels`` (crowd boxes left out when ``train``), ``image_id``.
     ``hflip`` flips image and boxes with probability 0.5 (training augmentation)."""
 
-    def __init__(self, records: Sequence[DetectionRecord], classes: Sequence[str], train: bool = False, hflip: bool = False):
+    def __init__(
+        self, records: Sequence[DetectionRecord], classes: Sequence[str], train: bool = False, hflip: bool = False
+    ):
         self.records = list(records)
         self.classes = list(classes)
         self.train = train

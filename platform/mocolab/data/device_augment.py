@@ -19,8 +19,8 @@ Every random draw comes from torch's global RNG (kornia draws its parameters the
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -95,14 +95,14 @@ def sample_crop_boxes(
     return torch.stack([top, left, ch, cw], dim=1).long()
 
 
-def resized_crops(images: Sequence[torch.Tensor], boxes: Optional[torch.Tensor], size: int) -> torch.Tensor:
+def resized_crops(images: Sequence[torch.Tensor], boxes: torch.Tensor | None, size: int) -> torch.Tensor:
     """Cut ``boxes`` (None: the whole image) out of uint8 images ``[3, H, W]`` and resize each to ``size`` x
     ``size`` (bilinear, antialiased); returns a float batch ``[N, 3, size, size]`` in [0, 1]."""
     crops = []
     for i, image in enumerate(images):
         if boxes is not None:
             top, left, height, width = boxes[i].tolist()
-            image = image[:, top:top + height, left:left + width]
+            image = image[:, top : top + height, left : left + width]
         crop = image.unsqueeze(0).float()
         if crop.shape[-2:] != (size, size):
             crop = F.interpolate(crop, size=(size, size), mode="bilinear", antialias=True, align_corners=False)

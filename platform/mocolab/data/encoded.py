@@ -17,8 +17,8 @@ readable image of the batch and counts it, as the CPU paths do.
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Optional, Sequence
 
 import numpy as np
 import torch
@@ -42,7 +42,7 @@ class EncodedBatch:
     index: torch.Tensor
     skipped: int = 0
 
-    def pin_memory(self) -> "EncodedBatch":
+    def pin_memory(self) -> EncodedBatch:
         """Page-locked copies (the DataLoader's ``pin_memory=True``), for asynchronous copies to the GPU."""
         return EncodedBatch([p.pin_memory() for p in self.payloads], self.locations, self.index, self.skipped)
 
@@ -80,7 +80,9 @@ def collate_encoded(batch: list) -> EncodedBatch:
             f"all {len(batch)} images of a batch are unreadable (data.on_corrupt=skip); check data.root"
         )
     return EncodedBatch(
-        [item[0] for item in kept], [item[1] for item in kept], torch.tensor([item[2] for item in kept]),
+        [item[0] for item in kept],
+        [item[1] for item in kept],
+        torch.tensor([item[2] for item in kept]),
         len(batch) - len(kept),
     )
 
@@ -92,7 +94,7 @@ def plain_jpeg(data: bytes) -> bool:
         return False
     i = 2
     while i + 4 <= len(data) and data[i] == 0xFF:
-        marker, length = data[i + 1], int.from_bytes(data[i + 2:i + 4], "big")
+        marker, length = data[i + 1], int.from_bytes(data[i + 2 : i + 4], "big")
         if marker in _SOF_MARKERS:
             return i + 10 <= len(data) and data[i + 4] == 8 and data[i + 9] in (1, 3)
         if marker == 0xDA or 0xC3 <= marker <= 0xCF:  # scan start before a frame, or another coding
@@ -107,7 +109,7 @@ def _decode_one(payload: torch.Tensor, where: str, device: torch.device) -> torc
     return torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1).to(device, non_blocking=True)
 
 
-def _decode_jpegs(payloads: list[torch.Tensor], device: torch.device) -> list[Optional[torch.Tensor]]:
+def _decode_jpegs(payloads: list[torch.Tensor], device: torch.device) -> list[torch.Tensor | None]:
     """torchvision's batched decode (one call; on a failure, one call per image: None for those that fail)."""
     from torchvision.io import ImageReadMode, decode_jpeg
 
@@ -116,7 +118,7 @@ def _decode_jpegs(payloads: list[torch.Tensor], device: torch.device) -> list[Op
     try:
         return list(decode_jpeg(payloads, mode=ImageReadMode.RGB, device=device))
     except RuntimeError:
-        out: list[Optional[torch.Tensor]] = []
+        out: list[torch.Tensor | None] = []
         for payload in payloads:
             try:
                 out.append(decode_jpeg(payload, mode=ImageReadMode.RGB, device=device))
@@ -130,7 +132,7 @@ def decode_images(
 ) -> tuple[list[torch.Tensor], int]:
     """Decode a batch to uint8 ``[3, H, W]`` images on ``device``; returns ``(images, skipped)``: with
     ``on_corrupt=skip`` an unreadable image is replaced by a repeat of a readable one (the batch keeps its size)."""
-    images: list[Optional[torch.Tensor]] = [None] * len(payloads)
+    images: list[torch.Tensor | None] = [None] * len(payloads)
     jpegs = []
     for i, payload in enumerate(payloads):
         if payload.dim() == 3:  # in-memory pixels [H, W, 3]

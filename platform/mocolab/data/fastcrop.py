@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional
 
 import albumentations as A
 import cv2
@@ -86,7 +85,7 @@ def gaussian_taps(sigma: float, ksize: int) -> np.ndarray:
     cut = max(0, ksize // 2 - math.ceil(4 * sigma))
     if cut == 0:
         return kernel
-    kept = kernel[cut:ksize - cut]
+    kept = kernel[cut : ksize - cut]
     return kept / kept.sum()
 
 
@@ -99,24 +98,31 @@ class FastTwoCrop:
         self.ops, self.size = ops, image_size
         self.crop = ops[0]
         # uniforms per view: the crop's, then each op's at most (apply; jitter: 4 factors, 4 order keys; blur: 2)
-        self.draws = 2 * CROP_TRIES + 2 + sum(9 if isinstance(op, A.ColorJitter) else 3 if isinstance(
-            op, A.GaussianBlur) else 1 for op in ops[1:])
+        self.draws = (
+            2 * CROP_TRIES
+            + 2
+            + sum(9 if isinstance(op, A.ColorJitter) else 3 if isinstance(op, A.GaussianBlur) else 1 for op in ops[1:])
+        )
 
     def _crop_boxes(self, height: int, width: int, u: np.ndarray) -> list[CropBox]:
         n = 2 * CROP_TRIES + 2
         return [sample_crop(height, width, self.crop.scale, self.crop.ratio, u[v, :n]) for v in range(2)]
 
     def _view(self, image: np.ndarray, box: CropBox, u: np.ndarray) -> torch.Tensor:
-        view = cv2.resize(image[box.y0:box.y1, box.x0:box.x1], (self.size, self.size), interpolation=cv2.INTER_LINEAR)
+        view = cv2.resize(
+            image[box.y0 : box.y1, box.x0 : box.x1], (self.size, self.size), interpolation=cv2.INTER_LINEAR
+        )
         k = 2 * CROP_TRIES + 2
         for op in self.ops[1:]:
             if u[k] >= op.p:
                 k += 1
                 continue
             if isinstance(op, A.ColorJitter):
-                factors = [lo + (hi - lo) * x for (lo, hi), x in zip(
-                    (op.brightness, op.contrast, op.saturation, op.hue), u[k + 1:k + 5])]
-                for i in np.argsort(u[k + 5:k + 9]):
+                factors = [
+                    lo + (hi - lo) * x
+                    for (lo, hi), x in zip((op.brightness, op.contrast, op.saturation, op.hue), u[k + 1 : k + 5])
+                ]
+                for i in np.argsort(u[k + 5 : k + 9]):
                     view = _JITTER[i](view, factors[i])
                 k += 9
             elif isinstance(op, A.ToGray):
@@ -142,7 +148,7 @@ class FastTwoCrop:
         boxes = self._crop_boxes(image.shape[0], image.shape[1], u)
         return self._view(image, boxes[0], u[0]), self._view(image, boxes[1], u[1])
 
-    def from_encoded(self, data: bytes) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
+    def from_encoded(self, data: bytes) -> tuple[torch.Tensor, torch.Tensor] | None:
         """Two views of an encoded image file's bytes; None for a file this decoder does not read (decode it with the
         reference decoder and call the transform)."""
         if not _decodable_jpeg(data):
@@ -164,7 +170,7 @@ def _decodable_jpeg(data: bytes) -> bool:
         return False
 
 
-def fast_ops(ops: list) -> Optional[list]:
+def fast_ops(ops: list) -> list | None:
     """``ops`` if :class:`FastTwoCrop` can run them (a RandomResizedCrop first, then only supported ops, all with
     their default interpolation and methods), else None."""
     if not ops or not isinstance(ops[0], A.RandomResizedCrop) or ops[0].p != 1:
@@ -175,7 +181,8 @@ def fast_ops(ops: list) -> Optional[list]:
     rest = ops[1:]
     if not all(type(op) in SUPPORTED_OPS[1:] for op in rest):
         return None
-    if any(isinstance(op, A.ToGray) and (op.method != "weighted_average" or op.num_output_channels != 3)
-           for op in rest):
+    if any(
+        isinstance(op, A.ToGray) and (op.method != "weighted_average" or op.num_output_channels != 3) for op in rest
+    ):
         return None
     return ops

@@ -46,7 +46,7 @@ def relative(location: str, root: str) -> str:
     prefix = str(root).rstrip("/") + "/"
     if not str(location).startswith(prefix):
         raise ValueError(f"{location} is not under {root}")
-    return str(location)[len(prefix):]
+    return str(location)[len(prefix) :]
 
 
 def read_bytes(location: str) -> bytes:

@@ -10,7 +10,8 @@ worker mixes its rows in a local shuffle buffer of :data:`SHUFFLE_BUFFER_BATCHES
 epoch to epoch (a block's rows stay near each other: not the loader's full permutation); :class:`TwoCropBatch` reads
 each file through :mod:`mocolab.data.location`, decodes it and makes the two views with the same recipe
 (``data.augment``, uint8 views on the fast path as in the loader). ``data.on_corrupt`` behaves as in the loader:
-``fail`` raises the :class:`~mocolab.data.datasets.CorruptImageError` naming the file; ``skip`` fills the row with a repeat of a readable
+``fail`` raises the :class:`~mocolab.data.datasets.CorruptImageError` naming the file; ``skip`` fills the row with a
+repeat of a readable
 image of the same map batch and counts it in the ``skipped`` column. Ray Train splits the stream equally
 (``streaming_split(equal=True)``), so every worker runs ``(N // world size) // batch size`` steps per epoch, as the
 DistributedSampler does.
@@ -19,7 +20,8 @@ DistributedSampler does.
 from __future__ import annotations
 
 import functools
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
 
@@ -126,8 +128,12 @@ def pretrain_dataset(files: FileImages, data_cfg: DataConfig, seed: int, num_wor
         ray.data.from_items([rows[i] for i in order], override_num_blocks=max(1, len(rows) // ROWS_PER_BLOCK))
         .randomize_block_order(seed=RandomSeedConfig(seed=seed, reseed_after_execution=True))
         .map_batches(
-            TwoCropBatch(data_cfg) if data_cfg.pipeline == "cpu" else ReadBytesBatch(data_cfg), batch_size=MAP_BATCH_SIZE, batch_format="numpy", num_cpus=cpus,
-            concurrency=num_workers if cpus == 0 else None, zero_copy_batch=True,
+            TwoCropBatch(data_cfg) if data_cfg.pipeline == "cpu" else ReadBytesBatch(data_cfg),
+            batch_size=MAP_BATCH_SIZE,
+            batch_format="numpy",
+            num_cpus=cpus,
+            concurrency=num_workers if cpus == 0 else None,
+            zero_copy_batch=True,
         )
     )
     dataset.context.enable_progress_bars = False  # the workers draw mocolab's own epoch bar
@@ -148,8 +154,10 @@ class ShardBatches:
         self.shard, self.batch_size, self.seed, self.encoded = shard, batch_size, seed, encoded
 
     def __iter__(self) -> Iterator[Any]:
-        shuffle = {"local_shuffle_buffer_size": SHUFFLE_BUFFER_BATCHES * self.batch_size,
-                   "local_shuffle_seed": self.seed}
+        shuffle = {
+            "local_shuffle_buffer_size": SHUFFLE_BUFFER_BATCHES * self.batch_size,
+            "local_shuffle_seed": self.seed,
+        }
         if self.encoded:
             yield from self._encoded(shuffle)
             return
@@ -161,8 +169,10 @@ class ShardBatches:
 
         from mocolab.data.encoded import EncodedBatch
 
-        for batch in self.shard.iter_batches(batch_size=self.batch_size, drop_last=True, batch_format="numpy",
-                                             **shuffle):
+        for batch in self.shard.iter_batches(
+            batch_size=self.batch_size, drop_last=True, batch_format="numpy", **shuffle
+        ):
             payloads = [torch.frombuffer(bytearray(p), dtype=torch.uint8) for p in batch["payload"]]
-            yield EncodedBatch(payloads, [str(w) for w in batch["location"]], torch.tensor(batch["index"]),
-                               int(batch["skipped"].sum()))
+            yield EncodedBatch(
+                payloads, [str(w) for w in batch["location"]], torch.tensor(batch["index"]), int(batch["skipped"].sum())
+            )

@@ -25,17 +25,17 @@ from __future__ import annotations
 
 import time
 from collections import OrderedDict
-from typing import Any, Optional
+from typing import Any
 
 import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
+from torchvision.models._utils import IntermediateLayerGetter
 from torchvision.models.detection import FasterRCNN
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.backbone_utils import _resnet_fpn_extractor
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
-from torchvision.models._utils import IntermediateLayerGetter
 from torchvision.ops import MultiScaleRoIAlign
 from torchvision.ops.misc import FrozenBatchNorm2d
 
@@ -153,7 +153,7 @@ class SingleLevelBackbone(nn.Module):
         self.body = body
         self.out_channels = out_channels
 
-    def forward(self, x: torch.Tensor) -> "OrderedDict[str, torch.Tensor]":
+    def forward(self, x: torch.Tensor) -> OrderedDict[str, torch.Tensor]:
         out = self.body(x)
         return out if isinstance(out, dict) else OrderedDict([("0", out)])
 
@@ -265,7 +265,7 @@ def load_backbone_into_detector(detector: nn.Module, backbone_state: dict[str, t
         raise ConfigError(f"detector refused backbone keys {result.unexpected_keys[:5]}")
 
 
-def clip_gradients(params: list[nn.Parameter], max_norm: Optional[float]) -> float:
+def clip_gradients(params: list[nn.Parameter], max_norm: float | None) -> float:
     """The global L2 norm of the gradients of ``params`` before clipping; with ``max_norm``
     (``eval.detection.clip_grad_norm``) the gradients are scaled down so that their global norm is at most it."""
     total = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
@@ -284,7 +284,9 @@ def _batches(loader, sampler) -> Any:
 
 
 @torch.no_grad()
-def predict(model: nn.Module, dataset, indices, device: torch.device, batch_size: int) -> dict[int, dict[str, np.ndarray]]:
+def predict(
+    model: nn.Module, dataset, indices, device: torch.device, batch_size: int
+) -> dict[int, dict[str, np.ndarray]]:
     """``image_id -> {"boxes", "scores", "labels"}`` (numpy) for the images at ``indices``."""
     model.eval()
     out = {}
@@ -345,7 +347,13 @@ def detection_train_loop(config: dict[str, Any]) -> dict[str, float]:
         losses = ddp_model(images, targets)
         loss = sum(losses.values())
         mean_loss = checked_mean_loss(
-            loss, world, rank, step, nan_at, uri, run_id,
+            loss,
+            world,
+            rank,
+            step,
+            nan_at,
+            uri,
+            run_id,
             lambda value: f"loss {value} at iteration {step}/{det.iterations} (worker 0: {_loss_parts(losses)})",
         )
         if mean_loss is None:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import io
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 from pycocotools.coco import COCO
@@ -16,7 +16,6 @@ from pycocotools.cocoeval import COCOeval
 
 from mocolab.data.detection import DetectionRecord
 from mocolab.tracking import DETECTION_METRICS
-
 
 
 def coco_ground_truth(records: Sequence[DetectionRecord], num_classes: int) -> COCO:

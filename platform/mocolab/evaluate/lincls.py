@@ -20,7 +20,8 @@ from __future__ import annotations
 
 import math
 import time
-from typing import Any, Iterator, Sequence
+from collections.abc import Iterator, Sequence
+from typing import Any
 
 import albumentations as A
 import numpy as np
@@ -59,8 +60,9 @@ def peak_lr(lin: LinclsConfig, world_size: int = 1) -> float:
 def make_optimizer(classifier: nn.Module, lin: LinclsConfig, world_size: int = 1) -> torch.optim.SGD:
     """The protocol's optimizer of the classifier: SGD with :func:`peak_lr`, ``lin.momentum`` and
     ``lin.weight_decay`` (the epoch's lr is then set by :func:`lr_at_epoch`)."""
-    return torch.optim.SGD(classifier.parameters(), lr=peak_lr(lin, world_size), momentum=lin.momentum,
-                           weight_decay=lin.weight_decay)
+    return torch.optim.SGD(
+        classifier.parameters(), lr=peak_lr(lin, world_size), momentum=lin.momentum, weight_decay=lin.weight_decay
+    )
 
 
 def freeze(backbone: nn.Module) -> nn.Module:
@@ -79,7 +81,7 @@ class LinearProbe(nn.Module):
         self.backbone = freeze(backbone)
         self.classifier = classifier
 
-    def train(self, mode: bool = True) -> "LinearProbe":
+    def train(self, mode: bool = True) -> LinearProbe:
         self.training = mode
         self.classifier.train(mode)
         self.backbone.eval()
@@ -247,7 +249,13 @@ def lincls_train_loop(config: dict[str, Any]) -> dict[str, float]:
             loss = F.cross_entropy(classifier(feats), labels)
             step += 1
             mean_loss = checked_mean_loss(
-                loss, world, rank, step, nan_at, cfg.tracking.tracking_uri, config.get("mlflow_run_id"),
+                loss,
+                world,
+                rank,
+                step,
+                nan_at,
+                cfg.tracking.tracking_uri,
+                config.get("mlflow_run_id"),
                 lambda value: f"loss {value} in epoch {epoch + 1} at step {step}",
             )
             if mean_loss is None:

@@ -5,7 +5,7 @@ pre-flight step."""
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any
 
 from mocolab.config import Config, LinclsConfig, flatten, resolve_lincls
 from mocolab.evaluate.detection import detection_train_loop
@@ -98,7 +98,7 @@ def run_random_baselines(cfg: Config) -> dict[str, dict[str, Any]]:
     return run_evals(cfg, resolve_source(cfg, init="random"))
 
 
-def headline_metrics(results: dict[str, dict[str, Any]]) -> dict[str, Optional[float]]:
+def headline_metrics(results: dict[str, dict[str, Any]]) -> dict[str, float | None]:
     """The downstream metrics of :func:`run_evals`' results, flat: ``{"lincls_fast_top1": 61.2, ...}``."""
     return {
         name: value

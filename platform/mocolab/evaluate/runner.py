@@ -11,7 +11,8 @@ happened and what to change.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from mocolab import tracking
 from mocolab.config import Config, flatten

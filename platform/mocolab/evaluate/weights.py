@@ -11,7 +11,6 @@ Also the check that a frozen backbone stayed frozen.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
 
 import torch
 from torch import nn
@@ -27,10 +26,10 @@ class BackboneSource:
 
     init: str
     model: ModelConfig
-    state: Optional[dict[str, torch.Tensor]] = field(default=None, repr=False)
-    pretrain_run_id: Optional[str] = None
-    weights_path: Optional[str] = None
-    origin: Optional[str] = None  # where the weights come from, for messages: "--weights x.pt (solo-learn layout)"
+    state: dict[str, torch.Tensor] | None = field(default=None, repr=False)
+    pretrain_run_id: str | None = None
+    weights_path: str | None = None
+    origin: str | None = None  # where the weights come from, for messages: "--weights x.pt (solo-learn layout)"
     image_size: int = 224  # the pretraining images' size: a timm ViT's position table is built for it
 
     @property
@@ -44,12 +43,14 @@ class BackboneChangedError(RuntimeError):
 
 
 def resolve_source(
-    cfg: Config, pretrain_run: Optional[str] = None, weights: Optional[str] = None, init: Optional[str] = None
+    cfg: Config, pretrain_run: str | None = None, weights: str | None = None, init: str | None = None
 ) -> BackboneSource:
     """The backbone to evaluate. Exactly one of ``pretrain_run``, ``weights``, ``init="random"``;
     ``init="supervised"`` needs ``weights`` (torchvision's ImageNet weights file)."""
     if init == "supervised" and not weights:
-        raise ConfigError("--init supervised needs --weights PATH (a torchvision ResNet weights file; nothing is downloaded)")
+        raise ConfigError(
+            "--init supervised needs --weights PATH (a torchvision ResNet weights file; nothing is downloaded)"
+        )
     given = [x for x in (pretrain_run, weights, init if init == "random" else None) if x]
     if len(given) != 1:
         raise ConfigError("give exactly one of --pretrain-run RUN_ID, --weights PATH, --init random")
@@ -72,8 +73,9 @@ def resolve_source(
         print(f"[mocolab] --weights {weights}: {found.summary()}", flush=True)
         init = "supervised" if init == "supervised" else "file"
         origin = f"--weights {weights} ({found.layout.name} layout)"
-        return BackboneSource(init, cfg.model, found.state, weights_path=weights, origin=origin,
-                              image_size=cfg.data.image_size)
+        return BackboneSource(
+            init, cfg.model, found.state, weights_path=weights, origin=origin, image_size=cfg.data.image_size
+        )
     return BackboneSource("random", cfg.model, image_size=cfg.data.image_size)
 
 
@@ -105,4 +107,3 @@ def assert_unchanged(before: dict[str, torch.Tensor], module: nn.Module) -> None
             f"the frozen backbone changed during linear evaluation ({len(changed)} entries, e.g. {changed[:3]}); "
             "the protocol requires frozen weights and untouched BN statistics"
         )
-

@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any
 
 import torch
 import torchvision
@@ -60,8 +60,13 @@ def resolve_channels_last(model_cfg, use_gpu: bool) -> bool:
 
 
 def make_backbone(
-    arch: str, cifar_stem: bool = False, bn: str = "plain", bn_splits: int = 1, channels_last: bool = False,
-    use_gpu: bool = False, timm_options: Optional[dict[str, Any]] = None,
+    arch: str,
+    cifar_stem: bool = False,
+    bn: str = "plain",
+    bn_splits: int = 1,
+    channels_last: bool = False,
+    use_gpu: bool = False,
+    timm_options: dict[str, Any] | None = None,
 ) -> tuple[nn.Module, int]:
     """The backbone ``arch`` with BN layers per ``bn`` / ``bn_splits`` (see norm.convert_batchnorm) in the given
     memory format; returns ``(module mapping [B, 3, H, W] -> [B, feat_dim], feat_dim)``. ``timm_options``: the
@@ -99,8 +104,13 @@ def build_backbone(model_cfg, use_gpu: bool = False, image_size: int = 224) -> t
     """:func:`make_backbone` for a ``model`` config section (``model.channels_last`` resolved for the device;
     ``image_size`` sets a timm ViT's ``img_size``)."""
     return make_backbone(
-        model_cfg.arch, model_cfg.cifar_stem, model_cfg.bn, model_cfg.bn_splits,
-        resolve_channels_last(model_cfg, use_gpu), use_gpu, timm_options(model_cfg, image_size),
+        model_cfg.arch,
+        model_cfg.cifar_stem,
+        model_cfg.bn,
+        model_cfg.bn_splits,
+        resolve_channels_last(model_cfg, use_gpu),
+        use_gpu,
+        timm_options(model_cfg, image_size),
     )
 
 

@@ -8,13 +8,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Optional, Union
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-Negatives = Union[torch.Tensor, Sequence[torch.Tensor]]
+Negatives = torch.Tensor | Sequence[torch.Tensor]
 
 
 def infonce_logits(
@@ -49,7 +48,7 @@ def in_batch_logits(
     return all_logits.gather(1, order), torch.zeros(q.shape[0], dtype=torch.long, device=q.device)
 
 
-def infonce_loss(logits: torch.Tensor, labels: Optional[torch.Tensor] = None) -> torch.Tensor:
+def infonce_loss(logits: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
     """Cross-entropy of the logits with the positive at column 0 (labels default to zeros)."""
     if labels is None:
         labels = torch.zeros(logits.shape[0], dtype=torch.long, device=logits.device)
@@ -77,7 +76,9 @@ def enqueue_(queue: torch.Tensor, ptr: int, keys: torch.Tensor) -> int:
     """
     capacity, n = queue.shape[0], keys.shape[0]
     if keys.shape[1:] != queue.shape[1:]:
-        raise ValueError(f"enqueue_: keys of shape {tuple(keys.shape)} do not fit a queue of shape {tuple(queue.shape)}")
+        raise ValueError(
+            f"enqueue_: keys of shape {tuple(keys.shape)} do not fit a queue of shape {tuple(queue.shape)}"
+        )
     if capacity % n or ptr % n or not 0 <= ptr < capacity:
         raise ValueError(
             f"enqueue_: queue size {capacity} must be a multiple of the key batch {n} (moco.queue_size vs the "
@@ -111,7 +112,7 @@ def sample_excluding(n: int, excluded: torch.Tensor, k: int) -> torch.Tensor:
     return draws + torch.searchsorted(allowed_below, draws, right=True)
 
 
-def shuffle_permutation(n: int, generator: Optional[torch.Generator] = None, device=None) -> torch.Tensor:
+def shuffle_permutation(n: int, generator: torch.Generator | None = None, device=None) -> torch.Tensor:
     """A uniformly random permutation of ``range(n)`` (long), from ``generator`` if given."""
     if generator is not None:
         return torch.randperm(n, generator=generator, device=generator.device).to(device or generator.device)
@@ -141,7 +142,7 @@ class ShufflePlan:
     from_arrival: torch.Tensor
     from_return: torch.Tensor
 
-    def to(self, device: torch.device) -> "ShufflePlan":
+    def to(self, device: torch.device) -> ShufflePlan:
         """The same plan with its index tensors on ``device`` (itself if they are there)."""
         if self.send_rows.device == device:
             return self

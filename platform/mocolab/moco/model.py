@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import copy
-from typing import NamedTuple, Optional
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -43,9 +43,7 @@ class Encoder(nn.Module):
     """Backbone + projection head (linear for v1, ``feat -> feat -> dim`` MLP for v2, or the ``head`` given: v3's
     projector), L2-normalised output."""
 
-    def __init__(
-        self, backbone: nn.Module, feat_dim: int, dim: int, mlp: bool, head: Optional[nn.Module] = None
-    ) -> None:
+    def __init__(self, backbone: nn.Module, feat_dim: int, dim: int, mlp: bool, head: nn.Module | None = None) -> None:
         super().__init__()
         self.backbone = backbone
         if head is not None:
@@ -68,7 +66,7 @@ def _at_least_fp32(x: torch.Tensor) -> torch.Tensor:
     return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
 
 
-def _recollect_momentum_params(module: "MoCo", _incompatible_keys) -> None:
+def _recollect_momentum_params(module: MoCo, _incompatible_keys) -> None:
     module._collect_momentum_params()
 
 
@@ -98,7 +96,7 @@ class MoCo(nn.Module):
         shuffle_keys: bool = False,
         channels_last: bool = False,
         compile: bool = False,
-        predictor: Optional[nn.Module] = None,
+        predictor: nn.Module | None = None,
     ) -> None:
         super().__init__()
         if symmetric and dictionary.key_source is KeySource.STORED:
@@ -123,7 +121,7 @@ class MoCo(nn.Module):
                 self.encoder_k.compile()
 
     @classmethod
-    def from_config(cls, cfg, num_train_samples: int) -> "MoCo":
+    def from_config(cls, cfg, num_train_samples: int) -> MoCo:
         """The model of a :class:`mocolab.config.Config` over ``num_train_samples`` training images.
 
         ``model.bn`` shuffle shuffles the keys across workers; split (with more than one split) emulates it on

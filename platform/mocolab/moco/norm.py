@@ -166,4 +166,3 @@ def _to_split(module: nn.Module, splits: int) -> nn.Module:
     for name, child in module.named_children():
         setattr(module, name, _to_split(child, splits))
     return module
-

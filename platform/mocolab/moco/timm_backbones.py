@@ -11,7 +11,7 @@ default init is used.
 from __future__ import annotations
 
 import re
-from typing import Any, Optional
+from typing import Any
 
 import torch
 from torch import nn
@@ -19,7 +19,7 @@ from torch import nn
 PATCH_IN_NAME = re.compile(r"patch(\d+)")
 
 
-def patch_size_from_name(name: str) -> Optional[int]:
+def patch_size_from_name(name: str) -> int | None:
     """The patch size a timm ViT name states (``vit_tiny_patch16_224`` -> 16), None if it states none."""
     found = PATCH_IN_NAME.search(name)
     return int(found.group(1)) if found else None
@@ -32,18 +32,22 @@ def is_vit_name(name: str) -> bool:
     return timm.models.is_model_in_modules(name, ["vision_transformer"])
 
 
-def check_timm_name(name: str, image_size: int, patch_size: Optional[int] = None) -> None:
+def check_timm_name(name: str, image_size: int, patch_size: int | None = None) -> None:
     """ValueError naming ``model.arch`` unless timm knows ``name``, and, for a ViT, unless ``data.image_size`` is a
     multiple of its patch size (``model.timm_kwargs.patch_size`` if given, else the one its name states)."""
     import timm
 
     if not timm.is_model(name):
-        raise ValueError(f"model.arch=timm:{name}: timm {timm.__version__} has no model of that name "
-                         "(see timm.list_models(), e.g. timm:vit_tiny_patch16_224, timm:resnet18)")
+        raise ValueError(
+            f"model.arch=timm:{name}: timm {timm.__version__} has no model of that name "
+            "(see timm.list_models(), e.g. timm:vit_tiny_patch16_224, timm:resnet18)"
+        )
     patch = patch_size or (patch_size_from_name(name) if is_vit_name(name) else None)
     if patch and image_size % patch:
-        raise ValueError(f"data.image_size={image_size} is not a multiple of the patch size {patch} of "
-                         f"model.arch=timm:{name}; use e.g. data.image_size={max(1, image_size // patch) * patch}")
+        raise ValueError(
+            f"data.image_size={image_size} is not a multiple of the patch size {patch} of "
+            f"model.arch=timm:{name}; use e.g. data.image_size={max(1, image_size // patch) * patch}"
+        )
 
 
 def sincos_2d_position_embedding(grid: tuple[int, int], dim: int, temperature: float = 10000.0) -> torch.Tensor:
@@ -53,8 +57,9 @@ def sincos_2d_position_embedding(grid: tuple[int, int], dim: int, temperature: f
     if dim % 4:
         raise ValueError(f"model.vit_sincos_pos needs an embedding dimension divisible by 4, got {dim}")
     h, w = grid
-    grid_w, grid_h = torch.meshgrid(torch.arange(w, dtype=torch.float32), torch.arange(h, dtype=torch.float32),
-                                    indexing="ij")
+    grid_w, grid_h = torch.meshgrid(
+        torch.arange(w, dtype=torch.float32), torch.arange(h, dtype=torch.float32), indexing="ij"
+    )
     omega = 1.0 / temperature ** (torch.arange(dim // 4, dtype=torch.float32) / (dim // 4))
     out_w = grid_w.flatten()[:, None] * omega[None]
     out_h = grid_h.flatten()[:, None] * omega[None]
@@ -66,8 +71,10 @@ def _apply_v3_vit_options(net: nn.Module, sincos_pos: bool, freeze_patch_proj: b
     if sincos_pos:
         tokens = net.patch_embed.num_patches + 1
         if net.num_prefix_tokens != 1 or net.pos_embed is None or net.pos_embed.shape[1] != tokens:
-            raise ValueError("model.vit_sincos_pos needs a ViT with one class token embedded with the patches; "
-                             "set model.vit_sincos_pos=false for this model")
+            raise ValueError(
+                "model.vit_sincos_pos needs a ViT with one class token embedded with the patches; "
+                "set model.vit_sincos_pos=false for this model"
+            )
         table = sincos_2d_position_embedding(net.patch_embed.grid_size, net.embed_dim)
         net.pos_embed = nn.Parameter(table.to(net.pos_embed.dtype), requires_grad=False)
     if freeze_patch_proj:
@@ -75,8 +82,11 @@ def _apply_v3_vit_options(net: nn.Module, sincos_pos: bool, freeze_patch_proj: b
 
 
 def make_timm_backbone(
-    name: str, kwargs: Optional[dict[str, Any]] = None, image_size: int = 224,
-    sincos_pos: bool = False, freeze_patch_proj: bool = False,
+    name: str,
+    kwargs: dict[str, Any] | None = None,
+    image_size: int = 224,
+    sincos_pos: bool = False,
+    freeze_patch_proj: bool = False,
 ) -> tuple[nn.Module, int]:
     """``timm.create_model(name, num_classes=0, **creation_kwargs(...))`` with the v3 ViT options applied;
     returns ``(model, num_features)``. The options are ignored for models that are not ViTs."""
@@ -89,7 +99,7 @@ def make_timm_backbone(
     return net, net.num_features
 
 
-def creation_kwargs(name: str, kwargs: Optional[dict[str, Any]], image_size: int) -> dict[str, Any]:
+def creation_kwargs(name: str, kwargs: dict[str, Any] | None, image_size: int) -> dict[str, Any]:
     """The arguments ``timm.create_model(name, **them)`` builds the backbone with (what ``mocolab export
     --format timm`` records): ``num_classes=0``, ``img_size`` for a ViT, then ``model.timm_kwargs``."""
     out: dict[str, Any] = {"num_classes": 0}

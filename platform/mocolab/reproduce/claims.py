@@ -21,7 +21,7 @@ from __future__ import annotations
 import ast
 import itertools
 from pathlib import Path
-from typing import Any, Literal, Optional, Union
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
@@ -41,7 +41,7 @@ class PaperRow(_Strict):
     """The paper's number for one setting of our table (a number, or words such as ``fail``)."""
 
     setting: Setting
-    value: Union[float, str]
+    value: float | str
 
 
 class Paper(_Strict):
@@ -55,9 +55,9 @@ class Check(_Strict):
     name: str
     a: Setting
     relation: Literal[">", ">=", "<=", "~"]
-    b: Union[Setting, Literal["random_init"], float]
+    b: Setting | Literal["random_init"] | float
     margin: float = Field(0.0, ge=0)
-    metric: Optional[Literal["knn_top1", "loss", "loss_to_chance"]] = None
+    metric: Literal["knn_top1", "loss", "loss_to_chance"] | None = None
 
 
 class Claim(_Strict):
@@ -85,12 +85,16 @@ class Claim(_Strict):
 
     def resolve(self, setting: Setting) -> Setting:
         """``setting`` with named values (``values:``) replaced by what they name."""
-        return {key: self.values.get(key, {}).get(value, value) if _hashable(value) else value
-                for key, value in setting.items()}
+        return {
+            key: self.values.get(key, {}).get(value, value) if _hashable(value) else value
+            for key, value in setting.items()
+        }
 
     def grid(self) -> list[Setting]:
         """Every trial's swept values as written in the claim (named values kept: the table's row labels)."""
-        return grid_settings(parse_sweep({"name": f"reproduce-{self.claim}", **self.sweep}, source=f"claim {self.claim}"))
+        return grid_settings(
+            parse_sweep({"name": f"reproduce-{self.claim}", **self.sweep}, source=f"claim {self.claim}")
+        )
 
     def resolved_sweep(self) -> dict[str, Any]:
         """The sweep spec with named values replaced, as the trials run it."""
@@ -100,8 +104,10 @@ class Claim(_Strict):
             axis = dict(axis) if isinstance(axis, dict) else axis
             if isinstance(axis, dict) and isinstance(axis.get("grid"), list):
                 if len(keys) > 1:
-                    axis["grid"] = [list(self.resolve(dict(zip(keys, v))).values()) if isinstance(v, list) else v
-                                    for v in axis["grid"]]
+                    axis["grid"] = [
+                        list(self.resolve(dict(zip(keys, v))).values()) if isinstance(v, list) else v
+                        for v in axis["grid"]
+                    ]
                 else:
                     axis["grid"] = [self.resolve({keys[0]: v})[keys[0]] for v in axis["grid"]]
             space[key] = axis
@@ -169,8 +175,9 @@ def _check_setting(where: str, setting: Setting, grid: list[Setting]) -> None:
     hits = [trial for trial in grid if matches(setting, trial)]
     if len(hits) != 1:
         found = "no" if not hits else f"{len(hits)}"
-        raise ValueError(f"{where}={setting} selects {found} trial setting(s) of the sweep grid {grid}; "
-                         "name exactly one grid point")
+        raise ValueError(
+            f"{where}={setting} selects {found} trial setting(s) of the sweep grid {grid}; name exactly one grid point"
+        )
 
 
 def parse_claim(raw: dict[str, Any], source: str) -> tuple[Claim, SweepSpec]:
@@ -180,7 +187,9 @@ def parse_claim(raw: dict[str, Any], source: str) -> tuple[Claim, SweepSpec]:
     try:
         claim = Claim.model_validate(raw)
     except ValidationError as err:
-        raise ConfigError(format_validation_error(err).replace("invalid config:", f"invalid claim {source}:", 1)) from None
+        raise ConfigError(
+            format_validation_error(err).replace("invalid config:", f"invalid claim {source}:", 1)
+        ) from None
     named = parse_sweep({"name": f"reproduce-{claim.claim}", **claim.sweep}, source=f"{source} (sweep)")
     if named.search != "grid" or any(axis.grid is None for axis in named.space.values()):
         raise ConfigError(f"{source}: sweep.space must be grid axes (a claim compares fixed settings)")

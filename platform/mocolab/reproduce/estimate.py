@@ -9,7 +9,7 @@ constants. Other architectures are not calibrated: their trials are estimated as
 from __future__ import annotations
 
 import heapq
-from typing import Iterable
+from collections.abc import Iterable
 
 from mocolab.moco.mechanisms import mechanism_class
 

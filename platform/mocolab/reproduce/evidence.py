@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional, Union
 
 import pandas as pd
 
@@ -75,8 +74,8 @@ class CheckResult:
     check: Check
     metric: str
     a: pd.Series  # by seed
-    b: Union[pd.Series, float]
-    interval: Optional[Interval]
+    b: pd.Series | float
+    interval: Interval | None
     verdict: str
 
     @property
@@ -93,7 +92,7 @@ def evaluate_check(claim: Claim, check: Check, runs: pd.DataFrame, baselines: pd
     metric = claim.metric_of(check)
     a = by_seed(runs, claim.resolve(check.a), metric)
     if isinstance(check.b, dict):
-        b: Union[pd.Series, float] = by_seed(runs, claim.resolve(check.b), metric)
+        b: pd.Series | float = by_seed(runs, claim.resolve(check.b), metric)
     elif check.b == RANDOM_INIT:
         b = baselines.dropna().sort_index()
     else:
@@ -127,4 +126,3 @@ def rows_table(claim: Claim, runs: pd.DataFrame, metrics: tuple[str, ...] = ("kn
             row[f"{metric}_std"] = values.std() if len(values) > 1 else float("nan")
         rows.append(row)
     return pd.DataFrame(rows)
-

@@ -3,9 +3,9 @@ beside the training-loss curves), from the claims' tables and check results. No 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Sequence
 
 import matplotlib
 
@@ -35,7 +35,7 @@ class ClaimReport:
     results: list[CheckResult]
     verdict: str
     curves: pd.DataFrame  # columns setting, seed, step, value: per-epoch training loss
-    figure: Optional[str] = None  # PNG file name in the report folder
+    figure: str | None = None  # PNG file name in the report folder
 
 
 def plot_claim(report: ClaimReport, path: Path) -> Path:
@@ -49,7 +49,13 @@ def plot_claim(report: ClaimReport, path: Path) -> Path:
         acc.axhline(report.baseline.mean(), color="grey", linestyle="--", label="random init")
         acc.legend(fontsize="small")
     labels = [_short(s) for s in table["setting"]]
-    acc.set_xticks(positions, labels, rotation=20 if max(map(len, labels)) > 8 else 0, ha="right" if max(map(len, labels)) > 8 else "center", fontsize="small")
+    acc.set_xticks(
+        positions,
+        labels,
+        rotation=20 if max(map(len, labels)) > 8 else 0,
+        ha="right" if max(map(len, labels)) > 8 else "center",
+        fontsize="small",
+    )
     acc.set_ylabel("kNN top-1 (%), final epoch")
     acc.set_title(report.claim.claim)
     acc.grid(alpha=0.3)
@@ -107,8 +113,16 @@ def checks_markdown(results: Sequence[CheckResult]) -> str:
             diff = f"{iv.mean:+.2f} [{iv.low:+.2f}, {iv.high:+.2f}]"
         else:
             diff = f"{iv.mean:+.2f} (one seed: no interval)"
-        rows.append({"check": r.check.name, "comparison": r.text, "metric": r.metric,
-                     f"a - b, mean [{level}% CI]": diff, "n": iv.n if iv else 0, "verdict": VERDICT_TEXT[r.verdict]})
+        rows.append(
+            {
+                "check": r.check.name,
+                "comparison": r.text,
+                "metric": r.metric,
+                f"a - b, mean [{level}% CI]": diff,
+                "n": iv.n if iv else 0,
+                "verdict": VERDICT_TEXT[r.verdict],
+            }
+        )
     return to_markdown(pd.DataFrame(rows))
 
 
@@ -123,7 +137,8 @@ def claim_markdown(report: ClaimReport) -> str:
         "",
         rows_markdown(report),
         "",
-        f"Random init (same seeds): kNN top-1 {mean_std(baseline.mean(), baseline.std() if len(baseline) > 1 else float('nan'))}"
+        "Random init (same seeds): kNN top-1 "
+        f"{mean_std(baseline.mean(), baseline.std() if len(baseline) > 1 else float('nan'))}"
         f" (n={len(baseline)}).",
         "",
         checks_markdown(report.results),
@@ -148,15 +163,25 @@ def summary_markdown(reports: Sequence[ClaimReport]) -> str:
                     "claim": rep.claim.claim if i == 0 else "",
                     "setting": row["setting"],
                     "paper": _paper_text(row["paper"]),
-                    "ours: kNN top-1 (mean ± std, n)": f"{mean_std(row['knn_top1_mean'], row['knn_top1_std'])} ({int(row['n'])})",
+                    "ours: kNN top-1 (mean ± std, n)": (
+                        f"{mean_std(row['knn_top1_mean'], row['knn_top1_std'])} ({int(row['n'])})"
+                    ),
                     "verdict": VERDICT_TEXT[rep.verdict] if i == 0 else "",
                 }
             )
         if len(rep.baseline):
             b = rep.baseline
-            rows.append({"claim": "", "setting": "random init", "paper": "-",
-                         "ours: kNN top-1 (mean ± std, n)": f"{mean_std(b.mean(), b.std() if len(b) > 1 else float('nan'))} ({len(b)})",
-                         "verdict": ""})
+            rows.append(
+                {
+                    "claim": "",
+                    "setting": "random init",
+                    "paper": "-",
+                    "ours: kNN top-1 (mean ± std, n)": (
+                        f"{mean_std(b.mean(), b.std() if len(b) > 1 else float('nan'))} ({len(b)})"
+                    ),
+                    "verdict": "",
+                }
+            )
     return to_markdown(pd.DataFrame(rows))
 
 
@@ -167,8 +192,11 @@ def write_report(reports: Sequence[ClaimReport], out: Path, header: str, appendi
     out.mkdir(parents=True, exist_ok=True)
     for rep in reports:
         rep.figure = plot_claim(rep, out / f"{rep.claim.claim}.png").name
-    text = "\n".join([header.strip(), "", "## Summary", "", summary_markdown(reports), ""]
-                     + [claim_markdown(rep) for rep in reports] + [appendix.strip(), ""])
+    text = "\n".join(
+        [header.strip(), "", "## Summary", "", summary_markdown(reports), ""]
+        + [claim_markdown(rep) for rep in reports]
+        + [appendix.strip(), ""]
+    )
     path = out / "report.md"
     path.write_text(text)
     return path

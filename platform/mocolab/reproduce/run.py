@@ -14,7 +14,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import pandas as pd
 
@@ -46,7 +46,7 @@ class Plan:
     seconds: float
 
 
-def plan_claim(name: str, run_name: str, seeds: Optional[list[int]], overrides: list[str], experiment: str) -> Plan:
+def plan_claim(name: str, run_name: str, seeds: list[int] | None, overrides: list[str], experiment: str) -> Plan:
     """Load claim ``name``, name its sweep ``<run_name>-<claim>``, apply ``seeds`` and ``overrides``, validate every
     trial and estimate its wall time. Every trial must share the images and the architecture (one random-init
     baseline per seed serves all rows)."""
@@ -60,8 +60,10 @@ def plan_claim(name: str, run_name: str, seeds: Optional[list[int]], overrides: 
     base, trials = prepare_sweep(spec, path.parent, [*overrides, f"tracking.experiment={experiment}"])
     shared = {(t.data.model_dump_json(exclude={"augment"}), t.model.arch) for t in trials}
     if len(shared) > 1:
-        raise ConfigError(f"{path}: every row of a claim must use the same images (data.* but data.augment) and "
-                          "model.arch: one random-init baseline per seed serves all rows; split the claim")
+        raise ConfigError(
+            f"{path}: every row of a claim must use the same images (data.* but data.augment) and "
+            "model.arch: one random-init baseline per seed serves all rows; split the claim"
+        )
     checked = preflight(trials, ("pretrain",), quiet=True)  # data, mechanisms against the data, storage, tracking
     key = trials[0].data.model_dump_json()
     sizes = checked.train_images[key], checked.test_images[key]
@@ -73,14 +75,18 @@ def plan_text(plans: list[Plan]) -> str:
     """The plan: per claim, its trials and expected time, and the total."""
     lines = []
     for p in plans:
-        lines.append(f"  {p.claim.claim:<12} {len(p.trials):>3} trials, {p.spec.max_concurrent_trials} at a time: "
-                     f"~{minutes(p.seconds)}  ({p.claim.title})")
+        lines.append(
+            f"  {p.claim.claim:<12} {len(p.trials):>3} trials, {p.spec.max_concurrent_trials} at a time: "
+            f"~{minutes(p.seconds)}  ({p.claim.title})"
+        )
     total = sum(p.seconds for p in plans)
-    lines.append(f"  expected total ~{minutes(total)} on 2 quiet CPU cores (per-trial estimate: mocolab.reproduce.estimate)")
+    lines.append(
+        f"  expected total ~{minutes(total)} on 2 quiet CPU cores (per-trial estimate: mocolab.reproduce.estimate)"
+    )
     return "\n".join(lines)
 
 
-def find_parent(uri: str, experiment: str, name: Optional[str]) -> Optional[Any]:
+def find_parent(uri: str, experiment: str, name: str | None) -> Any | None:
     """The reproduction parent run called ``name``, or the newest one when ``name`` is None."""
     client = tracking.client_for(uri)
     exp = client.get_experiment_by_name(experiment)
@@ -89,11 +95,15 @@ def find_parent(uri: str, experiment: str, name: Optional[str]) -> Optional[Any]
     query = f"tags.`{tracking.STAGE_TAG}` = '{tracking.STAGE_REPRODUCE}'"
     if name:
         query += f" and attributes.run_name = '{name}'"
-    runs = client.search_runs([exp.experiment_id], filter_string=query, order_by=["attributes.start_time DESC"], max_results=1)
+    runs = client.search_runs(
+        [exp.experiment_id], filter_string=query, order_by=["attributes.start_time DESC"], max_results=1
+    )
     return runs[0] if runs else None
 
 
-def start_parent(uri: str, experiment: str, run_name: str, claims: list[str], seeds: Optional[list[int]], command: str) -> str:
+def start_parent(
+    uri: str, experiment: str, run_name: str, claims: list[str], seeds: list[int] | None, command: str
+) -> str:
     """Create the parent run of a reproduction."""
     client = tracking.client_for(uri)
     tags = {tracking.STAGE_TAG: tracking.STAGE_REPRODUCE}
@@ -103,10 +113,16 @@ def start_parent(uri: str, experiment: str, run_name: str, claims: list[str], se
     run = client.create_run(tracking.experiment_id(client, experiment), run_name=run_name, tags=tags)
     from mocolab.analysis.verdict import ALPHA
 
-    tracking.log_params(client, run.info.run_id, {
-        "claims": ",".join(claims), "seeds": "claim files" if seeds is None else ",".join(map(str, seeds)),
-        "alpha": str(ALPHA), "command": command,
-    })
+    tracking.log_params(
+        client,
+        run.info.run_id,
+        {
+            "claims": ",".join(claims),
+            "seeds": "claim files" if seeds is None else ",".join(map(str, seeds)),
+            "alpha": str(ALPHA),
+            "command": command,
+        },
+    )
     return run.info.run_id
 
 
@@ -117,14 +133,19 @@ def run_claim(plan: Plan, parent_id: str) -> str:
     cfg = plan.first
     existing = find_sweep_run(cfg.tracking.tracking_uri, cfg.tracking.experiment, plan.spec.name)
     if existing is not None and existing.info.status == "FINISHED":
-        print(f"[reproduce] {plan.claim.claim}: sweep '{plan.spec.name}' already finished; reading its runs", flush=True)
+        print(
+            f"[reproduce] {plan.claim.claim}: sweep '{plan.spec.name}' already finished; reading its runs", flush=True
+        )
         return existing.info.run_id
     tags = {tracking.PARENT_RUN_TAG: parent_id, tracking.CLAIM_TAG: plan.claim.claim}
     sweep_id, failed, unfinished = run_sweep(plan.spec, plan.base, cfg, resume=existing is not None, extra_tags=tags)
     if unfinished:
         raise ReproductionInterrupted(f"sweep '{plan.spec.name}' stopped with {unfinished} unfinished trial(s)")
     if failed:
-        print(f"[reproduce] {plan.claim.claim}: {failed} trial(s) failed; their seeds are left out of the pairs", flush=True)
+        print(
+            f"[reproduce] {plan.claim.claim}: {failed} trial(s) failed; their seeds are left out of the pairs",
+            flush=True,
+        )
     return sweep_id
 
 
@@ -152,8 +173,10 @@ def evaluate_plan(plan: Plan, sweep_id: str):
     verdict, results = evaluate_claim(plan.claim, runs, baselines)
     labels = settings_of_runs(runs, plan.claim)
     history = metric_history(uri, list(labels.index), "loss")
-    curves = history.assign(setting=history["run_id"].map(labels),
-                            seed=history["run_id"].map(runs.set_index("run_id")[f"params.{SEED_KEY}"]))
+    curves = history.assign(
+        setting=history["run_id"].map(labels),
+        seed=history["run_id"].map(runs.set_index("run_id")[f"params.{SEED_KEY}"]),
+    )
     client = tracking.client_for(uri)
     for seed, value in baselines.items():
         tracking.log_metrics(client, sweep_id, {BASELINE_METRIC: value}, step=int(seed))
@@ -184,8 +207,16 @@ not values. "Random init" is the same encoder at its initialization (same seed),
 """
 
 
-def reproduce(plans: list[Plan], parent: Optional[Any], run_name: str, names: list[str], seeds: Optional[list[int]],
-              command: str, experiment: str, out: Optional[Path]) -> int:
+def reproduce(
+    plans: list[Plan],
+    parent: Any | None,
+    run_name: str,
+    names: list[str],
+    seeds: list[int] | None,
+    command: str,
+    experiment: str,
+    out: Path | None,
+) -> int:
     """Run the ``plans`` under one parent run (``parent``'s when resuming), write the report to ``out`` (default
     ``reports/<run_name>/``) and log it on the parent; 1 when a claim's sweep stopped with unfinished trials."""
     from mocolab.runtime import ensure_ray
@@ -198,11 +229,17 @@ def reproduce(plans: list[Plan], parent: Optional[Any], run_name: str, names: li
     reports = []
     try:
         for plan in plans:
-            print(f"[reproduce] {plan.claim.claim}: {len(plan.trials)} trials, expected ~{minutes(plan.seconds)}", flush=True)
+            print(
+                f"[reproduce] {plan.claim.claim}: {len(plan.trials)} trials, expected ~{minutes(plan.seconds)}",
+                flush=True,
+            )
             claim_started = time.time()
             sweep_id = run_claim(plan, parent_id)
             reports.append(evaluate_plan(plan, sweep_id))
-            print(f"[reproduce] {plan.claim.claim}: {reports[-1].verdict} ({minutes(time.time() - claim_started)})", flush=True)
+            print(
+                f"[reproduce] {plan.claim.claim}: {reports[-1].verdict} ({minutes(time.time() - claim_started)})",
+                flush=True,
+            )
     except BaseException as err:
         tracking.end_run(uri, parent_id, "KILLED")
         print(f"[reproduce] interrupted; continue with: mocolab reproduce --resume {run_name}", file=sys.stderr)
@@ -218,7 +255,9 @@ def reproduce(plans: list[Plan], parent: Optional[Any], run_name: str, names: li
     client = tracking.client_for(uri)
     for path in sorted(out.iterdir()):
         client.log_artifact(parent_id, str(path), tracking.REPORT_ARTIFACT_DIR)
-    counts = {f"claims_{v}": sum(r.verdict == v for r in reports) for v in ("reproduced", "not_reproduced", "inconclusive")}
+    counts = {
+        f"claims_{v}": sum(r.verdict == v for r in reports) for v in ("reproduced", "not_reproduced", "inconclusive")
+    }
     tracking.log_metrics(client, parent_id, {**counts, "wall_seconds": time.time() - started}, step=0)
     tracking.end_run(uri, parent_id, "FINISHED")
     print(f"[reproduce] report: {report}  (MLflow parent run {parent_id})")

@@ -14,7 +14,7 @@ import os
 import random
 import tempfile
 from pathlib import Path
-from typing import Any, Union
+from typing import Any
 
 import numpy as np
 import torch
@@ -22,7 +22,7 @@ import torch
 CHECKPOINT_FILE = "checkpoint.pt"
 
 
-def save_checkpoint(directory: Union[str, Path], state: dict[str, Any]) -> Path:
+def save_checkpoint(directory: str | Path, state: dict[str, Any]) -> Path:
     """Write ``state`` to ``directory/checkpoint.pt`` atomically (temporary file + ``os.replace``)."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
@@ -40,7 +40,7 @@ def save_checkpoint(directory: Union[str, Path], state: dict[str, Any]) -> Path:
     return target
 
 
-def load_checkpoint(directory: Union[str, Path], map_location: Union[str, torch.device] = "cpu") -> dict[str, Any]:
+def load_checkpoint(directory: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
     """Load ``directory/checkpoint.pt`` with ``weights_only=True`` (no arbitrary code runs)."""
     path = Path(directory) / CHECKPOINT_FILE
     if not path.is_file():

@@ -13,8 +13,7 @@ single rank computes over both splits, in ``1 / world`` of the time. :func:`even
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Iterable, Optional
+from collections.abc import Iterable, Sequence
 
 import torch
 import torch.distributed as dist
@@ -24,7 +23,7 @@ from torch import nn
 from mocolab.moco.distributed import gather_all, world_size
 
 
-def evenly_spaced(n: int, limit: Optional[int]) -> list[int]:
+def evenly_spaced(n: int, limit: int | None) -> list[int]:
     """``limit`` indices of ``range(n)`` spread evenly from the first (all of them when ``limit`` is None or >= n),
     so that a class-ordered split keeps its class balance."""
     if limit is None or limit >= n:
@@ -53,7 +52,7 @@ def gather_shards(x: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def extract_features(
-    backbone: nn.Module, loader: Iterable, device: Optional[torch.device] = None
+    backbone: nn.Module, loader: Iterable, device: torch.device | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """L2-normalised fp32 features ``[N, D]`` and labels ``[N]`` of every ``(image, label)`` batch of ``loader``, on
     ``device`` (``None`` batches, whose images were all skipped as corrupt, are passed over).
@@ -135,7 +134,7 @@ def knn_top1(
     test_loader: Iterable,
     k: int,
     t: float,
-    device: Optional[torch.device] = None,
+    device: torch.device | None = None,
 ) -> float:
     """Weighted kNN top-1 accuracy in percent of ``backbone``'s features: bank = train split, queries = test split.
 
@@ -143,8 +142,11 @@ def knn_top1(
     backbone (weights and BN statistics); all ranks return the single-rank accuracy."""
     bank, bank_labels = (gather_shards(x) for x in extract_features(backbone, train_loader, device))
     queries, labels = extract_features(backbone, test_loader, device)
-    counts = torch.tensor([knn_correct(bank, bank_labels, queries, labels, k, t), labels.shape[0]],
-                          dtype=torch.long, device=queries.device)
+    counts = torch.tensor(
+        [knn_correct(bank, bank_labels, queries, labels, k, t), labels.shape[0]],
+        dtype=torch.long,
+        device=queries.device,
+    )
     if world_size() > 1:
         dist.all_reduce(counts)
     correct, total = counts.tolist()

@@ -10,8 +10,9 @@ FAILED or KILLED, never RUNNING.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from mocolab import tracking
 from mocolab.config import Config
@@ -55,7 +56,9 @@ def finish_pretrain_run(cfg: Config, run_id: str, result) -> None:
         raise NoLoadableCheckpointError(f"run '{cfg.tracking.run_name}': {unloadable}")
     kept = result.checkpoint.path if result.checkpoint is not None else "none (no epoch completed)"
     raise_if_nonfinite(
-        uri, run_id, f"run '{cfg.tracking.run_name}'",
+        uri,
+        run_id,
+        f"run '{cfg.tracking.run_name}'",
         f"Last good checkpoint: {kept}. Lower train.lr, add train.warmup_epochs or check the data, then start a "
         "new run.",
     )
@@ -67,7 +70,11 @@ def finish_pretrain_run(cfg: Config, run_id: str, result) -> None:
             raise RuntimeError(f"the final checkpoint {result.checkpoint.path} has no {BACKBONE_FILE}")
         tracking.log_file(uri, run_id, backbone)
         tracking.log_backbone_model(
-            uri, run_id, backbone_module(cfg, backbone), cfg.data.image_size, step=cfg.train.epochs,
+            uri,
+            run_id,
+            backbone_module(cfg, backbone),
+            cfg.data.image_size,
+            step=cfg.train.epochs,
             register_as=cfg.tracking.register_model,
         )
     tracking.end_run(uri, run_id, status="FINISHED")
@@ -80,8 +87,9 @@ def backbone_module(cfg: Config, weights: Path):
 
     from mocolab.moco.backbones import make_backbone, timm_options
 
-    backbone, _ = make_backbone(cfg.model.arch, cfg.model.cifar_stem,
-                                timm_options=timm_options(cfg.model, cfg.data.image_size))
+    backbone, _ = make_backbone(
+        cfg.model.arch, cfg.model.cifar_stem, timm_options=timm_options(cfg.model, cfg.data.image_size)
+    )
     backbone.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
     return backbone.eval()
 

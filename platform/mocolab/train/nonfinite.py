@@ -14,14 +14,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import Optional
 
 from mocolab.console import console
 
 INJECT_NAN_STEP_KEY = "inject_nan_loss_at_step"
 """Fault injection for tests of the NaN path of the evaluation loops: a ``train_loop_config`` key whose value
 is the optimisation step (1-based, counted over the whole run) at which the last worker's loss is made NaN
-(the others must learn it from the all-reduce). Never set by mocolab itself (pretraining has its own, per epoch: ``train.pretrain.INJECT_NAN_KEY``)."""
+(the others must learn it from the all-reduce). Never set by mocolab itself (pretraining has its own, per epoch:
+``train.pretrain.INJECT_NAN_KEY``)."""
 
 
 class NonFiniteLossError(RuntimeError):
@@ -41,8 +41,15 @@ def worker_mean(loss, world_size: int) -> float:
 
 
 def checked_mean_loss(
-    loss, world_size: int, rank: int, step: int, inject_at, tracking_uri: str, run_id: str, where: Callable[[float], str]
-) -> Optional[float]:
+    loss,
+    world_size: int,
+    rank: int,
+    step: int,
+    inject_at,
+    tracking_uri: str,
+    run_id: str,
+    where: Callable[[float], str],
+) -> float | None:
     """One step of an evaluation loop's NaN/inf check: the mean of ``loss`` over the workers
     (:func:`worker_mean`), or None when it is not finite, after rank 0 has recorded ``where(mean)``
     (:func:`record_nonfinite`); every rank must then return. ``inject_at``: the step at which the last worker's

@@ -2,7 +2,8 @@
 
 Per epoch, every rank trains on its shard (``data.reader=loader``: DistributedSampler, drop_last; ``stream``: its
 equal share of the Ray Data stream, ``get_dataset_shard("train")``, as many steps on every rank) with
-:class:`~mocolab.train.step.TrainStep` (no host read inside the step), rank 0 shows a progress bar over the epoch's steps (:mod:`mocolab.console`), the
+:class:`~mocolab.train.step.TrainStep` (no host read inside the step), rank 0 shows a progress bar over the epoch's
+steps (:mod:`mocolab.console`), the
 mean loss is all-reduced once at the end, every rank embeds its shard of the kNN monitor's labeled data
 (:attr:`Config.knn_data`; ``train/knn.py``: the bank all-gathered, the correct counts summed), rank 0 logs the
 epoch to MLflow, prints the epoch line and, every ``train.checkpoint_every`` epochs, hands a checkpoint to
@@ -25,9 +26,10 @@ from __future__ import annotations
 import math
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -65,7 +67,7 @@ def lr_factor(step: int, steps_per_epoch: int, train: TrainConfig) -> float:
     return train.lr_decay ** sum(int(epoch) >= m for m in train.lr_milestones)
 
 
-def momentum_schedule(cfg: Config, steps_per_epoch: int) -> Optional[Callable[[int], float]]:
+def momentum_schedule(cfg: Config, steps_per_epoch: int) -> Callable[[int], float] | None:
     """The key encoder's momentum at each global step for ``moco.momentum_schedule=cosine`` (v3's, raised from
     ``moco.momentum`` to 1 over ``train.epochs``); None for a constant momentum."""
     if cfg.moco.momentum_schedule == "constant":
@@ -142,7 +144,7 @@ class _Tracker:
         self._client.set_tag(self.run_id, tracking.NO_LOADABLE_CHECKPOINT_TAG, message[: tracking.MAX_TAG_CHARS])
         console(f"[mocolab] {message}")
 
-    def epoch(self, epoch: int, metrics: dict[str, Optional[float]]) -> None:
+    def epoch(self, epoch: int, metrics: dict[str, float | None]) -> None:
         if not self.active:
             return
         self._pending.append(tracking.log_metrics(self._client, self.run_id, metrics, step=epoch, wait=False))
@@ -150,7 +152,8 @@ class _Tracker:
         knn_text = f"knn_top1 {knn:5.2f}%" if knn is not None else "knn_top1   -   "
         console(
             f"[mocolab] epoch {epoch:>4}/{self.epochs}  loss {metrics['loss']:.4f}  {knn_text}  "
-            f"lr {metrics[tracking.LR]:.4g}  {metrics[tracking.THROUGHPUT]:.0f} img/s  {metrics[tracking.EPOCH_TIME]:.1f} s"
+            f"lr {metrics[tracking.LR]:.4g}  {metrics[tracking.THROUGHPUT]:.0f} img/s  "
+            f"{metrics[tracking.EPOCH_TIME]:.1f} s"
         )
 
 
@@ -161,7 +164,7 @@ class _EpochStats:
     images: int  # over all ranks
     corrupt: int  # on this rank
     global_step: int
-    nonfinite_step: Optional[int] = None  # the global step whose loss first was NaN/inf, if one was
+    nonfinite_step: int | None = None  # the global step whose loss first was NaN/inf, if one was
 
 
 def pretrain_loader(cfg: Config, rank: int, world_size: int) -> tuple[DataLoader, DistributedSampler]:
@@ -201,8 +204,9 @@ def _training_batches(cfg: Config, config_dict: dict[str, Any], rank: int, world
     from mocolab.data.stream import ShardBatches, steps_per_epoch
 
     num_images, batch_size = config_dict[STREAM_IMAGES_KEY], cfg.train.batch_size
-    batches = ShardBatches(ray.train.get_dataset_shard("train"), batch_size, cfg.train.seed + rank,
-                           encoded=cfg.data.pipeline == "device")
+    batches = ShardBatches(
+        ray.train.get_dataset_shard("train"), batch_size, cfg.train.seed + rank, encoded=cfg.data.pipeline == "device"
+    )
     return batches, None, steps_per_epoch(num_images, world_size, batch_size), num_images
 
 
@@ -247,8 +251,17 @@ def broadcast_buffers(module: torch.nn.Module, world_size: int) -> None:
 
 
 def _train_epoch(
-    step: TrainStep, loader, views: Callable, scheduler, device, world_size: int, global_step: int, check_every: int,
-    poison: bool, bar: StepProgress, momentum_at: Optional[Callable[[int], float]] = None,
+    step: TrainStep,
+    loader,
+    views: Callable,
+    scheduler,
+    device,
+    world_size: int,
+    global_step: int,
+    check_every: int,
+    poison: bool,
+    bar: StepProgress,
+    momentum_at: Callable[[int], float] | None = None,
 ) -> _EpochStats:
     """One pass over this rank's shard, shown on ``bar``; ``views`` (:func:`batch_views`) makes each batch's views
     on the device. Every ``check_every`` steps and at the end, all ranks agree on the first non-finite loss (a
@@ -282,8 +295,15 @@ def _train_epoch(
 
 
 def _write_checkpoint(
-    tmp: str, step: TrainStep, scheduler, epoch: int, global_step: int, rng, run_id: str,
-    config: dict[str, Any], final: bool,
+    tmp: str,
+    step: TrainStep,
+    scheduler,
+    epoch: int,
+    global_step: int,
+    rng,
+    run_id: str,
+    config: dict[str, Any],
+    final: bool,
 ) -> None:
     """Write the checkpoint (plus ``backbone.pt`` after the last epoch) into ``tmp``."""
     model = _unwrap(step.model)
@@ -336,8 +356,12 @@ def train_loop(config_dict: dict[str, Any]) -> None:
     # running stats) at every forward.
     model = ray.train.torch.prepare_model(model, parallel_strategy_kwargs={"forward_sync_buffers": False})
     optimizer = make_optimizer(
-        (p for p in model.parameters() if p.requires_grad), cfg.base_lr, train.sgd_momentum, train.weight_decay,
-        train.amp, train.optimizer,
+        (p for p in model.parameters() if p.requires_grad),
+        cfg.base_lr,
+        train.sgd_momentum,
+        train.weight_decay,
+        train.amp,
+        train.optimizer,
     )
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, steps_per_epoch, train))
     step = TrainStep(model, optimizer, train.amp, device.type)
@@ -368,8 +392,17 @@ def train_loop(config_dict: dict[str, Any]) -> None:
         started = time.perf_counter()
         with StepProgress(f"epoch {epoch}/{train.epochs}", steps_per_epoch, active=worker.is_chief) as bar:
             stats = _train_epoch(
-                step, loader, views, scheduler, device, world_size, global_step, train.check_finite_every,
-                epoch == nan_epoch, bar, momentum_at,
+                step,
+                loader,
+                views,
+                scheduler,
+                device,
+                world_size,
+                global_step,
+                train.check_finite_every,
+                epoch == nan_epoch,
+                bar,
+                momentum_at,
             )
         epoch_time = time.perf_counter() - started
         if stats.nonfinite_step is not None:
@@ -382,7 +415,7 @@ def train_loop(config_dict: dict[str, Any]) -> None:
         last_epoch = epoch == train.epochs
         save_now = epoch % train.checkpoint_every == 0 or last_epoch
         rng_states = _gather_rng_states(world_size) if save_now else None  # before kNN: it draws no RNG
-        metrics: dict[str, Optional[float]] = {
+        metrics: dict[str, float | None] = {
             tracking.LOSS: stats.loss,
             tracking.LR: stats.last_lr,
             tracking.EPOCH_TIME: epoch_time,
@@ -399,7 +432,15 @@ def train_loop(config_dict: dict[str, Any]) -> None:
         if save_now and worker.is_chief:
             with tempfile.TemporaryDirectory(prefix="mocolab-ckpt-") as tmp:
                 _write_checkpoint(
-                    tmp, step, scheduler, epoch, global_step, rng_states, run_id, config_dict["config"], final=last_epoch
+                    tmp,
+                    step,
+                    scheduler,
+                    epoch,
+                    global_step,
+                    rng_states,
+                    run_id,
+                    config_dict["config"],
+                    final=last_epoch,
                 )
                 ray.train.report(report, checkpoint=ray.train.Checkpoint.from_directory(tmp))
         else:
@@ -445,19 +486,21 @@ def knn_loaders(cfg: Config, rank: int = 0, world_size: int = 1) -> tuple[DataLo
     for split, limit in (("train", cfg.train.knn_bank_images), ("test", cfg.train.knn_test_images)):
         dataset = build_labeled_dataset(data_cfg, split, transform)
         indices = shard(evenly_spaced(len(dataset), limit), rank, world_size)
-        loaders.append(DataLoader(
-            Subset(dataset, indices),
-            batch_size=max(cfg.train.batch_size, 256),
-            shuffle=False,
-            collate_fn=_collate_labeled,
-            generator=torch.Generator().manual_seed(cfg.train.seed),
-            num_workers=workers,
-            pin_memory=cfg.scaling.use_gpu,
-        ))
+        loaders.append(
+            DataLoader(
+                Subset(dataset, indices),
+                batch_size=max(cfg.train.batch_size, 256),
+                shuffle=False,
+                collate_fn=_collate_labeled,
+                generator=torch.Generator().manual_seed(cfg.train.seed),
+                num_workers=workers,
+                pin_memory=cfg.scaling.use_gpu,
+            )
+        )
     return loaders[0], loaders[1]
 
 
-def _collate_labeled(batch: list) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
+def _collate_labeled(batch: list) -> tuple[torch.Tensor, torch.Tensor] | None:
     """``(images, labels)`` without the skipped corrupt images (None if all were skipped)."""
     from mocolab.data.datasets import collate_skip_corrupt
 

@@ -13,9 +13,10 @@ from __future__ import annotations
 
 import pickle
 import re
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import PurePosixPath
-from typing import Any, Callable, Optional, Sequence, TypeVar
+from typing import Any, TypeVar
 
 import torch
 
@@ -37,7 +38,7 @@ class Resumed:
     path: str
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (checkpoint file, why it did not load)
 
-    def fallback_note(self) -> Optional[str]:
+    def fallback_note(self) -> str | None:
         """One line naming the unloadable files and the epoch the run resumes from; None without a fallback."""
         if not self.skipped:
             return None
@@ -45,7 +46,7 @@ class Resumed:
         return f"could not load {bad}; resumed from epoch {self.state['epoch']} ({self.path})"
 
 
-def resume_order(latest: str, reported: Sequence[tuple[str, Optional[int]]]) -> list[str]:
+def resume_order(latest: str, reported: Sequence[tuple[str, int | None]]) -> list[str]:
     """The checkpoint paths to try, in order: ``latest`` (the one Ray hands back), then the other
     ``reported`` ones (``(path, epoch reported with it)`` in report order) newest epoch first, the later
     report first among equal epochs, those without an epoch last."""
@@ -121,7 +122,7 @@ def load_for_resume(checkpoint, rank: int, world_size: int, map_location: torch.
     Rank 0 chooses and broadcasts its choice, so that all ranks load the same checkpoint; if none loads,
     every rank raises the same :class:`NoLoadableCheckpointError`."""
     choice: list[Any] = [None, None, None]  # chosen checkpoint, skipped files, error message
-    state: Optional[dict[str, Any]] = None
+    state: dict[str, Any] | None = None
     if rank == 0:
         try:
             choice[0], state, choice[1] = _choose(checkpoint, map_location)

@@ -11,7 +11,6 @@ Torch only (the GPU check imports it without Ray, MLflow or pydantic).
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -32,7 +31,11 @@ def check_amp(amp: str) -> None:
 
 
 def make_optimizer(
-    params: Iterable[nn.Parameter], lr: float, momentum: float, weight_decay: float, amp: str = "off",
+    params: Iterable[nn.Parameter],
+    lr: float,
+    momentum: float,
+    weight_decay: float,
+    amp: str = "off",
     name: str = "sgd",
 ) -> torch.optim.Optimizer:
     """The ``train.optimizer`` over ``params``: SGD (with fp16 the fused kernel, which takes the GradScaler's inf
@@ -48,8 +51,9 @@ def make_optimizer(
         return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     if name != "sgd":
         raise ValueError(f"train.optimizer={name!r} is not one of sgd, lars, adamw")
-    return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay,
-                           fused=True if amp == "fp16" else None)
+    return torch.optim.SGD(
+        params, lr=lr, momentum=momentum, weight_decay=weight_decay, fused=True if amp == "fp16" else None
+    )
 
 
 class TrainStep:
@@ -99,7 +103,7 @@ class LossWatch:
         self.first_bad = torch.where(torch.isfinite(loss), self.first_bad, self.first_bad.clamp(max=global_step))
         self.steps += 1
 
-    def first_nonfinite_step(self) -> Optional[int]:
+    def first_nonfinite_step(self) -> int | None:
         """The global step whose loss first was NaN/inf on any rank, or None."""
         step = int(_all_reduce(self.first_bad.clone(), dist.ReduceOp.MIN))
         return None if step == NO_STEP else step

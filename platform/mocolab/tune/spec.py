@@ -12,7 +12,7 @@ import importlib.util
 import itertools
 import re
 from pathlib import Path
-from typing import Any, Literal, Optional, Union
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -42,13 +42,13 @@ class _Strict(BaseModel):
 class Axis(_Strict):
     """One entry of ``space:``: exactly one of grid, choice, uniform, loguniform."""
 
-    grid: Optional[list[Any]] = None
-    choice: Optional[list[Any]] = None
-    uniform: Optional[tuple[float, float]] = None
-    loguniform: Optional[tuple[float, float]] = None
+    grid: list[Any] | None = None
+    choice: list[Any] | None = None
+    uniform: tuple[float, float] | None = None
+    loguniform: tuple[float, float] | None = None
 
     @model_validator(mode="after")
-    def _exactly_one(self) -> "Axis":
+    def _exactly_one(self) -> Axis:
         given = [k for k in ("grid", "choice", "uniform", "loguniform") if getattr(self, k) is not None]
         if len(given) != 1:
             raise ValueError(f"give exactly one of grid, choice, uniform, loguniform (got {given or 'none'})")
@@ -68,7 +68,7 @@ class Axis(_Strict):
         return next(k for k in ("grid", "choice", "uniform", "loguniform") if getattr(self, k) is not None)
 
     @property
-    def values(self) -> Optional[list[Any]]:
+    def values(self) -> list[Any] | None:
         """The listed values of a grid or choice axis; None for a continuous one."""
         return self.grid if self.grid is not None else self.choice
 
@@ -101,14 +101,14 @@ class SweepSpec(_Strict):
     name: str
     base: dict[str, Any] = Field(default_factory=dict, description="run config: {config: PATH, ...inline overrides}")
     space: dict[str, Axis] = Field(default_factory=dict)
-    seeds: Optional[list[int]] = Field(None, description="repeats over train.seed; default: the base config's seed")
+    seeds: list[int] | None = Field(None, description="repeats over train.seed; default: the base config's seed")
     search: Literal["grid", "random", "optuna"] = "grid"
     num_samples: int = Field(1, ge=1, description="grid: repeats of the grid; random/optuna: samples")
     search_seed: int = Field(0, description="random state of the random search")
     scheduler: SchedulerSpec = Field(default_factory=SchedulerSpec)
     resources: Resources = Field(default_factory=Resources)
     max_concurrent_trials: int = Field(1, ge=1)
-    evals: Optional[list[Literal["lincls", "detection"]]] = Field(
+    evals: list[Literal["lincls", "detection"]] | None = Field(
         None, description="evaluations after each trial; default: those configured in the base's eval section"
     )
     max_failures: int = Field(0, ge=0, description="retries of a failed trial")
@@ -153,7 +153,7 @@ class SweepSpec(_Strict):
         return space
 
     @model_validator(mode="after")
-    def _search_fits_space(self) -> "SweepSpec":
+    def _search_fits_space(self) -> SweepSpec:
         continuous = [k for k, a in self.space.items() if a.values is None]
         if self.search == "grid" and continuous:
             raise ValueError(f"search: grid cannot enumerate {continuous} (uniform/loguniform); use search: random")
@@ -242,7 +242,7 @@ def trial_raw(spec: SweepSpec, base: dict[str, Any], assignment: dict[str, Any],
 
 
 def trial_config(
-    spec: SweepSpec, base: dict[str, Any], assignment: dict[str, Any], run_name: str, cwd: Optional[Path] = None
+    spec: SweepSpec, base: dict[str, Any], assignment: dict[str, Any], run_name: str, cwd: Path | None = None
 ) -> Config:
     """The validated run config of one trial (ConfigError naming the trial's values if invalid).
 
@@ -318,7 +318,7 @@ def parse_sweep(raw: dict[str, Any], source: str = "sweep file") -> SweepSpec:
 
 
 def load_sweep(
-    path: Union[str, Path], overrides: tuple[str, ...] | list[str] = (), name: Optional[str] = None
+    path: str | Path, overrides: tuple[str, ...] | list[str] = (), name: str | None = None
 ) -> tuple[SweepSpec, dict[str, Any], list[Config]]:
     """Read and validate a sweep file: ``(spec, raw base config, the checked trial Configs)``, the first of
     which is the first trial's.

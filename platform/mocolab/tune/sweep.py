@@ -14,8 +14,9 @@ from __future__ import annotations
 import os
 import re
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any
 
 import yaml
 
@@ -150,7 +151,7 @@ def _trial_status_callback(spec: SweepSpec, cfg: Config):
     return MlflowTrialStatus(spec.name, cfg.tracking.tracking_uri, cfg.tracking.experiment)
 
 
-def find_sweep_run(uri: str, experiment: str, sweep: str) -> Optional[Any]:
+def find_sweep_run(uri: str, experiment: str, sweep: str) -> Any | None:
     """The parent run of sweep ``sweep`` in ``experiment``, or None."""
     client = tracking.client_for(uri)
     exp = client.get_experiment_by_name(experiment)
@@ -166,7 +167,7 @@ def find_sweep_run(uri: str, experiment: str, sweep: str) -> Optional[Any]:
 
 
 def start_sweep_run(
-    spec: SweepSpec, base: dict[str, Any], cfg: Config, resume: bool, extra_tags: Optional[dict[str, str]] = None
+    spec: SweepSpec, base: dict[str, Any], cfg: Config, resume: bool, extra_tags: dict[str, str] | None = None
 ) -> str:
     """Create the sweep's parent run (with ``extra_tags``), or reopen it with ``resume``; refuse a name already used."""
     uri, experiment = cfg.tracking.tracking_uri, cfg.tracking.experiment
@@ -185,7 +186,9 @@ def start_sweep_run(
             "continue it with --resume or start another with --name NEW_NAME"
         )
     tags = {
-        tracking.STAGE_TAG: tracking.STAGE_SWEEP, tracking.SWEEP_TAG: spec.name, tracking.SWEEP_AXES_TAG: ",".join(spec.axes),
+        tracking.STAGE_TAG: tracking.STAGE_SWEEP,
+        tracking.SWEEP_TAG: spec.name,
+        tracking.SWEEP_AXES_TAG: ",".join(spec.axes),
         **tracking.source_tags(),
     }
     tags.update(extra_tags or {})
@@ -273,7 +276,7 @@ def close_stopped_trials(uri: str, experiment: str, parent_run_id: str) -> int:
 
 
 def run_sweep(
-    spec: SweepSpec, base: dict[str, Any], cfg: Config, resume: bool = False, extra_tags: Optional[dict[str, str]] = None
+    spec: SweepSpec, base: dict[str, Any], cfg: Config, resume: bool = False, extra_tags: dict[str, str] | None = None
 ) -> tuple[str, int, int]:
     """Run (or resume) the sweep on the current Ray cluster; ``extra_tags`` go on a new parent run
     (``mocolab reproduce`` makes it the child of its own run).

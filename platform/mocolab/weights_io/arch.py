@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 
@@ -54,7 +53,7 @@ class ArchGuess:
         return f"--set model.arch={self.arch} --set model.cifar_stem={str(self.cifar_stem).lower()}"
 
 
-def guess_arch(state: dict[str, torch.Tensor]) -> Optional[ArchGuess]:
+def guess_arch(state: dict[str, torch.Tensor]) -> ArchGuess | None:
     """small_cnn, a torchvision ResNet (depth from its blocks, ``wide_`` when wider, CIFAR stem when conv1
     is 3x3), or None when the keys are neither."""
     widths = tuple(state[f"features.{i}.0.weight"].shape[0] for i in range(4) if f"features.{i}.0.weight" in state)
@@ -114,7 +113,9 @@ def check_fits(state: dict[str, torch.Tensor], model_cfg: ModelConfig, where: st
     elif guess.supported:
         fix = f"They look like {guess.describe()}: add {guess.as_overrides()}"
     else:
-        fix = f"They look like {guess.describe()}, which mocolab does not build (model.arch is one of {', '.join(ARCHS)})"
+        fix = (
+            f"They look like {guess.describe()}, which mocolab does not build (model.arch is one of {', '.join(ARCHS)})"
+        )
     raise ConfigError(
         f"{where} does not fit model.arch={model_cfg.arch} "
         f"model.cifar_stem={str(model_cfg.cifar_stem).lower()}: {'; '.join(problems)}. {fix}"

@@ -1,4 +1,5 @@
-"""detectron2's ResNet names and its weights pickle, as MoCo's ``detection/convert-pretrain-to-detectron2.py`` writes them.
+"""detectron2's ResNet names and its weights pickle, as MoCo's ``detection/convert-pretrain-to-detectron2.py`` writes
+them.
 
 torchvision -> detectron2: ``layerN`` -> ``res{N+1}``, stem keys (``conv1``, ``bn1``) get ``stem.``,
 ``bnK`` -> ``convK.norm``, ``downsample.0`` -> ``shortcut``, ``downsample.1`` -> ``shortcut.norm``. The file
@@ -48,4 +49,3 @@ def write_detectron2(state: dict[str, torch.Tensor], out: Path) -> None:
     with open(tmp, "wb") as f:
         pickle.dump(to_detectron2(state), f)
     os.replace(tmp, out)
-

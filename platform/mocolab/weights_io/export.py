@@ -15,7 +15,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import torch
 
@@ -35,7 +35,7 @@ class TimmModel:
     kwargs: dict[str, Any]
 
 
-def timm_model_of(cfg) -> Optional[TimmModel]:
+def timm_model_of(cfg) -> TimmModel | None:
     """The timm model of a config's ``model.arch: timm:<name>`` (arguments as mocolab built it), else None."""
     from mocolab.moco.backbones import TIMM_PREFIX
     from mocolab.moco.timm_backbones import creation_kwargs
@@ -46,13 +46,15 @@ def timm_model_of(cfg) -> Optional[TimmModel]:
     return TimmModel(name, creation_kwargs(name, cfg.model.timm_kwargs, cfg.data.image_size))
 
 
-def timm_file(state: dict[str, torch.Tensor], model: Optional[TimmModel], where: str) -> dict[str, Any]:
+def timm_file(state: dict[str, torch.Tensor], model: TimmModel | None, where: str) -> dict[str, Any]:
     """The ``--format timm`` content, after checking that timm loads it strictly; ConfigError otherwise."""
     import timm
 
     if model is None:
-        raise ConfigError(f"{where}: --format timm needs the timm model's name and arguments: give --pretrain-run of a "
-                          "model.arch=timm:<name> run, or a file --format timm wrote")
+        raise ConfigError(
+            f"{where}: --format timm needs the timm model's name and arguments: give --pretrain-run of a "
+            "model.arch=timm:<name> run, or a file --format timm wrote"
+        )
     try:
         timm.create_model(model.name, **model.kwargs).load_state_dict(state, strict=True)
     except RuntimeError as err:
@@ -78,7 +80,7 @@ def check_detectron2(state: dict[str, torch.Tensor], where: str) -> str:
     return guess.arch
 
 
-def export(weights: BackboneWeights, fmt: str, out: Path, where: str, model: Optional[TimmModel] = None) -> str:
+def export(weights: BackboneWeights, fmt: str, out: Path, where: str, model: TimmModel | None = None) -> str:
     """Write ``weights`` to ``out`` in ``fmt`` (``timm``: as ``model``); returns a line saying what was written."""
     if fmt == "timm":
         content = timm_file(weights.state, model, where)

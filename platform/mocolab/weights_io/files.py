@@ -83,7 +83,9 @@ def _load_plain_pickle(file: Path, where: str) -> Any:
         except UnsafePickleError as err:
             raise not_weights_only(where, f"the Python object {err.name}") from None
         except Exception as err:  # a damaged pickle: any of pickle's, struct's or numpy's errors
-            raise ConfigError(f"{where} is not a readable pickle ({type(err).__name__}: {err}); is it complete?") from None
+            raise ConfigError(
+                f"{where} is not a readable pickle ({type(err).__name__}: {err}); is it complete?"
+            ) from None
     return _numpy_to_torch(obj)
 
 

@@ -12,8 +12,9 @@ The classifier or MLP head of the encoder (``fc.*``) is dropped. Pure functions 
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional
+from typing import Any
 
 import torch
 
@@ -27,24 +28,24 @@ HEAD_PREFIX = "fc."
 SEQUENTIAL_RESNET = {"0": "conv1", "1": "bn1", "4": "layer1", "5": "layer2", "6": "layer3", "7": "layer4"}
 
 
-def _under(prefix: str) -> Callable[[str], Optional[str]]:
+def _under(prefix: str) -> Callable[[str], str | None]:
     """Keys under ``prefix``, without it; other keys are not the backbone's."""
-    return lambda key: key[len(prefix):] if key.startswith(prefix) else None
+    return lambda key: key[len(prefix) :] if key.startswith(prefix) else None
 
 
-def _sequential_resnet(prefix: str) -> Callable[[str], Optional[str]]:
+def _sequential_resnet(prefix: str) -> Callable[[str], str | None]:
     """Keys of a torchvision ResNet kept as ``nn.Sequential(*children()[:-1])`` under ``prefix``."""
 
-    def rename(key: str) -> Optional[str]:
+    def rename(key: str) -> str | None:
         if not key.startswith(prefix):
             return None
-        index, _, rest = key[len(prefix):].partition(".")
+        index, _, rest = key[len(prefix) :].partition(".")
         return f"{SEQUENTIAL_RESNET[index]}.{rest}" if index in SEQUENTIAL_RESNET and rest else None
 
     return rename
 
 
-def _detectron2(key: str) -> Optional[str]:
+def _detectron2(key: str) -> str | None:
     return torchvision_name(key) if re.match(r"(stem|res[2-5])\.", key) else None
 
 
@@ -54,7 +55,7 @@ class Layout:
 
     name: str
     description: str
-    rename: Callable[[str], Optional[str]] = field(repr=False)
+    rename: Callable[[str], str | None] = field(repr=False)
 
 
 LAYOUTS: tuple[Layout, ...] = (
@@ -100,7 +101,7 @@ class BackboneWeights:
 
     layout: Layout
     state: dict[str, torch.Tensor] = field(repr=False)
-    container: Optional[str] = None  # the top-level key holding the state dict; None: the top level itself
+    container: str | None = None  # the top-level key holding the state dict; None: the top level itself
     dropped_head: list[str] = field(default_factory=list)  # the encoder's fc.* keys
     ignored: list[str] = field(default_factory=list)  # keys of other parts (key encoder, projector, queue, ...)
 
@@ -112,7 +113,8 @@ class BackboneWeights:
             line += f", head fc.* dropped ({len(self.dropped_head)})"
         if self.ignored:
             parts = sorted({strip_wrappers(k).split(".")[0] for k in self.ignored})
-            line += f", other entries ignored ({len(self.ignored)}: {', '.join(parts[:6])}{', ...' if len(parts) > 6 else ''})"
+            more = ", ..." if len(parts) > 6 else ""
+            line += f", other entries ignored ({len(self.ignored)}: {', '.join(parts[:6])}{more})"
         return line
 
 
@@ -126,19 +128,19 @@ def strip_wrappers(key: str) -> str:
         wrapper = next((w for w in WRAPPERS if key.startswith(w)), None)
         if wrapper is None:
             return key
-        key = key[len(wrapper):]
+        key = key[len(wrapper) :]
 
 
-def _containers(obj: Any) -> list[tuple[Optional[str], dict]]:
+def _containers(obj: Any) -> list[tuple[str | None, dict]]:
     """The dicts that may hold the state dict: the object itself, then its dict values."""
     if not isinstance(obj, dict):
         return []
-    found: list[tuple[Optional[str], dict]] = [(None, obj)]
+    found: list[tuple[str | None, dict]] = [(None, obj)]
     found += [(str(k), v) for k, v in obj.items() if isinstance(v, dict)]
     return found
 
 
-def _apply(layout: Layout, entries: dict) -> Optional[BackboneWeights]:
+def _apply(layout: Layout, entries: dict) -> BackboneWeights | None:
     state, head, ignored = {}, [], []
     for raw_key, value in entries.items():
         if not isinstance(raw_key, str) or not isinstance(value, torch.Tensor):

@@ -13,13 +13,12 @@ import abc
 import enum
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import ClassVar, Optional
+from typing import ClassVar
 
 import torch
 from torch import nn
 
 from mocolab.moco.mechanisms.params import EFFECTIVE_K_PARAM, NEGATIVES_PARAM
-
 
 Embeddings = Sequence[torch.Tensor]  # one [B, dim] tensor per direction
 Keys = Embeddings | None  # None for a mechanism whose keys are STORED
@@ -46,14 +45,14 @@ class DictionarySettings:
     global_batch: int  # train.batch_size x scaling.num_workers
     symmetric: bool = False  # moco.symmetric: two directions per step
     bank_momentum: float = 0.5  # moco.bank_momentum
-    num_train_samples: Optional[int] = None
+    num_train_samples: int | None = None
 
     @property
     def directions(self) -> int:
         return 2 if self.symmetric else 1
 
     @classmethod
-    def from_config(cls, cfg, num_train_samples: Optional[int] = None) -> "DictionarySettings":
+    def from_config(cls, cfg, num_train_samples: int | None = None) -> DictionarySettings:
         """The settings of a :class:`mocolab.config.Config` (duck-typed: ``moco``, ``global_batch``)."""
         moco = cfg.moco
         return cls(moco.queue_size, moco.dim, cfg.global_batch, moco.symmetric, moco.bank_momentum, num_train_samples)
@@ -108,7 +107,7 @@ class Mechanism(nn.Module, abc.ABC):
 
     @classmethod
     @abc.abstractmethod
-    def from_settings(cls, settings: DictionarySettings) -> "Mechanism":
+    def from_settings(cls, settings: DictionarySettings) -> Mechanism:
         """The dictionary for ``settings`` (after :meth:`check`)."""
 
     @abc.abstractmethod

@@ -7,7 +7,13 @@ import torch
 from mocolab.moco.distributed import gather_all_with_grad, rank
 from mocolab.moco.functional import in_batch_logits
 from mocolab.moco.mechanisms.base import (
-    DictionarySettings, Embeddings, Keys, KeySource, LogitsAndLabels, Mechanism, zeros_labels,
+    DictionarySettings,
+    Embeddings,
+    Keys,
+    KeySource,
+    LogitsAndLabels,
+    Mechanism,
+    zeros_labels,
 )
 
 
@@ -29,7 +35,7 @@ class EndToEndDictionary(Mechanism):
         return settings.global_batch - 1  # every key of the global batch but the query's own
 
     @classmethod
-    def from_settings(cls, settings: DictionarySettings) -> "EndToEndDictionary":
+    def from_settings(cls, settings: DictionarySettings) -> EndToEndDictionary:
         return cls()
 
     def forward(self, queries: Embeddings, keys: Keys, index: torch.Tensor, temperature: float) -> LogitsAndLabels:

@@ -58,7 +58,7 @@ class MemoryBankDictionary(Mechanism):
             )
 
     @classmethod
-    def from_settings(cls, settings: DictionarySettings) -> "MemoryBankDictionary":
+    def from_settings(cls, settings: DictionarySettings) -> MemoryBankDictionary:
         if settings.num_train_samples is None:
             raise ValueError("moco.mechanism=memory_bank needs the training set size (one bank row per image)")
         return cls(settings.num_train_samples, settings.dim, settings.queue_size, settings.bank_momentum)

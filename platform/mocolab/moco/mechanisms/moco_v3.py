@@ -42,7 +42,7 @@ class GlobalBatchDictionary(Mechanism):
         return 2.0 * temperature
 
     @classmethod
-    def from_settings(cls, settings: DictionarySettings) -> "GlobalBatchDictionary":
+    def from_settings(cls, settings: DictionarySettings) -> GlobalBatchDictionary:
         return cls()
 
     def forward(self, queries: Embeddings, keys: Keys, index: torch.Tensor, temperature: float) -> LogitsAndLabels:

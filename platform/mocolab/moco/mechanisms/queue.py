@@ -9,7 +9,13 @@ from torch.profiler import record_function
 from mocolab.moco.distributed import gather_all
 from mocolab.moco.functional import enqueue_, infonce_logits
 from mocolab.moco.mechanisms.base import (
-    DictionarySettings, Embeddings, Keys, KeySource, LogitsAndLabels, Mechanism, zeros_labels,
+    DictionarySettings,
+    Embeddings,
+    Keys,
+    KeySource,
+    LogitsAndLabels,
+    Mechanism,
+    zeros_labels,
 )
 
 # torch.profiler ranges of the step's phases done here (``mocolab bench`` breaks the step down by them).
@@ -35,7 +41,7 @@ class QueueDictionary(Mechanism):
         self._ptr = 0  # host copy of queue_ptr: the step never reads the buffer back (no device sync)
 
     @classmethod
-    def from_settings(cls, settings: DictionarySettings) -> "QueueDictionary":
+    def from_settings(cls, settings: DictionarySettings) -> QueueDictionary:
         return cls(settings.queue_size, settings.dim)
 
     @classmethod
