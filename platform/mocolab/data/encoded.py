@@ -106,7 +106,7 @@ def plain_jpeg(data: bytes) -> bool:
 def _decode_one(payload: torch.Tensor, where: str, device: torch.device) -> torch.Tensor:
     """The PIL decode of the CPU pipeline (CorruptImageError naming ``where``), as ``[3, H, W]`` on ``device``."""
     rgb = decode_rgb(payload.numpy().tobytes(), where)
-    return torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1).to(device, non_blocking=True)
+    return torch.from_numpy(np.require(rgb, requirements=["C", "W"])).permute(2, 0, 1).to(device, non_blocking=True)
 
 
 def _decode_jpegs(payloads: list[torch.Tensor], device: torch.device) -> list[torch.Tensor | None]:
