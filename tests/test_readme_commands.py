@@ -88,7 +88,7 @@ def test_each_quick_readme_command_runs_as_written(argv, tmp_path):
 
 
 @pytest.mark.parametrize("argv", [a for a in README_COMMANDS if not is_quick(a)], ids=" ".join)
-def test_each_other_readme_command_parses_and_its_config_loads(argv):
+def test_each_other_readme_command_parses_and_its_config_file_exists(argv):
     parser = argparse.ArgumentParser(exit_on_error=False)
     importlib.import_module(SUBCOMMANDS[argv[0]][0]).add_arguments(parser)
     args = parser.parse_args(argv[1:])

@@ -145,6 +145,7 @@ def main(argv: list[str] | None = None) -> int:
     from mocolab.data.augment import two_crop_transform
     from mocolab.data.datasets import decode_rgb
     from mocolab.data.encoded import DeviceViews, EncodedBatch
+    from mocolab.data.normalize import normalize_views
 
     device = torch.device(args.device)
     files = jpeg_files(args.images)
@@ -158,12 +159,12 @@ def main(argv: list[str] | None = None) -> int:
     }
     torch.set_num_threads(threads)
 
-    # cpu pipeline on the GPU: the host's views (pinned on CUDA) copied and stepped
+    # cpu pipeline on the GPU: the host's uint8 views (pinned on CUDA) copied, normalised there as in training, stepped
     transform = two_crop_transform(args.augment, args.image_size)
     views = [transform(decode_rgb(d, "#")) for d in cycle(files, args.batch_size)]
     host = [torch.stack([v[j] for v in views]) for j in (0, 1)]
     host = [t.pin_memory() for t in host] if device.type == "cuda" else host
-    copied = lambda: tuple(t.to(device, non_blocking=True) for t in host)  # noqa: E731
+    copied = lambda: tuple(normalize_views(t.to(device, non_blocking=True)) for t in host)  # noqa: E731
 
     # device pipeline on the GPU: bytes copied, decoded, two-cropped and stepped
     payloads = [torch.frombuffer(bytearray(d), dtype=torch.uint8) for d in cycle(files, args.batch_size)]

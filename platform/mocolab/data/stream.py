@@ -41,6 +41,27 @@ def _transform(augment_json: str, image_size: int):
     return two_crop_transform(json.loads(augment_json), image_size)
 
 
+def read_each(locations, read, on_corrupt: str) -> tuple[list, list[int], np.ndarray]:
+    """``read(location)`` for each of a batch's ``locations``: ``(items, source, skipped)``. A file ``read`` refuses
+    (:class:`CorruptImageError`) fails the batch, or with ``data.on_corrupt=skip`` is flagged in ``skipped`` and its
+    row takes a readable item of the batch (``source[i]``: the item row ``i`` holds)."""
+    items, skipped = [], np.zeros(len(locations), dtype=np.int64)
+    for i, where in enumerate(locations):
+        try:
+            items.append(read(str(where)))
+        except CorruptImageError:
+            if on_corrupt != "skip":
+                raise
+            items.append(None)
+            skipped[i] = 1
+    kept = [i for i, item in enumerate(items) if item is not None]
+    if not kept:
+        raise CorruptImageError(
+            f"all {len(items)} images of a batch are unreadable (data.on_corrupt=skip); check data.root"
+        )
+    return items, [i if items[i] is not None else kept[i % len(kept)] for i in range(len(items))], skipped
+
+
 class TwoCropBatch:
     """Ray Data ``map_batches`` function: rows ``{location, index}`` -> ``{view_q, view_k, index, skipped}``."""
 
@@ -52,21 +73,9 @@ class TwoCropBatch:
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         transform = _transform(self.augment, self.image_size)
-        views, skipped = [], np.zeros(len(batch["index"]), dtype=np.int64)
-        for i, where in enumerate(batch["location"]):
-            try:
-                views.append(two_crops_of_file(transform, str(where)))
-            except CorruptImageError:
-                if self.on_corrupt != "skip":
-                    raise
-                views.append(None)
-                skipped[i] = 1
-        kept = [i for i, v in enumerate(views) if v is not None]
-        if not kept:
-            raise CorruptImageError(
-                f"all {len(views)} images of a batch are unreadable (data.on_corrupt=skip); check data.root"
-            )
-        source = [i if views[i] is not None else kept[i % len(kept)] for i in range(len(views))]
+        views, source, skipped = read_each(
+            batch["location"], functools.partial(two_crops_of_file, transform), self.on_corrupt
+        )
         return {
             "view_q": np.stack([views[j][0].numpy() for j in source]),
             "view_k": np.stack([views[j][1].numpy() for j in source]),
@@ -87,21 +96,13 @@ class ReadBytesBatch:
         from mocolab.data import location
         from mocolab.data.datasets import _corrupt
 
-        payloads, skipped = [], np.zeros(len(batch["index"]), dtype=np.int64)
-        for i, where in enumerate(batch["location"]):
+        def read(where: str) -> bytes:
             try:
-                payloads.append(location.read_bytes(str(where)))
+                return location.read_bytes(where)
             except OSError as err:
-                if self.on_corrupt != "skip":
-                    raise _corrupt(where, err) from None
-                payloads.append(None)
-                skipped[i] = 1
-        kept = [i for i, p in enumerate(payloads) if p is not None]
-        if not kept:
-            raise CorruptImageError(
-                f"all {len(payloads)} images of a batch are unreadable (data.on_corrupt=skip); check data.root"
-            )
-        source = [i if payloads[i] is not None else kept[i % len(kept)] for i in range(len(payloads))]
+                raise _corrupt(where, err) from None
+
+        payloads, source, skipped = read_each(batch["location"], read, self.on_corrupt)
         column = np.empty(len(source), dtype=object)
         column[:] = [payloads[j] for j in source]
         return {
