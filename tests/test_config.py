@@ -99,6 +99,17 @@ def test_queue_multiple_rule_is_only_for_the_queue_mechanism():
     build_config({"moco": {"mechanism": "end_to_end", "queue_size": 1000}, "train": {"batch_size": 64}})
 
 
+def test_the_linear_probe_needs_the_monitor_and_the_momentum_warm_up_fits_the_run():
+    refused({"train": {"linear_probe": True, "knn_every": 0}}, "train.linear_probe", "train.knn_every > 0")
+    refused(
+        {"data": {"dataset": "folder", "root": "."}, "train": {"linear_probe": True}},
+        "train.linear_probe",
+        "train.knn_dataset",
+    )
+    refused({"moco": {"momentum_warmup_epochs": 5}, "train": {"epochs": 5}}, "moco.momentum_warmup_epochs=5")
+    build_config({"moco": {"momentum_warmup_epochs": 2}, "train": {"epochs": 5, "linear_probe": True}})
+
+
 def test_missing_data_root():
     refused({"data": {"dataset": "imagefolder"}}, "data.root is required")
 

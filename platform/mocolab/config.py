@@ -93,6 +93,12 @@ class MocoConfig(_Section):
         description="K: negatives in the queue (moco) or drawn per step (memory_bank); end_to_end: K = global batch",
     )
     momentum: float = 0.999
+    momentum_warmup_epochs: int = Field(
+        0, ge=0, description="epochs at moco.warmup_momentum before moco.momentum (or its schedule) takes over"
+    )
+    warmup_momentum: float = Field(
+        0.99, ge=0, le=1, description="the key encoder's momentum during moco.momentum_warmup_epochs"
+    )
     temperature: float = Field(0.2, description="preset: 0.07 (v1), 0.2 (v2)")
     mlp: bool = Field(True, description="MLP projection head; preset: false (v1), true (v2)")
     symmetric: bool = Field(
@@ -308,6 +314,11 @@ class TrainConfig(_Section):
     )
     knn_k: int = Field(200, ge=1)
     knn_t: float = Field(0.1, gt=0)
+    linear_probe: bool = Field(
+        False,
+        description="after the last epoch, also the linear probe (lincls_fast_top1: eval.lincls's fast protocol with "
+        "its defaults) on the kNN monitor's images; needs the monitor (train.knn_every > 0)",
+    )
     knn_bank_images: int | None = Field(
         None, gt=0, description="kNN monitor: at most this many training images as its bank, evenly spaced (all: null)"
     )
@@ -636,6 +647,15 @@ def check_run_rules(cfg: Config) -> None:
     lin = cfg.eval.lincls
     if lin is not None:
         check_labeled(lin.dataset or data, "eval.lincls.dataset" if lin.dataset else "data")
+    if train.linear_probe and (not train.knn_every or cfg.knn_data is None):
+        raise ValueError(
+            "train.linear_probe runs on the kNN monitor's labelled images: set train.knn_every > 0 (and "
+            "train.knn_dataset for unlabelled data), or set train.linear_probe=false"
+        )
+    if moco.momentum_warmup_epochs >= train.epochs:
+        raise ValueError(
+            f"moco.momentum_warmup_epochs={moco.momentum_warmup_epochs} must be below train.epochs={train.epochs}"
+        )
     milestones = train.lr_milestones
     if train.schedule == "step" and any(b <= a for a, b in zip(milestones, milestones[1:])):
         raise ValueError(f"train.lr_milestones={milestones} must be increasing epochs")

@@ -74,7 +74,7 @@ KNN = {(0.0, s): v for s, v in enumerate([40.0, 41.0, 39.5])}
 KNN.update({(0.9, s): v for s, v in enumerate([50.0, 53.0, 48.0])})
 KNN.update({(0.99, s): v for s, v in enumerate([70.0, 72.0, 69.0])})
 LOSS = {key: (6.9 if key[0] == 0.0 else 4.5) for key in KNN}
-BASELINES = pd.Series({0: 46.0, 1: 45.0, 2: 47.0})
+BASELINES = pd.DataFrame({"knn_top1": {0: 46.0, 1: 45.0, 2: 47.0}})
 
 
 def test_committed_claims_load_and_validate():
@@ -92,7 +92,7 @@ def test_bad_claims_are_refused_naming_the_field():
         parse_claim(raw_claim(checks=[{"name": "x", "a": {"moco.momentum": 0.9}, "relation": "!=", "b": 1.0}]), "toy")
     with pytest.raises(ConfigError, match="sweep.name"):
         parse_claim(raw_claim(sweep={"name": "mine", "space": {}}), "toy")
-    with pytest.raises(ConfigError, match="random_init compares kNN"):
+    with pytest.raises(ConfigError, match="random_init compares knn_top1, lincls_fast_top1"):
         parse_claim(
             raw_claim(
                 checks=[
@@ -184,6 +184,31 @@ def test_rows_table_and_report(tmp_path):
     assert (tmp_path / "toy.png").stat().st_size > 1000
     assert "## Toy momentum (`toy`): reproduced" in text and "55.2" in text and "70.3 ± 1.5" in text
     assert "0.99 beats 0.9" in text and "[90% CI]" in text and "![toy](toy.png)" in text
+    assert "| random init (same seeds) | - | 46.0 ± 1.0 |" in text and "Verdict metric: kNN top-1" in text
+    assert "linear probe" not in text  # no run logged the probe: no empty column
+
+
+def test_the_linear_probe_is_a_verdict_metric_against_its_own_random_init_level(tmp_path):
+    raw = raw_claim(
+        metric="lincls_fast_top1",
+        checks=[
+            {"name": "0.99 beats 0.9", "a": {"moco.momentum": 0.99}, "relation": ">", "b": {"moco.momentum": 0.9}},
+            {"name": "0.9 beats random init", "a": {"moco.momentum": 0.9}, "relation": ">", "b": "random_init"},
+        ],
+    )
+    claim, _ = parse_claim(raw, "toy")
+    runs = runs_frame(KNN, LOSS)
+    runs["metrics.lincls_fast_top1"] = runs["metrics.knn_top1"] + 10  # the probe 10 points above kNN
+    baselines = BASELINES.assign(lincls_fast_top1=[59.0, 61.0, 60.0])  # probe's random init: 60 > 0.9's kNN + 10?
+    verdict, results = evaluate_claim(claim, runs, baselines)
+    assert [r.metric for r in results] == ["lincls_fast_top1"] * 2
+    assert results[0].verdict == REPRODUCED
+    assert results[1].verdict == INCONCLUSIVE  # 0.9: 60, 63, 58 against 59, 61, 60 (knn baseline would say >)
+    table = rows_table(claim, runs)
+    report = ClaimReport(claim, "rep-toy", table, baselines, results, verdict, pd.DataFrame(columns=["setting"]))
+    text = write_report([report], tmp_path, "# Header").read_text()
+    assert "linear probe top-1 (verdict)" in text and "| 60.0 ± 1.0 |" in text
+    assert "ours: linear probe top-1" in text and "Verdict metric: linear probe top-1" in text
 
 
 def test_figure_labels_drop_the_key_prefixes_not_the_values():

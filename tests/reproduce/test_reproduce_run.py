@@ -7,7 +7,9 @@ from mlflow import MlflowClient
 
 from mocolab import tracking
 from mocolab.cli import main
+from mocolab.config import ConfigError
 from mocolab.reproduce.claims import CLAIMS_DIR
+from mocolab.reproduce.run import plan_claim
 
 
 def tiny_claim(folder):
@@ -26,6 +28,7 @@ def tiny_claim(folder):
                 "train.batch_size": 32,
                 "moco.queue_size": 64,
                 "train.knn_every": 1,
+                "train.linear_probe": True,
                 "train.checkpoint_every": 1,
             },
             "space": {"moco.momentum": {"grid": [0.0, 0.99]}},
@@ -40,6 +43,17 @@ def tiny_claim(folder):
     path = folder / "tiny.yaml"
     path.write_text(yaml.safe_dump(claim, sort_keys=False))
     return path
+
+
+def test_a_check_on_a_metric_the_trials_do_not_log_is_refused_before_any_run(tmp_path, mlflow_uri):
+    path = tiny_claim(tmp_path)
+    raw = yaml.safe_load(path.read_text())
+    raw["metric"] = "lincls_fast_top1"
+    path.write_text(yaml.safe_dump(raw))
+    with pytest.raises(ConfigError, match="uses lincls_fast_top1, which the trials do not log; set train.linear_probe"):
+        plan_claim(str(path), "rep", None, [], "reproduce")
+    plan = plan_claim(str(path), "rep", None, ["train.linear_probe=true"], "reproduce")
+    assert all(t.train.linear_probe for t in plan.trials)
 
 
 @pytest.mark.slow
@@ -64,8 +78,11 @@ def test_reproduce_tiny_claim_end_to_end(ray_local, mlflow_uri, tmp_path, capsys
     )
     assert len(trials) == 4 and all(t.info.status == "FINISHED" for t in trials)
     assert [m.step for m in client.get_metric_history(sweep.info.run_id, "random_init_knn_top1")] == [0, 1]
+    assert [m.step for m in client.get_metric_history(sweep.info.run_id, "random_init_lincls_fast_top1")] == [0, 1]
+    assert all({"lincls_fast_top1", "linear_probe_time_s"} <= set(t.data.metrics) for t in trials)
     text = (out / "report.md").read_text()
     assert "## Tiny momentum (`tiny`)" in text and "57.8" in text and (out / "tiny.png").is_file()
+    assert "linear probe top-1" in text and "random init (same seeds)" in text
     logged = {a.path for a in client.list_artifacts(parent.info.run_id, "report")}
     assert {"report/report.md", "report/tiny.png"} <= logged
     printed = capsys.readouterr().out

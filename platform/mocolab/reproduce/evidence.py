@@ -16,7 +16,7 @@ import pandas as pd
 from mocolab.analysis.tables import finished
 from mocolab.analysis.verdict import Interval, combine, decide, paired_interval
 from mocolab.moco.mechanisms import NEGATIVES_PARAM
-from mocolab.reproduce.claims import RANDOM_INIT, Check, Claim, Setting, matches
+from mocolab.reproduce.claims import BASELINE_METRICS, RANDOM_INIT, Check, Claim, Setting, matches
 from mocolab.tune.spec import SEED_KEY
 
 LOSS_TO_CHANCE = "loss_to_chance"
@@ -87,14 +87,15 @@ class CheckResult:
         return f"{setting_label(self.check.a)} {self.check.relation} {right}{margin}"
 
 
-def evaluate_check(claim: Claim, check: Check, runs: pd.DataFrame, baselines: pd.Series) -> CheckResult:
-    """Pair the check's two sides by seed and decide it; ``baselines``: random-init kNN top-1 by seed."""
+def evaluate_check(claim: Claim, check: Check, runs: pd.DataFrame, baselines: pd.DataFrame) -> CheckResult:
+    """Pair the check's two sides by seed and decide it; ``baselines``: the random-init encoder's metrics (columns)
+    by seed (index)."""
     metric = claim.metric_of(check)
     a = by_seed(runs, claim.resolve(check.a), metric)
     if isinstance(check.b, dict):
         b: pd.Series | float = by_seed(runs, claim.resolve(check.b), metric)
     elif check.b == RANDOM_INIT:
-        b = baselines.dropna().sort_index()
+        b = baseline_of(baselines, metric)
     else:
         b = float(check.b)
     if isinstance(b, pd.Series):
@@ -106,15 +107,24 @@ def evaluate_check(claim: Claim, check: Check, runs: pd.DataFrame, baselines: pd
     return CheckResult(check, metric, a, b, interval, decide(interval, check.relation, check.margin))
 
 
-def evaluate_claim(claim: Claim, runs: pd.DataFrame, baselines: pd.Series) -> tuple[str, list[CheckResult]]:
+def baseline_of(baselines: pd.DataFrame, metric: str) -> pd.Series:
+    """The random-init values of ``metric`` by seed (empty when it was not measured)."""
+    if metric not in baselines:
+        return pd.Series(dtype=float)
+    return pd.to_numeric(baselines[metric]).dropna().sort_index()
+
+
+def evaluate_claim(claim: Claim, runs: pd.DataFrame, baselines: pd.DataFrame) -> tuple[str, list[CheckResult]]:
     """Every check's result and the claim's verdict (all reproduced / any not reproduced / else inconclusive)."""
     results = [evaluate_check(claim, check, runs, baselines) for check in claim.checks]
     return combine(r.verdict for r in results), results
 
 
-def rows_table(claim: Claim, runs: pd.DataFrame, metrics: tuple[str, ...] = ("knn_top1", "loss")) -> pd.DataFrame:
+def rows_table(
+    claim: Claim, runs: pd.DataFrame, metrics: tuple[str, ...] = (*BASELINE_METRICS, "loss")
+) -> pd.DataFrame:
     """One row per grid setting: ``setting``, the paper's value, and ``n``, ``<metric>_mean``, ``<metric>_std``
-    over seeds for each metric (the final epoch's value)."""
+    over seeds for each metric (the final epoch's value; NaN for a metric the runs did not log)."""
     rows = []
     for setting in claim.grid():
         paper = next((r.value for r in claim.paper.rows if matches(r.setting, setting)), None)

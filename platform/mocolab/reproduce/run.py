@@ -26,7 +26,7 @@ from mocolab.tune.spec import SEED_KEY, SweepSpec, prepare_sweep, trial_config
 
 DEFAULT_EXPERIMENT = "reproduce"
 FINDINGS = CLAIMS_DIR / "FINDINGS.md"  # the investigations behind the claims, appended to every report
-BASELINE_METRIC = "random_init_knn_top1"  # on each claim's sweep run, step = seed
+BASELINE_PREFIX = "random_init_"  # random_init_<metric> on each claim's sweep run, step = seed
 
 
 class ReproductionInterrupted(RuntimeError):
@@ -58,17 +58,45 @@ def plan_claim(name: str, run_name: str, seeds: list[int] | None, overrides: lis
         updates["seeds"] = seeds
     spec = spec.model_copy(update=updates)
     base, trials = prepare_sweep(spec, path.parent, [*overrides, f"tracking.experiment={experiment}"])
-    shared = {(t.data.model_dump_json(exclude={"augment"}), t.model.arch) for t in trials}
+    shared = {
+        (t.data.model_dump_json(exclude={"augment"}), t.model.arch, t.train.linear_probe, t.eval.model_dump_json())
+        for t in trials
+    }
     if len(shared) > 1:
         raise ConfigError(
-            f"{path}: every row of a claim must use the same images (data.* but data.augment) and "
-            "model.arch: one random-init baseline per seed serves all rows; split the claim"
+            f"{path}: every row of a claim must use the same images (data.* but data.augment), model.arch, "
+            "train.linear_probe and eval: one random-init baseline per seed serves all rows; split the claim"
         )
+    _check_metrics_measured(claim, trials[0], path)
     checked = preflight(trials, ("pretrain",), quiet=True)  # data, mechanisms against the data, storage, tracking
     key = trials[0].data.model_dump_json()
     sizes = checked.train_images[key], checked.test_images[key]
     seconds = schedule_seconds([trial_seconds(t, *sizes) for t in trials], spec.max_concurrent_trials)
     return Plan(claim, path, spec, base, trials[0], trials, seconds)
+
+
+def measured_metrics(cfg: Config) -> set[str]:
+    """The accuracy metrics a trial of ``cfg`` logs (and its random-init baseline gets)."""
+    metrics = {tracking.KNN_TOP1} if cfg.train.knn_every and cfg.knn_data is not None else set()
+    if cfg.train.linear_probe:
+        metrics.add(tracking.LINCLS_FAST_METRICS[0])
+    if cfg.eval.detection is not None:
+        metrics.update(tracking.DETECTION_METRICS)
+    return metrics
+
+
+def _check_metrics_measured(claim: Claim, cfg: Config, path: Path) -> None:
+    needs = {
+        tracking.LINCLS_FAST_METRICS[0]: "train.linear_probe: true",
+        **{name: "an eval.detection section" for name in tracking.DETECTION_METRICS},
+        tracking.KNN_TOP1: "train.knn_every > 0 (and labelled data)",
+    }
+    for check in claim.checks:
+        metric = claim.metric_of(check)
+        if metric in needs and metric not in measured_metrics(cfg):
+            raise ConfigError(
+                f"{path}: check '{check.name}' uses {metric}, which the trials do not log; set {needs[metric]}"
+            )
 
 
 def plan_text(plans: list[Plan]) -> str:
@@ -149,16 +177,24 @@ def run_claim(plan: Plan, parent_id: str) -> str:
     return sweep_id
 
 
-def random_init_baselines(plan: Plan) -> pd.Series:
-    """kNN top-1 of the random-init encoder of every seed (the pretraining runs' starting points)."""
-    from mocolab.quickstart import random_init_knn_top1
+def random_init_baselines(plan: Plan) -> pd.DataFrame:
+    """The random-init encoder of every seed (the pretraining runs' starting points) under the trials' protocols:
+    kNN top-1, the linear probe with ``train.linear_probe``, AP/AP50/AP75 with ``eval.detection`` (a detection run
+    from random init per seed). Index: seed; columns: metric."""
+    from mocolab.quickstart import random_init_metrics
 
     first_setting = grid_settings(plan.spec)[0]
-    values = {}
+    rows = {}
     for seed in plan.spec.seeds or [plan.first.train.seed]:
         cfg = trial_config(plan.spec, plan.base, {**first_setting, SEED_KEY: seed}, run_name=f"{plan.spec.name}-init")
-        values[seed] = random_init_knn_top1(cfg)
-    return pd.Series(values, dtype=float).sort_index()
+        rows[seed] = random_init_metrics(cfg)
+        if cfg.eval.detection is not None:
+            from mocolab.evaluate.pipeline import run_detection
+            from mocolab.evaluate.weights import resolve_source
+
+            detection = run_detection(cfg, resolve_source(cfg, init="random"))
+            rows[seed].update({name: detection.get(name) for name in tracking.DETECTION_METRICS})
+    return pd.DataFrame.from_dict(rows, orient="index", dtype=float).sort_index()
 
 
 def evaluate_plan(plan: Plan, sweep_id: str):
@@ -178,8 +214,9 @@ def evaluate_plan(plan: Plan, sweep_id: str):
         seed=history["run_id"].map(runs.set_index("run_id")[f"params.{SEED_KEY}"]),
     )
     client = tracking.client_for(uri)
-    for seed, value in baselines.items():
-        tracking.log_metrics(client, sweep_id, {BASELINE_METRIC: value}, step=int(seed))
+    for seed, values in baselines.iterrows():
+        logged = {f"{BASELINE_PREFIX}{name}": value for name, value in values.items() if pd.notna(value)}
+        tracking.log_metrics(client, sweep_id, logged, step=int(seed))
     client.set_tag(sweep_id, tracking.VERDICT_TAG, verdict)
     tracking.log_file(uri, sweep_id, plan.path, "claim")
     table = rows_table(plan.claim, runs)
