@@ -1,4 +1,5 @@
-"""The kNN monitor and the linear probe on every rank (two real gloo ranks, torch.multiprocessing, no Ray) equals the single-rank one."""
+"""The kNN monitor and the linear probe on every rank (two real gloo ranks, torch.multiprocessing, no Ray) equal
+the single-rank ones."""
 
 from __future__ import annotations
 

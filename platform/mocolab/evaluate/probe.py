@@ -1,7 +1,8 @@
 """The linear probe a pretraining run takes after its last epoch (``train.linear_probe``): ``eval.lincls``'s fast
 protocol with its defaults for the backbone (``config.resolve_lincls``; for ResNets and small_cnn: frozen
 features extracted once without augmentation, a linear classifier N(0, 0.01), SGD lr 30, momentum 0.9, 100 epochs,
-x0.1 at 60 % and 80 %), trained in the worker's process on the kNN monitor's images, so a sweep or a reproduction gets the paper's metric beside kNN without a second Ray Train job.
+x0.1 at 60 % and 80 %), trained in the worker's process on the kNN monitor's images, so a sweep or a
+reproduction gets the paper's metric beside kNN without a second Ray Train job.
 
 Under a process group every rank embeds its shard of both splits, the features are all-gathered, and every rank
 fits the same classifier from the same seed: all ranks return the same accuracy."""
