@@ -403,6 +403,9 @@ class TrackingConfig(_Section):
         return v
 
 
+RUN_SEED_TEXT = "default: train.seed (set when the config is built, so params show the value used)"
+
+
 class LinclsConfig(_Section):
     """Linear classification on frozen features; ``protocol`` fills ``lr``, ``schedule`` and ``lr_per_256`` where
     they are unset (:func:`resolve_lincls`, from the evaluated backbone)."""
@@ -425,7 +428,7 @@ class LinclsConfig(_Section):
     milestones: list[float] = Field(default_factory=lambda: [0.6, 0.8], description="fractions of the epochs")
     fast: bool = Field(False, description="train on features extracted once (no augmentation)")
     num_workers: int = Field(1, ge=1)
-    seed: int = 0
+    seed: int | None = Field(None, description=RUN_SEED_TEXT)
 
     @field_validator("milestones")
     @classmethod
@@ -513,12 +516,21 @@ class DetectionConfig(_Section):
     test_proposals: int = Field(1000, ge=1, description="RPN proposals per image scored by the box head at test")
     anchor_sizes: list[int] | None = Field(None, description="RPN anchor sides in px; default 32..512 x min_size/800")
     num_workers: int = Field(1, ge=1)
-    seed: int = 0
+    seed: int | None = Field(None, description=RUN_SEED_TEXT)
 
 
 class EvalConfig(_Section):
     lincls: LinclsConfig | None = None
     detection: DetectionConfig | None = None
+
+
+def follow_run_seed(cfg: Config) -> Config:
+    """Set, in place, every evaluation seed left unset (``eval.lincls.seed``, ``eval.detection.seed``) to
+    ``train.seed``: a run's seeds (``--seeds``, a sweep's ``seeds``) vary its evaluations too. Returns ``cfg``."""
+    for section in (cfg.eval.lincls, cfg.eval.detection):
+        if section is not None and section.seed is None:
+            section.seed = cfg.train.seed
+    return cfg
 
 
 class Config(_Section):
@@ -542,7 +554,7 @@ class Config(_Section):
     @model_validator(mode="after")
     def _cross_field_rules(self) -> Config:
         check_run_rules(self)
-        return self
+        return follow_run_seed(self)
 
     @property
     def global_batch(self) -> int:
