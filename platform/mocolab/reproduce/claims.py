@@ -15,7 +15,10 @@ A claim file holds:
   of one trial's values) and ``b`` a setting, ``random_init`` (the random-init encoder of the same seed, measured
   under the same protocol) or a number; a check may name its own ``metric`` (:data:`METRICS`: ``knn_top1``,
   ``lincls_fast_top1`` (the linear probe, ``train.linear_probe``), ``det_AP``/``det_AP50``/``det_AP75``
-  (``eval.detection``), ``loss``, ``loss_to_chance`` = final loss / ln(1 + negatives)).
+  (``eval.detection``), ``loss``, ``loss_to_chance`` = final loss / ln(1 + negatives));
+- ``all_runs_finish`` (optional, default false): one more check, that every run (each trial, and each random-init
+  detection run) reached its last iteration without a NaN/inf loss; not reproduced if any did not, the report
+  naming it.
 """
 
 from __future__ import annotations
@@ -77,6 +80,7 @@ class Claim(_Strict):
     values: dict[str, dict[str, Any]] = Field(default_factory=dict)
     metric: Metric = "knn_top1"
     checks: list[Check] = Field(min_length=1)
+    all_runs_finish: bool = Field(False, description="check that every run ends without failure or NaN/inf loss")
 
     @field_validator("sweep")
     @classmethod

@@ -20,6 +20,11 @@ KNN_SECONDS_PER_IMAGE = 0.35e-3
 TRIAL_OVERHEAD_SECONDS = 25.0
 """Per trial: Ray Train worker group start, MLflow run, checkpoints, final backbone."""
 REFERENCE_SIDE = 16
+DETECTION_SECONDS_PER_IMAGE = 0.08
+"""One fine-tuning image of ``eval.detection`` at 64x64 px (small_cnn, one level, no FPN), per worker."""
+DETECTION_OVERHEAD_SECONDS = 30.0
+"""Per detection run: Ray Train worker start, data, the val split's predictions and COCO AP, MLflow run."""
+DETECTION_REFERENCE_PIXELS = 64 * 64
 
 
 def trial_seconds(cfg, train_images: int, test_images: int) -> float:
@@ -36,6 +41,16 @@ def trial_seconds(cfg, train_images: int, test_images: int) -> float:
     knn = knn_epochs * (train_images + test_images) * KNN_SECONDS_PER_IMAGE * pixels
     cores = max(cfg.scaling.num_workers * cfg.scaling.cpus_per_worker, 1.0)
     return TRIAL_OVERHEAD_SECONDS + (cfg.train.epochs * per_epoch) / cores + knn
+
+
+def detection_seconds(cfg) -> float:
+    """Expected wall time of the ``eval.detection`` run of ``cfg`` (a Config; 0 without one): its images per
+    worker scaled by pixels (``min_size x max_size``) from the 64 px small_cnn calibration, plus the overhead."""
+    det = cfg.eval.detection
+    if det is None:
+        return 0.0
+    pixels = det.min_size * det.max_size / DETECTION_REFERENCE_PIXELS
+    return DETECTION_OVERHEAD_SECONDS + det.iterations * det.batch_size * DETECTION_SECONDS_PER_IMAGE * pixels
 
 
 def schedule_seconds(durations: Iterable[float], slots: int) -> float:
