@@ -113,7 +113,7 @@ def plan_text(plans: list[Plan]) -> str:
     lines = []
     for p in plans:
         lines.append(
-            f"  {p.claim.claim:<12} {len(p.trials):>3} trials, {p.spec.max_concurrent_trials} at a time: "
+            f"  {p.claim.claim:<17} {len(p.trials):>3} trials, {p.spec.max_concurrent_trials} at a time: "
             f"~{minutes(p.seconds)}  ({p.claim.title})"
         )
     total = sum(p.seconds for p in plans)
