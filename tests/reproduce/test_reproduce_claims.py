@@ -216,3 +216,29 @@ def test_figure_labels_drop_the_key_prefixes_not_the_values():
     assert _short("moco.momentum=0.99") == "momentum=0.99"
     labels = _short("moco.mlp=True, moco.temperature=0.07, train.schedule=step")
     assert labels == "mlp=True, temperature=0.07, schedule=step"
+
+
+DETECTION_CLAIMS = ("detection_digits", "detection_raccoon")
+
+
+@pytest.mark.parametrize("name", DETECTION_CLAIMS)
+def test_detection_claims_check_every_AP_against_random_init_and_every_run_finishing(name):
+    claim, spec, _ = load_claim(name)
+    assert claim.metric == "det_AP" and claim.all_runs_finish and len(spec.seeds) >= 3
+    checks = {(claim.metric_of(c), c.relation, c.b) for c in claim.checks}
+    assert checks == {(m, ">", "random_init") for m in ("det_AP", "det_AP50", "det_AP75")}
+    assert "supervised" in claim.departures and "PILOT" not in claim.chosen
+
+
+@pytest.mark.parametrize("name", DETECTION_CLAIMS)
+def test_a_detection_claim_seeds_each_trial_and_its_random_init_run_alike(name):
+    from mocolab.reproduce.claims import grid_settings
+    from mocolab.tune.spec import SEED_KEY, prepare_sweep, trial_config
+
+    claim, spec, path = load_claim(name)
+    spec = spec.model_copy(update={"name": f"rep-{name}"})
+    base, trials = prepare_sweep(spec, path.parent, [])
+    assert [(t.train.seed, t.eval.detection.seed) for t in trials] == [(s, s) for s in spec.seeds]
+    setting = grid_settings(spec)[0]  # how run.random_init_baselines builds the config of a seed
+    init = trial_config(spec, base, {**setting, SEED_KEY: spec.seeds[-1]}, run_name=f"rep-{name}-init")
+    assert init.eval.detection == trials[-1].eval.detection
