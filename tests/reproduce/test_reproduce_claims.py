@@ -216,3 +216,18 @@ def test_figure_labels_drop_the_key_prefixes_not_the_values():
     assert _short("moco.momentum=0.99") == "momentum=0.99"
     labels = _short("moco.mlp=True, moco.temperature=0.07, train.schedule=step")
     assert labels == "mlp=True, temperature=0.07, schedule=step"
+
+
+def test_a_diagnostic_check_is_decided_and_shown_but_does_not_decide_the_claim(tmp_path):
+    diagnostic = {"name": "why", "a": {"moco.momentum": 0.9}, "relation": ">", "b": "random_init", "role": "diagnostic"}
+    beats = {"name": "0.99 beats 0.9", "a": {"moco.momentum": 0.99}, "relation": ">", "b": {"moco.momentum": 0.9}}
+    claim, _ = parse_claim(raw_claim(checks=[beats, diagnostic]), "toy")
+    verdict, results = evaluate_claim(claim, runs_frame(KNN, LOSS), BASELINES)
+    assert [r.verdict for r in results] == [REPRODUCED, INCONCLUSIVE] and verdict == REPRODUCED
+    assert results[0].seeds_needed == 2  # 0.99 leads 0.9 by ~20 points with a spread of ~1.5
+    table = rows_table(claim, runs_frame(KNN, LOSS))
+    report = ClaimReport(claim, "rep-toy", table, BASELINES, results, verdict, pd.DataFrame(columns=["setting"]))
+    text = write_report([report], tmp_path, "# Header").read_text()
+    assert "inconclusive (diagnostic)" in text and "seeds for 80% power" in text
+    with pytest.raises(ConfigError, match="at least one check must have role: claim"):
+        parse_claim(raw_claim(checks=[diagnostic]), "toy")

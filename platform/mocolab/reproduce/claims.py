@@ -63,6 +63,15 @@ class Check(_Strict):
     b: Setting | Literal["random_init"] | float
     margin: float = Field(0.0, ge=0)
     metric: Metric | None = None
+    role: Literal["claim", "diagnostic"] = Field(
+        "claim",
+        description="diagnostic: decided and reported, but not part of the claim's verdict (a measurement of why)",
+    )
+    effect: float | None = Field(
+        None,
+        description="the difference a - b expected (the paper's, in points), for the seeds-needed estimate; "
+        "default: the observed mean difference",
+    )
 
 
 class Claim(_Strict):
@@ -77,6 +86,13 @@ class Claim(_Strict):
     values: dict[str, dict[str, Any]] = Field(default_factory=dict)
     metric: Metric = "knn_top1"
     checks: list[Check] = Field(min_length=1)
+
+    @field_validator("checks")
+    @classmethod
+    def _one_claim_check(cls, v: list[Check]) -> list[Check]:
+        if not any(check.role == "claim" for check in v):
+            raise ValueError("checks: at least one check must have role: claim (diagnostics do not decide a claim)")
+        return v
 
     @field_validator("sweep")
     @classmethod

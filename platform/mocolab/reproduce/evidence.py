@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import pandas as pd
 
 from mocolab.analysis.tables import finished
-from mocolab.analysis.verdict import Interval, combine, decide, paired_interval
+from mocolab.analysis.verdict import Interval, combine, decide, interval_sd, paired_interval, seeds_needed, threshold
 from mocolab.moco.mechanisms import NEGATIVES_PARAM
 from mocolab.reproduce.claims import BASELINE_METRICS, RANDOM_INIT, Check, Claim, Setting, matches
 from mocolab.tune.spec import SEED_KEY
@@ -79,6 +79,18 @@ class CheckResult:
     verdict: str
 
     @property
+    def seeds_needed(self) -> int | None:
+        """Seeds that resolve this check with 80 % power at its observed spread, if the true difference is the
+        check's ``effect`` (else the observed mean difference); None when no affordable number does (or no
+        interval)."""
+        iv = self.interval
+        if iv is None or not iv.defined:
+            return None
+        effect = self.check.effect if self.check.effect is not None else iv.mean
+        distance = abs(effect - threshold(self.check.relation, self.check.margin, effect))
+        return seeds_needed(interval_sd(iv), distance)
+
+    @property
     def text(self) -> str:
         """``a RELATION b`` in words, with the margin."""
         b = self.check.b
@@ -115,9 +127,10 @@ def baseline_of(baselines: pd.DataFrame, metric: str) -> pd.Series:
 
 
 def evaluate_claim(claim: Claim, runs: pd.DataFrame, baselines: pd.DataFrame) -> tuple[str, list[CheckResult]]:
-    """Every check's result and the claim's verdict (all reproduced / any not reproduced / else inconclusive)."""
+    """Every check's result and the claim's verdict from its ``role: claim`` checks (all reproduced / any not
+    reproduced / else inconclusive); diagnostics are decided but do not count."""
     results = [evaluate_check(claim, check, runs, baselines) for check in claim.checks]
-    return combine(r.verdict for r in results), results
+    return combine(r.verdict for r in results if r.check.role == "claim"), results
 
 
 def rows_table(
