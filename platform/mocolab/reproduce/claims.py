@@ -15,7 +15,8 @@ A claim file holds:
   of one trial's values) and ``b`` a setting, ``random_init`` (the random-init encoder of the same seed, measured
   under the same protocol) or a number; a check may name its own ``metric`` (:data:`METRICS`: ``knn_top1``,
   ``lincls_fast_top1`` (the linear probe, ``train.linear_probe``), ``det_AP``/``det_AP50``/``det_AP75``
-  (``eval.detection``), ``loss``, ``loss_to_chance`` = final loss / ln(1 + negatives)).
+  (``eval.detection``), ``loss``, ``loss_to_chance`` = final loss / ln(1 + negatives), ``loss_max_rise`` and
+  ``knn_max_drop``: the largest loss spike and kNN dip of a run's curve, ``evidence.CURVE_METRICS``).
 """
 
 from __future__ import annotations
@@ -33,7 +34,17 @@ from mocolab.tune.spec import SweepSpec, assignment_of, axis_keys, parse_sweep
 CLAIMS_DIR = Path(__file__).resolve().parents[3] / "experiments" / "reproduce"
 RANDOM_INIT = "random_init"
 Setting = dict[str, Any]
-Metric = Literal["knn_top1", "lincls_fast_top1", "det_AP", "det_AP50", "det_AP75", "loss", "loss_to_chance"]
+Metric = Literal[
+    "knn_top1",
+    "lincls_fast_top1",
+    "det_AP",
+    "det_AP50",
+    "det_AP75",
+    "loss",
+    "loss_to_chance",
+    "loss_max_rise",
+    "knn_max_drop",
+]
 BASELINE_METRICS = ("knn_top1", "lincls_fast_top1", "det_AP", "det_AP50", "det_AP75")
 """The metrics a random-init encoder is measured on (``b: random_init``), in the order tables show them."""
 

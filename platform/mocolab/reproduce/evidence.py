@@ -20,6 +20,10 @@ from mocolab.reproduce.claims import BASELINE_METRICS, RANDOM_INIT, Check, Claim
 from mocolab.tune.spec import SEED_KEY
 
 LOSS_TO_CHANCE = "loss_to_chance"
+CURVE_METRICS = {"loss_max_rise": ("loss", 1.0), "knn_max_drop": ("knn_top1", -1.0)}
+"""Metrics of a run's curve (``name -> (logged metric, sign)``): the largest rise of the training loss from one
+epoch to the next (a spike; <= 0 when it only fell) and the largest drop of the kNN monitor between two of its
+evaluations (a dip; <= 0 when it only rose)."""
 
 
 def setting_label(setting: Setting) -> str:
@@ -48,6 +52,21 @@ def final_metric(runs: pd.DataFrame, metric: str) -> pd.Series:
         return pd.to_numeric(runs["metrics.loss"]) / (1 + negatives).map(math.log)
     column = f"metrics.{metric}"
     return pd.to_numeric(runs[column]) if column in runs else pd.Series(float("nan"), index=runs.index)
+
+
+def with_curves(runs: pd.DataFrame, histories: dict[str, pd.DataFrame]) -> pd.DataFrame:
+    """``runs`` with a ``metrics.<name>`` column for each :data:`CURVE_METRICS` entry, from ``histories``
+    (logged metric -> ``metric_history`` frame: run_id, step, value); NaN for a run with fewer than two values."""
+    runs = runs.copy()
+    for name, (logged, sign) in CURVE_METRICS.items():
+        history = histories.get(logged)
+        if history is None or history.empty:
+            runs[f"metrics.{name}"] = float("nan")
+            continue
+        steps = history.sort_values(["run_id", "step"]).groupby("run_id")["value"]
+        largest = steps.apply(lambda values: (sign * values.diff()).max())
+        runs[f"metrics.{name}"] = runs["run_id"].map(largest).astype(float)
+    return runs
 
 
 def _trial_setting(row: pd.Series, keys: list[str]) -> Setting:
