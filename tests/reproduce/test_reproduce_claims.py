@@ -218,6 +218,35 @@ def test_figure_labels_drop_the_key_prefixes_not_the_values():
     assert labels == "mlp=True, temperature=0.07, schedule=step"
 
 
+def test_a_diagnostic_check_is_decided_and_shown_but_does_not_decide_the_claim(tmp_path):
+    diagnostic = {"name": "why", "a": {"moco.momentum": 0.9}, "relation": ">", "b": "random_init", "role": "diagnostic"}
+    beats = {"name": "0.99 beats 0.9", "a": {"moco.momentum": 0.99}, "relation": ">", "b": {"moco.momentum": 0.9}}
+    claim, _ = parse_claim(raw_claim(checks=[beats, diagnostic]), "toy")
+    verdict, results = evaluate_claim(claim, runs_frame(KNN, LOSS), BASELINES)
+    assert [r.verdict for r in results] == [REPRODUCED, INCONCLUSIVE] and verdict == REPRODUCED
+    assert results[0].seeds_needed == 2  # 0.99 leads 0.9 by ~20 points with a spread of ~1.5
+    table = rows_table(claim, runs_frame(KNN, LOSS))
+    report = ClaimReport(claim, "rep-toy", table, BASELINES, results, verdict, pd.DataFrame(columns=["setting"]))
+    text = write_report([report], tmp_path, "# Header").read_text()
+    assert "inconclusive (diagnostic)" in text and "seeds for 80% power" in text
+    with pytest.raises(ConfigError, match="at least one check must have role: claim"):
+        parse_claim(raw_claim(checks=[diagnostic]), "toy")
+
+
+def test_curve_metrics_are_the_largest_loss_spike_and_knn_dip_of_each_run():
+    from mocolab.reproduce.evidence import with_curves
+
+    runs = pd.DataFrame({"run_id": ["a", "b", "c"]})
+    loss = pd.DataFrame(
+        {"run_id": ["a"] * 4 + ["b"] * 3, "step": [1, 2, 3, 4, 3, 1, 2], "value": [5.0, 4.0, 4.6, 4.1, 3.0, 4.0, 3.5]}
+    )
+    knn = pd.DataFrame({"run_id": ["a"] * 3, "step": [4, 8, 12], "value": [30.0, 25.0, 40.0]})
+    out = with_curves(runs, {"loss": loss, "knn_top1": knn})
+    assert out["metrics.loss_max_rise"].tolist()[:2] == pytest.approx([0.6, -0.5])  # b: 4.0 -> 3.5 -> 3.0
+    assert out["metrics.knn_max_drop"].tolist()[0] == pytest.approx(5.0)
+    assert out[["metrics.loss_max_rise", "metrics.knn_max_drop"]].iloc[2].isna().all()
+
+
 DETECTION_CLAIMS = ("detection_digits", "detection_raccoon")
 
 

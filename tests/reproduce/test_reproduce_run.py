@@ -49,6 +49,7 @@ def test_a_check_on_a_metric_the_trials_do_not_log_is_refused_before_any_run(tmp
     path = tiny_claim(tmp_path)
     raw = yaml.safe_load(path.read_text())
     raw["metric"] = "lincls_fast_top1"
+    raw["sweep"]["base"]["train.linear_probe"] = False
     path.write_text(yaml.safe_dump(raw))
     with pytest.raises(ConfigError, match="uses lincls_fast_top1, which the trials do not log; set train.linear_probe"):
         plan_claim(str(path), "rep", None, [], "reproduce")

@@ -137,7 +137,8 @@ def rows_markdown(report: ClaimReport) -> str:
 
 
 def checks_markdown(results: Sequence[CheckResult | FinishResult]) -> str:
-    """One line per check: what it compares, the mean paired difference with its interval, n, verdict; the finish
+    """One line per check: what it compares, the mean paired difference with its interval, n, the seeds that
+    would resolve it with 80 % power (at the check's ``effect``, else the observed difference), verdict; the finish
     check: how many runs finished, naming each that did not and why."""
     level = round(100 * (1 - 2 * ALPHA))
     rows = []
@@ -150,6 +151,7 @@ def checks_markdown(results: Sequence[CheckResult | FinishResult]) -> str:
                     "metric": r.metric,
                     f"a - b, mean [{level}% CI]": "-",
                     "n": len(r.outcomes),
+                    "seeds for 80% power": "-",
                     "verdict": VERDICT_TEXT[r.verdict],
                 }
             )
@@ -168,10 +170,18 @@ def checks_markdown(results: Sequence[CheckResult | FinishResult]) -> str:
                 "metric": r.metric,
                 f"a - b, mean [{level}% CI]": diff,
                 "n": iv.n if iv else 0,
-                "verdict": VERDICT_TEXT[r.verdict],
+                "seeds for 80% power": _seeds_text(r),
+                "verdict": VERDICT_TEXT[r.verdict] + (" (diagnostic)" if r.check.role == "diagnostic" else ""),
             }
         )
     return to_markdown(pd.DataFrame(rows))
+
+
+def _seeds_text(result: CheckResult) -> str:
+    if result.interval is None or not result.interval.defined:
+        return "-"
+    needed = result.seeds_needed
+    return "> 1000" if needed is None else str(needed)
 
 
 def claim_markdown(report: ClaimReport) -> str:

@@ -243,16 +243,18 @@ def failure_reasons(uri: str, runs: pd.DataFrame) -> dict[str, str]:
 def evaluate_plan(plan: Plan, sweep_id: str):
     """Read the claim's runs, measure the baselines, decide the checks, tag and annotate the sweep run."""
     from mocolab.analysis.runs import load_sweep_runs, metric_history
-    from mocolab.reproduce.evidence import evaluate_claim, rows_table, settings_of_runs
+    from mocolab.reproduce.evidence import CURVE_METRICS, evaluate_claim, rows_table, settings_of_runs, with_curves
     from mocolab.reproduce.report import ClaimReport
 
     uri = plan.first.tracking.tracking_uri
     _, runs = load_sweep_runs(uri, plan.spec.name)
+    labels = settings_of_runs(runs, plan.claim)
+    histories = {name: metric_history(uri, list(runs["run_id"]), name) for name, _ in CURVE_METRICS.values()}
+    runs = with_curves(runs, histories)
     baselines, baseline_outcomes = random_init_baselines(plan)
     reasons = failure_reasons(uri, runs) if plan.claim.all_runs_finish else {}
     verdict, results = evaluate_claim(plan.claim, runs, baselines, baseline_outcomes, reasons)
-    labels = settings_of_runs(runs, plan.claim)
-    history = metric_history(uri, list(labels.index), "loss")
+    history = histories["loss"][histories["loss"]["run_id"].isin(labels.index)]
     curves = history.assign(
         setting=history["run_id"].map(labels),
         seed=history["run_id"].map(runs.set_index("run_id")[f"params.{SEED_KEY}"]),
