@@ -181,3 +181,20 @@ def test_reproduce_tiny_detection_claim_end_to_end(ray_local, mlflow_uri, tmp_pa
     text = (out / "report.md").read_text()
     assert "every run reaches its last iteration with a finite loss | 2 of 2 runs finished" in text
     assert "AP (verdict)" in text
+
+
+def test_a_resumed_reproduction_reads_a_finished_random_init_detection_run_back(mlflow_uri):
+    from mocolab.config import build_config
+    from mocolab.reproduce.run import finished_detection
+
+    cfg = build_config({"tracking": {"tracking_uri": mlflow_uri, "experiment": "reproduce"}})
+    client = MlflowClient(tracking_uri=mlflow_uri)
+    exp = client.create_experiment("reproduce")
+    assert finished_detection(cfg, "detection-random-rep-s0") is None
+    for status, ap in (("FAILED", 1.0), ("FINISHED", 7.5)):
+        run = client.create_run(exp, run_name="detection-random-rep-s0")
+        for metric, value in (("det_AP", ap), ("det_AP50", 20.0), ("det_AP75", 3.0)):
+            client.log_metric(run.info.run_id, metric, value)
+        client.set_terminated(run.info.run_id, status)
+    assert finished_detection(cfg, "detection-random-rep-s0") == {"det_AP": 7.5, "det_AP50": 20.0, "det_AP75": 3.0}
+    assert finished_detection(cfg, "detection-random-rep-s1") is None

@@ -212,6 +212,10 @@ def _random_init_detection(cfg: Config, outcomes: dict[str, str | None]) -> dict
     from mocolab.evaluate.weights import resolve_source
 
     name = f"detection-random-{cfg.tracking.run_name}"
+    finished = finished_detection(cfg, name)
+    if finished is not None:  # a resumed reproduction: the seed's random-init run is already filed
+        outcomes[name] = None
+        return finished
     try:
         detection = run_detection(cfg, resolve_source(cfg, init="random"))
     except Exception as err:  # the run is marked FAILED; the claim's finish check reports it
@@ -221,6 +225,19 @@ def _random_init_detection(cfg: Config, outcomes: dict[str, str | None]) -> dict
         return dict.fromkeys(tracking.DETECTION_METRICS)
     outcomes[name] = None
     return {metric: detection.get(metric) for metric in tracking.DETECTION_METRICS}
+
+
+def finished_detection(cfg: Config, name: str) -> dict[str, float] | None:
+    """AP/AP50/AP75 of the FINISHED detection run called ``name`` in ``cfg``'s experiment, if there is one."""
+    client = tracking.client_for(cfg.tracking.tracking_uri)
+    exp = client.get_experiment_by_name(cfg.tracking.experiment)
+    if exp is None:
+        return None
+    query = f"attributes.run_name = '{name}' and attributes.status = 'FINISHED'"
+    for run in client.search_runs([exp.experiment_id], filter_string=query, max_results=1):
+        if all(metric in run.data.metrics for metric in tracking.DETECTION_METRICS):
+            return {metric: run.data.metrics[metric] for metric in tracking.DETECTION_METRICS}
+    return None
 
 
 def failure_reasons(uri: str, runs: pd.DataFrame) -> dict[str, str]:
