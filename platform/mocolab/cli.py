@@ -125,7 +125,7 @@ def _last_line(text: str) -> str:
 def _run(command: str, module, args: argparse.Namespace, argv: list[str]) -> int:
     """Run a subcommand's ``main`` and turn how it ended into one masked line and an exit code."""
     from mocolab.config import ConfigError
-    from mocolab.tracking import redact
+    from mocolab.tracking.masking import redact
     from mocolab.train.nonfinite import NonFiniteLossError
     from mocolab.train.resume import NoLoadableCheckpointError
 

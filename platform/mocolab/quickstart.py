@@ -68,7 +68,7 @@ def random_init_knn_top1(cfg: Config) -> float:
 
 def final_metric(cfg: Config, run_id: str, name: str) -> float | None:
     """The last logged value of metric ``name`` on an MLflow run (None if never logged)."""
-    from mocolab.tracking import client_for
+    from mocolab.tracking.store import client_for
 
     return client_for(cfg.tracking.tracking_uri).get_run(run_id).data.metrics.get(name)
 
@@ -94,7 +94,7 @@ def evaluation_rows(cfg: Config, pretrain_run_id: str) -> list[Row]:
     """``(metric, random init, MoCo)`` rows for linear eval and detection: MoCo's values as ``run_pretrain`` copied
     them onto the pretraining run, the random-init baselines run now under the same settings."""
     from mocolab.evaluate.pipeline import headline_metrics, run_random_baselines
-    from mocolab.tracking import client_for
+    from mocolab.tracking.store import client_for
 
     moco_metrics = client_for(cfg.tracking.tracking_uri).get_run(pretrain_run_id).data.metrics
     random_metrics = headline_metrics(run_random_baselines(cfg))
@@ -104,7 +104,7 @@ def evaluation_rows(cfg: Config, pretrain_run_id: str) -> list[Row]:
 def run_quickstart(cfg: Config) -> tuple[str, list[Row]]:
     """Pretrain and evaluate per ``cfg`` on Ray, then compare with random init; returns (MLflow run id, rows)."""
     from mocolab.orchestrate import run_pretrain
-    from mocolab.tracking import KNN_TOP1
+    from mocolab.tracking.names import KNN_TOP1
 
     run_id = run_pretrain(cfg)
     rows: list[Row] = [("kNN top-1 (%)", random_init_knn_top1(cfg), final_metric(cfg, run_id, KNN_TOP1))]
