@@ -41,8 +41,8 @@ SUBCOMMANDS = {
     ),
 }
 VERBOSE_HELP = (
-    "also show Ray's and MLflow's informational output (start-up, worker groups, reports); Ray's log files keep it "
-    "either way"
+    "also show Ray's and MLflow's informational output (start-up, worker groups, reports, Ray Tune's tables of a "
+    "sweep's trials); Ray's log files keep it either way"
 )
 
 

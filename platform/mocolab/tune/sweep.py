@@ -15,6 +15,7 @@ import os
 import re
 import tempfile
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -236,15 +237,38 @@ def _search_alg(spec: SweepSpec) -> Any:
     return BasicVariantGenerator(random_state=spec.search_seed, max_concurrent=spec.max_concurrent_trials)
 
 
+def console_settings(spec: SweepSpec, cfg: Config) -> dict[str, Any]:
+    """The RunConfig fields of the sweep's callbacks and console: the trial runs' MLflow status, one line per trial
+    start and end (``tune/progress.py``), Tune's own tables of every trial's config and results only with
+    ``--verbose``."""
+    from mocolab.console import is_verbose
+    from mocolab.tune.progress import trial_lines_callback
+
+    lines = trial_lines_callback(partial(trial_run_name, spec.name))
+    return {"callbacks": [_trial_status_callback(spec, cfg), lines], "verbose": None if is_verbose() else 0}
+
+
 def build_tuner(spec: SweepSpec, base: dict[str, Any], cfg: Config, parent_run_id: str, resume: bool) -> Any:
-    """A new Tuner for the sweep, or with ``resume`` the one restored from its Tune state, if saved."""
+    """A new Tuner for the sweep, or with ``resume`` the one restored from its Tune state, if saved; either way with
+    this command's :func:`console_settings`. Tune's CSV/JSON/TensorBoard result files are off: MLflow holds the
+    runs."""
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
 
+    from mocolab.console import is_verbose
+
+    os.environ["TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"] = "1"  # both read by Tuner.fit() in this process
+    if not is_verbose():  # Tune's new console prints its settings table even at verbose=0; the legacy one is silent
+        os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
     trainable = tune.with_resources(make_trial_fn(spec, base, parent_run_id), {"CPU": 0, "memory": TRIAL_MEMORY_BYTES})
     path = os.path.join(cfg.scaling.storage_path, spec.name)
     if resume and tune.Tuner.can_restore(path):
-        return tune.Tuner.restore(path, trainable=trainable)
+        tuner = tune.Tuner.restore(path, trainable=trainable)
+        # Tune restores the RunConfig it saved at the first launch and has no public setter: this launch's console
+        run_config = tuner._local_tuner.get_run_config()
+        for field, value in console_settings(spec, cfg).items():
+            setattr(run_config, field, value)
+        return tuner
     if resume:  # interrupted before Tune saved any state: start the trials under the same parent run
         print(f"--resume: no Tune state at {path} yet; starting the trials afresh", flush=True)
     elif tune.Tuner.can_restore(path):
@@ -273,7 +297,7 @@ def build_tuner(spec: SweepSpec, base: dict[str, Any], cfg: Config, parent_run_i
             name=spec.name,
             storage_path=cfg.scaling.storage_path,
             failure_config=tune.FailureConfig(max_failures=spec.max_failures),
-            callbacks=[_trial_status_callback(spec, cfg)],
+            **console_settings(spec, cfg),
         ),
     )
 
