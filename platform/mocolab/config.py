@@ -93,6 +93,12 @@ class MocoConfig(_Section):
         description="K: negatives in the queue (moco) or drawn per step (memory_bank); end_to_end: K = global batch",
     )
     momentum: float = 0.999
+    momentum_warmup_epochs: int = Field(
+        0, ge=0, description="epochs at moco.warmup_momentum before moco.momentum (or its schedule) takes over"
+    )
+    warmup_momentum: float = Field(
+        0.99, ge=0, le=1, description="the key encoder's momentum during moco.momentum_warmup_epochs"
+    )
     temperature: float = Field(0.2, description="preset: 0.07 (v1), 0.2 (v2)")
     mlp: bool = Field(True, description="MLP projection head; preset: false (v1), true (v2)")
     symmetric: bool = Field(
@@ -308,6 +314,11 @@ class TrainConfig(_Section):
     )
     knn_k: int = Field(200, ge=1)
     knn_t: float = Field(0.1, gt=0)
+    linear_probe: bool = Field(
+        False,
+        description="after the last epoch, also the linear probe (lincls_fast_top1: eval.lincls's fast protocol with "
+        "its defaults) on the kNN monitor's images; needs the monitor (train.knn_every > 0)",
+    )
     knn_bank_images: int | None = Field(
         None, gt=0, description="kNN monitor: at most this many training images as its bank, evenly spaced (all: null)"
     )
@@ -392,6 +403,9 @@ class TrackingConfig(_Section):
         return v
 
 
+RUN_SEED_TEXT = "default: train.seed (set when the config is built, so params show the value used)"
+
+
 class LinclsConfig(_Section):
     """Linear classification on frozen features; ``protocol`` fills ``lr``, ``schedule`` and ``lr_per_256`` where
     they are unset (:func:`resolve_lincls`, from the evaluated backbone)."""
@@ -414,7 +428,7 @@ class LinclsConfig(_Section):
     milestones: list[float] = Field(default_factory=lambda: [0.6, 0.8], description="fractions of the epochs")
     fast: bool = Field(False, description="train on features extracted once (no augmentation)")
     num_workers: int = Field(1, ge=1)
-    seed: int = 0
+    seed: int | None = Field(None, description=RUN_SEED_TEXT)
 
     @field_validator("milestones")
     @classmethod
@@ -502,12 +516,21 @@ class DetectionConfig(_Section):
     test_proposals: int = Field(1000, ge=1, description="RPN proposals per image scored by the box head at test")
     anchor_sizes: list[int] | None = Field(None, description="RPN anchor sides in px; default 32..512 x min_size/800")
     num_workers: int = Field(1, ge=1)
-    seed: int = 0
+    seed: int | None = Field(None, description=RUN_SEED_TEXT)
 
 
 class EvalConfig(_Section):
     lincls: LinclsConfig | None = None
     detection: DetectionConfig | None = None
+
+
+def follow_run_seed(cfg: Config) -> Config:
+    """Set, in place, every evaluation seed left unset (``eval.lincls.seed``, ``eval.detection.seed``) to
+    ``train.seed``: a run's seeds (``--seeds``, a sweep's ``seeds``) vary its evaluations too. Returns ``cfg``."""
+    for section in (cfg.eval.lincls, cfg.eval.detection):
+        if section is not None and section.seed is None:
+            section.seed = cfg.train.seed
+    return cfg
 
 
 class Config(_Section):
@@ -531,7 +554,7 @@ class Config(_Section):
     @model_validator(mode="after")
     def _cross_field_rules(self) -> Config:
         check_run_rules(self)
-        return self
+        return follow_run_seed(self)
 
     @property
     def global_batch(self) -> int:
@@ -636,6 +659,15 @@ def check_run_rules(cfg: Config) -> None:
     lin = cfg.eval.lincls
     if lin is not None:
         check_labeled(lin.dataset or data, "eval.lincls.dataset" if lin.dataset else "data")
+    if train.linear_probe and (not train.knn_every or cfg.knn_data is None):
+        raise ValueError(
+            "train.linear_probe runs on the kNN monitor's labelled images: set train.knn_every > 0 (and "
+            "train.knn_dataset for unlabelled data), or set train.linear_probe=false"
+        )
+    if moco.momentum_warmup_epochs >= train.epochs:
+        raise ValueError(
+            f"moco.momentum_warmup_epochs={moco.momentum_warmup_epochs} must be below train.epochs={train.epochs}"
+        )
     milestones = train.lr_milestones
     if train.schedule == "step" and any(b <= a for a, b in zip(milestones, milestones[1:])):
         raise ValueError(f"train.lr_milestones={milestones} must be increasing epochs")

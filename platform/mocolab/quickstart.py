@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-from mocolab.config import Config, load_config
+from mocolab.config import Config, follow_run_seed, load_config
 
 QUICKSTART_CONFIG = Path(__file__).with_name("quickstart.yaml")
 QUICKSTART_EVALS = Path(__file__).with_name("quickstart_evals.yaml")
@@ -38,32 +38,33 @@ def quickstart_config(seed: int | None = None, overrides: Sequence[str] = ()) ->
         from mocolab.config import EvalConfig, read_yaml
 
         evals = EvalConfig.model_validate(read_yaml(QUICKSTART_EVALS).get("eval") or {})
-        cfg = cfg.model_copy(update={"eval": evals})
+        cfg = follow_run_seed(cfg.model_copy(update={"eval": evals}))
     return cfg
 
 
-def random_init_knn_top1(cfg: Config) -> float:
-    """kNN top-1 (%) of a random-init query encoder built exactly as the pretraining loop builds it
-    (same seed, so it is the MoCo run's starting point), under the loop's kNN protocol."""
+def random_init_metrics(cfg: Config) -> dict[str, float | None]:
+    """kNN top-1 (%) of a random-init query encoder built exactly as the pretraining loop builds it (same seed, so
+    it is the MoCo run's starting point), under the loop's kNN protocol, and with ``train.linear_probe`` its linear
+    probe (``lincls_fast_top1``) as the loop takes it."""
     import torch
 
     from mocolab.data.datasets import dataset_size
+    from mocolab.evaluate.probe import linear_probe_top1
     from mocolab.moco.model import MoCo
     from mocolab.runtime import seed_everything
+    from mocolab.tracking.names import KNN_TOP1, LINCLS_FAST_METRICS
     from mocolab.train.knn import knn_top1
     from mocolab.train.pretrain import knn_loaders
 
     seed_everything(cfg.train.seed)
-    model = MoCo.from_config(cfg, num_train_samples=dataset_size(cfg.data))
-    train_loader, test_loader = knn_loaders(cfg)
-    return knn_top1(
-        model.encoder_q.backbone,
-        train_loader,
-        test_loader,
-        k=cfg.train.knn_k,
-        t=cfg.train.knn_t,
-        device=torch.device("cpu"),
-    )
+    backbone = MoCo.from_config(cfg, num_train_samples=dataset_size(cfg.data)).encoder_q.backbone
+    loaders = knn_loaders(cfg)
+    cpu = torch.device("cpu")
+    metrics = {KNN_TOP1: knn_top1(backbone, *loaders, k=cfg.train.knn_k, t=cfg.train.knn_t, device=cpu)}
+    if cfg.train.linear_probe:
+        probe = linear_probe_top1(backbone, cfg.model.arch, *loaders, cpu, seed=cfg.train.seed)
+        metrics[LINCLS_FAST_METRICS[0]] = probe
+    return metrics
 
 
 def final_metric(cfg: Config, run_id: str, name: str) -> float | None:
@@ -107,5 +108,5 @@ def run_quickstart(cfg: Config) -> tuple[str, list[Row]]:
     from mocolab.tracking.names import KNN_TOP1
 
     run_id = run_pretrain(cfg)
-    rows: list[Row] = [("kNN top-1 (%)", random_init_knn_top1(cfg), final_metric(cfg, run_id, KNN_TOP1))]
+    rows: list[Row] = [("kNN top-1 (%)", random_init_metrics(cfg)[KNN_TOP1], final_metric(cfg, run_id, KNN_TOP1))]
     return run_id, rows + evaluation_rows(cfg, run_id)

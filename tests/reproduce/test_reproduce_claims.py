@@ -74,7 +74,7 @@ KNN = {(0.0, s): v for s, v in enumerate([40.0, 41.0, 39.5])}
 KNN.update({(0.9, s): v for s, v in enumerate([50.0, 53.0, 48.0])})
 KNN.update({(0.99, s): v for s, v in enumerate([70.0, 72.0, 69.0])})
 LOSS = {key: (6.9 if key[0] == 0.0 else 4.5) for key in KNN}
-BASELINES = pd.Series({0: 46.0, 1: 45.0, 2: 47.0})
+BASELINES = pd.DataFrame({"knn_top1": {0: 46.0, 1: 45.0, 2: 47.0}})
 
 
 def test_committed_claims_load_and_validate():
@@ -92,7 +92,7 @@ def test_bad_claims_are_refused_naming_the_field():
         parse_claim(raw_claim(checks=[{"name": "x", "a": {"moco.momentum": 0.9}, "relation": "!=", "b": 1.0}]), "toy")
     with pytest.raises(ConfigError, match="sweep.name"):
         parse_claim(raw_claim(sweep={"name": "mine", "space": {}}), "toy")
-    with pytest.raises(ConfigError, match="random_init compares kNN"):
+    with pytest.raises(ConfigError, match="random_init compares knn_top1, lincls_fast_top1"):
         parse_claim(
             raw_claim(
                 checks=[
@@ -184,6 +184,31 @@ def test_rows_table_and_report(tmp_path):
     assert (tmp_path / "toy.png").stat().st_size > 1000
     assert "## Toy momentum (`toy`): reproduced" in text and "55.2" in text and "70.3 ± 1.5" in text
     assert "0.99 beats 0.9" in text and "[90% CI]" in text and "![toy](toy.png)" in text
+    assert "| random init (same seeds) | - | 46.0 ± 1.0 |" in text and "Verdict metric: kNN top-1" in text
+    assert "linear probe" not in text  # no run logged the probe: no empty column
+
+
+def test_the_linear_probe_is_a_verdict_metric_against_its_own_random_init_level(tmp_path):
+    raw = raw_claim(
+        metric="lincls_fast_top1",
+        checks=[
+            {"name": "0.99 beats 0.9", "a": {"moco.momentum": 0.99}, "relation": ">", "b": {"moco.momentum": 0.9}},
+            {"name": "0.9 beats random init", "a": {"moco.momentum": 0.9}, "relation": ">", "b": "random_init"},
+        ],
+    )
+    claim, _ = parse_claim(raw, "toy")
+    runs = runs_frame(KNN, LOSS)
+    runs["metrics.lincls_fast_top1"] = runs["metrics.knn_top1"] + 10  # the probe 10 points above kNN
+    baselines = BASELINES.assign(lincls_fast_top1=[59.0, 61.0, 60.0])  # probe's random init: 60 > 0.9's kNN + 10?
+    verdict, results = evaluate_claim(claim, runs, baselines)
+    assert [r.metric for r in results] == ["lincls_fast_top1"] * 2
+    assert results[0].verdict == REPRODUCED
+    assert results[1].verdict == INCONCLUSIVE  # 0.9: 60, 63, 58 against 59, 61, 60 (knn baseline would say >)
+    table = rows_table(claim, runs)
+    report = ClaimReport(claim, "rep-toy", table, baselines, results, verdict, pd.DataFrame(columns=["setting"]))
+    text = write_report([report], tmp_path, "# Header").read_text()
+    assert "linear probe top-1 (verdict)" in text and "| 60.0 ± 1.0 |" in text
+    assert "ours: linear probe top-1" in text and "Verdict metric: linear probe top-1" in text
 
 
 def test_figure_labels_drop_the_key_prefixes_not_the_values():
@@ -191,3 +216,58 @@ def test_figure_labels_drop_the_key_prefixes_not_the_values():
     assert _short("moco.momentum=0.99") == "momentum=0.99"
     labels = _short("moco.mlp=True, moco.temperature=0.07, train.schedule=step")
     assert labels == "mlp=True, temperature=0.07, schedule=step"
+
+
+def test_a_diagnostic_check_is_decided_and_shown_but_does_not_decide_the_claim(tmp_path):
+    diagnostic = {"name": "why", "a": {"moco.momentum": 0.9}, "relation": ">", "b": "random_init", "role": "diagnostic"}
+    beats = {"name": "0.99 beats 0.9", "a": {"moco.momentum": 0.99}, "relation": ">", "b": {"moco.momentum": 0.9}}
+    claim, _ = parse_claim(raw_claim(checks=[beats, diagnostic]), "toy")
+    verdict, results = evaluate_claim(claim, runs_frame(KNN, LOSS), BASELINES)
+    assert [r.verdict for r in results] == [REPRODUCED, INCONCLUSIVE] and verdict == REPRODUCED
+    assert results[0].seeds_needed == 2  # 0.99 leads 0.9 by ~20 points with a spread of ~1.5
+    table = rows_table(claim, runs_frame(KNN, LOSS))
+    report = ClaimReport(claim, "rep-toy", table, BASELINES, results, verdict, pd.DataFrame(columns=["setting"]))
+    text = write_report([report], tmp_path, "# Header").read_text()
+    assert "inconclusive (diagnostic)" in text and "seeds for 80% power" in text
+    with pytest.raises(ConfigError, match="at least one check must have role: claim"):
+        parse_claim(raw_claim(checks=[diagnostic]), "toy")
+
+
+def test_curve_metrics_are_the_largest_loss_spike_and_knn_dip_of_each_run():
+    from mocolab.reproduce.evidence import with_curves
+
+    runs = pd.DataFrame({"run_id": ["a", "b", "c"]})
+    loss = pd.DataFrame(
+        {"run_id": ["a"] * 4 + ["b"] * 3, "step": [1, 2, 3, 4, 3, 1, 2], "value": [5.0, 4.0, 4.6, 4.1, 3.0, 4.0, 3.5]}
+    )
+    knn = pd.DataFrame({"run_id": ["a"] * 3, "step": [4, 8, 12], "value": [30.0, 25.0, 40.0]})
+    out = with_curves(runs, {"loss": loss, "knn_top1": knn})
+    assert out["metrics.loss_max_rise"].tolist()[:2] == pytest.approx([0.6, -0.5])  # b: 4.0 -> 3.5 -> 3.0
+    assert out["metrics.knn_max_drop"].tolist()[0] == pytest.approx(5.0)
+    assert out[["metrics.loss_max_rise", "metrics.knn_max_drop"]].iloc[2].isna().all()
+
+
+DETECTION_CLAIMS = ("detection_digits", "detection_raccoon")
+
+
+@pytest.mark.parametrize("name", DETECTION_CLAIMS)
+def test_detection_claims_check_every_AP_against_random_init_and_every_run_finishing(name):
+    claim, spec, _ = load_claim(name)
+    assert claim.metric == "det_AP" and claim.all_runs_finish and len(spec.seeds) >= 3
+    checks = {(claim.metric_of(c), c.relation, c.b) for c in claim.checks}
+    assert checks == {(m, ">", "random_init") for m in ("det_AP", "det_AP50", "det_AP75")}
+    assert "supervised" in claim.departures and "PILOT" not in claim.chosen
+
+
+@pytest.mark.parametrize("name", DETECTION_CLAIMS)
+def test_a_detection_claim_seeds_each_trial_and_its_random_init_run_alike(name):
+    from mocolab.reproduce.claims import grid_settings
+    from mocolab.tune.spec import SEED_KEY, prepare_sweep, trial_config
+
+    claim, spec, path = load_claim(name)
+    spec = spec.model_copy(update={"name": f"rep-{name}"})
+    base, trials = prepare_sweep(spec, path.parent, [])
+    assert [(t.train.seed, t.eval.detection.seed) for t in trials] == [(s, s) for s in spec.seeds]
+    setting = grid_settings(spec)[0]  # how run.random_init_baselines builds the config of a seed
+    init = trial_config(spec, base, {**setting, SEED_KEY: spec.seeds[-1]}, run_name=f"rep-{name}-init")
+    assert init.eval.detection == trials[-1].eval.detection

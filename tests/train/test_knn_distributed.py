@@ -1,4 +1,5 @@
-"""The kNN monitor on every rank (two real gloo ranks, torch.multiprocessing, no Ray) equals the single-rank one."""
+"""The kNN monitor and the linear probe on every rank (two real gloo ranks, torch.multiprocessing, no Ray) equal
+the single-rank ones."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from mocolab.config import build_config
+from mocolab.evaluate.probe import linear_probe_top1
 from mocolab.train.knn import evenly_spaced, extract_features, gather_shards, knn_top1, shard
 from mocolab.train.pretrain import broadcast_buffers, knn_loaders
 
@@ -53,10 +55,11 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
         broadcast_buffers(backbone, WORLD)
         bank, queries = knn_loaders(cfg, rank, WORLD)
         accuracy = knn_top1(backbone, bank, queries, k=cfg.train.knn_k, t=cfg.train.knn_t)
+        probe = linear_probe_top1(backbone, cfg.model.arch, bank, queries)
         feats, labels = (gather_shards(x) for x in extract_features(backbone, bank))
         shard_size = len(bank.dataset)
         torch.save(
-            {"accuracy": accuracy, "bank": feats, "labels": labels, "shard_size": shard_size},
+            {"accuracy": accuracy, "probe": probe, "bank": feats, "labels": labels, "shard_size": shard_size},
             f"{out_dir}/rank{rank}.pt",
         )
     finally:
@@ -76,11 +79,13 @@ def test_every_rank_embeds_its_shard_and_gets_the_single_rank_accuracy(ranks):
     backbone = _backbone(cfg)
     bank, queries = knn_loaders(cfg)  # one rank: both splits whole
     single = knn_top1(backbone, bank, queries, k=cfg.train.knn_k, t=cfg.train.knn_t)
+    single_probe = linear_probe_top1(backbone, cfg.model.arch, bank, queries)
     feats, labels = extract_features(backbone, bank)
     assert len(bank.dataset) == 301 and len(queries.dataset) == 101
     assert [r["shard_size"] for r in ranks] == [151, 150]  # uneven shards
     for r in ranks:
         assert r["accuracy"] == single
+        assert r["probe"] == ranks[0]["probe"] and abs(r["probe"] - single_probe) <= 1.0  # 1 of 101 test images
         torch.testing.assert_close(r["bank"], feats, rtol=1e-5, atol=1e-6)  # rank 0's BN statistics everywhere
         assert torch.equal(r["labels"], labels)  # the single-rank order
 

@@ -4,8 +4,8 @@ import math
 
 import pytest
 
-from mocolab.config import TrainConfig
-from mocolab.train.pretrain import lr_factor
+from mocolab.config import TrainConfig, build_config
+from mocolab.train.pretrain import lr_factor, momentum_schedule
 
 
 def test_cosine_goes_from_one_to_zero_over_the_epochs():
@@ -29,3 +29,13 @@ def test_linear_warmup_then_cosine_over_the_remaining_epochs():
     assert lr_factor(7, 4, train) == pytest.approx(1.0)
     assert lr_factor(8, 4, train) == pytest.approx(1.0)
     assert lr_factor(8 + 20, 4, train) == pytest.approx(0.5)  # epoch 7 = half of the 10 after warmup
+
+
+def test_momentum_warm_up_then_the_constant_or_the_cosine_momentum():
+    raw = {"moco": {"momentum": 0.9, "momentum_warmup_epochs": 2, "warmup_momentum": 0.99}, "train": {"epochs": 4}}
+    momentum_at = momentum_schedule(build_config(raw), steps_per_epoch=5)
+    assert [momentum_at(s) for s in (0, 9, 10, 19)] == [0.99, 0.99, 0.9, 0.9]
+    raw["moco"]["momentum_schedule"] = "cosine"
+    momentum_at = momentum_schedule(build_config(raw), steps_per_epoch=5)
+    assert momentum_at(9) == 0.99 and momentum_at(10) == pytest.approx(1 - 0.5 * (1 + math.cos(math.pi / 2)) * 0.1)
+    assert momentum_schedule(build_config({"moco": {"momentum": 0.9}}), steps_per_epoch=5) is None

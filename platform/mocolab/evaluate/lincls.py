@@ -148,7 +148,8 @@ def _all_reduce_sum(values: torch.Tensor, world_size: int) -> torch.Tensor:
     return values
 
 
-def _feature_batches(features: torch.Tensor, labels: torch.Tensor, batch: int, gen: torch.Generator) -> Iterator:
+def feature_batches(features: torch.Tensor, labels: torch.Tensor, batch: int, gen: torch.Generator) -> Iterator:
+    """``(features, labels)`` batches of ``batch`` rows in the order of one permutation drawn from ``gen``."""
     order = torch.randperm(len(labels), generator=gen)
     for i in range(0, len(order), batch):
         idx = order[i : i + batch]
@@ -241,7 +242,7 @@ def lincls_train_loop(config: dict[str, Any]) -> dict[str, float]:
         sampler.set_epoch(epoch)
         bar.label = f"lincls epoch {epoch + 1}/{lin.epochs}"
         if lin.fast:
-            batches = _feature_batches(train_feats, train_labels, lin.batch_size, gen)
+            batches = feature_batches(train_feats, train_labels, lin.batch_size, gen)
         else:
             batches = ((probe.features(x.to(device)), y.to(device)) for x, y in images_and_labels(train_loader))
         total, seen = 0.0, 0
@@ -274,7 +275,7 @@ def lincls_train_loop(config: dict[str, Any]) -> dict[str, float]:
 
     probe.eval()
     if lin.fast:
-        test_batches = _feature_batches(test_feats, test_labels, lin.batch_size, torch.Generator().manual_seed(0))
+        test_batches = feature_batches(test_feats, test_labels, lin.batch_size, torch.Generator().manual_seed(0))
         top1, top5 = evaluate(probe.classifier, test_batches, world)
     else:
         top1, top5 = evaluate(probe, ((x.to(device), y) for x, y in images_and_labels(test_loader)), world)

@@ -37,6 +37,7 @@ LOSS, LR, KNN_TOP1 = "loss", "lr", "knn_top1"  # per epoch (step = epoch)
 EPOCH_TIME, THROUGHPUT, CORRUPT_SKIPPED = "epoch_time_s", "throughput_img_s", "corrupt_skipped"
 LINCLS_METRICS = ("lincls_top1", "lincls_top5")
 LINCLS_FAST_METRICS = ("lincls_fast_top1", "lincls_fast_top5")
+LINEAR_PROBE_TIME = "linear_probe_time_s"  # train.linear_probe: seconds of the probe after the last epoch
 DETECTION_METRICS = ("det_AP", "det_AP50", "det_AP75")
 DOWNSTREAM_METRICS = {STAGE_LINCLS: LINCLS_METRICS + LINCLS_FAST_METRICS, STAGE_DETECTION: DETECTION_METRICS}
 """Headline metrics of each evaluation stage, copied onto the pretraining run."""

@@ -52,10 +52,11 @@ def gather_shards(x: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def extract_features(
-    backbone: nn.Module, loader: Iterable, device: torch.device | None = None
+    backbone: nn.Module, loader: Iterable, device: torch.device | None = None, normalize: bool = True
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """L2-normalised fp32 features ``[N, D]`` and labels ``[N]`` of every ``(image, label)`` batch of ``loader``, on
-    ``device`` (``None`` batches, whose images were all skipped as corrupt, are passed over).
+    """fp32 features ``[N, D]`` (L2-normalised unless ``normalize=False``) and labels ``[N]`` of every ``(image,
+    label)`` batch of ``loader``, on ``device`` (``None`` batches, whose images were all skipped as corrupt, are
+    passed over).
 
     The backbone runs in eval mode; its previous mode is restored afterwards."""
     was_training = backbone.training
@@ -68,7 +69,8 @@ def extract_features(
             images, targets = batch
             if device is not None:
                 images, targets = images.to(device, non_blocking=True), targets.to(device, non_blocking=True)
-            feats.append(F.normalize(backbone(images).float(), dim=1))
+            out = backbone(images).flatten(1).float()
+            feats.append(F.normalize(out, dim=1) if normalize else out)
             labels.append(targets)
     finally:
         backbone.train(was_training)

@@ -68,13 +68,24 @@ def lr_factor(step: int, steps_per_epoch: int, train: TrainConfig) -> float:
 
 
 def momentum_schedule(cfg: Config, steps_per_epoch: int) -> Callable[[int], float] | None:
-    """The key encoder's momentum at each global step for ``moco.momentum_schedule=cosine`` (v3's, raised from
-    ``moco.momentum`` to 1 over ``train.epochs``); None for a constant momentum."""
-    if cfg.moco.momentum_schedule == "constant":
+    """The key encoder's momentum at each global step: ``moco.warmup_momentum`` for the first
+    ``moco.momentum_warmup_epochs``, then ``moco.momentum``, or with ``moco.momentum_schedule=cosine`` v3's
+    schedule (raised from ``moco.momentum`` to 1 over ``train.epochs``); None for one constant momentum."""
+    moco = cfg.moco
+    if moco.momentum_schedule == "constant" and not moco.momentum_warmup_epochs:
         return None
     from mocolab.moco.v3_heads import cosine_momentum
 
-    return lambda step: cosine_momentum(step, steps_per_epoch, cfg.train.epochs, cfg.moco.momentum)
+    warmup_steps = moco.momentum_warmup_epochs * steps_per_epoch
+
+    def momentum_at(step: int) -> float:
+        if step < warmup_steps:
+            return moco.warmup_momentum
+        if moco.momentum_schedule == "cosine":
+            return cosine_momentum(step, steps_per_epoch, cfg.train.epochs, moco.momentum)
+        return moco.momentum
+
+    return momentum_at
 
 
 def loop_config(cfg: Config, mlflow_run_id: str) -> dict[str, Any]:
@@ -150,6 +161,9 @@ class _Tracker:
         self._pending.append(tracking.log_metrics(self._client, self.run_id, metrics, step=epoch, wait=False))
         knn = metrics.get(tracking.KNN_TOP1)
         knn_text = f"knn_top1 {knn:5.2f}%" if knn is not None else "knn_top1   -   "
+        probe = metrics.get(tracking.LINCLS_FAST_METRICS[0])
+        if probe is not None:
+            knn_text += f"  linear probe {probe:5.2f}%"
         console(
             f"[mocolab] epoch {epoch:>4}/{self.epochs}  loss {metrics['loss']:.4f}  {knn_text}  "
             f"lr {metrics[tracking.LR]:.4g}  {metrics[tracking.THROUGHPUT]:.0f} img/s  "
@@ -340,6 +354,7 @@ def train_loop(config_dict: dict[str, Any]) -> None:
     import ray.train
     import ray.train.torch
 
+    from mocolab.evaluate.probe import linear_probe_top1
     from mocolab.moco.model import MoCo
     from mocolab.train.knn import knn_top1
 
@@ -427,6 +442,11 @@ def train_loop(config_dict: dict[str, Any]) -> None:
             backbone = _unwrap(model).encoder_q.backbone
             broadcast_buffers(backbone, world_size)  # every rank embeds with rank 0's BN statistics
             metrics[tracking.KNN_TOP1] = knn_top1(backbone, *knn_data, k=train.knn_k, t=train.knn_t, device=device)
+            if last_epoch and train.linear_probe:
+                probe_started = time.perf_counter()
+                probe = linear_probe_top1(backbone, cfg.model.arch, *knn_data, device, seed=train.seed)
+                metrics[tracking.LINCLS_FAST_METRICS[0]] = probe
+                metrics[tracking.LINEAR_PROBE_TIME] = time.perf_counter() - probe_started
         tracker.epoch(epoch, metrics)
         report = {"epoch": epoch, **{k: v for k, v in metrics.items() if v is not None}}
         if save_now and worker.is_chief:
