@@ -18,6 +18,8 @@ SCHEMA_ASKS_CORE = {
     ("mocolab.config", "mocolab.moco.timm_backbones"),
 }
 """The documented exception: the schema runs the mechanisms' own rules and the timm name check."""
+TRACKING_KNOWS_NOTHING_OF = ("mocolab.moco", "mocolab.data", "mocolab.weights_io")
+"""tracking/ is the MLflow edge: what the model, the data or a weights file know comes in from its callers."""
 NOT_MECHANISM_NAMES = {("mocolab.evaluate.weights", "moco")}
 """Strings equal to a mechanism's name that mean something else: a MoCo-pretrained backbone's label ("moco" vs
 "random" in run names and tables)."""
@@ -140,6 +142,35 @@ def upward_imports(graph: dict[str, set[str]], layers, allowed=frozenset()) -> l
             if low is not None and high is not None and high < low and (module, target) not in allowed:
                 found.append(f"{module} ({layers[low][0]}) imports {target} ({layers[high][0]})")
     return found
+
+
+def imports_into(graph: dict[str, set[str]], package: str, forbidden: tuple[str, ...]) -> list[str]:
+    """``module imports target`` for every module of ``package`` that imports a module of a ``forbidden`` one."""
+    inside = [m for m in graph if m == package or m.startswith(package + ".")]
+    return [
+        f"{module} imports {target}"
+        for module in sorted(inside)
+        for target in sorted(graph[module])
+        if any(target == f or target.startswith(f + ".") for f in forbidden)
+    ]
+
+
+def test_forbidden_import_detection_finds_one():
+    graph = {
+        "mocolab.tracking.runs": {"mocolab.config", "mocolab.data.datasets"},
+        "mocolab.tracking": set(),
+        "mocolab.trackingx": {"mocolab.moco.model"},  # another package that only starts with the same letters
+        "mocolab.dataset_tools": set(),
+    }
+    assert imports_into(graph, "mocolab.tracking", TRACKING_KNOWS_NOTHING_OF) == [
+        "mocolab.tracking.runs imports mocolab.data.datasets"
+    ]
+
+
+def test_tracking_imports_nothing_of_the_model_the_data_or_weights_files():
+    graph = import_graph()
+    assert "mocolab.tracking.runs" in graph and "mocolab.tracking.store" in graph["mocolab.tracking.runs"]
+    assert imports_into(graph, "mocolab.tracking", TRACKING_KNOWS_NOTHING_OF) == []
 
 
 def mechanism_names_outside_moco() -> list[str]:

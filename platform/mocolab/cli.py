@@ -41,8 +41,8 @@ SUBCOMMANDS = {
     ),
 }
 VERBOSE_HELP = (
-    "also show Ray's and MLflow's informational output (start-up, worker groups, reports); Ray's log files keep it "
-    "either way"
+    "also show Ray's and MLflow's informational output (start-up, worker groups, reports, Ray Tune's tables of a "
+    "sweep's trials); Ray's log files keep it either way"
 )
 
 
@@ -125,7 +125,7 @@ def _last_line(text: str) -> str:
 def _run(command: str, module, args: argparse.Namespace, argv: list[str]) -> int:
     """Run a subcommand's ``main`` and turn how it ended into one masked line and an exit code."""
     from mocolab.config import ConfigError
-    from mocolab.tracking import redact
+    from mocolab.tracking.masking import redact
     from mocolab.train.nonfinite import NonFiniteLossError
     from mocolab.train.resume import NoLoadableCheckpointError
 

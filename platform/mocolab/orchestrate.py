@@ -10,8 +10,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from mocolab import tracking
 from mocolab.config import Config
+from mocolab.tracking.masking import redact
+from mocolab.tracking.runs import start_pretrain_run, ui_link
+from mocolab.tracking.store import client_for
 
 
 def pretrain_and_evaluate(
@@ -26,17 +28,18 @@ def pretrain_and_evaluate(
     ``parent_run_id`` / ``extra_tags`` file the run under a sweep; ``callbacks`` go to the Ray run (Tune's).
     Raises RunFinishedError (a ConfigError) if the name belongs to a finished run, RunInterrupted (a
     KeyboardInterrupt naming the run to resume) on Ctrl-C; the MLflow run is never left RUNNING."""
+    from mocolab.data.datasets import summarize
     from mocolab.moco.mechanisms import run_params
     from mocolab.train.launch import fit_pretrain
 
-    run_id, resumed = tracking.start_pretrain_run(cfg, parent_run_id, extra_tags, run_params(cfg))
+    run_id, resumed = start_pretrain_run(cfg, parent_run_id, extra_tags, run_params(cfg), summarize(cfg.data, "train"))
     print(
         f"[mocolab] {'resuming' if resumed else 'starting'} run '{cfg.tracking.run_name}' "
-        f"(MLflow run {run_id}, experiment '{cfg.tracking.experiment}', {tracking.redact(cfg.tracking.tracking_uri)})",
+        f"(MLflow run {run_id}, experiment '{cfg.tracking.experiment}', {redact(cfg.tracking.tracking_uri)})",
         flush=True,
     )
-    client = tracking.client_for(cfg.tracking.tracking_uri)
-    link = tracking.ui_link(cfg.tracking.tracking_uri, client.get_run(run_id).info.experiment_id, run_id)
+    client = client_for(cfg.tracking.tracking_uri)
+    link = ui_link(cfg.tracking.tracking_uri, client.get_run(run_id).info.experiment_id, run_id)
     if link:
         print(f"[mocolab] MLflow UI: {link}", flush=True)
     fit_pretrain(cfg, run_id, callbacks)

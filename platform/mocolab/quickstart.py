@@ -52,7 +52,7 @@ def random_init_metrics(cfg: Config) -> dict[str, float | None]:
     from mocolab.evaluate.probe import linear_probe_top1
     from mocolab.moco.model import MoCo
     from mocolab.runtime import seed_everything
-    from mocolab.tracking import KNN_TOP1, LINCLS_FAST_METRICS
+    from mocolab.tracking.names import KNN_TOP1, LINCLS_FAST_METRICS
     from mocolab.train.knn import knn_top1
     from mocolab.train.pretrain import knn_loaders
 
@@ -69,7 +69,7 @@ def random_init_metrics(cfg: Config) -> dict[str, float | None]:
 
 def final_metric(cfg: Config, run_id: str, name: str) -> float | None:
     """The last logged value of metric ``name`` on an MLflow run (None if never logged)."""
-    from mocolab.tracking import client_for
+    from mocolab.tracking.store import client_for
 
     return client_for(cfg.tracking.tracking_uri).get_run(run_id).data.metrics.get(name)
 
@@ -95,7 +95,7 @@ def evaluation_rows(cfg: Config, pretrain_run_id: str) -> list[Row]:
     """``(metric, random init, MoCo)`` rows for linear eval and detection: MoCo's values as ``run_pretrain`` copied
     them onto the pretraining run, the random-init baselines run now under the same settings."""
     from mocolab.evaluate.pipeline import headline_metrics, run_random_baselines
-    from mocolab.tracking import client_for
+    from mocolab.tracking.store import client_for
 
     moco_metrics = client_for(cfg.tracking.tracking_uri).get_run(pretrain_run_id).data.metrics
     random_metrics = headline_metrics(run_random_baselines(cfg))
@@ -105,7 +105,7 @@ def evaluation_rows(cfg: Config, pretrain_run_id: str) -> list[Row]:
 def run_quickstart(cfg: Config) -> tuple[str, list[Row]]:
     """Pretrain and evaluate per ``cfg`` on Ray, then compare with random init; returns (MLflow run id, rows)."""
     from mocolab.orchestrate import run_pretrain
-    from mocolab.tracking import KNN_TOP1
+    from mocolab.tracking.names import KNN_TOP1
 
     run_id = run_pretrain(cfg)
     rows: list[Row] = [("kNN top-1 (%)", random_init_metrics(cfg)[KNN_TOP1], final_metric(cfg, run_id, KNN_TOP1))]

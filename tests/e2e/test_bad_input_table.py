@@ -115,7 +115,7 @@ def make_runs(uri: str) -> dict[str, str]:
     stored = client.create_run(experiment, run_name="stored", tags={tracking.STAGE_TAG: tracking.STAGE_PRETRAIN})
     client.set_terminated(stored.info.run_id, "KILLED")
     parent = os.getppid()
-    driver = f"{socket.gethostname()}:{parent}:{tracking._process_start(parent)}"
+    driver = f"{socket.gethostname()}:{parent}:{tracking.process_start(parent)}"
     client.create_run(experiment, run_name="busy", tags={tracking.STAGE_TAG: tracking.STAGE_PRETRAIN,
                                                          tracking.DRIVER_TAG: driver})  # fmt: skip
     return {"stored_run": stored.info.run_id}

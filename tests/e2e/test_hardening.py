@@ -53,10 +53,10 @@ def test_driver_state_tells_a_live_driver_from_a_gone_one():
 def test_this_process_is_its_own_driver():
     tag = tracking.driver_id()
     assert tag.startswith(f"{HOST}:{os.getpid()}:")
-    assert tracking.driver_state(tag, HOST, os.getpid(), tracking._process_start) == tracking.DRIVER_SELF
+    assert tracking.driver_state(tag, HOST, os.getpid(), tracking.process_start) == tracking.DRIVER_SELF
     parent = os.getppid()
-    parent_tag = f"{HOST}:{parent}:{tracking._process_start(parent)}"
-    assert tracking.driver_state(parent_tag, HOST, os.getpid(), tracking._process_start) == tracking.DRIVER_ALIVE
+    parent_tag = f"{HOST}:{parent}:{tracking.process_start(parent)}"
+    assert tracking.driver_state(parent_tag, HOST, os.getpid(), tracking.process_start) == tracking.DRIVER_ALIVE
 
 
 @pytest.fixture
@@ -83,7 +83,7 @@ def test_a_run_left_running_by_a_dead_driver_resumes_with_a_notice(cfg, mlflow_u
 
 def test_a_run_a_live_driver_runs_is_refused(cfg, mlflow_uri):
     parent = os.getppid()
-    run_id = _running_with_driver(cfg, mlflow_uri, f"{HOST}:{parent}:{tracking._process_start(parent)}")
+    run_id = _running_with_driver(cfg, mlflow_uri, f"{HOST}:{parent}:{tracking.process_start(parent)}")
     with pytest.raises(ConfigError, match=f"is RUNNING in process {parent} on {HOST}; wait for it"):
         tracking.start_pretrain_run(cfg)
     assert MlflowClient(mlflow_uri).get_run(run_id).info.status == "RUNNING"

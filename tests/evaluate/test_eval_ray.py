@@ -122,7 +122,7 @@ def _nonfinite_run(cfg, stage, loop, section, workers, headline, fix, step):
 def test_nonfinite_detection_loss_stops_both_workers_and_fails_the_run(ray_local, mlflow_uri, tmp_path):
     from mocolab.evaluate.detection import detection_train_loop
     from mocolab.evaluate.pipeline import DETECTION_NONFINITE_FIX as NONFINITE_FIX
-    from mocolab.tracking import DETECTION_METRICS
+    from mocolab.tracking.names import DETECTION_METRICS
 
     root = make_digits_voc(tmp_path / "digits-voc", num_train=8, num_val=4)
     detection = {

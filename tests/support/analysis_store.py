@@ -8,7 +8,7 @@ from mlflow import MlflowClient
 from mlflow.entities import Metric, Param
 
 from mocolab import tracking
-from mocolab.tracking import SWEEP_AXES_TAG
+from mocolab.tracking.names import SWEEP_AXES_TAG
 
 # momentum -> final knn_top1 of seeds 0 and 1
 MOMENTUM_KNN = {0.0: (36.0, 38.0), 0.9: (44.0, 45.0), 0.99: (53.0, 53.0), 0.999: (58.0, 60.0)}

@@ -7,6 +7,7 @@ from mlflow import MlflowClient
 
 from mocolab import tracking
 from mocolab.config import ConfigError, build_config
+from mocolab.weights_io.files import read_weights_file
 
 
 @pytest.fixture
@@ -55,11 +56,11 @@ def test_load_pretrain_artifacts(cfg, mlflow_uri, tmp_path):
     weights = tmp_path / tracking.BACKBONE_ARTIFACT
     torch.save({"conv1.weight": torch.ones(2, 3, 1, 1)}, weights)
     tracking.log_file(mlflow_uri, run_id, weights)
-    config, state = tracking.load_pretrain_artifacts(mlflow_uri, run_id)
+    config, state = tracking.load_pretrain_artifacts(mlflow_uri, run_id, read_weights_file)
     assert config["tracking"]["run_name"] == "run-a"
     assert torch.equal(state["conv1.weight"], torch.ones(2, 3, 1, 1))
     with pytest.raises(ConfigError, match="no such MLflow run"):
-        tracking.load_pretrain_artifacts(mlflow_uri, "0" * 32)
+        tracking.load_pretrain_artifacts(mlflow_uri, "0" * 32, read_weights_file)
 
 
 def test_unreachable_server_fails_fast_naming_uri():

@@ -14,6 +14,7 @@ from test_data_folder import make_folder
 
 from mocolab import tracking
 from mocolab.config import build_config
+from mocolab.data.datasets import summarize
 from mocolab.moco.backbones import make_backbone
 
 
@@ -42,7 +43,7 @@ def test_experiments_open_as_model_training(mlflow_uri):
 def test_a_run_records_the_command_commit_and_dataset(folder_cfg, tmp_path, monkeypatch):
     monkeypatch.setattr(sys, "argv", ["/venv/bin/mocolab", "pretrain", "c.yaml", "--set",
                                       "tracking.tracking_uri=https://bob:pw-123@mlflow.example"])  # fmt: skip
-    run_id, _ = tracking.start_pretrain_run(folder_cfg)
+    run_id, _ = tracking.start_pretrain_run(folder_cfg, dataset=summarize(folder_cfg.data, "train"))
     run = MlflowClient(folder_cfg.tracking.tracking_uri).get_run(run_id)
     tags = run.data.tags
     assert tags[tracking.SOURCE_NAME_TAG] == "mocolab pretrain"  # the UI's Source column shows it after the last '/'

@@ -11,7 +11,7 @@ import pytest
 from mocolab.config import load_config
 from mocolab.orchestrate import run_pretrain
 from mocolab.quickstart import QUICKSTART_CONFIG, final_metric, random_init_metrics
-from mocolab.tracking import CORRUPT_SKIPPED, KNN_TOP1
+from mocolab.tracking.names import CORRUPT_SKIPPED, KNN_TOP1
 
 
 @pytest.mark.slow

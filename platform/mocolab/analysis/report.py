@@ -14,7 +14,9 @@ from mocolab.analysis import plots, runs
 from mocolab.analysis import summary as summ
 from mocolab.analysis.tables import K
 from mocolab.config import ConfigError
-from mocolab.tracking import REPORT_ARTIFACT_DIR, check_reachable, redact
+from mocolab.tracking.masking import redact
+from mocolab.tracking.names import REPORT_ARTIFACT_DIR
+from mocolab.tracking.store import check_reachable
 
 
 def write_plots(s: summ.Summary, uri: str, out: Path) -> list[Path]:

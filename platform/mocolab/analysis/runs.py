@@ -11,15 +11,8 @@ from mlflow import MlflowClient
 from mlflow.entities import Run
 
 from mocolab.config import ConfigError, absolute_tracking_uri, default_tracking_uri
-from mocolab.tracking import (
-    PARENT_RUN_TAG,
-    STAGE_PRETRAIN,
-    STAGE_SWEEP,
-    STAGE_TAG,
-    SWEEP_AXES_TAG,
-    SWEEP_TAG,
-    redact,
-)
+from mocolab.tracking.masking import redact
+from mocolab.tracking.names import PARENT_RUN_TAG, STAGE_PRETRAIN, STAGE_SWEEP, STAGE_TAG, SWEEP_AXES_TAG, SWEEP_TAG
 
 
 def resolve_uri(uri: str | None = None) -> str:

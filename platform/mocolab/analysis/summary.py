@@ -10,7 +10,7 @@ import pandas as pd
 
 from mocolab.analysis import tables
 from mocolab.analysis.tables import MECHANISM, K
-from mocolab.tracking import DEVICE_HOURS, HEADLINE_METRICS
+from mocolab.tracking.names import DEVICE_HOURS, HEADLINE_METRICS
 
 
 @dataclass

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 import pandas as pd
 
 from mocolab.moco.mechanisms import EFFECTIVE_K_PARAM, NEGATIVES_PARAM
-from mocolab.tracking import HEADLINE_METRICS
+from mocolab.tracking.names import HEADLINE_METRICS
 
 # Params that differ between trials without being an ablation axis (the mechanism's params follow the axes).
 NOT_AXES = ("train.seed", "tracking.", "scaling.storage_path", EFFECTIVE_K_PARAM, NEGATIVES_PARAM)

@@ -89,7 +89,9 @@ def epoch_times(throughput: list[float], loop_s: list[float], logged_at_s: list[
 def run_timed_pretrain(cfg, workdir: Path, epochs: int = 3, timeout_s: float = 3600) -> PretrainTimes:
     """Run ``mocolab pretrain`` on ``cfg`` (see :func:`bench_run_config`) in a subprocess and read its
     per-epoch metrics back from MLflow. Raises RuntimeError with the run's output tail if it fails."""
-    from mocolab import tracking
+    from mocolab.tracking.names import EPOCH_TIME, THROUGHPUT
+    from mocolab.tracking.runs import find_run
+    from mocolab.tracking.store import client_for
 
     workdir.mkdir(parents=True, exist_ok=True)
     raw = bench_run_config(cfg, epochs, workdir)
@@ -107,14 +109,14 @@ def run_timed_pretrain(cfg, workdir: Path, epochs: int = 3, timeout_s: float = 3
     if proc.returncode != 0:
         tail = (proc.stdout + proc.stderr)[-OUTPUT_TAIL_CHARS:]
         raise RuntimeError(f"the timed pretraining run failed (exit {proc.returncode}); its output ends:\n{tail}")
-    client = tracking.client_for(raw["tracking"]["tracking_uri"])
-    run = tracking.find_run(client, RUN_EXPERIMENT, raw["tracking"]["run_name"])
+    client = client_for(raw["tracking"]["tracking_uri"])
+    run = find_run(client, RUN_EXPERIMENT, raw["tracking"]["run_name"])
     if run is None:
         raise RuntimeError(f"the timed pretraining run left no MLflow run named {raw['tracking']['run_name']}")
-    times = sorted(client.get_metric_history(run.info.run_id, tracking.EPOCH_TIME), key=lambda m: m.step)
-    rates = sorted(client.get_metric_history(run.info.run_id, tracking.THROUGHPUT), key=lambda m: m.step)
+    times = sorted(client.get_metric_history(run.info.run_id, EPOCH_TIME), key=lambda m: m.step)
+    rates = sorted(client.get_metric_history(run.info.run_id, THROUGHPUT), key=lambda m: m.step)
     if len(times) != epochs or len(rates) != epochs:
-        raise RuntimeError(f"the timed run logged {len(times)} of {epochs} epochs of {tracking.EPOCH_TIME}")
+        raise RuntimeError(f"the timed run logged {len(times)} of {epochs} epochs of {EPOCH_TIME}")
     logged_at = [m.timestamp / 1000.0 for m in times]
     return PretrainTimes(
         epochs=epoch_times([m.value for m in rates], [m.value for m in times], logged_at),

@@ -112,15 +112,16 @@ def run_bench(
 
 def log_to_mlflow(cfg, result: dict[str, Any], json_path: Path) -> str:
     """Log ``result`` as a run tagged ``mocolab.stage=bench`` in the config's store; returns its id."""
-    from mocolab import tracking
     from mocolab.bench.report import metrics_for_mlflow
     from mocolab.moco.mechanisms import run_params
+    from mocolab.tracking.artifacts import log_file
+    from mocolab.tracking.names import STAGE_BENCH
+    from mocolab.tracking.runs import end_run, log_metrics, params_of, start_eval_run
+    from mocolab.tracking.store import client_for
 
-    params = {f"bench.{k}": v for k, v in result["settings"].items()} | tracking.params_of(cfg, run_params(cfg))
-    run_id = tracking.start_eval_run(
-        cfg, tracking.STAGE_BENCH, params, init="random", run_name=f"bench-{cfg.tracking.run_name}"
-    )
-    tracking.log_metrics(tracking.client_for(cfg.tracking.tracking_uri), run_id, metrics_for_mlflow(result), step=0)
-    tracking.log_file(cfg.tracking.tracking_uri, run_id, json_path)
-    tracking.end_run(cfg.tracking.tracking_uri, run_id)
+    params = {f"bench.{k}": v for k, v in result["settings"].items()} | params_of(cfg, run_params(cfg))
+    run_id = start_eval_run(cfg, STAGE_BENCH, params, init="random", run_name=f"bench-{cfg.tracking.run_name}")
+    log_metrics(client_for(cfg.tracking.tracking_uri), run_id, metrics_for_mlflow(result), step=0)
+    log_file(cfg.tracking.tracking_uri, run_id, json_path)
+    end_run(cfg.tracking.tracking_uri, run_id)
     return run_id

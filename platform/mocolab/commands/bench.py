@@ -13,7 +13,7 @@ from mocolab.bench.run import PARTS, log_to_mlflow, run_bench, step_spec
 from mocolab.cli import add_overrides_argument
 from mocolab.config import ConfigError, load_config
 from mocolab.quickstart import QUICKSTART_CONFIG
-from mocolab.tracking import check_reachable
+from mocolab.tracking.store import check_reachable
 
 
 def parse_parts(text: str) -> tuple[str, ...]:

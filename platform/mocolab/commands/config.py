@@ -18,7 +18,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from mocolab.tracking import redact
+    from mocolab.tracking.masking import redact
 
     print(redact(load_config(args.config, args.overrides).to_yaml()), end="")
     return 0

@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 
 from mocolab.config import ConfigError, absolute_tracking_uri, build_config, default_tracking_uri
-from mocolab.tracking import load_pretrain_artifacts
+from mocolab.tracking.artifacts import load_pretrain_artifacts
 from mocolab.weights_io.export import FORMATS, TimmModel, export, timm_model_of
 from mocolab.weights_io.files import backbone_weights, read_weights_file
 from mocolab.weights_io.layouts import BackboneWeights
@@ -19,7 +19,7 @@ def read_source(
     model from its config) or of a weights file (from the file, if ``--format timm`` wrote it)."""
     if pretrain_run:
         where = f"--pretrain-run {pretrain_run}"
-        config, content = load_pretrain_artifacts(tracking_uri, pretrain_run)
+        config, content = load_pretrain_artifacts(tracking_uri, pretrain_run, read_weights_file)
         return where, backbone_weights(content, where), timm_model_of(build_config(config))
     where = f"--weights {weights}"
     content = read_weights_file(weights, where)

@@ -7,7 +7,7 @@ import argparse
 
 from mocolab.cli import add_overrides_argument
 from mocolab.quickstart import format_table, quickstart_config, run_quickstart
-from mocolab.tracking import redact
+from mocolab.tracking.masking import redact
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -6,12 +6,13 @@ import argparse
 import shlex
 from pathlib import Path
 
-from mocolab import tracking
 from mocolab.analysis.runs import resolve_uri
 from mocolab.cli import add_overrides_argument
 from mocolab.config import ConfigError, new_run_name
 from mocolab.reproduce.claims import CLAIMS_DIR, list_claims
 from mocolab.reproduce.run import DEFAULT_EXPERIMENT, find_parent, plan_claim, plan_text, reproduce
+from mocolab.tracking.masking import redact
+from mocolab.tracking.names import STAGE_REPRODUCE
 
 
 def command_text(args: argparse.Namespace, claims: list[str]) -> str:
@@ -23,7 +24,7 @@ def command_text(args: argparse.Namespace, claims: list[str]) -> str:
         parts += ["--experiment", args.experiment]
     for override in args.overrides:
         parts += ["--set", override]
-    return tracking.redact(" ".join(map(shlex.quote, parts)))
+    return redact(" ".join(map(shlex.quote, parts)))
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -54,7 +55,7 @@ def main(args: argparse.Namespace) -> int:
             raise ConfigError(
                 f"--resume: no reproduction {args.resume or ''} in experiment '{args.experiment}'; drop --resume"
             )
-    run_name = parent.info.run_name if parent else new_run_name(tracking.STAGE_REPRODUCE)
+    run_name = parent.info.run_name if parent else new_run_name(STAGE_REPRODUCE)
     names = args.claims or (parent.data.params["claims"].split(",") if parent else list_claims())
     plans = [plan_claim(name, run_name, seeds, args.overrides, args.experiment) for name in names]
     command = command_text(args, names if args.claims else [])

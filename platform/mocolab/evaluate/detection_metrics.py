@@ -15,7 +15,7 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
 from mocolab.data.detection import DetectionRecord
-from mocolab.tracking import DETECTION_METRICS
+from mocolab.tracking.names import DETECTION_METRICS
 
 
 def coco_ground_truth(records: Sequence[DetectionRecord], num_classes: int) -> COCO:

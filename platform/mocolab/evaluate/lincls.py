@@ -34,7 +34,7 @@ from torch.utils.data import DataLoader, DistributedSampler, Subset
 
 from mocolab.config import Config, LinclsConfig, resolve_lincls
 from mocolab.console import StepProgress, console
-from mocolab.tracking import LINCLS_FAST_METRICS, LINCLS_METRICS
+from mocolab.tracking.names import LINCLS_FAST_METRICS, LINCLS_METRICS
 
 TOPK = (1, 5)
 

@@ -12,7 +12,7 @@ from mocolab.evaluate.detection import detection_train_loop
 from mocolab.evaluate.lincls import dataset_config, lincls_train_loop, metric_names
 from mocolab.evaluate.runner import eval_params, run_eval
 from mocolab.evaluate.weights import BackboneSource, resolve_source
-from mocolab.tracking import DETECTION_METRICS, DOWNSTREAM_METRICS
+from mocolab.tracking.names import DETECTION_METRICS, DOWNSTREAM_METRICS
 
 DETECTION_NONFINITE_FIX = (
     "Lower eval.detection.lr, raise eval.detection.warmup_iters or set eval.detection.clip_grad_norm "

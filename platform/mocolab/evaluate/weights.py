@@ -55,10 +55,10 @@ def resolve_source(
     if len(given) != 1:
         raise ConfigError("give exactly one of --pretrain-run RUN_ID, --weights PATH, --init random")
     if pretrain_run:
-        from mocolab.tracking import load_pretrain_artifacts
-        from mocolab.weights_io.files import backbone_weights
+        from mocolab.tracking.artifacts import load_pretrain_artifacts
+        from mocolab.weights_io.files import backbone_weights, read_weights_file
 
-        run_config, content = load_pretrain_artifacts(cfg.tracking.tracking_uri, pretrain_run)
+        run_config, content = load_pretrain_artifacts(cfg.tracking.tracking_uri, pretrain_run, read_weights_file)
         run_model = run_config.get("model", {})
         update = {key: run_model[key] for key in ("arch", "timm_kwargs") if key in run_model}
         model = cfg.model.model_copy(update=update | {"cifar_stem": run_model.get("cifar_stem", False)})

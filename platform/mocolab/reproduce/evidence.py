@@ -19,7 +19,7 @@ from mocolab.analysis.tables import finished
 from mocolab.analysis.verdict import Interval, combine, decide, interval_sd, paired_interval, seeds_needed, threshold
 from mocolab.moco.mechanisms import NEGATIVES_PARAM
 from mocolab.reproduce.claims import BASELINE_METRICS, RANDOM_INIT, Check, Claim, Setting, matches
-from mocolab.tracking import NONFINITE_LOSS_TAG
+from mocolab.tracking.names import NONFINITE_LOSS_TAG
 from mocolab.tune.spec import SEED_KEY
 
 LOSS_TO_CHANCE = "loss_to_chance"

@@ -14,9 +14,13 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from mocolab import tracking
 from mocolab.config import Config
 from mocolab.runtime import RunInterrupted, ensure_ray, fit, sigint_held, torch_trainer
+from mocolab.tracking.artifacts import log_backbone_model, log_file
+from mocolab.tracking.names import NO_LOADABLE_CHECKPOINT_TAG
+from mocolab.tracking.runs import end_run
+from mocolab.tracking.store import client_for
+from mocolab.tracking.system import compute_recorded
 from mocolab.train.nonfinite import raise_if_nonfinite
 from mocolab.train.pretrain import BACKBONE_FILE, STREAM_IMAGES_KEY, loop_config, train_loop
 from mocolab.train.resume import NoLoadableCheckpointError
@@ -50,9 +54,9 @@ def finish_pretrain_run(cfg: Config, run_id: str, result) -> None:
     """After ``fit``: stop on a non-finite loss or on a run none of whose checkpoints loads, else log
     ``backbone.pt`` and the model ``backbone``, and mark the run FINISHED."""
     uri = cfg.tracking.tracking_uri
-    unloadable = tracking.client_for(uri).get_run(run_id).data.tags.get(tracking.NO_LOADABLE_CHECKPOINT_TAG)
+    unloadable = client_for(uri).get_run(run_id).data.tags.get(NO_LOADABLE_CHECKPOINT_TAG)
     if unloadable:
-        tracking.end_run(uri, run_id, status="FAILED")
+        end_run(uri, run_id, status="FAILED")
         raise NoLoadableCheckpointError(f"run '{cfg.tracking.run_name}': {unloadable}")
     kept = result.checkpoint.path if result.checkpoint is not None else "none (no epoch completed)"
     raise_if_nonfinite(
@@ -68,8 +72,8 @@ def finish_pretrain_run(cfg: Config, run_id: str, result) -> None:
         backbone = Path(directory) / BACKBONE_FILE
         if not backbone.is_file():
             raise RuntimeError(f"the final checkpoint {result.checkpoint.path} has no {BACKBONE_FILE}")
-        tracking.log_file(uri, run_id, backbone)
-        tracking.log_backbone_model(
+        log_file(uri, run_id, backbone)
+        log_backbone_model(
             uri,
             run_id,
             backbone_module(cfg, backbone),
@@ -77,7 +81,7 @@ def finish_pretrain_run(cfg: Config, run_id: str, result) -> None:
             step=cfg.train.epochs,
             register_as=cfg.tracking.register_model,
         )
-    tracking.end_run(uri, run_id, status="FINISHED")
+    end_run(uri, run_id, status="FINISHED")
 
 
 def backbone_module(cfg: Config, weights: Path):
@@ -104,14 +108,14 @@ def fit_pretrain(cfg: Config, run_id: str, callbacks: Sequence[Any] = ()) -> Non
     uri, name = cfg.tracking.tracking_uri, cfg.tracking.run_name
     try:
         ensure_ray()
-        with tracking.compute_recorded(cfg, run_id, cfg.scaling.num_workers):
+        with compute_recorded(cfg, run_id, cfg.scaling.num_workers):
             result = fit(build_trainer(cfg, run_id, callbacks), cfg, cfg.scaling.num_workers)
         finish_pretrain_run(cfg, run_id, result)
     except (KeyboardInterrupt, SystemExit):
         with sigint_held():
-            tracking.end_run(uri, run_id, status="KILLED")
+            end_run(uri, run_id, status="KILLED")
         raise RunInterrupted(f"run '{name}' interrupted; MLflow run {run_id} marked KILLED", run_name=name) from None
     except BaseException:
         with sigint_held():
-            tracking.end_run(uri, run_id, status="FAILED")
+            end_run(uri, run_id, status="FAILED")
         raise

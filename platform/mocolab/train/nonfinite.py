@@ -67,18 +67,21 @@ def checked_mean_loss(
 def record_nonfinite(tracking_uri: str, run_id: str, where: str) -> None:
     """Rank 0: file ``where`` (e.g. ``loss nan at iteration 56``) as the run's ``mocolab.nonfinite_loss``
     tag and print it to the worker's log."""
-    from mocolab import tracking
+    from mocolab.tracking.names import NONFINITE_LOSS_TAG
+    from mocolab.tracking.store import client_for
 
-    tracking.client_for(tracking_uri).set_tag(run_id, tracking.NONFINITE_LOSS_TAG, where)
+    client_for(tracking_uri).set_tag(run_id, NONFINITE_LOSS_TAG, where)
     console(f"[mocolab] {where}: stopping without retry")
 
 
 def raise_if_nonfinite(tracking_uri: str, run_id: str, what: str, fix: str) -> None:
     """Driver, after ``fit``: if the run's workers recorded a NaN/inf loss, mark the run FAILED and raise
     :class:`NonFiniteLossError` ``"<what>: NaN/inf <where>; stopped without retry. <fix>"``."""
-    from mocolab import tracking
+    from mocolab.tracking.names import NONFINITE_LOSS_TAG
+    from mocolab.tracking.runs import end_run
+    from mocolab.tracking.store import client_for
 
-    where = tracking.client_for(tracking_uri).get_run(run_id).data.tags.get(tracking.NONFINITE_LOSS_TAG)
+    where = client_for(tracking_uri).get_run(run_id).data.tags.get(NONFINITE_LOSS_TAG)
     if where:
-        tracking.end_run(tracking_uri, run_id, status="FAILED")
+        end_run(tracking_uri, run_id, status="FAILED")
         raise NonFiniteLossError(f"{what}: NaN/inf {where}; stopped without retry. {fix}")

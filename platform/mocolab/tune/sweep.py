@@ -15,13 +15,28 @@ import os
 import re
 import tempfile
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from mocolab import tracking
 from mocolab.config import Config, ConfigError
+from mocolab.tracking.masking import redact
+from mocolab.tracking.names import (
+    BASE_ARTIFACT,
+    STAGE_SWEEP,
+    STAGE_TAG,
+    STOPPED_EARLY_TAG,
+    SWEEP_ARTIFACT,
+    SWEEP_AXES_TAG,
+    SWEEP_TAG,
+    TRIAL_ID_TAG,
+)
+from mocolab.tracking.runs import child_runs, end_run, experiment_id, find_run, log_metrics, log_params, params_of
+from mocolab.tracking.source import source_tags
+from mocolab.tracking.store import client_for, mlflow_client
+from mocolab.tracking.system import log_usage, sweep_usage
 from mocolab.tune.spec import SEED_KEY, SweepSpec, assignment_of, trial_config
 
 TRIAL_MEMORY_BYTES = 256 * 1024**2
@@ -81,7 +96,7 @@ def _report_final_metrics(client: Any, run_id: str) -> None:
 def _check_same_trial(run: Any, cfg: Config, axes: list[str]) -> None:
     """A re-created trial must carry the values its MLflow run was started with."""
     logged = run.data.params
-    expected = tracking.params_of(cfg)
+    expected = params_of(cfg)
     changed = [k for k in axes + [SEED_KEY] if k in logged and logged[k] != expected.get(k)]
     if changed:
         raise ConfigError(
@@ -96,7 +111,7 @@ def make_trial_fn(spec: SweepSpec, base: dict[str, Any], parent_run_id: str) -> 
 
     Relative paths of the base resolve against the directory the sweep was launched from."""
     launch_dir = Path.cwd()
-    source = tracking.source_tags()  # the sweep command's, not the Ray actor's that runs the trial
+    source = source_tags()  # the sweep command's, not the Ray actor's that runs the trial
 
     def run_trial(params: dict[str, Any]) -> None:
         from ray import tune
@@ -107,8 +122,8 @@ def make_trial_fn(spec: SweepSpec, base: dict[str, Any], parent_run_id: str) -> 
         trial_id = tune.get_context().get_trial_id()
         run_name = trial_run_name(spec.name, trial_id)
         cfg = trial_config(spec, base, assignment_from(params), run_name=run_name, cwd=launch_dir)
-        client = tracking.client_for(cfg.tracking.tracking_uri)
-        existing = tracking.find_run(client, cfg.tracking.experiment, cfg.tracking.run_name)
+        client = client_for(cfg.tracking.tracking_uri)
+        existing = find_run(client, cfg.tracking.experiment, cfg.tracking.run_name)
         if existing is not None:
             _check_same_trial(existing, cfg, spec.axes)
             if existing.info.status == "FINISHED":  # finished before an interruption: keep it, run nothing
@@ -117,7 +132,7 @@ def make_trial_fn(spec: SweepSpec, base: dict[str, Any], parent_run_id: str) -> 
         run_id = pretrain_and_evaluate(
             cfg,
             parent_run_id=parent_run_id,
-            extra_tags={**source, tracking.SWEEP_TAG: spec.name, tracking.TRIAL_ID_TAG: trial_id},
+            extra_tags={**source, SWEEP_TAG: spec.name, TRIAL_ID_TAG: trial_id},
             callbacks=[TuneReportCallback()],
         )
         _report_final_metrics(client, run_id)
@@ -134,12 +149,12 @@ def _trial_status_callback(spec: SweepSpec, cfg: Config):
             self.sweep, self.uri, self.experiment = sweep, uri, experiment
 
         def _set_status(self, trial: Any, status: str, only_if_running: bool) -> None:
-            client = tracking.mlflow_client(self.uri)
-            run = tracking.find_run(client, self.experiment, trial_run_name(self.sweep, trial.trial_id))
+            client = mlflow_client(self.uri)
+            run = find_run(client, self.experiment, trial_run_name(self.sweep, trial.trial_id))
             if run is None or (only_if_running and run.info.status != "RUNNING"):
                 return
             if status == "FINISHED":  # still running when Tune completed it: stopped by the scheduler
-                client.set_tag(run.info.run_id, tracking.STOPPED_EARLY_TAG, "true")
+                client.set_tag(run.info.run_id, STOPPED_EARLY_TAG, "true")
             client.set_terminated(run.info.run_id, status=status)
 
         def on_trial_error(self, iteration, trials, trial, **info):
@@ -153,14 +168,13 @@ def _trial_status_callback(spec: SweepSpec, cfg: Config):
 
 def find_sweep_run(uri: str, experiment: str, sweep: str) -> Any | None:
     """The parent run of sweep ``sweep`` in ``experiment``, or None."""
-    client = tracking.client_for(uri)
+    client = client_for(uri)
     exp = client.get_experiment_by_name(experiment)
     if exp is None:
         return None
     runs = client.search_runs(
         [exp.experiment_id],
-        filter_string=f"tags.`{tracking.STAGE_TAG}` = '{tracking.STAGE_SWEEP}' "
-        f"and tags.`{tracking.SWEEP_TAG}` = '{sweep}'",
+        filter_string=f"tags.`{STAGE_TAG}` = '{STAGE_SWEEP}' and tags.`{SWEEP_TAG}` = '{sweep}'",
         order_by=["attributes.start_time DESC"],
     )
     return runs[0] if runs else None
@@ -172,11 +186,11 @@ def start_sweep_run(
     """Create the sweep's parent run (with ``extra_tags``), or reopen it with ``resume``; refuse a name already used."""
     uri, experiment = cfg.tracking.tracking_uri, cfg.tracking.experiment
     existing = find_sweep_run(uri, experiment, spec.name)
-    client = tracking.client_for(uri)
+    client = client_for(uri)
     if resume:
         if existing is None:
             raise ConfigError(
-                f"--resume: no sweep '{spec.name}' in experiment '{experiment}' ({tracking.redact(uri)}); drop --resume"
+                f"--resume: no sweep '{spec.name}' in experiment '{experiment}' ({redact(uri)}); drop --resume"
             )
         client.update_run(existing.info.run_id, status="RUNNING")
         return existing.info.run_id
@@ -186,15 +200,15 @@ def start_sweep_run(
             "continue it with --resume or start another with --name NEW_NAME"
         )
     tags = {
-        tracking.STAGE_TAG: tracking.STAGE_SWEEP,
-        tracking.SWEEP_TAG: spec.name,
-        tracking.SWEEP_AXES_TAG: ",".join(spec.axes),
-        **tracking.source_tags(),
+        STAGE_TAG: STAGE_SWEEP,
+        SWEEP_TAG: spec.name,
+        SWEEP_AXES_TAG: ",".join(spec.axes),
+        **source_tags(),
     }
     tags.update(extra_tags or {})
-    run = client.create_run(tracking.experiment_id(client, experiment), run_name=spec.name, tags=tags)
+    run = client.create_run(experiment_id(client, experiment), run_name=spec.name, tags=tags)
     run_id = run.info.run_id
-    tracking.log_params(
+    log_params(
         client,
         run_id,
         {
@@ -206,9 +220,9 @@ def start_sweep_run(
         },
     )
     with tempfile.TemporaryDirectory() as tmp:
-        for name, data in ((tracking.SWEEP_ARTIFACT, spec.model_dump(mode="json")), (tracking.BASE_ARTIFACT, base)):
+        for name, data in ((SWEEP_ARTIFACT, spec.model_dump(mode="json")), (BASE_ARTIFACT, base)):
             path = Path(tmp) / name
-            path.write_text(tracking.redact(yaml.safe_dump(data, sort_keys=False)))
+            path.write_text(redact(yaml.safe_dump(data, sort_keys=False)))
             client.log_artifact(run_id, str(path))
     return run_id
 
@@ -223,15 +237,38 @@ def _search_alg(spec: SweepSpec) -> Any:
     return BasicVariantGenerator(random_state=spec.search_seed, max_concurrent=spec.max_concurrent_trials)
 
 
+def console_settings(spec: SweepSpec, cfg: Config) -> dict[str, Any]:
+    """The RunConfig fields of the sweep's callbacks and console: the trial runs' MLflow status, one line per trial
+    start and end (``tune/progress.py``), Tune's own tables of every trial's config and results only with
+    ``--verbose``."""
+    from mocolab.console import is_verbose
+    from mocolab.tune.progress import trial_lines_callback
+
+    lines = trial_lines_callback(partial(trial_run_name, spec.name))
+    return {"callbacks": [_trial_status_callback(spec, cfg), lines], "verbose": None if is_verbose() else 0}
+
+
 def build_tuner(spec: SweepSpec, base: dict[str, Any], cfg: Config, parent_run_id: str, resume: bool) -> Any:
-    """A new Tuner for the sweep, or with ``resume`` the one restored from its Tune state, if saved."""
+    """A new Tuner for the sweep, or with ``resume`` the one restored from its Tune state, if saved; either way with
+    this command's :func:`console_settings`. Tune's CSV/JSON/TensorBoard result files are off: MLflow holds the
+    runs."""
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
 
+    from mocolab.console import is_verbose
+
+    os.environ["TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"] = "1"  # both read by Tuner.fit() in this process
+    if not is_verbose():  # Tune's new console prints its settings table even at verbose=0; the legacy one is silent
+        os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
     trainable = tune.with_resources(make_trial_fn(spec, base, parent_run_id), {"CPU": 0, "memory": TRIAL_MEMORY_BYTES})
     path = os.path.join(cfg.scaling.storage_path, spec.name)
     if resume and tune.Tuner.can_restore(path):
-        return tune.Tuner.restore(path, trainable=trainable)
+        tuner = tune.Tuner.restore(path, trainable=trainable)
+        # Tune restores the RunConfig it saved at the first launch and has no public setter: this launch's console
+        run_config = tuner._local_tuner.get_run_config()
+        for field, value in console_settings(spec, cfg).items():
+            setattr(run_config, field, value)
+        return tuner
     if resume:  # interrupted before Tune saved any state: start the trials under the same parent run
         print(f"--resume: no Tune state at {path} yet; starting the trials afresh", flush=True)
     elif tune.Tuner.can_restore(path):
@@ -260,7 +297,7 @@ def build_tuner(spec: SweepSpec, base: dict[str, Any], cfg: Config, parent_run_i
             name=spec.name,
             storage_path=cfg.scaling.storage_path,
             failure_config=tune.FailureConfig(max_failures=spec.max_failures),
-            callbacks=[_trial_status_callback(spec, cfg)],
+            **console_settings(spec, cfg),
         ),
     )
 
@@ -268,8 +305,8 @@ def build_tuner(spec: SweepSpec, base: dict[str, Any], cfg: Config, parent_run_i
 def close_stopped_trials(uri: str, experiment: str, parent_run_id: str) -> int:
     """Mark KILLED the trial runs still RUNNING once Tune has returned: their trial processes were stopped (Ctrl-C,
     a failed sweep) without a chance to close them. Returns how many."""
-    client = tracking.mlflow_client(uri)
-    stopped = [run for run in tracking.child_runs(uri, experiment, parent_run_id) if run.info.status == "RUNNING"]
+    client = mlflow_client(uri)
+    stopped = [run for run in child_runs(uri, experiment, parent_run_id) if run.info.status == "RUNNING"]
     for run in stopped:
         client.set_terminated(run.info.run_id, status="KILLED")
     return len(stopped)
@@ -292,16 +329,16 @@ def run_sweep(
 
         with sigint_held():
             close_stopped_trials(uri, cfg.tracking.experiment, parent_run_id)
-            tracking.end_run(uri, parent_run_id, "KILLED")
+            end_run(uri, parent_run_id, "KILLED")
         raise
     close_stopped_trials(uri, cfg.tracking.experiment, parent_run_id)
     # Tune marks the trials it stops on an interruption TERMINATED too: count finished ones in MLflow
     failed = results.num_errors
-    children = tracking.child_runs(uri, cfg.tracking.experiment, parent_run_id)
+    children = child_runs(uri, cfg.tracking.experiment, parent_run_id)
     finished = sum(1 for run in children if run.info.status == "FINISHED")
     unfinished = max(0, count_trials(spec) - finished - failed)
-    client = tracking.client_for(uri)
-    tracking.log_metrics(client, parent_run_id, {"trials": len(results), "trials_failed": failed}, step=0)
-    tracking.log_usage(client, parent_run_id, tracking.sweep_usage(uri, cfg.tracking.experiment, parent_run_id))
-    tracking.end_run(uri, parent_run_id, "KILLED" if unfinished else "FINISHED")
+    client = client_for(uri)
+    log_metrics(client, parent_run_id, {"trials": len(results), "trials_failed": failed}, step=0)
+    log_usage(client, parent_run_id, sweep_usage(uri, cfg.tracking.experiment, parent_run_id))
+    end_run(uri, parent_run_id, "KILLED" if unfinished else "FINISHED")
     return parent_run_id, failed, unfinished
