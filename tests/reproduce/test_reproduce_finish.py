@@ -64,6 +64,7 @@ def test_a_failing_random_init_detection_run_is_recorded_not_raised(monkeypatch)
 
     monkeypatch.setattr(pipeline, "run_detection", nan_run)
     monkeypatch.setattr("mocolab.evaluate.weights.resolve_source", lambda cfg, init: None)
+    monkeypatch.setattr(run, "finished_detection", lambda cfg, name: None)  # no earlier attempt filed
     cfg = type("Cfg", (), {"tracking": type("T", (), {"run_name": "rep-det-init-s1"})})()
     outcomes = {}
     assert run._random_init_detection(cfg, outcomes) == dict.fromkeys(tracking.DETECTION_METRICS)
