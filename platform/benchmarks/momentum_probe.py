@@ -41,8 +41,8 @@ from mocolab.config import load_config
 from mocolab.data.datasets import build_pretrain_dataset, collate_keep_batch_size
 from mocolab.moco.model import MoCo
 from mocolab.runtime import seed_everything
-from mocolab.train.knn import knn_top1
-from mocolab.train.pretrain import knn_loaders, lr_factor
+from mocolab.train.knn import knn_loaders, knn_top1
+from mocolab.train.pretrain import lr_factor
 
 SWEEP_BASE = [  # the momentum_cpu sweep's trial: one worker, the quickstart's global batch, split-BN
     "scaling.num_workers=1",

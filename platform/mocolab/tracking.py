@@ -310,7 +310,7 @@ def log_dataset_input(client: MlflowClient, run_id: str, cfg: Config) -> None:
 
     from mlflow.entities import Dataset, DatasetInput, InputTag
 
-    from mocolab.data.datasets import summarize
+    from mocolab.data.sources import summarize
 
     summary = summarize(cfg.data, "train")
     if summary.root is not None:  # as mlflow.data's local and code dataset sources write themselves

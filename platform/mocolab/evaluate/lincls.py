@@ -193,7 +193,8 @@ def lincls_train_loop(config: dict[str, Any]) -> dict[str, float]:
     import ray.train.torch
 
     from mocolab.data.augment import eval_transform
-    from mocolab.data.datasets import build_labeled_dataset, collate_skip_corrupt, loader_kwargs, num_classes
+    from mocolab.data.datasets import build_labeled_dataset, collate_skip_corrupt, loader_kwargs
+    from mocolab.data.sources import num_classes
     from mocolab.evaluate.weights import BackboneSource, assert_unchanged, load_backbone_state, snapshot
     from mocolab.moco.backbones import build_backbone
     from mocolab.runtime import start_worker

@@ -17,8 +17,9 @@ from typing import Any
 from mocolab import tracking
 from mocolab.config import Config
 from mocolab.runtime import RunInterrupted, ensure_ray, fit, sigint_held, torch_trainer
+from mocolab.train.checkpoint import BACKBONE_FILE
 from mocolab.train.nonfinite import raise_if_nonfinite
-from mocolab.train.pretrain import BACKBONE_FILE, STREAM_IMAGES_KEY, loop_config, train_loop
+from mocolab.train.pretrain import STREAM_IMAGES_KEY, loop_config, train_loop
 from mocolab.train.resume import NoLoadableCheckpointError
 
 
@@ -27,7 +28,7 @@ def build_trainer(cfg: Config, run_id: str, callbacks: Sequence[Any] = ()):
     given the Ray Data dataset ``train`` (:mod:`mocolab.data.stream`) and the loop its number of images."""
     config, datasets = loop_config(cfg, run_id), None
     if cfg.data.reader == "stream":
-        from mocolab.data.datasets import image_source
+        from mocolab.data.sources import image_source
         from mocolab.data.stream import pretrain_dataset
 
         files = image_source(cfg.data, "train")  # image files: the config refuses stream for in-memory data
