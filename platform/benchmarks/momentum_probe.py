@@ -42,7 +42,7 @@ from mocolab.data.datasets import build_pretrain_dataset, collate_keep_batch_siz
 from mocolab.moco.model import MoCo
 from mocolab.runtime import seed_everything
 from mocolab.train.knn import knn_loaders, knn_top1
-from mocolab.train.pretrain import lr_factor
+from mocolab.train.schedule import lr_factor
 
 SWEEP_BASE = [  # the momentum_cpu sweep's trial: one worker, the quickstart's global batch, split-BN
     "scaling.num_workers=1",

@@ -76,7 +76,8 @@ def _launcher_worker(rank: int, config: dict[str, Any], epochs: int, port: int, 
     from mocolab.moco.model import MoCo
     from mocolab.runtime import seed_everything
     from mocolab.train.knn import knn_loaders, knn_top1
-    from mocolab.train.pretrain import batch_views, broadcast_buffers, lr_factor, pretrain_loader
+    from mocolab.train.pretrain import batch_views, broadcast_buffers, pretrain_loader
+    from mocolab.train.schedule import lr_factor
     from mocolab.train.step import TrainStep, make_optimizer
 
     cfg = Config.model_validate(config)

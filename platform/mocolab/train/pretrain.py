@@ -35,7 +35,7 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader, DistributedSampler
 
 from mocolab import tracking
-from mocolab.config import Config, TrainConfig
+from mocolab.config import Config
 from mocolab.console import StepProgress, console
 from mocolab.data.normalize import normalize_views
 from mocolab.runtime import seed_everything, start_worker
@@ -49,6 +49,7 @@ from mocolab.train.checkpoint import (
 from mocolab.train.knn import knn_loaders
 from mocolab.train.nonfinite import record_nonfinite
 from mocolab.train.resume import NoLoadableCheckpointError, Resumed, load_for_resume
+from mocolab.train.schedule import lr_factor, momentum_schedule
 from mocolab.train.step import LossWatch, TrainStep, make_optimizer
 
 STREAM_IMAGES_KEY = "stream_images"
@@ -56,41 +57,6 @@ STREAM_IMAGES_KEY = "stream_images"
 INJECT_NAN_KEY = "inject_nan_loss_at_epoch"
 """Fault injection for tests of the NaN path: a ``train_loop_config`` key whose value is the epoch in which the
 query crops (hence the loss) are made NaN. Never set by mocolab itself."""
-
-
-def lr_factor(step: int, steps_per_epoch: int, train: TrainConfig) -> float:
-    """Multiplier of ``train.lr`` at iteration ``step`` (0-based): linear warmup over
-    ``train.warmup_epochs``, then cosine to 0 over the remaining epochs, or step decay by
-    ``train.lr_decay`` at each of ``train.lr_milestones`` (epochs)."""
-    warmup_steps = train.warmup_epochs * steps_per_epoch
-    if step < warmup_steps:
-        return (step + 1) / warmup_steps
-    epoch = step / steps_per_epoch
-    if train.schedule == "cosine":
-        span = max(train.epochs - train.warmup_epochs, 1)
-        return 0.5 * (1.0 + math.cos(math.pi * min((epoch - train.warmup_epochs) / span, 1.0)))
-    return train.lr_decay ** sum(int(epoch) >= m for m in train.lr_milestones)
-
-
-def momentum_schedule(cfg: Config, steps_per_epoch: int) -> Callable[[int], float] | None:
-    """The key encoder's momentum at each global step: ``moco.warmup_momentum`` for the first
-    ``moco.momentum_warmup_epochs``, then ``moco.momentum``, or with ``moco.momentum_schedule=cosine`` v3's
-    schedule (raised from ``moco.momentum`` to 1 over ``train.epochs``); None for one constant momentum."""
-    moco = cfg.moco
-    if moco.momentum_schedule == "constant" and not moco.momentum_warmup_epochs:
-        return None
-    from mocolab.moco.v3_heads import cosine_momentum
-
-    warmup_steps = moco.momentum_warmup_epochs * steps_per_epoch
-
-    def momentum_at(step: int) -> float:
-        if step < warmup_steps:
-            return moco.warmup_momentum
-        if moco.momentum_schedule == "cosine":
-            return cosine_momentum(step, steps_per_epoch, cfg.train.epochs, moco.momentum)
-        return moco.momentum
-
-    return momentum_at
 
 
 def loop_config(cfg: Config, mlflow_run_id: str) -> dict[str, Any]:
