@@ -23,7 +23,7 @@ encoder after each step: a
 dictionary with no stale keys (an intervention, ~K/B times the key encoder's work), to tell staleness apart from
 the key encoder's speed as such.
 
-    PYTHONPATH=platform python platform/benchmarks/momentum_probe.py --set moco.momentum=0.9 --epochs 12
+    PYTHONPATH=platform python platform/research/momentum_probe.py --set moco.momentum=0.9 --epochs 12
 """
 
 from __future__ import annotations
