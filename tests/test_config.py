@@ -370,3 +370,24 @@ def test_data_pipeline_defaults_to_cpu_and_device_takes_named_recipes_only():
         "data.pipeline=device runs the named recipes moco_v1, moco_v2, none only",
         "or data.pipeline=cpu for a custom list of albumentations ops",
     )
+
+
+def test_evaluation_seeds_follow_the_run_seed_unless_set():
+    raw = {"train": {"seed": 3}, "eval": {"lincls": {}, "detection": {"data": {"made_digits": True}}}}
+    cfg = build_config(raw)
+    assert (cfg.eval.lincls.seed, cfg.eval.detection.seed) == (3, 3)
+    assert cfg.flat()["eval.detection.seed"] == 3  # params show the seed used
+    raw["eval"]["detection"]["seed"] = 7
+    assert build_config(raw).eval.detection.seed == 7
+
+
+def test_the_quickstart_and_the_probe_seed_their_evaluations_with_the_run():
+    from mocolab.evaluate.pipeline import with_lincls
+    from mocolab.evaluate.probe import probe_protocol
+    from mocolab.quickstart import quickstart_config
+
+    cfg = quickstart_config(seed=2)
+    assert (cfg.eval.lincls.seed, cfg.eval.detection.seed) == (2, 2)
+    bare = build_config({"train": {"seed": 5}})
+    assert with_lincls(bare, "small_cnn").eval.lincls.seed == 5
+    assert probe_protocol("small_cnn", 4).seed == 4

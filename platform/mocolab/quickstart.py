@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-from mocolab.config import Config, load_config
+from mocolab.config import Config, follow_run_seed, load_config
 
 QUICKSTART_CONFIG = Path(__file__).with_name("quickstart.yaml")
 QUICKSTART_EVALS = Path(__file__).with_name("quickstart_evals.yaml")
@@ -38,7 +38,7 @@ def quickstart_config(seed: int | None = None, overrides: Sequence[str] = ()) ->
         from mocolab.config import EvalConfig, read_yaml
 
         evals = EvalConfig.model_validate(read_yaml(QUICKSTART_EVALS).get("eval") or {})
-        cfg = cfg.model_copy(update={"eval": evals})
+        cfg = follow_run_seed(cfg.model_copy(update={"eval": evals}))
     return cfg
 
 
@@ -61,7 +61,8 @@ def random_init_metrics(cfg: Config) -> dict[str, float | None]:
     cpu = torch.device("cpu")
     metrics = {KNN_TOP1: knn_top1(backbone, *loaders, k=cfg.train.knn_k, t=cfg.train.knn_t, device=cpu)}
     if cfg.train.linear_probe:
-        metrics[LINCLS_FAST_METRICS[0]] = linear_probe_top1(backbone, cfg.model.arch, *loaders, cpu)
+        probe = linear_probe_top1(backbone, cfg.model.arch, *loaders, cpu, seed=cfg.train.seed)
+        metrics[LINCLS_FAST_METRICS[0]] = probe
     return metrics
 
 

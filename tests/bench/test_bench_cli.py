@@ -185,7 +185,7 @@ def test_bench_data_tables_each_pipeline_and_recipe_with_cores_per_gpu(tmp_path,
     )
     rows = record["data_pipelines"]["rows"]
     assert [(r["pipeline"], r["augment"]) for r in rows] == [
-        (p, a) for a in ("moco_v1", "moco_v2") for p in ("albumentations", "fast_cpu")
+        (p, a) for a in ("moco_v1", "moco_v2") for p in ("albumentations", "fast_cpu", "device_host", "device_on_cpu")
     ]
     for row in rows:
         rate = row["img_per_s_per_core"]

@@ -216,3 +216,58 @@ def test_figure_labels_drop_the_key_prefixes_not_the_values():
     assert _short("moco.momentum=0.99") == "momentum=0.99"
     labels = _short("moco.mlp=True, moco.temperature=0.07, train.schedule=step")
     assert labels == "mlp=True, temperature=0.07, schedule=step"
+
+
+def test_a_diagnostic_check_is_decided_and_shown_but_does_not_decide_the_claim(tmp_path):
+    diagnostic = {"name": "why", "a": {"moco.momentum": 0.9}, "relation": ">", "b": "random_init", "role": "diagnostic"}
+    beats = {"name": "0.99 beats 0.9", "a": {"moco.momentum": 0.99}, "relation": ">", "b": {"moco.momentum": 0.9}}
+    claim, _ = parse_claim(raw_claim(checks=[beats, diagnostic]), "toy")
+    verdict, results = evaluate_claim(claim, runs_frame(KNN, LOSS), BASELINES)
+    assert [r.verdict for r in results] == [REPRODUCED, INCONCLUSIVE] and verdict == REPRODUCED
+    assert results[0].seeds_needed == 2  # 0.99 leads 0.9 by ~20 points with a spread of ~1.5
+    table = rows_table(claim, runs_frame(KNN, LOSS))
+    report = ClaimReport(claim, "rep-toy", table, BASELINES, results, verdict, pd.DataFrame(columns=["setting"]))
+    text = write_report([report], tmp_path, "# Header").read_text()
+    assert "inconclusive (diagnostic)" in text and "seeds for 80% power" in text
+    with pytest.raises(ConfigError, match="at least one check must have role: claim"):
+        parse_claim(raw_claim(checks=[diagnostic]), "toy")
+
+
+def test_curve_metrics_are_the_largest_loss_spike_and_knn_dip_of_each_run():
+    from mocolab.reproduce.evidence import with_curves
+
+    runs = pd.DataFrame({"run_id": ["a", "b", "c"]})
+    loss = pd.DataFrame(
+        {"run_id": ["a"] * 4 + ["b"] * 3, "step": [1, 2, 3, 4, 3, 1, 2], "value": [5.0, 4.0, 4.6, 4.1, 3.0, 4.0, 3.5]}
+    )
+    knn = pd.DataFrame({"run_id": ["a"] * 3, "step": [4, 8, 12], "value": [30.0, 25.0, 40.0]})
+    out = with_curves(runs, {"loss": loss, "knn_top1": knn})
+    assert out["metrics.loss_max_rise"].tolist()[:2] == pytest.approx([0.6, -0.5])  # b: 4.0 -> 3.5 -> 3.0
+    assert out["metrics.knn_max_drop"].tolist()[0] == pytest.approx(5.0)
+    assert out[["metrics.loss_max_rise", "metrics.knn_max_drop"]].iloc[2].isna().all()
+
+
+DETECTION_CLAIMS = ("detection_digits", "detection_raccoon")
+
+
+@pytest.mark.parametrize("name", DETECTION_CLAIMS)
+def test_detection_claims_check_every_AP_against_random_init_and_every_run_finishing(name):
+    claim, spec, _ = load_claim(name)
+    assert claim.metric == "det_AP" and claim.all_runs_finish and len(spec.seeds) >= 3
+    checks = {(claim.metric_of(c), c.relation, c.b) for c in claim.checks}
+    assert checks == {(m, ">", "random_init") for m in ("det_AP", "det_AP50", "det_AP75")}
+    assert "supervised" in claim.departures and "PILOT" not in claim.chosen
+
+
+@pytest.mark.parametrize("name", DETECTION_CLAIMS)
+def test_a_detection_claim_seeds_each_trial_and_its_random_init_run_alike(name):
+    from mocolab.reproduce.claims import grid_settings
+    from mocolab.tune.spec import SEED_KEY, prepare_sweep, trial_config
+
+    claim, spec, path = load_claim(name)
+    spec = spec.model_copy(update={"name": f"rep-{name}"})
+    base, trials = prepare_sweep(spec, path.parent, [])
+    assert [(t.train.seed, t.eval.detection.seed) for t in trials] == [(s, s) for s in spec.seeds]
+    setting = grid_settings(spec)[0]  # how run.random_init_baselines builds the config of a seed
+    init = trial_config(spec, base, {**setting, SEED_KEY: spec.seeds[-1]}, run_name=f"rep-{name}-init")
+    assert init.eval.detection == trials[-1].eval.detection

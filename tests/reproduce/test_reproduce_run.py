@@ -49,6 +49,7 @@ def test_a_check_on_a_metric_the_trials_do_not_log_is_refused_before_any_run(tmp
     path = tiny_claim(tmp_path)
     raw = yaml.safe_load(path.read_text())
     raw["metric"] = "lincls_fast_top1"
+    raw["sweep"]["base"]["train.linear_probe"] = False
     path.write_text(yaml.safe_dump(raw))
     with pytest.raises(ConfigError, match="uses lincls_fast_top1, which the trials do not log; set train.linear_probe"):
         plan_claim(str(path), "rep", None, [], "reproduce")
@@ -126,3 +127,57 @@ def test_bad_claim_is_refused_before_anything_runs(mlflow_uri, tmp_path, capsys)
     assert "moco.queue_size=100" in capsys.readouterr().err
     assert main(["reproduce", "no-such-claim", "--dry-run"]) == 2
     assert "no claim 'no-such-claim'" in capsys.readouterr().err
+
+
+def tiny_detection_claim(folder):
+    """MoCo init against random init on the made digits VOC set: 1 epoch on 256 images, 4 detection iterations,
+    seed 1."""
+    path = tiny_claim(folder)
+    raw = yaml.safe_load(path.read_text())
+    raw["sweep"]["base"].update(
+        {
+            "train.linear_probe": False,
+            "eval": {
+                "detection": {
+                    "data": {"format": "voc", "made_digits": True},
+                    "fpn": False,
+                    "min_size": 64,
+                    "max_size": 64,
+                    "anchor_sizes": [8, 16, 32, 64],
+                    "iterations": 4,
+                    "batch_size": 2,
+                    "lr": 0.005,
+                    "warmup_iters": 2,
+                    "clip_grad_norm": 20,
+                    "roi_batch_size": 32,
+                    "test_proposals": 20,
+                    "num_workers": 1,
+                }
+            },
+        }
+    )
+    raw["sweep"]["space"] = {"train.epochs": {"grid": [1]}}
+    raw["sweep"]["seeds"] = [1]  # not the default 0: the detection seed follows it
+    raw["paper"]["rows"] = []
+    raw.update(metric="det_AP", all_runs_finish=True)
+    raw["checks"] = [{"name": "MoCo beats random init", "a": {"train.epochs": 1}, "relation": ">", "b": "random_init"}]
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    return path
+
+
+@pytest.mark.slow
+def test_reproduce_tiny_detection_claim_end_to_end(ray_local, mlflow_uri, tmp_path):
+    path = tiny_detection_claim(tmp_path)
+    out = tmp_path / "report"
+    assert main(["reproduce", str(path), "--out", str(out), "--set", f"scaling.storage_path={tmp_path / 'ray'}"]) == 0
+    client = MlflowClient(tracking_uri=mlflow_uri)
+    exp = client.get_experiment_by_name("reproduce")
+    sweep = client.search_runs([exp.experiment_id], filter_string=f"tags.`{tracking.CLAIM_TAG}` = 'tiny'")[0]
+    assert [m.step for m in client.get_metric_history(sweep.info.run_id, "random_init_det_AP")] == [1]
+    runs = client.search_runs([exp.experiment_id], filter_string=f"tags.`{tracking.STAGE_TAG}` = 'detection'")
+    assert len(runs) == 2 and all(r.info.status == "FINISHED" for r in runs)  # the MoCo trial's and random init's
+    seeds = sorted((r.data.tags[tracking.INIT_TAG] == "random", r.data.params["eval.detection.seed"]) for r in runs)
+    assert seeds == [(False, "1"), (True, "1")]
+    text = (out / "report.md").read_text()
+    assert "every run reaches its last iteration with a finite loss | 2 of 2 runs finished" in text
+    assert "AP (verdict)" in text

@@ -4,6 +4,7 @@ import math
 
 import numpy as np
 import pytest
+from scipy import stats
 
 from mocolab.analysis.verdict import (
     INCONCLUSIVE,
@@ -12,7 +13,10 @@ from mocolab.analysis.verdict import (
     Interval,
     combine,
     decide,
+    interval_sd,
     paired_interval,
+    seeds_needed,
+    threshold,
 )
 
 
@@ -121,3 +125,13 @@ def test_combine():
         combine([])
     with pytest.raises(ValueError, match="unknown"):
         combine(["maybe"])
+
+
+def test_seeds_needed_follows_the_power_rule_and_the_interval_gives_back_its_sd():
+    n = seeds_needed(sd=1.0, distance=1.0)
+    power_rule = lambda k: (stats.t.ppf(0.95, k - 1) + stats.t.ppf(0.8, k - 1)) / math.sqrt(k)  # noqa: E731
+    assert power_rule(n) < 1.0 <= power_rule(n - 1) and n == 8  # the normal approximation says ~6.2
+    assert seeds_needed(1.0, 0.0) is None and seeds_needed(1.0, 0.01) is None  # beyond 1000 seeds
+    d = [1.0, 2.5, 0.5, 3.0]
+    assert interval_sd(paired_interval(d, 0.0)) == pytest.approx(float(np.std(d, ddof=1)))
+    assert threshold(">", 2.0, 5.0) == 2.0 and threshold(">=", 2.0, 5.0) == -2.0 and threshold("~", 2.0, -1.0) == -2.0

@@ -91,6 +91,32 @@ def decide(interval: Interval, relation: str, margin: float = 0.0) -> str:
     return REPRODUCED if yes else NOT_REPRODUCED if no else INCONCLUSIVE
 
 
+def interval_sd(interval: Interval, alpha: float = ALPHA) -> float:
+    """The standard deviation of the paired differences behind a defined ``interval`` (its half-width undone)."""
+    return (interval.high - interval.low) / 2 * math.sqrt(interval.n) / float(stats.t.ppf(1 - alpha, interval.n - 1))
+
+
+def seeds_needed(sd: float, distance: float, power: float = 0.8, alpha: float = ALPHA, most: int = 1000) -> int | None:
+    """How many seeds resolve a check whose true mean difference lies ``distance`` from its threshold, with
+    probability ``power``, when the paired differences have standard deviation ``sd``: the smallest n >= 2 with
+    ``(t(1 - alpha, n - 1) + t(power, n - 1)) sd / sqrt(n) < distance`` (the one-sided t test's power rule). None
+    when no n up to ``most`` does (or ``distance`` is 0)."""
+    if distance <= 0:
+        return None
+    for n in range(2, most + 1):
+        if (stats.t.ppf(1 - alpha, n - 1) + stats.t.ppf(power, n - 1)) * sd / math.sqrt(n) < distance:
+            return n
+    return None
+
+
+def threshold(relation: str, margin: float, difference: float) -> float:
+    """The value of ``a - b`` at which the verdict of ``a RELATION b`` turns (for ``~``, the bound nearer
+    ``difference``)."""
+    if relation == "~":
+        return margin if difference >= 0 else -margin
+    return -margin if relation == ">=" else margin
+
+
 def combine(verdicts: Iterable[str]) -> str:
     """A claim's verdict from its checks': all reproduced -> reproduced; any not reproduced -> not reproduced."""
     verdicts = list(verdicts)

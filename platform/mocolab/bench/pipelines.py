@@ -1,10 +1,13 @@
 """Images/s per CPU core of each input pipeline x MoCo recipe, on real JPEGs: what sizing a GPU node needs.
 
-:data:`PIPELINES` is a registry ``name -> factory(recipe, image_size)``; a factory returns a function from one file's
-bytes to its two views. The first row is today's reference (PIL decode, albumentations Compose, float normalise), the
-baseline; more pipelines (a device one) are one more entry. Each round runs every row over the same images, decode +
-two crops + collate into batches of :data:`BATCH`, on one thread (a loader worker's share: one core), rows in
-alternating order; the table gives median/min/max over rounds and the cores per GPU a step rate needs.
+:data:`PIPELINES` is a registry ``name -> factory(recipe, image_size)``; a factory returns a function from a batch of
+files' bytes to the batch the training step receives. The first row is today's reference (PIL decode,
+albumentations Compose, float normalise), the baseline; ``fast_cpu`` is the default CPU path; the device pipeline
+(``data.pipeline=device``) gives two rows: ``device_host`` (the CPU's share when a GPU decodes and augments: bytes to
+tensors and the batch) and ``device_on_cpu`` (kornia's whole two-crop on one CPU thread: the same code without a
+GPU). Each round runs every row over the same images in batches of :data:`BATCH` on one thread (a loader worker's
+share: one core), rows in alternating order; the table gives median/min/max over rounds and the cores per GPU a step
+rate needs.
 """
 
 from __future__ import annotations
@@ -23,18 +26,23 @@ from mocolab.bench.spread import Spread
 RECIPES = ("moco_v1", "moco_v2")
 BATCH = 64
 DEFAULT_STEP_RATE = 3500.0  # img/s of a ResNet-50 MoCo step, bf16, one H100 (issue 22)
-Views = Callable[[bytes], Any]
+Batch = Callable[[list[bytes]], Any]
 
 
-def _reference(recipe: str, image_size: int) -> Views:
+def _collated(views: Callable[[bytes], Any]) -> Batch:
+    """Per-image views, collated as the loader does (with the index)."""
+    return lambda blobs: default_collate([(*views(data), i) for i, data in enumerate(blobs)])
+
+
+def _reference(recipe: str, image_size: int) -> Batch:
     from mocolab.data.augment import TwoCropTransform
     from mocolab.data.images import decode_rgb
 
     transform = TwoCropTransform(recipe, image_size)
-    return lambda data: transform(decode_rgb(data, "bench image"))
+    return _collated(lambda data: transform(decode_rgb(data, "bench image")))
 
 
-def _fast_cpu(recipe: str, image_size: int) -> Views:
+def _fast_cpu(recipe: str, image_size: int) -> Batch:
     from mocolab.data.augment import two_crop_transform
     from mocolab.data.images import decode_rgb
 
@@ -44,10 +52,31 @@ def _fast_cpu(recipe: str, image_size: int) -> Views:
         out = transform.from_encoded(data)
         return out if out is not None else transform(decode_rgb(data, "bench image"))
 
-    return views
+    return _collated(views)
 
 
-PIPELINES: dict[str, Callable[[str, int], Views]] = {"albumentations": _reference, "fast_cpu": _fast_cpu}
+def _device_host(recipe: str, image_size: int) -> Batch:
+    import torch
+
+    from mocolab.data.encoded import collate_encoded
+
+    return lambda blobs: collate_encoded(
+        [(torch.frombuffer(bytearray(data), dtype=torch.uint8), f"#{i}", i) for i, data in enumerate(blobs)]
+    )
+
+
+def _device_on_cpu(recipe: str, image_size: int) -> Batch:
+    from mocolab.data.encoded import two_crop_bytes
+
+    return lambda blobs: two_crop_bytes(blobs, recipe, image_size, "cpu")
+
+
+PIPELINES: dict[str, Callable[[str, int], Batch]] = {
+    "albumentations": _reference,
+    "fast_cpu": _fast_cpu,
+    "device_host": _device_host,
+    "device_on_cpu": _device_on_cpu,
+}
 BASELINE = "albumentations"
 
 
@@ -74,10 +103,10 @@ def folder_jpegs(folder: Path) -> list[bytes]:
     return [Path(p).read_bytes() for p in paths]
 
 
-def _round(views: Views, blobs: list[bytes], images: int) -> float:
+def _round(batch: Batch, blobs: list[bytes], images: int) -> float:
     start = time.perf_counter()
     for first in range(0, images, BATCH):
-        default_collate([(*views(blobs[i % len(blobs)]), i) for i in range(first, min(images, first + BATCH))])
+        batch([blobs[i % len(blobs)] for i in range(first, min(images, first + BATCH))])
     return images / (time.perf_counter() - start)
 
 

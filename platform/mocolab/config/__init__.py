@@ -31,7 +31,7 @@ from mocolab.config.load import (
 )
 from mocolab.config.model import BUILTIN_ARCHS, MocoConfig, ModelConfig
 from mocolab.config.presets import PRESETS, STEP_MILESTONE_FRACTIONS, V3_ARCH_PRESETS, apply_preset
-from mocolab.config.schema import Config, check_labeled, check_run_rules, check_timm_arch
+from mocolab.config.schema import Config, check_labeled, check_run_rules, check_timm_arch, follow_run_seed
 from mocolab.config.training import ScalingConfig, TrackingConfig, TrainConfig
 
 __all__ = [
@@ -67,6 +67,7 @@ __all__ = [
     "check_timm_arch",
     "default_tracking_uri",
     "flatten",
+    "follow_run_seed",
     "format_validation_error",
     "is_uri",
     "load_config",

@@ -10,6 +10,8 @@ from pydantic import Field, field_validator
 from mocolab.config.base import _as_text, _is_timm_vit, _Section, is_uri
 from mocolab.config.data import DataConfig
 
+RUN_SEED_TEXT = "default: train.seed (set when the config is built, so params show the value used)"
+
 
 class LinclsConfig(_Section):
     """Linear classification on frozen features; ``protocol`` fills ``lr``, ``schedule`` and ``lr_per_256`` where
@@ -33,7 +35,7 @@ class LinclsConfig(_Section):
     milestones: list[float] = Field(default_factory=lambda: [0.6, 0.8], description="fractions of the epochs")
     fast: bool = Field(False, description="train on features extracted once (no augmentation)")
     num_workers: int = Field(1, ge=1)
-    seed: int = 0
+    seed: int | None = Field(None, description=RUN_SEED_TEXT)
 
     @field_validator("milestones")
     @classmethod
@@ -121,7 +123,7 @@ class DetectionConfig(_Section):
     test_proposals: int = Field(1000, ge=1, description="RPN proposals per image scored by the box head at test")
     anchor_sizes: list[int] | None = Field(None, description="RPN anchor sides in px; default 32..512 x min_size/800")
     num_workers: int = Field(1, ge=1)
-    seed: int = 0
+    seed: int | None = Field(None, description=RUN_SEED_TEXT)
 
 
 class EvalConfig(_Section):

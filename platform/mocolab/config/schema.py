@@ -16,6 +16,15 @@ from mocolab.config.presets import apply_preset
 from mocolab.config.training import ScalingConfig, TrackingConfig, TrainConfig
 
 
+def follow_run_seed(cfg: Config) -> Config:
+    """Set, in place, every evaluation seed left unset (``eval.lincls.seed``, ``eval.detection.seed``) to
+    ``train.seed``: a run's seeds (``--seeds``, a sweep's ``seeds``) vary its evaluations too. Returns ``cfg``."""
+    for section in (cfg.eval.lincls, cfg.eval.detection):
+        if section is not None and section.seed is None:
+            section.seed = cfg.train.seed
+    return cfg
+
+
 class Config(_Section):
     """A pretraining run: everything ``mocolab pretrain`` needs."""
 
@@ -37,7 +46,7 @@ class Config(_Section):
     @model_validator(mode="after")
     def _cross_field_rules(self) -> Config:
         check_run_rules(self)
-        return self
+        return follow_run_seed(self)
 
     @property
     def global_batch(self) -> int:

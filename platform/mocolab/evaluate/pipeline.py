@@ -23,7 +23,7 @@ DETECTION_NONFINITE_FIX = (
 def with_lincls(cfg: Config, arch: str | None = None) -> Config:
     """``cfg`` with an ``eval.lincls`` section (the paper's protocol by default), resolved for the backbone ``arch``
     when given (``config.resolve_lincls``: the v3 protocol for a timm ViT)."""
-    lin = cfg.eval.lincls or LinclsConfig()
+    lin = cfg.eval.lincls or LinclsConfig(seed=cfg.train.seed)
     if arch is not None:
         lin = resolve_lincls(lin, arch)
     return cfg.model_copy(update={"eval": cfg.eval.model_copy(update={"lincls": lin})})

@@ -21,9 +21,10 @@ from mocolab.evaluate.lincls import evaluate, feature_batches, lr_at_epoch, make
 from mocolab.train.knn import extract_features, gather_shards
 
 
-def probe_protocol(arch: str) -> LinclsConfig:
-    """The probe's protocol for backbone ``arch``: ``eval.lincls``'s fast protocol with its defaults."""
-    return resolve_lincls(LinclsConfig(fast=True), arch)
+def probe_protocol(arch: str, seed: int = 0) -> LinclsConfig:
+    """The probe's protocol for backbone ``arch``: ``eval.lincls``'s fast protocol with its defaults, seeded with
+    ``seed`` (the run's ``train.seed``)."""
+    return resolve_lincls(LinclsConfig(fast=True, seed=seed), arch)
 
 
 def fit_linear_probe(
@@ -55,11 +56,16 @@ def fit_linear_probe(
 
 
 def linear_probe_top1(
-    backbone: nn.Module, arch: str, train_loader: Iterable, test_loader: Iterable, device: torch.device | None = None
+    backbone: nn.Module,
+    arch: str,
+    train_loader: Iterable,
+    test_loader: Iterable,
+    device: torch.device | None = None,
+    seed: int = 0,
 ) -> float | None:
-    """:func:`fit_linear_probe` with :func:`probe_protocol` on ``backbone``'s frozen features (train split -> test
-    split); under a process group every rank passes loaders over its shard of each split and gets the single-rank
-    result."""
+    """:func:`fit_linear_probe` with :func:`probe_protocol` (seeded with ``seed``, the run's ``train.seed``) on
+    ``backbone``'s frozen features (train split -> test split); under a process group every rank passes loaders
+    over its shard of each split and gets the single-rank result."""
     train = [gather_shards(x) for x in extract_features(backbone, train_loader, device, normalize=False)]
     test = [gather_shards(x) for x in extract_features(backbone, test_loader, device, normalize=False)]
-    return fit_linear_probe(*train, *test, probe_protocol(arch))
+    return fit_linear_probe(*train, *test, probe_protocol(arch, seed))

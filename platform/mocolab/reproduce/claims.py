@@ -15,7 +15,11 @@ A claim file holds:
   of one trial's values) and ``b`` a setting, ``random_init`` (the random-init encoder of the same seed, measured
   under the same protocol) or a number; a check may name its own ``metric`` (:data:`METRICS`: ``knn_top1``,
   ``lincls_fast_top1`` (the linear probe, ``train.linear_probe``), ``det_AP``/``det_AP50``/``det_AP75``
-  (``eval.detection``), ``loss``, ``loss_to_chance`` = final loss / ln(1 + negatives)).
+  (``eval.detection``), ``loss``, ``loss_to_chance`` = final loss / ln(1 + negatives), ``loss_max_rise`` and
+  ``knn_max_drop``: the largest loss spike and kNN dip of a run's curve, ``evidence.CURVE_METRICS``);
+- ``all_runs_finish`` (optional, default false): one more check, that every run (each trial, and each random-init
+  detection run) reached its last iteration without a NaN/inf loss; not reproduced if any did not, the report
+  naming it.
 """
 
 from __future__ import annotations
@@ -33,7 +37,17 @@ from mocolab.tune.spec import SweepSpec, assignment_of, axis_keys, parse_sweep
 CLAIMS_DIR = Path(__file__).resolve().parents[3] / "experiments" / "reproduce"
 RANDOM_INIT = "random_init"
 Setting = dict[str, Any]
-Metric = Literal["knn_top1", "lincls_fast_top1", "det_AP", "det_AP50", "det_AP75", "loss", "loss_to_chance"]
+Metric = Literal[
+    "knn_top1",
+    "lincls_fast_top1",
+    "det_AP",
+    "det_AP50",
+    "det_AP75",
+    "loss",
+    "loss_to_chance",
+    "loss_max_rise",
+    "knn_max_drop",
+]
 BASELINE_METRICS = ("knn_top1", "lincls_fast_top1", "det_AP", "det_AP50", "det_AP75")
 """The metrics a random-init encoder is measured on (``b: random_init``), in the order tables show them."""
 
@@ -63,6 +77,15 @@ class Check(_Strict):
     b: Setting | Literal["random_init"] | float
     margin: float = Field(0.0, ge=0)
     metric: Metric | None = None
+    role: Literal["claim", "diagnostic"] = Field(
+        "claim",
+        description="diagnostic: decided and reported, but not part of the claim's verdict (a measurement of why)",
+    )
+    effect: float | None = Field(
+        None,
+        description="the difference a - b expected (the paper's, in points), for the seeds-needed estimate; "
+        "default: the observed mean difference",
+    )
 
 
 class Claim(_Strict):
@@ -77,6 +100,14 @@ class Claim(_Strict):
     values: dict[str, dict[str, Any]] = Field(default_factory=dict)
     metric: Metric = "knn_top1"
     checks: list[Check] = Field(min_length=1)
+    all_runs_finish: bool = Field(False, description="check that every run ends without failure or NaN/inf loss")
+
+    @field_validator("checks")
+    @classmethod
+    def _one_claim_check(cls, v: list[Check]) -> list[Check]:
+        if not any(check.role == "claim" for check in v):
+            raise ValueError("checks: at least one check must have role: claim (diagnostics do not decide a claim)")
+        return v
 
     @field_validator("sweep")
     @classmethod

@@ -4,6 +4,8 @@
 Calibration (small_cnn on the made digits task at 16 px, one thread, CPU seconds, so that load from other
 processes does not inflate it): ``platform/research/momentum_probe.py`` and ``mocolab sweep`` runs; see the
 constants. Other architectures are not calibrated: their trials are estimated as small_cnn's, scaled by pixels.
+Detection runs (``eval.detection``): small_cnn's single-level Faster R-CNN timed for one fine-tuning step of 4
+images at 64x64 and 96x128 px (CPU seconds, one thread), a fixed part per image and a part per pixel.
 """
 
 from __future__ import annotations
@@ -20,6 +22,13 @@ KNN_SECONDS_PER_IMAGE = 0.35e-3
 TRIAL_OVERHEAD_SECONDS = 25.0
 """Per trial: Ray Train worker group start, MLflow run, checkpoints, final backbone."""
 REFERENCE_SIDE = 16
+DETECTION_SECONDS_PER_IMAGE = 0.042
+"""One fine-tuning image of ``eval.detection`` (small_cnn, one level, 64 RoIs), the part that does not grow with its
+pixels (the RPN's and box head's losses); CPU seconds, one thread: 0.063 s at 64x64 px, 0.105 s at 96x128."""
+DETECTION_SECONDS_PER_PIXEL = 5.1e-6
+"""The part of a fine-tuning image that grows with its pixels (the backbone's forward and backward)."""
+DETECTION_OVERHEAD_SECONDS = 30.0
+"""Per detection run: Ray Train worker start, data, the val split's predictions and COCO AP, MLflow run."""
 
 
 def trial_seconds(cfg, train_images: int, test_images: int) -> float:
@@ -36,6 +45,17 @@ def trial_seconds(cfg, train_images: int, test_images: int) -> float:
     knn = knn_epochs * (train_images + test_images) * KNN_SECONDS_PER_IMAGE * pixels
     cores = max(cfg.scaling.num_workers * cfg.scaling.cpus_per_worker, 1.0)
     return TRIAL_OVERHEAD_SECONDS + (cfg.train.epochs * per_epoch) / cores + knn
+
+
+def detection_seconds(cfg) -> float:
+    """Expected wall time of the ``eval.detection`` run of ``cfg`` (a Config; 0 without one): its images per
+    worker at ``min_size x max_size`` pixels, timed as small_cnn's (other architectures are not calibrated), plus
+    the overhead."""
+    det = cfg.eval.detection
+    if det is None:
+        return 0.0
+    per_image = DETECTION_SECONDS_PER_IMAGE + DETECTION_SECONDS_PER_PIXEL * det.min_size * det.max_size
+    return DETECTION_OVERHEAD_SECONDS + det.iterations * det.batch_size * per_image
 
 
 def schedule_seconds(durations: Iterable[float], slots: int) -> float:

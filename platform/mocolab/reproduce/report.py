@@ -19,7 +19,7 @@ from mocolab.analysis.plots import save_figure  # noqa: E402
 from mocolab.analysis.tables import mean_std, to_markdown  # noqa: E402
 from mocolab.analysis.verdict import ALPHA  # noqa: E402
 from mocolab.reproduce.claims import Claim  # noqa: E402
-from mocolab.reproduce.evidence import CheckResult  # noqa: E402
+from mocolab.reproduce.evidence import CheckResult, FinishResult  # noqa: E402
 
 VERDICT_TEXT = {"reproduced": "reproduced", "not_reproduced": "**not reproduced**", "inconclusive": "inconclusive"}
 METRIC_LABELS = {
@@ -40,7 +40,7 @@ class ClaimReport:
     sweep: str  # the claim's sweep name (its MLflow run)
     table: pd.DataFrame  # evidence.rows_table
     baseline: pd.DataFrame  # the random-init encoder's metrics (columns) by seed (index)
-    results: list[CheckResult]
+    results: list[CheckResult | FinishResult]
     verdict: str
     curves: pd.DataFrame  # columns setting, seed, step, value: per-epoch training loss
     figure: str | None = None  # PNG file name in the report folder
@@ -136,11 +136,26 @@ def rows_markdown(report: ClaimReport) -> str:
     return to_markdown(frame)
 
 
-def checks_markdown(results: Sequence[CheckResult]) -> str:
-    """One line per check: what it compares, the mean paired difference with its interval, n, verdict."""
+def checks_markdown(results: Sequence[CheckResult | FinishResult]) -> str:
+    """One line per check: what it compares, the mean paired difference with its interval, n, the seeds that
+    would resolve it with 80 % power (at the check's ``effect``, else the observed difference), verdict; the finish
+    check: how many runs finished, naming each that did not and why."""
     level = round(100 * (1 - 2 * ALPHA))
     rows = []
     for r in results:
+        if isinstance(r, FinishResult):
+            rows.append(
+                {
+                    "check": r.name,
+                    "comparison": r.text,
+                    "metric": r.metric,
+                    f"a - b, mean [{level}% CI]": "-",
+                    "n": len(r.outcomes),
+                    "seeds for 80% power": "-",
+                    "verdict": VERDICT_TEXT[r.verdict],
+                }
+            )
+            continue
         iv = r.interval
         if iv is None:
             diff = "no paired seeds"
@@ -155,10 +170,18 @@ def checks_markdown(results: Sequence[CheckResult]) -> str:
                 "metric": r.metric,
                 f"a - b, mean [{level}% CI]": diff,
                 "n": iv.n if iv else 0,
-                "verdict": VERDICT_TEXT[r.verdict],
+                "seeds for 80% power": _seeds_text(r),
+                "verdict": VERDICT_TEXT[r.verdict] + (" (diagnostic)" if r.check.role == "diagnostic" else ""),
             }
         )
     return to_markdown(pd.DataFrame(rows))
+
+
+def _seeds_text(result: CheckResult) -> str:
+    if result.interval is None or not result.interval.defined:
+        return "-"
+    needed = result.seeds_needed
+    return "> 1000" if needed is None else str(needed)
 
 
 def claim_markdown(report: ClaimReport) -> str:

@@ -21,7 +21,7 @@ import pandas as pd
 from mocolab import tracking
 from mocolab.config import Config, ConfigError
 from mocolab.reproduce.claims import CLAIMS_DIR, Claim, grid_settings, load_claim
-from mocolab.reproduce.estimate import minutes, schedule_seconds, trial_seconds
+from mocolab.reproduce.estimate import detection_seconds, minutes, schedule_seconds, trial_seconds
 from mocolab.tune.spec import SEED_KEY, SweepSpec, prepare_sweep, trial_config
 
 DEFAULT_EXPERIMENT = "reproduce"
@@ -48,7 +48,8 @@ class Plan:
 
 def plan_claim(name: str, run_name: str, seeds: list[int] | None, overrides: list[str], experiment: str) -> Plan:
     """Load claim ``name``, name its sweep ``<run_name>-<claim>``, apply ``seeds`` and ``overrides``, validate every
-    trial and estimate its wall time. Every trial must share the images and the architecture (one random-init
+    trial and estimate its wall time (with ``eval.detection``: each trial's detection run and, after the sweep, the
+    random-init one of each seed). Every trial must share the images and the architecture (one random-init
     baseline per seed serves all rows)."""
     from mocolab.preflight import preflight
 
@@ -58,8 +59,14 @@ def plan_claim(name: str, run_name: str, seeds: list[int] | None, overrides: lis
         updates["seeds"] = seeds
     spec = spec.model_copy(update=updates)
     base, trials = prepare_sweep(spec, path.parent, [*overrides, f"tracking.experiment={experiment}"])
+    seeds = {"lincls": {"seed"}, "detection": {"seed"}}  # follow train.seed: a row's seeds are the baseline's
     shared = {
-        (t.data.model_dump_json(exclude={"augment"}), t.model.arch, t.train.linear_probe, t.eval.model_dump_json())
+        (
+            t.data.model_dump_json(exclude={"augment"}),
+            t.model.arch,
+            t.train.linear_probe,
+            t.eval.model_dump_json(exclude=seeds),
+        )
         for t in trials
     }
     if len(shared) > 1:
@@ -71,7 +78,9 @@ def plan_claim(name: str, run_name: str, seeds: list[int] | None, overrides: lis
     checked = preflight(trials, ("pretrain",), quiet=True)  # data, mechanisms against the data, storage, tracking
     key = trials[0].data.model_dump_json()
     sizes = checked.train_images[key], checked.test_images[key]
-    seconds = schedule_seconds([trial_seconds(t, *sizes) for t in trials], spec.max_concurrent_trials)
+    durations = [trial_seconds(t, *sizes) + detection_seconds(t) for t in trials]
+    random_init = len(spec.seeds or [trials[0].train.seed]) * detection_seconds(trials[0])  # a run per seed, after
+    seconds = schedule_seconds(durations, spec.max_concurrent_trials) + random_init
     return Plan(claim, path, spec, base, trials[0], trials, seconds)
 
 
@@ -104,7 +113,7 @@ def plan_text(plans: list[Plan]) -> str:
     lines = []
     for p in plans:
         lines.append(
-            f"  {p.claim.claim:<12} {len(p.trials):>3} trials, {p.spec.max_concurrent_trials} at a time: "
+            f"  {p.claim.claim:<17} {len(p.trials):>3} trials, {p.spec.max_concurrent_trials} at a time: "
             f"~{minutes(p.seconds)}  ({p.claim.title})"
         )
     total = sum(p.seconds for p in plans)
@@ -177,38 +186,75 @@ def run_claim(plan: Plan, parent_id: str) -> str:
     return sweep_id
 
 
-def random_init_baselines(plan: Plan) -> pd.DataFrame:
+def random_init_baselines(plan: Plan) -> tuple[pd.DataFrame, dict[str, str | None]]:
     """The random-init encoder of every seed (the pretraining runs' starting points) under the trials' protocols:
     kNN top-1, the linear probe with ``train.linear_probe``, AP/AP50/AP75 with ``eval.detection`` (a detection run
-    from random init per seed). Index: seed; columns: metric."""
+    from random init per seed, with that seed's detection seed, as the trial of that seed). Returns the metrics
+    (index: seed; columns: metric) and each detection run's name -> None, or why it failed: a failed run (e.g. a
+    NaN/inf loss) is recorded, its seed's AP left out, not raised."""
     from mocolab.quickstart import random_init_metrics
 
     first_setting = grid_settings(plan.spec)[0]
-    rows = {}
+    rows, outcomes = {}, {}
     for seed in plan.spec.seeds or [plan.first.train.seed]:
-        cfg = trial_config(plan.spec, plan.base, {**first_setting, SEED_KEY: seed}, run_name=f"{plan.spec.name}-init")
+        name = f"{plan.spec.name}-init-s{seed}"
+        cfg = trial_config(plan.spec, plan.base, {**first_setting, SEED_KEY: seed}, run_name=name)
         rows[seed] = random_init_metrics(cfg)
         if cfg.eval.detection is not None:
-            from mocolab.evaluate.pipeline import run_detection
-            from mocolab.evaluate.weights import resolve_source
+            rows[seed].update(_random_init_detection(cfg, outcomes))
+    return pd.DataFrame.from_dict(rows, orient="index", dtype=float).sort_index(), outcomes
 
-            detection = run_detection(cfg, resolve_source(cfg, init="random"))
-            rows[seed].update({name: detection.get(name) for name in tracking.DETECTION_METRICS})
-    return pd.DataFrame.from_dict(rows, orient="index", dtype=float).sort_index()
+
+def _random_init_detection(cfg: Config, outcomes: dict[str, str | None]) -> dict[str, float | None]:
+    """AP/AP50/AP75 of a detection run from random init per ``cfg``; records in ``outcomes`` its run's name and
+    None, or the first line of what stopped it (then the metrics are None)."""
+    from mocolab.evaluate.pipeline import run_detection
+    from mocolab.evaluate.weights import resolve_source
+
+    name = f"detection-random-{cfg.tracking.run_name}"
+    try:
+        detection = run_detection(cfg, resolve_source(cfg, init="random"))
+    except Exception as err:  # the run is marked FAILED; the claim's finish check reports it
+        why = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        print(f"[reproduce] {name} failed: {why}", flush=True)
+        outcomes[name] = why
+        return dict.fromkeys(tracking.DETECTION_METRICS)
+    outcomes[name] = None
+    return {metric: detection.get(metric) for metric in tracking.DETECTION_METRICS}
+
+
+def failure_reasons(uri: str, runs: pd.DataFrame) -> dict[str, str]:
+    """Why each trial run that did not finish failed, when one of its evaluation runs recorded a NaN/inf loss:
+    ``run_id`` -> ``<stage> run <name>: <where>``."""
+    client = tracking.client_for(uri)
+    reasons = {}
+    for _, row in runs[runs["status"] != "FINISHED"].iterrows():
+        evals = client.search_runs(
+            [row["experiment_id"]], filter_string=f"tags.`{tracking.PRETRAIN_RUN_TAG}` = '{row['run_id']}'"
+        )
+        for run in evals:
+            where = run.data.tags.get(tracking.NONFINITE_LOSS_TAG)
+            if where:
+                stage = run.data.tags.get(tracking.STAGE_TAG, "evaluation")
+                reasons[row["run_id"]] = f"{stage} run {run.info.run_name}: {where}"
+    return reasons
 
 
 def evaluate_plan(plan: Plan, sweep_id: str):
     """Read the claim's runs, measure the baselines, decide the checks, tag and annotate the sweep run."""
     from mocolab.analysis.runs import load_sweep_runs, metric_history
-    from mocolab.reproduce.evidence import evaluate_claim, rows_table, settings_of_runs
+    from mocolab.reproduce.evidence import CURVE_METRICS, evaluate_claim, rows_table, settings_of_runs, with_curves
     from mocolab.reproduce.report import ClaimReport
 
     uri = plan.first.tracking.tracking_uri
     _, runs = load_sweep_runs(uri, plan.spec.name)
-    baselines = random_init_baselines(plan)
-    verdict, results = evaluate_claim(plan.claim, runs, baselines)
     labels = settings_of_runs(runs, plan.claim)
-    history = metric_history(uri, list(labels.index), "loss")
+    histories = {name: metric_history(uri, list(runs["run_id"]), name) for name, _ in CURVE_METRICS.values()}
+    runs = with_curves(runs, histories)
+    baselines, baseline_outcomes = random_init_baselines(plan)
+    reasons = failure_reasons(uri, runs) if plan.claim.all_runs_finish else {}
+    verdict, results = evaluate_claim(plan.claim, runs, baselines, baseline_outcomes, reasons)
+    history = histories["loss"][histories["loss"]["run_id"].isin(labels.index)]
     curves = history.assign(
         setting=history["run_id"].map(labels),
         seed=history["run_id"].map(runs.set_index("run_id")[f"params.{SEED_KEY}"]),
@@ -238,9 +284,12 @@ def report_header(run_name: str, command: str, seconds: float, plans: list[Plan]
 {level}% Student-t interval on their mean difference (so each bound is a one-sided test at alpha = {ALPHA}):
 *reproduced* when the interval lies on the claimed side of the threshold (0 or the stated margin), *not
 reproduced* when it lies on the other side, *inconclusive* when it straddles it. A claim is reproduced when all
-its checks are, not reproduced when any is not. The metric is the kNN monitor's top-1 on the made digits task's
-test split after the last epoch (weighted kNN, k=200), the paper's is ImageNet linear top-1: compare directions,
-not values. "Random init" is the same encoder at its initialization (same seed), measured the same way.
+its checks are, not reproduced when any is not. The metric is each claim's (named in its section): the kNN
+monitor's top-1 on the made digits task's test split after the last epoch (weighted kNN, k=200), the linear probe,
+or a detection claim's box AP (COCO AP, AP50, AP75 on its val split); the paper's are ImageNet linear top-1 and
+VOC AP: compare directions, not values. "Random init" is the same encoder at its initialization (same seed),
+measured the same way (detection: fine-tuned from it under the same settings and detection seed). A claim with the
+finish check also requires every run to reach its last iteration without a NaN/inf loss.
 """
 
 

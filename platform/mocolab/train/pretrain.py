@@ -346,7 +346,7 @@ def train_loop(config_dict: dict[str, Any]) -> None:
             metrics[tracking.KNN_TOP1] = knn_top1(backbone, *knn_data, k=train.knn_k, t=train.knn_t, device=device)
             if last_epoch and train.linear_probe:
                 probe_started = time.perf_counter()
-                probe = linear_probe_top1(backbone, cfg.model.arch, *knn_data, device)
+                probe = linear_probe_top1(backbone, cfg.model.arch, *knn_data, device, seed=train.seed)
                 metrics[tracking.LINCLS_FAST_METRICS[0]] = probe
                 metrics[tracking.LINEAR_PROBE_TIME] = time.perf_counter() - probe_started
         tracker.epoch(epoch, metrics)
