@@ -87,11 +87,11 @@ def test_imagefolder_on_shared_cifar_subset(tmp_path):
 
 
 def test_a_sweep_counts_each_data_section_once(tmp_path, monkeypatch):
-    import mocolab.data.datasets as datasets
+    import mocolab.data.sources as sources
 
     calls = []
-    real = datasets.dataset_size
-    monkeypatch.setattr(datasets, "dataset_size", lambda *a, **k: calls.append(a) or real(*a, **k))
+    real = sources.dataset_size
+    monkeypatch.setattr(sources, "dataset_size", lambda *a, **k: calls.append(a) or real(*a, **k))
     trials = [_cfg(tmp_path, moco={"temperature": t}) for t in (0.1, 0.2, 0.3)]
     preflight(trials)
     assert len(calls) == 2  # train and test of the one data section

@@ -78,7 +78,7 @@ def median_rate(run: Callable[[], int], repeats: int, warmup: int = 1) -> float:
 def cpu_decode_augment(files: list[bytes], augment: str, size: int) -> Callable[[], int]:
     """One core's work in the cpu pipeline: PIL decode + the albumentations two-crop of every image."""
     from mocolab.data.augment import two_crop_transform
-    from mocolab.data.datasets import decode_rgb
+    from mocolab.data.images import decode_rgb
 
     transform = two_crop_transform(augment, size)
 
@@ -143,8 +143,8 @@ def main(argv: list[str] | None = None) -> int:
         print("pipeline_bench: no CUDA device visible to torch; pass --device cpu for a smoke run", file=sys.stderr)
         return 2
     from mocolab.data.augment import two_crop_transform
-    from mocolab.data.datasets import decode_rgb
     from mocolab.data.encoded import DeviceViews, EncodedBatch
+    from mocolab.data.images import decode_rgb
     from mocolab.data.normalize import normalize_views
 
     device = torch.device(args.device)

@@ -32,7 +32,7 @@ BUCKET = "mocolab-bench"
 def copy_subset(cfg, images: int, dest: Path) -> None:
     """The first ``images`` training images (class-balanced, as ``data.limit_train`` picks them) and a tenth as many
     test images of ``cfg.data``, copied as ``dest/<split>/<class>/<file>``."""
-    from mocolab.data.datasets import image_source
+    from mocolab.data.sources import image_source
 
     for split, limit in (("train", images), ("test", max(images // 10, 1))):
         data = cfg.data.model_copy(update={"limit_train": limit, "limit_test": limit})

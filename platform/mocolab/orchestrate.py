@@ -28,7 +28,7 @@ def pretrain_and_evaluate(
     ``parent_run_id`` / ``extra_tags`` file the run under a sweep; ``callbacks`` go to the Ray run (Tune's).
     Raises RunFinishedError (a ConfigError) if the name belongs to a finished run, RunInterrupted (a
     KeyboardInterrupt naming the run to resume) on Ctrl-C; the MLflow run is never left RUNNING."""
-    from mocolab.data.datasets import summarize
+    from mocolab.data.sources import summarize
     from mocolab.moco.mechanisms import run_params
     from mocolab.train.launch import fit_pretrain
 

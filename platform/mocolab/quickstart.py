@@ -48,13 +48,12 @@ def random_init_metrics(cfg: Config) -> dict[str, float | None]:
     probe (``lincls_fast_top1``) as the loop takes it."""
     import torch
 
-    from mocolab.data.datasets import dataset_size
+    from mocolab.data.sources import dataset_size
     from mocolab.evaluate.probe import linear_probe_top1
     from mocolab.moco.model import MoCo
     from mocolab.runtime import seed_everything
     from mocolab.tracking.names import KNN_TOP1, LINCLS_FAST_METRICS
-    from mocolab.train.knn import knn_top1
-    from mocolab.train.pretrain import knn_loaders
+    from mocolab.train.knn import knn_loaders, knn_top1
 
     seed_everything(cfg.train.seed)
     backbone = MoCo.from_config(cfg, num_train_samples=dataset_size(cfg.data)).encoder_q.backbone

@@ -22,8 +22,8 @@ from scipy import stats
 from sklearn.datasets import load_sample_images
 
 from mocolab.data.augment import TwoCropTransform, _ops
-from mocolab.data.datasets import decode_rgb
 from mocolab.data.fastcrop import FastTwoCrop
+from mocolab.data.images import decode_rgb
 
 ALPHA = 1e-3
 SIZE = 64  # small views keep the test fast

@@ -17,18 +17,14 @@ from torch.utils.data import DataLoader
 from mocolab.config import DataConfig
 from mocolab.data.augment import eval_transform
 from mocolab.data.datasets import (
-    CorruptImageError,
     build_labeled_dataset,
     build_pretrain_dataset,
     collate_skip_corrupt,
-    dataset_size,
-    load_cifar10,
     loader_kwargs,
-    num_classes,
-    read_rgb,
     resolve_loader_workers,
-    stratified_head,
 )
+from mocolab.data.images import CorruptImageError, read_rgb
+from mocolab.data.sources import dataset_size, load_cifar10, num_classes, stratified_head
 
 SUBSET = Path(__file__).resolve().parents[2] / ".." / "shared" / "data" / "cifar10-subset"
 needs_subset = pytest.mark.skipif(not SUBSET.is_dir(), reason="../shared/data/cifar10-subset is not present")

@@ -19,9 +19,9 @@ import torch
 from scipy import stats
 
 from mocolab.data.augment import _ops, two_crop_transform
-from mocolab.data.datasets import decode_rgb
 from mocolab.data.device_augment import RECIPES, DeviceTwoCrop, sample_crop_boxes
 from mocolab.data.encoded import two_crop_bytes
+from mocolab.data.images import decode_rgb
 from mocolab.data.normalize import normalize_views
 
 ALPHA = 1e-3

@@ -8,8 +8,10 @@ import pytest
 from PIL import Image
 
 from mocolab.config import ConfigError, build_config
-from mocolab.data.datasets import build_pretrain_dataset, folder_images, image_source, summarize
-from mocolab.preflight import KNN_OFF_NOTE, preflight
+from mocolab.data.datasets import build_pretrain_dataset
+from mocolab.data.sources import folder_images, image_source, summarize
+from mocolab.preflight import preflight
+from mocolab.preflight.data import KNN_OFF_NOTE
 
 CIFAR = Path(__file__).resolve().parents[3] / "shared" / "data" / "cifar10-subset"
 

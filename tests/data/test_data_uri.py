@@ -9,8 +9,9 @@ import pytest
 from PIL import Image
 
 from mocolab.config import ConfigError, build_config
-from mocolab.data import datasets, location
-from mocolab.data.datasets import CorruptImageError, image_source, num_classes, summarize
+from mocolab.data import datasets, images, location, sources
+from mocolab.data.images import CorruptImageError
+from mocolab.data.sources import image_source, num_classes, summarize
 from mocolab.preflight import preflight
 
 BUCKET = "mocolab-test"  # the session store's bucket (conftest ``s3``)
@@ -68,7 +69,7 @@ def _cfg(tmp_path, data):
 
 def test_imagefolder_from_a_uri_matches_the_local_folder(store, tmp_path, monkeypatch):
     uri = f"s3://{BUCKET}/sets/pets"
-    datasets.object_images.cache_clear()
+    sources.object_images.cache_clear()
     listings = []
     real = location.list_files
     monkeypatch.setattr(location, "list_files", lambda where: listings.append(where) or real(where))
@@ -100,9 +101,9 @@ def test_a_corrupt_object_is_named_by_its_uri(store, s3, tmp_path):
     upload(s3, upload_dir, "corrupt")
     uri = f"s3://{BUCKET}/corrupt/x/broken.png"
     with pytest.raises(CorruptImageError, match=rf"cannot read image {uri}: .*data.on_corrupt=skip"):
-        datasets.read_rgb(uri)
+        images.read_rgb(uri)
     with pytest.raises(CorruptImageError, match=rf"cannot read image s3://{BUCKET}/corrupt/x/gone.png"):
-        datasets.read_rgb(f"s3://{BUCKET}/corrupt/x/gone.png")
+        images.read_rgb(f"s3://{BUCKET}/corrupt/x/gone.png")
     skip = _cfg(tmp_path, {"dataset": "folder", "root": f"s3://{BUCKET}/corrupt", "on_corrupt": "skip"})
     assert datasets.build_pretrain_dataset(skip.data)[0] is None
 
@@ -139,7 +140,7 @@ def test_preflight_refuses_an_unreachable_store_naming_the_variables_not_their_v
     monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
     monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")
     location._store.cache_clear()
-    datasets.object_images.cache_clear()
+    sources.object_images.cache_clear()
     try:
         with pytest.raises(ConfigError) as err:
             preflight(_cfg(tmp_path, _section("s3://mocolab-test/sets/pets")), quiet=True)

@@ -13,8 +13,10 @@ from PIL import Image
 
 from mocolab.config import DataConfig
 from mocolab.data.augment import two_crop_transform
-from mocolab.data.datasets import CorruptImageError, FileImages, TwoCropDataset, decode_rgb
+from mocolab.data.datasets import TwoCropDataset
 from mocolab.data.encoded import EncodedDataset, collate_encoded, decode_images, plain_jpeg
+from mocolab.data.images import CorruptImageError, decode_rgb
+from mocolab.data.sources import FileImages
 from mocolab.data.stream import ReadBytesBatch, TwoCropBatch
 
 RGB = np.random.default_rng(0).integers(0, 256, (20, 30, 3), dtype=np.uint8)

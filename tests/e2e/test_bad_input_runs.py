@@ -23,7 +23,9 @@ from mlflow import MlflowClient
 
 from mocolab import cli
 from mocolab.config import build_config
-from mocolab.data.datasets import CorruptImageError, FileImages, TwoCropDataset, collate_keep_batch_size
+from mocolab.data.datasets import TwoCropDataset, collate_keep_batch_size
+from mocolab.data.images import CorruptImageError
+from mocolab.data.sources import FileImages
 from mocolab.orchestrate import run_pretrain
 
 REPO = Path(__file__).resolve().parents[2]

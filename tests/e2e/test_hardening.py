@@ -22,7 +22,8 @@ from mlflow import MlflowClient
 
 from mocolab import cli, tracking
 from mocolab.config import ConfigError, build_config
-from mocolab.preflight import capacity_shortfall, repeated_folder, stage_workers
+from mocolab.preflight.cluster import capacity_shortfall, stage_workers
+from mocolab.preflight.data import repeated_folder
 
 REPO = Path(__file__).resolve().parents[2]
 QUICKSTART = str(REPO / "experiments" / "pretrain" / "quickstart.yaml")

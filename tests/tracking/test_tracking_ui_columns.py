@@ -14,7 +14,7 @@ from test_data_folder import make_folder
 
 from mocolab import tracking
 from mocolab.config import build_config
-from mocolab.data.datasets import summarize
+from mocolab.data.sources import summarize
 from mocolab.moco.backbones import make_backbone
 
 

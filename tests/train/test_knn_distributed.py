@@ -12,8 +12,8 @@ import torch.multiprocessing as mp
 
 from mocolab.config import build_config
 from mocolab.evaluate.probe import linear_probe_top1
-from mocolab.train.knn import evenly_spaced, extract_features, gather_shards, knn_top1, shard
-from mocolab.train.pretrain import broadcast_buffers, knn_loaders
+from mocolab.train.knn import evenly_spaced, extract_features, gather_shards, knn_loaders, knn_top1, shard
+from mocolab.train.pretrain import broadcast_buffers
 
 WORLD = 2
 RAW = {

@@ -10,6 +10,7 @@ from mlflow import MlflowClient
 from mocolab import cli, tracking
 from mocolab.config import build_config
 from mocolab.train.nonfinite import (
+    LossGuard,
     NonFiniteLossError,
     checked_mean_loss,
     raise_if_nonfinite,
@@ -31,6 +32,19 @@ def test_checked_mean_loss_passes_a_finite_loss_and_records_an_injected_nan(mlfl
     assert tracking.NONFINITE_LOSS_TAG not in MlflowClient(mlflow_uri).get_run(run_id).data.tags
     assert checked_mean_loss(torch.tensor(1.5), 1, 0, 3, 3, mlflow_uri, run_id, where) is None  # injected at step 3
     assert MlflowClient(mlflow_uri).get_run(run_id).data.tags[tracking.NONFINITE_LOSS_TAG] == "loss nan at step 3"
+
+
+def test_loss_guard_closes_the_bar_only_when_the_loss_is_not_finite(mlflow_uri):
+    class Bar:
+        closed = 0
+
+        def close(self):
+            self.closed += 1
+
+    bar = Bar()
+    guard = LossGuard(bar, world_size=1, rank=0, inject_at=4, tracking_uri=mlflow_uri, run_id=_eval_run(mlflow_uri))
+    assert guard.mean(torch.tensor(0.5), 3, lambda value: "unused") == 0.5 and bar.closed == 0
+    assert guard.mean(torch.tensor(0.5), 4, lambda value: f"loss {value} at step 4") is None and bar.closed == 1
 
 
 def _eval_run(uri: str) -> str:

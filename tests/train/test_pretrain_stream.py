@@ -13,7 +13,8 @@ from PIL import Image
 
 from mocolab import tracking
 from mocolab.config import ConfigError, build_config
-from mocolab.data.datasets import CorruptImageError, image_source
+from mocolab.data.images import CorruptImageError
+from mocolab.data.sources import image_source
 from mocolab.data.stream import TwoCropBatch, pretrain_dataset, steps_per_epoch
 from mocolab.runtime import ensure_ray
 from mocolab.train.checkpoint import load_checkpoint
@@ -57,7 +58,7 @@ def test_stream_reads_image_files_only():
 
 
 def test_decode_tasks_that_could_never_start_are_refused(tmp_path):
-    from mocolab.preflight import stream_cpu_shortfall
+    from mocolab.preflight.cluster import stream_cpu_shortfall
 
     cfg = stream_config(tmp_path, "x", 1, stream_cpus=1)
     assert stream_cpu_shortfall(cfg, cpus=2) == (

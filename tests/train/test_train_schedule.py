@@ -5,7 +5,7 @@ import math
 import pytest
 
 from mocolab.config import TrainConfig, build_config
-from mocolab.train.pretrain import lr_factor, momentum_schedule
+from mocolab.train.schedule import lr_factor, momentum_schedule
 
 
 def test_cosine_goes_from_one_to_zero_over_the_epochs():

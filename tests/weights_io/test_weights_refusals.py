@@ -182,7 +182,7 @@ def test_pretraining_init_weights_of_another_arch_refused_before_a_run(tmp_path,
 
 def test_init_backbones_sets_both_encoders(tmp_path):
     from mocolab.moco.model import MoCo
-    from mocolab.train.pretrain import init_backbones
+    from mocolab.train.checkpoint import init_backbones
 
     net = torchvision.models.resnet18()
     torch.nn.init.normal_(net.conv1.weight)

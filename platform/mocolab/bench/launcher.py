@@ -75,8 +75,9 @@ def _launcher_worker(rank: int, config: dict[str, Any], epochs: int, port: int, 
     from mocolab.config import Config
     from mocolab.moco.model import MoCo
     from mocolab.runtime import seed_everything
-    from mocolab.train.knn import knn_top1
-    from mocolab.train.pretrain import batch_views, broadcast_buffers, knn_loaders, lr_factor, pretrain_loader
+    from mocolab.train.knn import knn_loaders, knn_top1
+    from mocolab.train.pretrain import batch_views, broadcast_buffers, pretrain_loader
+    from mocolab.train.schedule import lr_factor
     from mocolab.train.step import TrainStep, make_optimizer
 
     cfg = Config.model_validate(config)

@@ -36,7 +36,7 @@ def _collated(views: Callable[[bytes], Any]) -> Batch:
 
 def _reference(recipe: str, image_size: int) -> Batch:
     from mocolab.data.augment import TwoCropTransform
-    from mocolab.data.datasets import decode_rgb
+    from mocolab.data.images import decode_rgb
 
     transform = TwoCropTransform(recipe, image_size)
     return _collated(lambda data: transform(decode_rgb(data, "bench image")))
@@ -44,7 +44,7 @@ def _reference(recipe: str, image_size: int) -> Batch:
 
 def _fast_cpu(recipe: str, image_size: int) -> Batch:
     from mocolab.data.augment import two_crop_transform
-    from mocolab.data.datasets import decode_rgb
+    from mocolab.data.images import decode_rgb
 
     transform = two_crop_transform(recipe, image_size)  # the fast path for the named recipes
 
@@ -95,7 +95,7 @@ def sample_jpegs() -> list[bytes]:
 
 def folder_jpegs(folder: Path) -> list[bytes]:
     """The bytes of every image file under ``folder``; ValueError naming ``--images`` when there is none."""
-    from mocolab.data.datasets import folder_images
+    from mocolab.data.sources import folder_images
 
     paths = folder_images(folder)
     if not paths:

@@ -7,10 +7,10 @@ CIFAR-10), and :func:`collate_encoded` makes an :class:`EncodedBatch` of them (a
 Device side: :func:`decode_images` decodes a batch's files on ``device``: baseline/progressive 8-bit JPEGs with one or
 three components that end in their EOI marker go to torchvision's batched ``decode_jpeg`` (``device="cuda"`` on a
 GPU: nvJPEG); every other file (PNG, CMYK JPEG, 16-bit, palette, truncated, not an image...) goes through
-:func:`mocolab.data.datasets.decode_rgb`, the CPU loader's own PIL decode, so each such file is converted, refused
+:func:`mocolab.data.images.decode_rgb`, the CPU loader's own PIL decode, so each such file is converted, refused
 or skipped exactly as the CPU pipeline does. :class:`DeviceViews` then runs
 :class:`~mocolab.data.device_augment.DeviceTwoCrop`. ``data.on_corrupt``: ``fail`` raises the
-:class:`~mocolab.data.datasets.CorruptImageError` naming the file; ``skip`` fills its place with a repeat of a
+:class:`~mocolab.data.images.CorruptImageError` naming the file; ``skip`` fills its place with a repeat of a
 readable image of the batch and counts it, as the CPU paths do.
 """
 
@@ -25,7 +25,8 @@ import torch
 from torch.utils.data import Dataset
 
 from mocolab.data import location
-from mocolab.data.datasets import ArrayImages, CorruptImageError, ImageSource, _corrupt, decode_rgb
+from mocolab.data.images import CorruptImageError, _corrupt, decode_rgb
+from mocolab.data.sources import ArrayImages, ImageSource
 
 logger = logging.getLogger(__name__)
 

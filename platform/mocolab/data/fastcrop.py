@@ -17,7 +17,7 @@ reference's distribution; what it saves is the work around them:
   Compose, validation or per-op dict passing runs per view.
 
 For files other than the JPEGs simplejpeg reads (PNG, CMYK, corrupt ones) :meth:`FastTwoCrop.from_encoded` returns
-None: the caller decodes them with the reference decoder (:func:`mocolab.data.datasets.decode_rgb`, with its modes
+None: the caller decodes them with the reference decoder (:func:`mocolab.data.images.decode_rgb`, with its modes
 and its errors) and calls the transform on the array.
 """
 

@@ -2,7 +2,7 @@
 Ray Data's CPU tasks (which Ray may place on CPU-only nodes), reaching the Ray Train workers through
 ``ray.train.get_dataset_shard("train")``.
 
-The driver lists the training split once (:func:`mocolab.data.datasets.image_source`: the same files, order,
+The driver lists the training split once (:func:`mocolab.data.sources.image_source`: the same files, order,
 ``data.limit_train`` and indices as the loader path) and makes rows ``(location, index)``, in a seeded order, in
 blocks of :data:`ROWS_PER_BLOCK`. Every epoch Ray Data puts the blocks in a new seeded order
 (``randomize_block_order``: no shuffle tasks, whose all-to-all barrier cost seconds per epoch on 2 CPUs) and each
@@ -10,7 +10,7 @@ worker mixes its rows in a local shuffle buffer of :data:`SHUFFLE_BUFFER_BATCHES
 epoch to epoch (a block's rows stay near each other: not the loader's full permutation); :class:`TwoCropBatch` reads
 each file through :mod:`mocolab.data.location`, decodes it and makes the two views with the same recipe
 (``data.augment``, uint8 views on the fast path as in the loader). ``data.on_corrupt`` behaves as in the loader:
-``fail`` raises the :class:`~mocolab.data.datasets.CorruptImageError` naming the file; ``skip`` fills the row with a
+``fail`` raises the :class:`~mocolab.data.images.CorruptImageError` naming the file; ``skip`` fills the row with a
 repeat of a readable
 image of the same map batch and counts it in the ``skipped`` column. Ray Train splits the stream equally
 (``streaming_split(equal=True)``), so every worker runs ``(N // world size) // batch size`` steps per epoch, as the
@@ -27,7 +27,8 @@ import numpy as np
 
 from mocolab.config import DataConfig
 from mocolab.data.augment import two_crop_transform
-from mocolab.data.datasets import CorruptImageError, FileImages, two_crops_of_file
+from mocolab.data.images import CorruptImageError, two_crops_of_file
+from mocolab.data.sources import FileImages
 
 MAP_BATCH_SIZE = 64
 ROWS_PER_BLOCK = 8  # the unit the per-epoch block order moves: small, so an epoch's batches mix freely
@@ -94,7 +95,7 @@ class ReadBytesBatch:
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         from mocolab.data import location
-        from mocolab.data.datasets import _corrupt
+        from mocolab.data.images import _corrupt
 
         def read(where: str) -> bytes:
             try:
@@ -115,7 +116,7 @@ class ReadBytesBatch:
 
 def pretrain_dataset(files: FileImages, data_cfg: DataConfig, seed: int, num_workers: int):
     """The Ray Data dataset of the two-crop views of ``files`` (the training split's image files, as
-    :func:`mocolab.data.datasets.image_source` lists them); lazy: nothing runs until a worker iterates.
+    :func:`mocolab.data.sources.image_source` lists them); lazy: nothing runs until a worker iterates.
 
     Decode tasks ask for ``data.stream_cpus`` CPUs each, and Ray Data runs as many as the CPUs the training workers
     leave free; with 0 (no CPU to spare) it runs one per training worker beside them, as one loader process each."""

@@ -314,14 +314,13 @@ def detection_train_loop(config: dict[str, Any]) -> dict[str, float]:
     from mocolab.data.detection import DetectionDataset, collate_detection, read_detection_splits
     from mocolab.evaluate.detection_metrics import coco_ap
     from mocolab.runtime import start_worker
-    from mocolab.train.nonfinite import INJECT_NAN_STEP_KEY, checked_mean_loss
+    from mocolab.train.nonfinite import INJECT_NAN_STEP_KEY, LossGuard
 
     worker = start_worker(config, seed=config["config"]["eval"]["detection"]["seed"])
     cfg, rank, world, device = worker.cfg, worker.rank, worker.world_size, worker.device
     det = cfg.eval.detection
     source = config["source"]
     run_id, uri = config["mlflow_run_id"], cfg.tracking.tracking_uri
-    nan_at = config.get(INJECT_NAN_STEP_KEY)
 
     train_records, val_records, classes = read_detection_splits(det.data)
     model, layout = build_detector(source.model, det, len(classes), use_gpu=cfg.scaling.use_gpu)
@@ -341,23 +340,16 @@ def detection_train_loop(config: dict[str, Any]) -> dict[str, float]:
     model.train()
     log_every = max(1, det.iterations // 10)
     bar = StepProgress("detect", det.iterations, active=worker.is_chief)
+    guard = LossGuard(bar, world, rank, config.get(INJECT_NAN_STEP_KEY), uri, run_id)
     for step, (images, targets) in zip(range(1, det.iterations + 1), _batches(loader, sampler)):
         images = [im.to(device) for im in images]
         targets = [{k: (v.to(device) if torch.is_tensor(v) else v) for k, v in t.items()} for t in targets]
         losses = ddp_model(images, targets)
         loss = sum(losses.values())
-        mean_loss = checked_mean_loss(
-            loss,
-            world,
-            rank,
-            step,
-            nan_at,
-            uri,
-            run_id,
-            lambda value: f"loss {value} at iteration {step}/{det.iterations} (worker 0: {_loss_parts(losses)})",
+        mean_loss = guard.mean(
+            loss, step, lambda v: f"loss {v} at iteration {step}/{det.iterations} (worker 0: {_loss_parts(losses)})"
         )
         if mean_loss is None:
-            bar.close()
             return {}  # every rank returns here: a clean end, which Ray does not retry
         optimizer.zero_grad(set_to_none=True)
         loss.backward()

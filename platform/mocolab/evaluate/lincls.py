@@ -193,11 +193,12 @@ def lincls_train_loop(config: dict[str, Any]) -> dict[str, float]:
     import ray.train.torch
 
     from mocolab.data.augment import eval_transform
-    from mocolab.data.datasets import build_labeled_dataset, collate_skip_corrupt, loader_kwargs, num_classes
+    from mocolab.data.datasets import build_labeled_dataset, collate_skip_corrupt, loader_kwargs
+    from mocolab.data.sources import num_classes
     from mocolab.evaluate.weights import BackboneSource, assert_unchanged, load_backbone_state, snapshot
     from mocolab.moco.backbones import build_backbone
     from mocolab.runtime import start_worker
-    from mocolab.train.nonfinite import INJECT_NAN_STEP_KEY, checked_mean_loss
+    from mocolab.train.nonfinite import INJECT_NAN_STEP_KEY, LossGuard
 
     worker = start_worker(config, seed=config["config"]["eval"]["lincls"]["seed"])
     cfg, rank, world, device = worker.cfg, worker.rank, worker.world_size, worker.device
@@ -233,7 +234,9 @@ def lincls_train_loop(config: dict[str, Any]) -> dict[str, float]:
 
     steps = math.ceil(len(train_labels) / lin.batch_size) if lin.fast else len(train_loader)
     bar = StepProgress("lincls", lin.epochs * steps, active=worker.is_chief)
-    nan_at, step = config.get(INJECT_NAN_STEP_KEY), 0
+    run_id, nan_at = config.get("mlflow_run_id"), config.get(INJECT_NAN_STEP_KEY)
+    guard = LossGuard(bar, world, rank, nan_at, cfg.tracking.tracking_uri, run_id)
+    step = 0
     for epoch in range(lin.epochs):
         lr = lr_at_epoch(epoch, lin, world)
         for group in optimizer.param_groups:
@@ -249,18 +252,7 @@ def lincls_train_loop(config: dict[str, Any]) -> dict[str, float]:
         for feats, labels in batches:
             loss = F.cross_entropy(classifier(feats), labels)
             step += 1
-            mean_loss = checked_mean_loss(
-                loss,
-                world,
-                rank,
-                step,
-                nan_at,
-                cfg.tracking.tracking_uri,
-                config.get("mlflow_run_id"),
-                lambda value: f"loss {value} in epoch {epoch + 1} at step {step}",
-            )
-            if mean_loss is None:
-                bar.close()
+            if guard.mean(loss, step, lambda value: f"loss {value} in epoch {epoch + 1} at step {step}") is None:
                 return {}  # every rank returns here: a clean end, which Ray does not retry
             optimizer.zero_grad(set_to_none=True)
             loss.backward()

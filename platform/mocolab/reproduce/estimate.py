@@ -2,7 +2,7 @@
 (one Ray Train worker holding one core per trial), and the schedule of a sweep's trials over its slots.
 
 Calibration (small_cnn on the made digits task at 16 px, one thread, CPU seconds, so that load from other
-processes does not inflate it): ``platform/benchmarks/momentum_probe.py`` and ``mocolab sweep`` runs; see the
+processes does not inflate it): ``platform/research/momentum_probe.py`` and ``mocolab sweep`` runs; see the
 constants. Other architectures are not calibrated: their trials are estimated as small_cnn's, scaled by pixels.
 Detection runs (``eval.detection``): small_cnn's single-level Faster R-CNN timed for one fine-tuning step of 4
 images at 64x64 and 96x128 px (CPU seconds, one thread), a fixed part per image and a part per pixel.

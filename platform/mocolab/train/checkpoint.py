@@ -18,8 +18,14 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
+
+from mocolab import tracking
+from mocolab.runtime import seed_everything
+from mocolab.train.step import TrainStep
 
 CHECKPOINT_FILE = "checkpoint.pt"
+BACKBONE_FILE = "backbone.pt"
 
 
 def save_checkpoint(directory: str | Path, state: dict[str, Any]) -> Path:
@@ -71,3 +77,73 @@ def restore_rng_state(state: dict[str, Any]) -> None:
     random.setstate((version, tuple(internal), gauss))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"].cpu())
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
+
+
+def gather_rng_states(world_size: int) -> list[dict[str, Any]]:
+    """Every rank's RNG state, in rank order (a collective: all ranks call it)."""
+    state = capture_rng_state()
+    if world_size == 1:
+        return [state]
+    states: list[Any] = [None] * world_size
+    dist.all_gather_object(states, state)
+    return states
+
+
+def restore_training_state(state: dict[str, Any], step: TrainStep, scheduler, rank: int, seed: int) -> tuple[int, int]:
+    """Load a checkpoint's state into the model (queue and pointer included), optimizer, fp16 loss scaler,
+    scheduler and this rank's RNG; returns ``(completed epochs, global step)``."""
+    unwrap(step.model).load_state_dict(state["model"])
+    step.optimizer.load_state_dict(state["optimizer"])
+    if state.get("scaler"):
+        step.scaler.load_state_dict(state["scaler"])
+    scheduler.load_state_dict(state["scheduler"])
+    if rank < len(state["rng"]):
+        restore_rng_state(state["rng"][rank])
+    else:  # resumed on more workers than saved the checkpoint
+        seed_everything(seed + 1000 * state["epoch"] + rank)
+    return state["epoch"], state["global_step"]
+
+
+def write_training_checkpoint(
+    tmp: str,
+    step: TrainStep,
+    scheduler,
+    epoch: int,
+    global_step: int,
+    rng,
+    run_id: str,
+    config: dict[str, Any],
+    final: bool,
+) -> None:
+    """Write the checkpoint (plus ``backbone.pt`` after the last epoch) into ``tmp``."""
+    model = unwrap(step.model)
+    save_checkpoint(
+        tmp,
+        {
+            "model": model.state_dict(),
+            "optimizer": step.optimizer.state_dict(),
+            "scaler": step.scaler.state_dict(),  # empty unless train.amp=fp16
+            "scheduler": scheduler.state_dict(),
+            "epoch": epoch,
+            "global_step": global_step,
+            "rng": rng,
+            "mlflow_run_id": run_id,
+            "config": tracking.redact_tree(config),  # checkpoints may sit in shared storage: no credentials
+        },
+    )
+    if final:
+        torch.save(model.backbone_state_dict(), Path(tmp) / BACKBONE_FILE)
+
+
+def init_backbones(model, path: Path) -> None:
+    """``model.init_weights``: the query encoder's backbone starts from the weights in ``path`` (any layout
+    ``weights_io`` reads; the driver checked that they fit) and the key encoder, if any, as its copy."""
+    from mocolab.weights_io.files import load_backbone_weights
+
+    model.encoder_q.backbone.load_state_dict(load_backbone_weights(path, f"model.init_weights={path}").state)
+    if hasattr(model, "encoder_k"):
+        model.encoder_k.load_state_dict(model.encoder_q.state_dict())

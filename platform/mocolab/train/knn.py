@@ -19,7 +19,9 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.data import DataLoader
 
+from mocolab.config import Config
 from mocolab.moco.distributed import gather_all, world_size
 
 
@@ -153,3 +155,45 @@ def knn_top1(
         dist.all_reduce(counts)
     correct, total = counts.tolist()
     return 100.0 * correct / total
+
+
+def knn_loaders(cfg: Config, rank: int = 0, world_size: int = 1) -> tuple[DataLoader, DataLoader]:
+    """Loaders of rank ``rank``'s shard (``train/knn.py``) of the kNN monitor's labeled data
+    (:attr:`Config.knn_data`): the bank (its train split, at most ``train.knn_bank_images`` of it) and the queries
+    (its test split, at most ``train.knn_test_images``), with the evaluation transform; one rank of one gets both
+    splits whole. They decode in as many worker processes as the training loader (started per evaluation, not
+    kept between epochs).
+
+    They get their own generator so that the monitor leaves the training RNG streams untouched
+    (a resumed run then replays exactly what an uninterrupted one does)."""
+    from torch.utils.data import Subset
+
+    from mocolab.data.augment import eval_transform
+    from mocolab.data.datasets import build_labeled_dataset, resolve_loader_workers
+
+    data_cfg = cfg.knn_data
+    transform = eval_transform(data_cfg.image_size)
+    workers = resolve_loader_workers(data_cfg, cfg.scaling.cpus_per_worker)
+    loaders = []
+    for split, limit in (("train", cfg.train.knn_bank_images), ("test", cfg.train.knn_test_images)):
+        dataset = build_labeled_dataset(data_cfg, split, transform)
+        indices = shard(evenly_spaced(len(dataset), limit), rank, world_size)
+        loaders.append(
+            DataLoader(
+                Subset(dataset, indices),
+                batch_size=max(cfg.train.batch_size, 256),
+                shuffle=False,
+                collate_fn=_collate_labeled,
+                generator=torch.Generator().manual_seed(cfg.train.seed),
+                num_workers=workers,
+                pin_memory=cfg.scaling.use_gpu,
+            )
+        )
+    return loaders[0], loaders[1]
+
+
+def _collate_labeled(batch: list) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """``(images, labels)`` without the skipped corrupt images (None if all were skipped)."""
+    from mocolab.data.datasets import collate_skip_corrupt
+
+    return collate_skip_corrupt(batch)[0]

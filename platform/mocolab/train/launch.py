@@ -21,8 +21,9 @@ from mocolab.tracking.names import NO_LOADABLE_CHECKPOINT_TAG
 from mocolab.tracking.runs import end_run
 from mocolab.tracking.store import client_for
 from mocolab.tracking.system import compute_recorded
+from mocolab.train.checkpoint import BACKBONE_FILE
 from mocolab.train.nonfinite import raise_if_nonfinite
-from mocolab.train.pretrain import BACKBONE_FILE, STREAM_IMAGES_KEY, loop_config, train_loop
+from mocolab.train.pretrain import STREAM_IMAGES_KEY, loop_config, train_loop
 from mocolab.train.resume import NoLoadableCheckpointError
 
 
@@ -31,7 +32,7 @@ def build_trainer(cfg: Config, run_id: str, callbacks: Sequence[Any] = ()):
     given the Ray Data dataset ``train`` (:mod:`mocolab.data.stream`) and the loop its number of images."""
     config, datasets = loop_config(cfg, run_id), None
     if cfg.data.reader == "stream":
-        from mocolab.data.datasets import image_source
+        from mocolab.data.sources import image_source
         from mocolab.data.stream import pretrain_dataset
 
         files = image_source(cfg.data, "train")  # image files: the config refuses stream for in-memory data

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
 
 from mocolab.console import console
 
@@ -62,6 +64,29 @@ def checked_mean_loss(
     if rank == 0:
         record_nonfinite(tracking_uri, run_id, where(mean))
     return None
+
+
+@dataclass
+class LossGuard:
+    """The NaN/inf check of an evaluation loop's steps (linear eval, detection), bound to its run and progress bar:
+    :meth:`mean` is :func:`checked_mean_loss` that also closes the bar when the loss is not finite."""
+
+    bar: Any  # console.StepProgress
+    world_size: int
+    rank: int
+    inject_at: int | None  # INJECT_NAN_STEP_KEY's step, or None
+    tracking_uri: str
+    run_id: str | None
+
+    def mean(self, loss, step: int, where: Callable[[float], str]) -> float | None:
+        """The mean of ``loss`` over the workers, or None (bar closed, rank 0 recorded ``where(mean)``): every rank
+        must then return."""
+        mean = checked_mean_loss(
+            loss, self.world_size, self.rank, step, self.inject_at, self.tracking_uri, self.run_id, where
+        )
+        if mean is None:
+            self.bar.close()
+        return mean
 
 
 def record_nonfinite(tracking_uri: str, run_id: str, where: str) -> None:

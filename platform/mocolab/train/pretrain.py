@@ -28,7 +28,6 @@ import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -36,16 +35,23 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader, DistributedSampler
 
 from mocolab import tracking
-from mocolab.config import Config, TrainConfig
+from mocolab.config import Config
 from mocolab.console import StepProgress, console
 from mocolab.data.normalize import normalize_views
 from mocolab.runtime import seed_everything, start_worker
-from mocolab.train.checkpoint import capture_rng_state, restore_rng_state, save_checkpoint
+from mocolab.train.checkpoint import (
+    gather_rng_states,
+    init_backbones,
+    restore_training_state,
+    unwrap,
+    write_training_checkpoint,
+)
+from mocolab.train.knn import knn_loaders
 from mocolab.train.nonfinite import record_nonfinite
 from mocolab.train.resume import NoLoadableCheckpointError, Resumed, load_for_resume
+from mocolab.train.schedule import lr_factor, momentum_schedule
 from mocolab.train.step import LossWatch, TrainStep, make_optimizer
 
-BACKBONE_FILE = "backbone.pt"
 STREAM_IMAGES_KEY = "stream_images"
 """``data.reader=stream``: the ``train_loop_config`` key holding the number of training images the driver listed."""
 INJECT_NAN_KEY = "inject_nan_loss_at_epoch"
@@ -53,58 +59,9 @@ INJECT_NAN_KEY = "inject_nan_loss_at_epoch"
 query crops (hence the loss) are made NaN. Never set by mocolab itself."""
 
 
-def lr_factor(step: int, steps_per_epoch: int, train: TrainConfig) -> float:
-    """Multiplier of ``train.lr`` at iteration ``step`` (0-based): linear warmup over
-    ``train.warmup_epochs``, then cosine to 0 over the remaining epochs, or step decay by
-    ``train.lr_decay`` at each of ``train.lr_milestones`` (epochs)."""
-    warmup_steps = train.warmup_epochs * steps_per_epoch
-    if step < warmup_steps:
-        return (step + 1) / warmup_steps
-    epoch = step / steps_per_epoch
-    if train.schedule == "cosine":
-        span = max(train.epochs - train.warmup_epochs, 1)
-        return 0.5 * (1.0 + math.cos(math.pi * min((epoch - train.warmup_epochs) / span, 1.0)))
-    return train.lr_decay ** sum(int(epoch) >= m for m in train.lr_milestones)
-
-
-def momentum_schedule(cfg: Config, steps_per_epoch: int) -> Callable[[int], float] | None:
-    """The key encoder's momentum at each global step: ``moco.warmup_momentum`` for the first
-    ``moco.momentum_warmup_epochs``, then ``moco.momentum``, or with ``moco.momentum_schedule=cosine`` v3's
-    schedule (raised from ``moco.momentum`` to 1 over ``train.epochs``); None for one constant momentum."""
-    moco = cfg.moco
-    if moco.momentum_schedule == "constant" and not moco.momentum_warmup_epochs:
-        return None
-    from mocolab.moco.v3_heads import cosine_momentum
-
-    warmup_steps = moco.momentum_warmup_epochs * steps_per_epoch
-
-    def momentum_at(step: int) -> float:
-        if step < warmup_steps:
-            return moco.warmup_momentum
-        if moco.momentum_schedule == "cosine":
-            return cosine_momentum(step, steps_per_epoch, cfg.train.epochs, moco.momentum)
-        return moco.momentum
-
-    return momentum_at
-
-
 def loop_config(cfg: Config, mlflow_run_id: str) -> dict[str, Any]:
     """The ``train_loop_config`` dict of the TorchTrainer (plain JSON types)."""
     return {"config": cfg.model_dump(mode="json"), "mlflow_run_id": mlflow_run_id}
-
-
-def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
-
-
-def _gather_rng_states(world_size: int) -> list[dict[str, Any]]:
-    """Every rank's RNG state, in rank order (a collective: all ranks call it)."""
-    state = capture_rng_state()
-    if world_size == 1:
-        return [state]
-    states: list[Any] = [None] * world_size
-    dist.all_gather_object(states, state)
-    return states
 
 
 def _all_reduce_mean(value: torch.Tensor, world_size: int) -> torch.Tensor:
@@ -184,7 +141,8 @@ class _EpochStats:
 def pretrain_loader(cfg: Config, rank: int, world_size: int) -> tuple[DataLoader, DistributedSampler]:
     """This rank's shard of the two-crop training set (DistributedSampler and loader both drop_last); with
     ``data.pipeline=device`` of the images' bytes (:mod:`mocolab.data.encoded`), decoded on the device later."""
-    from mocolab.data.datasets import build_pretrain_dataset, collate_keep_batch_size, image_source, loader_kwargs
+    from mocolab.data.datasets import build_pretrain_dataset, collate_keep_batch_size, loader_kwargs
+    from mocolab.data.sources import image_source
 
     if cfg.data.pipeline == "device":
         from mocolab.data.encoded import EncodedDataset, collate_encoded
@@ -241,21 +199,6 @@ def batch_views(cfg: Config, device: torch.device) -> Callable[[Any], tuple[Any,
     return move
 
 
-def _restore(state: dict[str, Any], step: TrainStep, scheduler, rank: int, seed: int) -> tuple[int, int]:
-    """Load a checkpoint's state into the model (queue and pointer included), optimizer, fp16 loss scaler,
-    scheduler and this rank's RNG; returns ``(completed epochs, global step)``."""
-    _unwrap(step.model).load_state_dict(state["model"])
-    step.optimizer.load_state_dict(state["optimizer"])
-    if state.get("scaler"):
-        step.scaler.load_state_dict(state["scaler"])
-    scheduler.load_state_dict(state["scheduler"])
-    if rank < len(state["rng"]):
-        restore_rng_state(state["rng"][rank])
-    else:  # resumed on more workers than saved the checkpoint
-        seed_everything(seed + 1000 * state["epoch"] + rank)
-    return state["epoch"], state["global_step"]
-
-
 def broadcast_buffers(module: torch.nn.Module, world_size: int) -> None:
     """Give every rank rank 0's buffers of ``module`` (BN running statistics: with shuffle-BN each rank's follow its
     own batches, which training never reads, but evaluation mode does)."""
@@ -293,7 +236,7 @@ def _train_epoch(
             im_q = im_q * float("nan")
         last_lr = step.optimizer.param_groups[0]["lr"]
         if momentum_at is not None:
-            _unwrap(step.model).momentum = momentum_at(global_step)
+            unwrap(step.model).momentum = momentum_at(global_step)
         loss = step(im_q, im_k, index)
         watch.add(loss, global_step)
         scheduler.step()
@@ -306,47 +249,6 @@ def _train_epoch(
                 return _EpochStats(math.nan, last_lr, images, corrupt, global_step, nonfinite_step=bad)
     bad = watch.first_nonfinite_step()
     return _EpochStats(watch.mean(), last_lr, images, corrupt, global_step, nonfinite_step=bad)
-
-
-def _write_checkpoint(
-    tmp: str,
-    step: TrainStep,
-    scheduler,
-    epoch: int,
-    global_step: int,
-    rng,
-    run_id: str,
-    config: dict[str, Any],
-    final: bool,
-) -> None:
-    """Write the checkpoint (plus ``backbone.pt`` after the last epoch) into ``tmp``."""
-    model = _unwrap(step.model)
-    save_checkpoint(
-        tmp,
-        {
-            "model": model.state_dict(),
-            "optimizer": step.optimizer.state_dict(),
-            "scaler": step.scaler.state_dict(),  # empty unless train.amp=fp16
-            "scheduler": scheduler.state_dict(),
-            "epoch": epoch,
-            "global_step": global_step,
-            "rng": rng,
-            "mlflow_run_id": run_id,
-            "config": tracking.redact_tree(config),  # checkpoints may sit in shared storage: no credentials
-        },
-    )
-    if final:
-        torch.save(model.backbone_state_dict(), Path(tmp) / BACKBONE_FILE)
-
-
-def init_backbones(model, path: Path) -> None:
-    """``model.init_weights``: the query encoder's backbone starts from the weights in ``path`` (any layout
-    ``weights_io`` reads; the driver checked that they fit) and the key encoder, if any, as its copy."""
-    from mocolab.weights_io.files import load_backbone_weights
-
-    model.encoder_q.backbone.load_state_dict(load_backbone_weights(path, f"model.init_weights={path}").state)
-    if hasattr(model, "encoder_k"):
-        model.encoder_k.load_state_dict(model.encoder_q.state_dict())
 
 
 def train_loop(config_dict: dict[str, Any]) -> None:
@@ -392,7 +294,7 @@ def train_loop(config_dict: dict[str, Any]) -> None:
         except NoLoadableCheckpointError as err:
             tracker.no_loadable_checkpoint(str(err))
             return  # every rank returns here: a clean end, which Ray does not retry
-        start_epoch, global_step = _restore(resumed.state, step, scheduler, rank, train.seed)
+        start_epoch, global_step = restore_training_state(resumed.state, step, scheduler, rank, train.seed)
         tracker.resumed(resumed)
     else:
         seed_everything(train.seed + rank)  # different augmentations on every rank
@@ -429,7 +331,7 @@ def train_loop(config_dict: dict[str, Any]) -> None:
         corrupt = _all_reduce_mean(torch.tensor(float(stats.corrupt), device=device), world_size) * world_size
         last_epoch = epoch == train.epochs
         save_now = epoch % train.checkpoint_every == 0 or last_epoch
-        rng_states = _gather_rng_states(world_size) if save_now else None  # before kNN: it draws no RNG
+        rng_states = gather_rng_states(world_size) if save_now else None  # before kNN: it draws no RNG
         metrics: dict[str, float | None] = {
             tracking.LOSS: stats.loss,
             tracking.LR: stats.last_lr,
@@ -439,7 +341,7 @@ def train_loop(config_dict: dict[str, Any]) -> None:
             tracking.KNN_TOP1: None,
         }
         if knn_data is not None and (epoch % train.knn_every == 0 or last_epoch):
-            backbone = _unwrap(model).encoder_q.backbone
+            backbone = unwrap(model).encoder_q.backbone
             broadcast_buffers(backbone, world_size)  # every rank embeds with rank 0's BN statistics
             metrics[tracking.KNN_TOP1] = knn_top1(backbone, *knn_data, k=train.knn_k, t=train.knn_t, device=device)
             if last_epoch and train.linear_probe:
@@ -451,7 +353,7 @@ def train_loop(config_dict: dict[str, Any]) -> None:
         report = {"epoch": epoch, **{k: v for k, v in metrics.items() if v is not None}}
         if save_now and worker.is_chief:
             with tempfile.TemporaryDirectory(prefix="mocolab-ckpt-") as tmp:
-                _write_checkpoint(
+                write_training_checkpoint(
                     tmp,
                     step,
                     scheduler,
@@ -482,46 +384,3 @@ def _start_system_metrics(cfg: Config, run_id: str):
     return tracking.start_system_metrics(
         cfg.tracking.tracking_uri, run_id, cfg.tracking.system_metrics_interval_s, node_id
     )
-
-
-def knn_loaders(cfg: Config, rank: int = 0, world_size: int = 1) -> tuple[DataLoader, DataLoader]:
-    """Loaders of rank ``rank``'s shard (``train/knn.py``) of the kNN monitor's labeled data
-    (:attr:`Config.knn_data`): the bank (its train split, at most ``train.knn_bank_images`` of it) and the queries
-    (its test split, at most ``train.knn_test_images``), with the evaluation transform; one rank of one gets both
-    splits whole. They decode in as many worker processes as the training loader (started per evaluation, not
-    kept between epochs).
-
-    They get their own generator so that the monitor leaves the training RNG streams untouched
-    (a resumed run then replays exactly what an uninterrupted one does)."""
-    from torch.utils.data import Subset
-
-    from mocolab.data.augment import eval_transform
-    from mocolab.data.datasets import build_labeled_dataset, resolve_loader_workers
-    from mocolab.train.knn import evenly_spaced, shard
-
-    data_cfg = cfg.knn_data
-    transform = eval_transform(data_cfg.image_size)
-    workers = resolve_loader_workers(data_cfg, cfg.scaling.cpus_per_worker)
-    loaders = []
-    for split, limit in (("train", cfg.train.knn_bank_images), ("test", cfg.train.knn_test_images)):
-        dataset = build_labeled_dataset(data_cfg, split, transform)
-        indices = shard(evenly_spaced(len(dataset), limit), rank, world_size)
-        loaders.append(
-            DataLoader(
-                Subset(dataset, indices),
-                batch_size=max(cfg.train.batch_size, 256),
-                shuffle=False,
-                collate_fn=_collate_labeled,
-                generator=torch.Generator().manual_seed(cfg.train.seed),
-                num_workers=workers,
-                pin_memory=cfg.scaling.use_gpu,
-            )
-        )
-    return loaders[0], loaders[1]
-
-
-def _collate_labeled(batch: list) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """``(images, labels)`` without the skipped corrupt images (None if all were skipped)."""
-    from mocolab.data.datasets import collate_skip_corrupt
-
-    return collate_skip_corrupt(batch)[0]

@@ -23,7 +23,7 @@ encoder after each step: a
 dictionary with no stale keys (an intervention, ~K/B times the key encoder's work), to tell staleness apart from
 the key encoder's speed as such.
 
-    PYTHONPATH=platform python platform/benchmarks/momentum_probe.py --set moco.momentum=0.9 --epochs 12
+    PYTHONPATH=platform python platform/research/momentum_probe.py --set moco.momentum=0.9 --epochs 12
 """
 
 from __future__ import annotations
@@ -41,8 +41,8 @@ from mocolab.config import load_config
 from mocolab.data.datasets import build_pretrain_dataset, collate_keep_batch_size
 from mocolab.moco.model import MoCo
 from mocolab.runtime import seed_everything
-from mocolab.train.knn import knn_top1
-from mocolab.train.pretrain import knn_loaders, lr_factor
+from mocolab.train.knn import knn_loaders, knn_top1
+from mocolab.train.schedule import lr_factor
 
 SWEEP_BASE = [  # the momentum_cpu sweep's trial: one worker, the quickstart's global batch, split-BN
     "scaling.num_workers=1",
