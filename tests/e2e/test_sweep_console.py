@@ -9,30 +9,13 @@ import subprocess
 import sys
 
 import pytest
-import yaml
+from tiny_sweep import write_sweep
 
 pytestmark = pytest.mark.slow  # a local Ray and two one-epoch trials: ~55 s on 2 busy cores
 
-BASE = {
-    "moco": {"dim": 16, "queue_size": 64},
-    "model": {"arch": "small_cnn"},
-    "data": {
-        "dataset": "digits",
-        "image_size": 16,
-        "loader_workers": 0,
-        "limit_train": 128,
-        "limit_test": 64,
-        "digits": {"canvas": 16, "max_scale": 2.0, "copies": 1},
-    },
-    "train": {"epochs": 1, "batch_size": 32, "knn_k": 10, "checkpoint_every": 1},
-    "tracking": {"experiment": "sweeps"},
-}
-
 
 def test_a_quiet_sweep_prints_one_start_and_one_end_line_per_trial(mlflow_uri, tmp_path):
-    (tmp_path / "base.yaml").write_text(yaml.safe_dump({**BASE, "scaling": {"storage_path": str(tmp_path / "ray")}}))
-    sweep = {"name": "quiet", "base": "base.yaml", "space": {"moco.momentum": {"grid": [0.0, 0.9]}}, "seeds": [3]}
-    (tmp_path / "quiet.yaml").write_text(yaml.safe_dump({**sweep, "resources": {"workers": 1}}))
+    write_sweep(tmp_path, "quiet", {"moco.momentum": {"grid": [0.0, 0.9]}}, tmp_path / "ray", seeds=[3])
     env = {**os.environ, "MLFLOW_TRACKING_URI": mlflow_uri}
     env.pop("RAY_ADDRESS", None)
     proc = subprocess.run(

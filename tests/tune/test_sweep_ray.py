@@ -13,8 +13,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
-import yaml
 from mlflow import MlflowClient
+from tiny_sweep import write_sweep
 
 from mocolab import tracking
 from mocolab.analysis.runs import find_sweep_parent
@@ -22,30 +22,6 @@ from mocolab.tune.spec import load_sweep
 from mocolab.tune.sweep import run_sweep
 
 pytestmark = pytest.mark.slow
-
-TINY_BASE = {
-    "moco": {"dim": 16, "queue_size": 64},
-    "model": {"arch": "small_cnn"},
-    "data": {
-        "dataset": "digits",
-        "image_size": 16,
-        "loader_workers": 0,
-        "limit_train": 128,
-        "limit_test": 64,
-        "digits": {"canvas": 16, "max_scale": 2.0, "copies": 1},
-    },
-    "train": {"epochs": 1, "batch_size": 32, "knn_k": 10, "checkpoint_every": 1},
-    "tracking": {"experiment": "sweeps"},
-}
-
-
-def write_sweep(folder: Path, name: str, space: dict, storage: Path) -> Path:
-    base = {**TINY_BASE, "scaling": {"storage_path": str(storage)}}
-    (folder / "base.yaml").write_text(yaml.safe_dump(base))
-    sweep = {"name": name, "base": "base.yaml", "space": space, "resources": {"workers": 1}}
-    path = folder / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(sweep))
-    return path
 
 
 def children(uri: str, sweep: str) -> list:
