@@ -191,4 +191,8 @@ def test_bench_data_tables_each_pipeline_and_recipe_with_cores_per_gpu(tmp_path,
         rate = row["img_per_s_per_core"]
         assert row["image_size"] == 64 and 0 < rate["min"] <= rate["median"] <= rate["max"]
         assert row["cores_per_gpu"] == math.ceil(1000 / rate["median"])
+        ratio = row["speedup"]
+        assert 0 < ratio["min"] <= ratio["median"] <= ratio["max"]
+        if row["pipeline"] == "albumentations":  # the baseline's per-round ratio to itself
+            assert ratio == {"median": 1.0, "min": 1.0, "max": 1.0}
     assert "cores/GPU" in capsys.readouterr().out

@@ -5,6 +5,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from image_folders import make_folder
 from PIL import Image
 
 from mocolab.config import ConfigError, build_config
@@ -14,24 +15,6 @@ from mocolab.preflight import preflight
 from mocolab.preflight.data import KNN_OFF_NOTE
 
 CIFAR = Path(__file__).resolve().parents[3] / "shared" / "data" / "cifar10-subset"
-
-
-def make_folder(root: Path, n: int = 6) -> list[Path]:
-    """``n`` small PNG/JPEG images at several depths, plus files that are not images or are hidden."""
-    paths = []
-    for i in range(n):
-        folder = root / ("a" if i % 2 else "b/c/d") / f"batch{i % 3}"
-        folder.mkdir(parents=True, exist_ok=True)
-        path = folder / f"img{i}.{'JPG' if i % 3 == 0 else 'png'}"
-        Image.fromarray(np.full((20, 24, 3), (37 * i) % 256, dtype=np.uint8)).save(
-            path, format="JPEG" if i % 3 == 0 else "PNG"
-        )
-        paths.append(path)
-    (root / "a" / "notes.txt").write_text("not an image")
-    (root / ".thumbnails").mkdir()
-    Image.fromarray(np.zeros((4, 4, 3), dtype=np.uint8)).save(root / ".thumbnails" / "x.png")
-    Image.fromarray(np.zeros((4, 4, 3), dtype=np.uint8)).save(root / "a" / "._hidden.png")
-    return paths
 
 
 def _cfg(tmp_path, **sections):

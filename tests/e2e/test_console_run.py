@@ -8,9 +8,9 @@ import subprocess
 
 import pytest
 from console_output import chatter, progress_lines, run_in_terminal
+from image_folders import make_folder
 from local_servers import VENV_BIN, clean_env
 from mlflow import MlflowClient
-from test_data_folder import make_folder
 
 pytestmark = pytest.mark.slow
 

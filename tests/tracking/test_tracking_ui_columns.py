@@ -9,8 +9,8 @@ import sys
 import mlflow
 import pytest
 import torch
+from image_folders import make_folder
 from mlflow import MlflowClient
-from test_data_folder import make_folder
 
 from mocolab import tracking
 from mocolab.config import build_config

@@ -6,8 +6,8 @@ from __future__ import annotations
 import json
 
 import pytest
+from image_folders import make_folder
 from mlflow import MlflowClient
-from test_data_folder import make_folder
 
 from mocolab import tracking
 from mocolab.config import build_config

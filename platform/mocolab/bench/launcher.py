@@ -76,9 +76,9 @@ def _launcher_worker(rank: int, config: dict[str, Any], epochs: int, port: int, 
     from mocolab.moco.model import MoCo
     from mocolab.runtime import seed_everything
     from mocolab.train.knn import knn_loaders, knn_top1
-    from mocolab.train.pretrain import batch_views, broadcast_buffers, pretrain_loader
+    from mocolab.train.pretrain import batch_views, broadcast_buffers, pretrain_loader, run_optimizer
     from mocolab.train.schedule import lr_factor
-    from mocolab.train.step import TrainStep, make_optimizer
+    from mocolab.train.step import TrainStep
 
     cfg = Config.model_validate(config)
     train, world = cfg.train, cfg.scaling.num_workers
@@ -95,13 +95,7 @@ def _launcher_worker(rank: int, config: dict[str, Any], epochs: int, port: int, 
         ddp = DistributedDataParallel(
             model, device_ids=[rank] if device.type == "cuda" else None, forward_sync_buffers=False
         )
-        optimizer = make_optimizer(
-            (p for p in ddp.parameters() if p.requires_grad),
-            train.lr,
-            train.sgd_momentum,
-            train.weight_decay,
-            train.amp,
-        )
+        optimizer = run_optimizer(ddp, cfg)
         scheduler = LambdaLR(optimizer, lambda s: lr_factor(s, len(loader), train))
         step = TrainStep(ddp, optimizer, train.amp, device.type)
         seed_everything(train.seed + rank)

@@ -114,7 +114,8 @@ def pipeline_rows(
     blobs: list[bytes], image_size: int, images: int, rounds: int, step_rate: float = DEFAULT_STEP_RATE
 ) -> list[dict[str, Any]]:
     """One row per pipeline x recipe: ``pipeline, augment, image_size, img_per_s_per_core`` (median/min/max over
-    ``rounds`` of ``images`` images), ``speedup`` over the baseline's median and ``cores_per_gpu`` for ``step_rate``."""
+    ``rounds`` of ``images`` images), ``speedup`` over the baseline (median/min/max of the per-round ratios) and
+    ``cores_per_gpu`` for ``step_rate``."""
     from mocolab.bench.data import single_threaded
 
     rows = []
@@ -128,16 +129,17 @@ def pipeline_rows(
             for r in range(rounds):
                 for name in names if r % 2 == 0 else reversed(names):
                     rates[name].append(_round(runs[name], blobs, images))
-            base = Spread.of(rates[BASELINE]).median
             for name in names:
                 spread = Spread.of(rates[name])
+                # per-round ratios: a round runs every row back to back, so the machine's drift cancels in the pair
+                ratio = Spread.of([rate / base for rate, base in zip(rates[name], rates[BASELINE])])
                 rows.append(
                     {
                         "pipeline": name,
                         "augment": recipe,
                         "image_size": image_size,
                         "img_per_s_per_core": {"median": spread.median, "min": spread.min, "max": spread.max},
-                        "speedup": spread.median / base,
+                        "speedup": {"median": ratio.median, "min": ratio.min, "max": ratio.max},
                         "cores_per_gpu": math.ceil(step_rate / spread.median),
                     }
                 )
@@ -147,14 +149,20 @@ def pipeline_rows(
 def pipeline_table(rows: list[dict[str, Any]], step_rate: float, images: str) -> str:
     """The rows as text, with the step rate they are sized for and where the images came from."""
     header = (
-        f"{'pipeline':<16}{'augment':<10}{'size':>5}{'median':>9}{'min':>8}{'max':>8}{'x base':>8}{'cores/GPU':>11}"
+        f"{'pipeline':<16}{'augment':<10}{'size':>5}{'median':>10}{'min':>10}{'max':>10}"
+        f"{'x base [min, max]':>24}{'cores/GPU':>11}"
     )
-    lines = [f"input pipelines, img/s per core ({images}; cores per GPU for a {step_rate:.0f} img/s step)", header]
+    lines = [
+        f"input pipelines, img/s per core ({images}; x base: per-round ratios; cores per GPU for a "
+        f"{step_rate:.0f} img/s step)",
+        header,
+    ]
     for row in rows:
-        rate = row["img_per_s_per_core"]
+        rate, ratio = row["img_per_s_per_core"], row["speedup"]
+        span = f"{ratio['median']:.2f} [{ratio['min']:.2f}, {ratio['max']:.2f}]"
         lines.append(
-            f"{row['pipeline']:<16}{row['augment']:<10}{row['image_size']:>5}{rate['median']:>9.1f}"
-            f"{rate['min']:>8.1f}{rate['max']:>8.1f}{row['speedup']:>8.2f}{row['cores_per_gpu']:>11}"
+            f"{row['pipeline']:<16}{row['augment']:<10}{row['image_size']:>5}{rate['median']:>10.1f}"
+            f"{rate['min']:>10.1f}{rate['max']:>10.1f}{span:>24}{row['cores_per_gpu']:>11}"
         )
     return "\n".join(lines)
 

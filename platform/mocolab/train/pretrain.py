@@ -199,6 +199,14 @@ def batch_views(cfg: Config, device: torch.device) -> Callable[[Any], tuple[Any,
     return move
 
 
+def run_optimizer(model: torch.nn.Module, cfg: Config) -> torch.optim.Optimizer:
+    """``train.optimizer`` over ``model``'s trainable parameters at the run's peak learning rate (``cfg.base_lr``):
+    the worker loop's and the benchmark launcher's, so both train the same way."""
+    train = cfg.train
+    params = (p for p in model.parameters() if p.requires_grad)
+    return make_optimizer(params, cfg.base_lr, train.sgd_momentum, train.weight_decay, train.amp, train.optimizer)
+
+
 def broadcast_buffers(module: torch.nn.Module, world_size: int) -> None:
     """Give every rank rank 0's buffers of ``module`` (BN running statistics: with shuffle-BN each rank's follow its
     own batches, which training never reads, but evaluation mode does)."""
@@ -272,14 +280,7 @@ def train_loop(config_dict: dict[str, Any]) -> None:
     # enqueues the same gathered keys, so the queue stays identical without re-sending it (and the BN
     # running stats) at every forward.
     model = ray.train.torch.prepare_model(model, parallel_strategy_kwargs={"forward_sync_buffers": False})
-    optimizer = make_optimizer(
-        (p for p in model.parameters() if p.requires_grad),
-        cfg.base_lr,
-        train.sgd_momentum,
-        train.weight_decay,
-        train.amp,
-        train.optimizer,
-    )
+    optimizer = run_optimizer(model, cfg)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, steps_per_epoch, train))
     step = TrainStep(model, optimizer, train.amp, device.type)
     momentum_at = momentum_schedule(cfg, steps_per_epoch)
