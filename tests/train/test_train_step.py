@@ -127,3 +127,22 @@ def test_loss_watch_add_never_reads_back_to_the_host():
     plain = copy.copy(watch)
     plain.first_bad, plain.total = plain.first_bad.as_subclass(torch.Tensor), plain.total.as_subclass(torch.Tensor)
     assert plain.first_nonfinite_step() == 1
+
+
+@pytest.mark.parametrize(
+    ("train", "kind", "lr"),
+    [
+        ({"optimizer": "sgd", "lr": 0.03}, torch.optim.SGD, 0.03),
+        ({"optimizer": "adamw", "lr": 1.5e-4, "lr_per_256": True, "batch_size": 512}, torch.optim.AdamW, 3e-4),
+    ],
+)
+def test_run_optimizer_is_train_optimizer_at_the_peak_lr(train, kind, lr):
+    from mocolab.config import build_config
+    from mocolab.train.pretrain import run_optimizer
+
+    cfg = build_config({"model": {"arch": "small_cnn"}, "train": train, "scaling": {"num_workers": 1}})
+    model = torch.nn.Linear(2, 2)
+    model.bias.requires_grad_(False)
+    optimizer = run_optimizer(model, cfg)
+    assert type(optimizer) is kind and optimizer.param_groups[0]["lr"] == pytest.approx(lr)
+    assert optimizer.param_groups[0]["params"] == [model.weight]
