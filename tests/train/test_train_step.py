@@ -140,7 +140,7 @@ def test_run_optimizer_is_train_optimizer_at_the_peak_lr(train, kind, lr):
     from mocolab.config import build_config
     from mocolab.train.pretrain import run_optimizer
 
-    cfg = build_config({"model": {"arch": "small_cnn"}, "train": train, "scaling": {"num_workers": 1}})
+    cfg = build_config({"model": {"arch": "small_cnn", "bn": "split"}, "train": train, "scaling": {"num_workers": 1}})
     model = torch.nn.Linear(2, 2)
     model.bias.requires_grad_(False)
     optimizer = run_optimizer(model, cfg)
