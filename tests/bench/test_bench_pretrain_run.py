@@ -79,3 +79,18 @@ def test_checkpoint_holds_the_training_loops_contents_and_is_timed(tmp_path):
     params = sum(v.numel() * v.element_size() for v in state["model"].values())
     assert cost.size_mb > params / 1e6  # model + optimizer buffers
     assert list(tmp_path.iterdir()) == []  # the temporary checkpoint is gone
+
+
+def test_spec_copies_every_config_field_it_names_and_sets_the_rest():
+    import dataclasses
+    import operator
+
+    from mocolab.bench.spec import CONFIG_FIELDS
+
+    cfg = load_config(QUICKSTART_CONFIG, ["moco.temperature=0.3", "train.lr=0.07", "train.seed=5", "moco.dim=32"])
+    spec = spec_from_config(cfg, "cpu")
+    for field, path in CONFIG_FIELDS.items():
+        assert getattr(spec, field) == operator.attrgetter(path)(cfg), field
+    set_by_the_function = {"bn", "bn_splits", "precision", "channels_last", "device"}
+    assert {f.name for f in dataclasses.fields(StepSpec)} == set(CONFIG_FIELDS) | set_by_the_function
+    assert (spec.temperature, spec.lr, spec.seed, spec.dim) == (0.3, 0.07, 5, 32)

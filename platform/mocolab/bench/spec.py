@@ -12,6 +12,7 @@ local batch and unshuffled; the cross-worker exchange is absent on one process.
 from __future__ import annotations
 
 import dataclasses
+import operator
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -62,6 +63,25 @@ class StepSpec:
         return AMP_OF_PRECISION[self.precision]
 
 
+CONFIG_FIELDS = {
+    "arch": "model.arch",
+    "image_size": "data.image_size",
+    "batch_size": "train.batch_size",
+    "cifar_stem": "model.cifar_stem",
+    "dim": "moco.dim",
+    "queue_size": "moco.queue_size",
+    "momentum": "moco.momentum",
+    "temperature": "moco.temperature",
+    "mlp": "moco.mlp",
+    "lr": "train.lr",
+    "sgd_momentum": "train.sgd_momentum",
+    "weight_decay": "train.weight_decay",
+    "compile": "model.compile",
+    "seed": "train.seed",
+}
+"""StepSpec fields copied from the config as they are (field -> dotted config key)."""
+
+
 def spec_from_config(cfg, device: str, precision: str | None = None) -> StepSpec:
     """The step one worker of ``cfg`` runs, on ``device``. ``precision`` defaults to what the training loop
     runs: ``train.amp`` (off = fp32). ``model.bn=shuffle`` becomes one worker's share of it; ``sync`` (BN
@@ -80,24 +100,5 @@ def spec_from_config(cfg, device: str, precision: str | None = None) -> StepSpec
     bn = {"sync": "plain"}.get(cfg.model.bn, cfg.model.bn)
     splits = cfg.model.bn_splits if bn == "split" else 1
     channels_last = cuda if cfg.model.channels_last is None else cfg.model.channels_last
-    return StepSpec(
-        arch=cfg.model.arch,
-        image_size=cfg.data.image_size,
-        batch_size=cfg.train.batch_size,
-        cifar_stem=cfg.model.cifar_stem,
-        bn=bn,
-        bn_splits=splits,
-        dim=cfg.moco.dim,
-        queue_size=cfg.moco.queue_size,
-        momentum=cfg.moco.momentum,
-        temperature=cfg.moco.temperature,
-        mlp=cfg.moco.mlp,
-        lr=cfg.train.lr,
-        sgd_momentum=cfg.train.sgd_momentum,
-        weight_decay=cfg.train.weight_decay,
-        precision=precision,
-        channels_last=channels_last,
-        compile=cfg.model.compile,
-        device=device,
-        seed=cfg.train.seed,
-    )
+    copied = {field: operator.attrgetter(path)(cfg) for field, path in CONFIG_FIELDS.items()}
+    return StepSpec(**copied, bn=bn, bn_splits=splits, precision=precision, channels_last=channels_last, device=device)
