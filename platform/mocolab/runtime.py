@@ -34,6 +34,8 @@ TRAINING_FUNCTION_ERROR = "Error in training function"  # how Ray Train V2 logs 
 """Unless verbose: the level of a Ray Train worker's console for everything outside ``ray.train`` (mocolab's own
 warnings, e.g. skipped corrupt images, still show)."""
 GCS_PORT_ENV = "RAY_GCS_SERVER_PORT"
+RAY_FIXED_PORTS = frozenset({6379, 8265, 10001, 52365})
+"""Ports a local Ray head takes by default: GCS 6379, dashboard 8265, client server 10001, dashboard agent 52365."""
 # Idle worker processes a local Ray keeps. Ray's default is the node's CPU count, which the training workers and the
 # run's actors already reach on a small machine, so it killed Ray Data's decode workers 1 s after each epoch's last
 # task and restarted them (importing torch again: ~10 s on 2 cores) at the next epoch.
@@ -189,9 +191,14 @@ def ensure_ray() -> None:
 
 
 def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A free port for the local head's GCS, never one of :data:`RAY_FIXED_PORTS` (Ray refuses to start when its
+    GCS port equals one of them: ray-project/ray#37229; 52365 lies in Linux's ephemeral range)."""
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if port not in RAY_FIXED_PORTS:
+            return port
 
 
 def torch_trainer(
