@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 from mocolab import runtime
 
 
@@ -26,7 +28,8 @@ class _Socket:
 
 def test_the_gcs_port_is_never_one_ray_takes_by_default(monkeypatch):
     ports = iter([52365, 8265, 6379, 10001, 41234])
-    monkeypatch.setattr(runtime.socket, "socket", lambda: _Socket(ports))
+    # runtime's own name for the socket module only: Ray threads of this process keep the real sockets
+    monkeypatch.setattr(runtime, "socket", SimpleNamespace(socket=lambda: _Socket(ports)))
     assert runtime._free_port() == 41234
 
 
