@@ -14,7 +14,9 @@ reference's distribution; what it saves is the work around them:
   the step normalises them once on its device (:func:`mocolab.data.normalize.normalize_views`);
 - GaussianBlur's 23-tap kernel (at 224 px) is cut to +-4 sigma (:func:`gaussian_taps`; at most one grey level off);
 - all random draws of an image come from one torch draw (seeded like the reference, per loader worker), and no
-  Compose, validation or per-op dict passing runs per view.
+  Compose, validation or per-op dict passing runs per view;
+- a view already grey (``moco_v1`` greys before its jitter) skips the jitter's saturation and hue, which leave a grey
+  pixel as it is (the round trip through HSV and the blend with its own grey are exact on all 256 levels).
 
 For files other than the JPEGs simplejpeg reads (PNG, CMYK, corrupt ones) :meth:`FastTwoCrop.from_encoded` returns
 None: the caller decodes them with the reference decoder (:func:`mocolab.data.images.decode_rgb`, with its modes
@@ -41,6 +43,7 @@ _JITTER = (
     fpixel.adjust_saturation_torchvision,
     fpixel.adjust_hue_torchvision,
 )
+_IDENTITY_ON_GREY = (2, 3)  # saturation, hue: a grey view's pixels unchanged (moco_v1 greys before its jitter)
 SUPPORTED_OPS = (A.RandomResizedCrop, A.ColorJitter, A.ToGray, A.GaussianBlur, A.HorizontalFlip)
 
 
@@ -113,6 +116,7 @@ class FastTwoCrop:
             image[box.y0 : box.y1, box.x0 : box.x1], (self.size, self.size), interpolation=cv2.INTER_LINEAR
         )
         k = 2 * CROP_TRIES + 2
+        grey = False  # R = G = B, after ToGray: saturation and hue leave every grey pixel as it is (exactly)
         for op in self.ops[1:]:
             if u[k] >= op.p:
                 k += 1
@@ -123,10 +127,12 @@ class FastTwoCrop:
                     for (lo, hi), x in zip((op.brightness, op.contrast, op.saturation, op.hue), u[k + 1 : k + 5])
                 ]
                 for i in np.argsort(u[k + 5 : k + 9]):
-                    view = _JITTER[i](view, factors[i])
+                    if not (grey and i in _IDENTITY_ON_GREY):
+                        view = _JITTER[i](view, factors[i])
                 k += 9
             elif isinstance(op, A.ToGray):
                 view = fpixel.to_gray(view, op.num_output_channels, op.method)
+                grey = True
                 k += 1
             elif isinstance(op, A.GaussianBlur):
                 sigma = op.sigma_limit[0] + (op.sigma_limit[1] - op.sigma_limit[0]) * u[k + 1]
