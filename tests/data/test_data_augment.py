@@ -110,3 +110,6 @@ def test_uint8_views_are_normalised_once_as_the_reference_normalises():
     pixels = torch.from_numpy(image).permute(2, 0, 1)[None]
     assert torch.allclose(normalize_views(pixels)[0], reference, atol=1e-5)
     assert torch.equal(normalize_views(reference[None])[0], reference)  # a float batch passes through
+    channels_last = pixels.contiguous(memory_format=torch.channels_last)  # as collate_views stacks the fast path's
+    assert normalize_views(channels_last).is_contiguous()
+    assert torch.equal(normalize_views(channels_last), normalize_views(pixels.contiguous()))

@@ -20,6 +20,7 @@ from mocolab.data.datasets import (
     build_labeled_dataset,
     build_pretrain_dataset,
     collate_skip_corrupt,
+    collate_views,
     loader_kwargs,
     resolve_loader_workers,
 )
@@ -193,3 +194,16 @@ def test_loader_kwargs():
     assert loader_kwargs(DataConfig(), 1, use_gpu=False) == {"num_workers": 0, "pin_memory": False}
     gpu = loader_kwargs(DataConfig(), 10, use_gpu=True)
     assert gpu["num_workers"] == 9 and gpu["pin_memory"] and gpu["persistent_workers"] and gpu["prefetch_factor"] >= 2
+
+
+def test_interleaved_views_are_stacked_as_they_lie_and_labelled_images_as_before():
+    rng = np.random.default_rng(0)
+    made = [torch.from_numpy(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).permute(2, 0, 1) for _ in range(6)]
+    items = [(made[i], made[i + 3], i) for i in range(3)]  # the fast path's (view_q, view_k, index)
+    view_q, view_k, index = collate_views(items)
+    assert view_q.shape == (3, 3, 8, 8) and view_q.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(view_q, torch.stack(made[:3])) and torch.equal(view_k, torch.stack(made[3:]))
+    assert index.tolist() == [0, 1, 2]
+    labelled = [(torch.rand(3, 8, 8), i) for i in range(3)]  # eval transforms: contiguous float images
+    images, labels = collate_views(labelled)
+    assert images.is_contiguous() and torch.equal(images, torch.stack([x for x, _ in labelled]))

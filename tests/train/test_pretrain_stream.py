@@ -83,7 +83,7 @@ def test_the_map_function_fails_naming_the_file_or_skips_and_counts(tmp_path):
         "index": np.array([7, 9]),
     }
     out = TwoCropBatch(cfg.data)(rows)
-    assert out["view_q"].shape == out["view_k"].shape == (2, 3, 16, 16) and out["view_q"].dtype == np.uint8
+    assert out["view_q"].shape == out["view_k"].shape == (2, 16, 16, 3) and out["view_q"].dtype == np.uint8  # as made
     assert out["index"].tolist() == [7, 7] and out["skipped"].tolist() == [0, 1]  # the slot refilled, counted
     cfg.data.on_corrupt = "fail"
     with pytest.raises(CorruptImageError, match=rf"cannot read image {folder / 'g0' / 'broken.png'}"):

@@ -19,9 +19,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from torch.utils.data import default_collate
-
 from mocolab.bench.spread import Spread
+from mocolab.data.datasets import collate_views
 
 RECIPES = ("moco_v1", "moco_v2")
 BATCH = 64
@@ -31,7 +30,7 @@ Batch = Callable[[list[bytes]], Any]
 
 def _collated(views: Callable[[bytes], Any]) -> Batch:
     """Per-image views, collated as the loader does (with the index)."""
-    return lambda blobs: default_collate([(*views(data), i) for i, data in enumerate(blobs)])
+    return lambda blobs: collate_views([(*views(data), i) for i, data in enumerate(blobs)])
 
 
 def _reference(recipe: str, image_size: int) -> Batch:
@@ -123,11 +122,12 @@ def pipeline_rows(
         for recipe in RECIPES:
             runs = {name: factory(recipe, image_size) for name, factory in PIPELINES.items()}
             names = list(runs)
-            for name in names:
-                _round(runs[name], blobs, min(images, BATCH))  # warm-up
             rates: dict[str, list[float]] = {name: [] for name in names}
             for r in range(rounds):
                 for name in names if r % 2 == 0 else reversed(names):
+                    # a batch untimed first: the row before left the allocator in its state (kornia's float
+                    # batches hand pages back to the OS, which the next row faults in again), not this row's own
+                    _round(runs[name], blobs, min(images, BATCH))
                     rates[name].append(_round(runs[name], blobs, images))
             for name in names:
                 spread = Spread.of(rates[name])

@@ -61,7 +61,7 @@ def read_rgb(path: str | Path) -> np.ndarray:
 
 def two_crops_of_file(transform: Callable, path: str | Path) -> tuple[Any, Any]:
     """The two views of the image file at ``path``: straight from its bytes on the fast path (which decodes a JPEG
-    at the scale its crops allow), else decoded by :func:`decode_rgb` first. CorruptImageError as :func:`read_rgb`."""
+    with libjpeg-turbo), else decoded by :func:`decode_rgb` first. CorruptImageError as :func:`read_rgb`."""
     data = read_encoded(path)
     views = transform.from_encoded(data) if isinstance(transform, FastTwoCrop) else None
     return views if views is not None else transform(decode_rgb(data, path))

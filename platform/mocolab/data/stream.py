@@ -9,7 +9,8 @@ blocks of :data:`ROWS_PER_BLOCK`. Every epoch Ray Data puts the blocks in a new 
 worker mixes its rows in a local shuffle buffer of :data:`SHUFFLE_BUFFER_BATCHES` batches, so batches differ from
 epoch to epoch (a block's rows stay near each other: not the loader's full permutation); :class:`TwoCropBatch` reads
 each file through :mod:`mocolab.data.location`, decodes it and makes the two views with the same recipe
-(``data.augment``, uint8 views on the fast path as in the loader). ``data.on_corrupt`` behaves as in the loader:
+(``data.augment``, uint8 views on the fast path as in the loader; they travel ``[N, S, S, 3]``, as made, and
+reach the step as the loader's ``[N, 3, S, S]`` channels-last batch). ``data.on_corrupt`` behaves as in the loader:
 ``fail`` raises the :class:`~mocolab.data.images.CorruptImageError` naming the file; ``skip`` fills the row with a
 repeat of a readable
 image of the same map batch and counts it in the ``skipped`` column. Ray Train splits the stream equally
@@ -24,6 +25,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
+import torch
 
 from mocolab.config import DataConfig
 from mocolab.data.augment import two_crop_transform
@@ -78,11 +80,22 @@ class TwoCropBatch:
             batch["location"], functools.partial(two_crops_of_file, transform), self.on_corrupt
         )
         return {
-            "view_q": np.stack([views[j][0].numpy() for j in source]),
-            "view_k": np.stack([views[j][1].numpy() for j in source]),
+            "view_q": np.stack([_as_made(views[j][0]) for j in source]),
+            "view_k": np.stack([_as_made(views[j][1]) for j in source]),
             "index": np.asarray(batch["index"], dtype=np.int64)[source],
             "skipped": skipped,
         }
+
+
+def _as_made(view) -> np.ndarray:
+    """A view's array in the layout it was made in: uint8 views (the fast path's) ``[S, S, 3]``, stacked without
+    a transposition (:func:`_channels_first` undoes it on the worker); float views ``[3, S, S]``."""
+    return view.permute(1, 2, 0).numpy() if view.dtype == torch.uint8 else view.numpy()
+
+
+def _channels_first(views):
+    """A batch of views ``[N, 3, S, S]`` from the stream's column (uint8 ``[N, S, S, 3]``: channels-last memory)."""
+    return views.permute(0, 3, 1, 2) if views.dtype == torch.uint8 else views
 
 
 class ReadBytesBatch:
@@ -164,7 +177,8 @@ class ShardBatches:
             yield from self._encoded(shuffle)
             return
         for batch in self.shard.iter_torch_batches(batch_size=self.batch_size, drop_last=True, **shuffle):
-            yield (batch["view_q"], batch["view_k"], batch["index"]), int(batch["skipped"].sum())
+            views = (_channels_first(batch["view_q"]), _channels_first(batch["view_k"]))
+            yield (*views, batch["index"]), int(batch["skipped"].sum())
 
     def _encoded(self, shuffle: dict[str, Any]):
         import torch
