@@ -100,7 +100,9 @@ def collate_views(items: list) -> list:
     in the loader worker (0.6 ms of the fast path's ~4 ms per image at 224 px, bench: ``--what data``).
     :func:`mocolab.data.normalize.normalize_views` makes the model's contiguous input on the step's device."""
     interleaved = [_interleaved(x) for x in items[0]]
-    stacked = default_collate([tuple(x.permute(1, 2, 0) if i else x for x, i in zip(item, interleaved)) for item in items])
+    stacked = default_collate(
+        [tuple(x.permute(1, 2, 0) if i else x for x, i in zip(item, interleaved)) for item in items]
+    )
     return [b.permute(0, 3, 1, 2) if i else b for b, i in zip(stacked, interleaved)]
 
 
