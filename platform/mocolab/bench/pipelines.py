@@ -6,8 +6,8 @@ albumentations Compose, float normalise), the baseline; ``fast_cpu`` is the defa
 (``data.pipeline=device``) gives two rows: ``device_host`` (the CPU's share when a GPU decodes and augments: bytes to
 tensors and the batch) and ``device_on_cpu`` (kornia's whole two-crop on one CPU thread: the same code without a
 GPU). Each round runs every row over the same images in batches of :data:`BATCH` on one thread (a loader worker's
-share: one core), rows in alternating order; the table gives median/min/max over rounds and the cores per GPU a step
-rate needs.
+share: one core), rows in alternating order (``device_on_cpu`` in rounds of its own after them,
+:data:`TIMED_APART`); the table gives median/min/max over rounds and the cores per GPU a step rate needs.
 """
 
 from __future__ import annotations
@@ -77,6 +77,9 @@ PIPELINES: dict[str, Callable[[str, int], Batch]] = {
     "device_on_cpu": _device_on_cpu,
 }
 BASELINE = "albumentations"
+TIMED_APART = ("device_on_cpu",)
+"""Rows timed after the others' rounds, not among them: kornia's float batches on the CPU churn the allocator and
+the kernel's page handling (minutes of system time), which slowed the row after them by up to ~20 %."""
 
 
 def sample_jpegs() -> list[bytes]:
@@ -109,40 +112,48 @@ def _round(batch: Batch, blobs: list[bytes], images: int) -> float:
     return images / (time.perf_counter() - start)
 
 
+def _timed_rounds(runs: dict[str, Batch], blobs: list[bytes], images: int, rounds: int) -> dict[str, list[float]]:
+    """img/s of every row in each of ``rounds`` rounds; a round runs the rows back to back, in alternating order,
+    each after an untimed batch of its own (the row before leaves the allocator in its state, not this row's)."""
+    rates: dict[str, list[float]] = {name: [] for name in runs}
+    for r in range(rounds):
+        for name in list(runs) if r % 2 == 0 else reversed(list(runs)):
+            _round(runs[name], blobs, min(images, BATCH))
+            rates[name].append(_round(runs[name], blobs, images))
+    return rates
+
+
 def pipeline_rows(
     blobs: list[bytes], image_size: int, images: int, rounds: int, step_rate: float = DEFAULT_STEP_RATE
 ) -> list[dict[str, Any]]:
     """One row per pipeline x recipe: ``pipeline, augment, image_size, img_per_s_per_core`` (median/min/max over
     ``rounds`` of ``images`` images), ``speedup`` over the baseline (median/min/max of the per-round ratios) and
-    ``cores_per_gpu`` for ``step_rate``."""
+    ``cores_per_gpu`` for ``step_rate``. The :data:`TIMED_APART` rows run after all the others' rounds."""
     from mocolab.bench.data import single_threaded
 
-    rows = []
+    rates: dict[tuple[str, str], list[float]] = {}
     with single_threaded():
-        for recipe in RECIPES:
-            runs = {name: factory(recipe, image_size) for name, factory in PIPELINES.items()}
-            names = list(runs)
-            rates: dict[str, list[float]] = {name: [] for name in names}
-            for r in range(rounds):
-                for name in names if r % 2 == 0 else reversed(names):
-                    # a batch untimed first: the row before left the allocator in its state (kornia's float
-                    # batches hand pages back to the OS, which the next row faults in again), not this row's own
-                    _round(runs[name], blobs, min(images, BATCH))
-                    rates[name].append(_round(runs[name], blobs, images))
-            for name in names:
-                spread = Spread.of(rates[name])
-                # per-round ratios: a round runs every row back to back, so the machine's drift cancels in the pair
-                ratio = Spread.of([rate / base for rate, base in zip(rates[name], rates[BASELINE])])
-                rows.append(
-                    {
-                        "pipeline": name,
-                        "augment": recipe,
-                        "image_size": image_size,
-                        "img_per_s_per_core": {"median": spread.median, "min": spread.min, "max": spread.max},
-                        "speedup": {"median": ratio.median, "min": ratio.min, "max": ratio.max},
-                        "cores_per_gpu": math.ceil(step_rate / spread.median),
-                    }
-                )
+        for apart in (False, True):
+            for recipe in RECIPES:
+                runs = {n: f(recipe, image_size) for n, f in PIPELINES.items() if (n in TIMED_APART) == apart}
+                for name, rate in _timed_rounds(runs, blobs, images, rounds).items():
+                    rates[name, recipe] = rate
+    rows = []
+    for recipe in RECIPES:
+        for name in PIPELINES:
+            spread = Spread.of(rates[name, recipe])
+            # per-round ratios: in a round the rows ran back to back, so the machine's drift cancels in the pair
+            ratio = Spread.of([rate / base for rate, base in zip(rates[name, recipe], rates[BASELINE, recipe])])
+            rows.append(
+                {
+                    "pipeline": name,
+                    "augment": recipe,
+                    "image_size": image_size,
+                    "img_per_s_per_core": {"median": spread.median, "min": spread.min, "max": spread.max},
+                    "speedup": {"median": ratio.median, "min": ratio.min, "max": ratio.max},
+                    "cores_per_gpu": math.ceil(step_rate / spread.median),
+                }
+            )
     return rows
 
 
