@@ -160,8 +160,8 @@ def pipeline_rows(
 def pipeline_table(rows: list[dict[str, Any]], step_rate: float, images: str) -> str:
     """The rows as text, with the step rate they are sized for and where the images came from."""
     header = (
-        f"{'pipeline':<16}{'augment':<10}{'size':>5}{'median':>10}{'min':>10}{'max':>10}"
-        f"{'x base [min, max]':>24}{'cores/GPU':>11}"
+        f"{'pipeline':<16}{'augment':<10}{'size':>5}{'median':>11}{'min':>11}{'max':>11}"
+        f"{'x base [min, max]':>26}{'cores/GPU':>11}"
     )
     lines = [
         f"input pipelines, img/s per core ({images}; x base: per-round ratios; cores per GPU for a "
@@ -172,8 +172,8 @@ def pipeline_table(rows: list[dict[str, Any]], step_rate: float, images: str) ->
         rate, ratio = row["img_per_s_per_core"], row["speedup"]
         span = f"{ratio['median']:.2f} [{ratio['min']:.2f}, {ratio['max']:.2f}]"
         lines.append(
-            f"{row['pipeline']:<16}{row['augment']:<10}{row['image_size']:>5}{rate['median']:>10.1f}"
-            f"{rate['min']:>10.1f}{rate['max']:>10.1f}{span:>24}{row['cores_per_gpu']:>11}"
+            f"{row['pipeline']:<16}{row['augment']:<10}{row['image_size']:>5}{rate['median']:>11.1f}"
+            f"{rate['min']:>11.1f}{rate['max']:>11.1f}{span:>26}{row['cores_per_gpu']:>11}"
         )
     return "\n".join(lines)
 
