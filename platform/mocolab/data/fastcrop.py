@@ -8,10 +8,12 @@ reference's distribution; what it saves is the work around them:
 - a JPEG is decoded by libjpeg-turbo (simplejpeg) straight into a numpy array, the same pixels as PIL's decoder
   without PIL's two copies (``convert`` and ``tobytes``). Not done: decoding at a reduced DCT scale where both crops
   allow it. It low-passes like an area filter where the reference's bilinear resize aliases, so the views' sharpness
-  distribution changes (tests/test_data_augment_distribution.py detects it), and at 224 px it never applies to photos
-  under ~450 px a side (ImageNet's typical size) anyway;
-- the views stay uint8 ``[3, S, S]`` (a quarter of the float bytes through collate and the loader's shared memory);
-  the step normalises them once on its device (:func:`mocolab.data.normalize.normalize_views`);
+  distribution changes (tests/data/test_data_augment_distribution.py detects it), and at 224 px it never applies to
+  photos under ~450 px a side (ImageNet's typical size) anyway;
+- the views stay uint8 (a quarter of the float bytes through collate and the loader's shared memory), made
+  ``[S, S, 3]`` and handed on as ``[3, S, S]`` views of that memory, which
+  :func:`mocolab.data.datasets.collate_views` stacks without transposing them; the step normalises them once on its
+  device (:func:`mocolab.data.normalize.normalize_views`);
 - GaussianBlur's 23-tap kernel (at 224 px) is cut to +-4 sigma (:func:`gaussian_taps`; at most one grey level off);
 - all random draws of an image come from one torch draw (seeded like the reference, per loader worker), and no
   Compose, validation or per-op dict passing runs per view;
