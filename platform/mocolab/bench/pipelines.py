@@ -5,15 +5,17 @@ files' bytes to the batch the training step receives. The first row is today's r
 albumentations Compose, float normalise), the baseline; ``fast_cpu`` is the default CPU path; the device pipeline
 (``data.pipeline=device``) gives two rows: ``device_host`` (the CPU's share when a GPU decodes and augments: bytes to
 tensors and the batch) and ``device_on_cpu`` (kornia's whole two-crop on one CPU thread: the same code without a
-GPU). Each round runs every row over the same images in batches of :data:`BATCH` on one thread (a loader worker's
-share: one core), rows in alternating order (``device_on_cpu`` in rounds of its own after them,
-:data:`TIMED_APART`); the table gives median/min/max over rounds and the cores per GPU a step rate needs.
+GPU). Each pipeline runs in a process of its own on one thread, as a loader worker does (its own allocator and
+caches: one core's share); a round takes the same images through every pipeline in batches of :data:`BATCH`, the
+pipelines taking turns batch by batch (``device_on_cpu`` in rounds of its own after them, :data:`TIMED_APART`); the
+table gives median/min/max over rounds and the cores per GPU a step rate needs.
 """
 
 from __future__ import annotations
 
 import io
 import math
+import multiprocessing as mp
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -78,8 +80,8 @@ PIPELINES: dict[str, Callable[[str, int], Batch]] = {
 }
 BASELINE = "albumentations"
 TIMED_APART = ("device_on_cpu",)
-"""Rows timed after the others' rounds, not among them: kornia's float batches on the CPU churn the allocator and
-the kernel's page handling (minutes of system time), which slowed the row after them by up to ~20 %."""
+"""Rows timed after the others' rounds, not among them: kornia's float batches on the CPU churn the kernel's page
+handling (minutes of system time), which slowed the row after them by up to ~20 % when the rows shared a process."""
 
 
 def sample_jpegs() -> list[bytes]:
@@ -105,21 +107,76 @@ def folder_jpegs(folder: Path) -> list[bytes]:
     return [Path(p).read_bytes() for p in paths]
 
 
-def _round(batch: Batch, blobs: list[bytes], images: int) -> float:
-    start = time.perf_counter()
-    for first in range(0, images, BATCH):
-        batch([blobs[i % len(blobs)] for i in range(first, min(images, first + BATCH))])
-    return images / (time.perf_counter() - start)
+def _serve_pipeline(conn, name: str, image_size: int, blobs: list[bytes]) -> None:
+    """A pipeline's process (as a loader worker runs it: its own allocator, caches and one thread): answers
+    ``(recipe, first, count)`` with the seconds batch ``blobs[first : first + count]`` (cyclically) took, until None."""
+    from mocolab.bench.data import single_threaded
+
+    batches: dict[str, Batch] = {}
+    with single_threaded():
+        while (request := conn.recv()) is not None:
+            recipe, first, count = request
+            try:
+                if recipe not in batches:
+                    batches[recipe] = PIPELINES[name](recipe, image_size)
+                images = [blobs[i % len(blobs)] for i in range(first, first + count)]
+                start = time.perf_counter()
+                batches[recipe](images)
+                conn.send(time.perf_counter() - start)
+            except Exception as err:  # noqa: BLE001 - handed to the parent, which raises it
+                conn.send(err)
 
 
-def _timed_rounds(runs: dict[str, Batch], blobs: list[bytes], images: int, rounds: int) -> dict[str, list[float]]:
-    """img/s of every row in each of ``rounds`` rounds; a round runs the rows back to back, in alternating order,
-    each after an untimed batch of its own (the row before leaves the allocator in its state, not this row's)."""
-    rates: dict[str, list[float]] = {name: [] for name in runs}
+class _PipelineProcess:
+    """The parent's end of :func:`_serve_pipeline`: one pipeline in a process of its own."""
+
+    def __init__(self, name: str, image_size: int, blobs: list[bytes]):
+        context = mp.get_context("forkserver")  # a clean server imports the pipelines once; each is forked from it
+        context.set_forkserver_preload([__name__, "mocolab.data.augment", "mocolab.data.encoded"])
+        self.name, (self.conn, child) = name, context.Pipe()
+        self.process = context.Process(target=_serve_pipeline, args=(child, name, image_size, blobs), daemon=True)
+        self.process.start()
+        child.close()
+
+    def seconds(self, recipe: str, first: int, count: int) -> float:
+        """Seconds one batch took in the process; its error, raised here, when it failed."""
+        self.conn.send((recipe, first, count))
+        try:
+            answer = self.conn.recv()
+        except EOFError:
+            self.process.join(timeout=5)
+            raise RuntimeError(
+                f"input pipeline {self.name}'s process ended (exit code {self.process.exitcode})"
+            ) from None
+        if isinstance(answer, Exception):
+            raise RuntimeError(f"input pipeline {self.name} ({recipe}) failed: {answer}") from answer
+        return answer
+
+    def close(self) -> None:
+        try:
+            self.conn.send(None)
+        except OSError:  # the process has gone already
+            pass
+        self.process.join(timeout=30)
+
+
+def _timed_rounds(
+    processes: dict[str, _PipelineProcess], recipe: str, images: int, rounds: int
+) -> dict[str, list[float]]:
+    """img/s of every pipeline in each of ``rounds`` rounds of ``images`` images: batch by batch the pipelines take
+    turns (in alternating order), so a pair of rates in a round was measured within a batch's time of each other and
+    the machine's drift cancels in their ratio. One untimed batch each first."""
+    for process in processes.values():
+        process.seconds(recipe, 0, min(images, BATCH))
+    rates: dict[str, list[float]] = {name: [] for name in processes}
     for r in range(rounds):
-        for name in list(runs) if r % 2 == 0 else reversed(list(runs)):
-            _round(runs[name], blobs, min(images, BATCH))
-            rates[name].append(_round(runs[name], blobs, images))
+        seconds = dict.fromkeys(processes, 0.0)
+        for b, first in enumerate(range(0, images, BATCH)):
+            count = min(images, first + BATCH) - first
+            for name in list(processes) if (r + b) % 2 == 0 else reversed(list(processes)):
+                seconds[name] += processes[name].seconds(recipe, first, count)
+        for name in processes:
+            rates[name].append(images / seconds[name])
     return rates
 
 
@@ -129,15 +186,17 @@ def pipeline_rows(
     """One row per pipeline x recipe: ``pipeline, augment, image_size, img_per_s_per_core`` (median/min/max over
     ``rounds`` of ``images`` images), ``speedup`` over the baseline (median/min/max of the per-round ratios) and
     ``cores_per_gpu`` for ``step_rate``. The :data:`TIMED_APART` rows run after all the others' rounds."""
-    from mocolab.bench.data import single_threaded
-
     rates: dict[tuple[str, str], list[float]] = {}
-    with single_threaded():
+    processes = {name: _PipelineProcess(name, image_size, blobs) for name in PIPELINES}
+    try:
         for apart in (False, True):
             for recipe in RECIPES:
-                runs = {n: f(recipe, image_size) for n, f in PIPELINES.items() if (n in TIMED_APART) == apart}
-                for name, rate in _timed_rounds(runs, blobs, images, rounds).items():
+                group = {n: p for n, p in processes.items() if (n in TIMED_APART) == apart}
+                for name, rate in _timed_rounds(group, recipe, images, rounds).items():
                     rates[name, recipe] = rate
+    finally:
+        for process in processes.values():
+            process.close()
     rows = []
     for recipe in RECIPES:
         for name in PIPELINES:
